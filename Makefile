@@ -1,0 +1,34 @@
+# The two commands: `make run` starts the whole platform on the embedded default,
+# `make test` runs the test suite against a real PostgreSQL and a real broker.
+SHELL := /bin/bash
+PY := .venv/bin/python
+
+.PHONY: bootstrap run stop test test-fast demo bench lint fmt clean
+
+bootstrap:
+	@./scripts/bootstrap.sh
+
+run: bootstrap
+	$(PY) -m crm_common.devstack run
+
+stop: bootstrap
+	$(PY) -m crm_common.devstack stop
+
+test: bootstrap
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: bootstrap
+	$(PY) -m crm_common.devstack demo
+
+bench: bootstrap
+	@set -e; for b in bench/*.py; do echo "== $$b"; $(PY) $$b; done
+
+lint: bootstrap
+	.venv/bin/ruff check libs services tests bench
+	.venv/bin/mypy libs/common/crm_common
+
+fmt: bootstrap
+	.venv/bin/ruff format libs services tests bench
+
+clean:
+	rm -rf .venv .local
