@@ -1,0 +1,1 @@
+"""The external event contract (CONTRACT.md) and the internal topic messages."""

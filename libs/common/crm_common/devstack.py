@@ -1,0 +1,195 @@
+"""The embedded default: `python -m crm_common.devstack run|stop|demo`.
+
+Starts PostgreSQL in `.local/pg` (port CRM_PG_PORT, default 55432), the Tansu broker (port
+CRM_BROKER_PORT, default 19092) unless KAFKA_BOOTSTRAP_SERVERS is set, creates one database per
+service (unless <SERVICE>_DATABASE_URL points elsewhere), the topics, runs migrations, creates the
+bootstrap API key and starts the five services. Ctrl-C or `make stop` stops it cleanly: the
+pipeline is drained (bounded) before the broker goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from crm_common.infra import BrokerServer, PostgresServer, create_database, port_open
+from crm_common.kafka import ensure_topics
+from crm_common.migrations import upgrade
+from crm_common.settings import SERVICE_PORTS
+
+ROOT = Path(__file__).resolve().parents[3]
+LOCAL = ROOT / ".local"
+PID_FILE = LOCAL / "devstack.pid"
+SERVICES = list(SERVICE_PORTS)
+
+
+def _say(msg: str) -> None:
+    print(f"[crm] {msg}", flush=True)
+
+
+def _service_db_url(pg: PostgresServer, service: str) -> tuple[str, bool]:
+    """The service's database URL and whether it is ours to create."""
+    external = os.environ.get(f"{service.upper()}_DATABASE_URL")
+    if external:
+        return external, False
+    return pg.url(service), True
+
+
+async def _drain(timeout: float = 30) -> None:
+    """Wait until every consumer's lag and every outbox is empty (bounded)."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=5) as client:
+        while time.monotonic() < deadline:
+            pending = 0
+            for service, port in SERVICE_PORTS.items():
+                try:
+                    doc = (await client.get(f"http://127.0.0.1:{port}/v1/ops/pipeline")).json()
+                except Exception:
+                    continue
+                pending += max(0, doc.get("outbox_backlog") or 0)
+                pending += sum(max(0, c.get("lag") or 0) for c in doc.get("consumers", []))
+            if pending == 0:
+                _say("pipeline drained")
+                return
+            await asyncio.sleep(0.5)
+    _say("pipeline not fully drained within the bound; ingest replay can re-publish what is left")
+
+
+def run() -> None:
+    LOCAL.mkdir(exist_ok=True)
+    os.chmod(LOCAL, 0o755)
+    pg = PostgresServer(LOCAL / "pg", int(os.environ.get("CRM_PG_PORT", "55432")))
+    need_pg = any(not os.environ.get(f"{s.upper()}_DATABASE_URL") for s in SERVICES)
+    if need_pg:
+        _say(f"starting PostgreSQL on 127.0.0.1:{pg.port} (data in {pg.data_dir})")
+        pg.start()
+    broker: BrokerServer | None = None
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if not bootstrap:
+        broker = BrokerServer(int(os.environ.get("CRM_BROKER_PORT", "19092")), log_path=LOCAL / "broker.log")
+        if port_open("127.0.0.1", broker.port):
+            raise SystemExit(f"port {broker.port} is taken: is the platform already running? (`make stop`)")
+        _say(f"starting the Kafka-protocol broker (Tansu) on 127.0.0.1:{broker.port}")
+        broker.start()
+        bootstrap = broker.bootstrap
+    partitions = int(os.environ.get("KAFKA_TOPIC_PARTITIONS", "12"))
+    prefix = os.environ.get("CRM_TOPIC_PREFIX", "")
+    from crm_common.settings import ALL_TOPICS
+
+    asyncio.run(ensure_topics(bootstrap, [prefix + t for t in ALL_TOPICS], partitions=partitions))
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap}
+    for service in SERVICES:
+        url, ours = _service_db_url(pg, service)
+        if ours:
+            create_database(pg, service)
+        upgrade(service, url)
+        env[f"{service.upper()}_DATABASE_URL"] = url
+    _say("migrations applied")
+    api_key = os.environ.get("CRM_BOOTSTRAP_API_KEY", "dev-pos-key")
+    try:
+        from ingest.keys import ensure_bootstrap_key  # type: ignore[import-not-found]
+
+        asyncio.run(ensure_bootstrap_key(env["INGEST_DATABASE_URL"], api_key))
+    except ImportError:
+        _say("ingest has no key store yet; no bootstrap key created")
+
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    for service, port in SERVICE_PORTS.items():
+        procs[service] = subprocess.Popen(
+            [sys.executable, "-m", "crm_common.serve", service, "--port", str(port)],
+            env=env,
+            start_new_session=True,
+        )
+    PID_FILE.write_text(str(os.getpid()))
+    stop = {"now": False}
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    deadline = time.monotonic() + 60
+    for service, port in SERVICE_PORTS.items():
+        while not port_open("127.0.0.1", port) and time.monotonic() < deadline and not stop["now"]:
+            if procs[service].poll() is not None:
+                _say(f"{service} exited with {procs[service].returncode}")
+                break
+            time.sleep(0.1)
+    _say("the platform is up:")
+    for service, port in SERVICE_PORTS.items():
+        _say(f"  {service:<13} http://127.0.0.1:{port}   docs: http://127.0.0.1:{port}/docs")
+    _say(f"  PostgreSQL    127.0.0.1:{pg.port}   broker: {bootstrap}")
+    _say(f"  bootstrap API key (source pos, all scopes): {api_key}")
+    _say("try:  curl -s -X POST http://127.0.0.1:8001/v1/events -H 'Authorization: Bearer " + api_key + "' "
+         "-H 'Content-Type: application/json' -d @docs/examples/purchase.json")
+    _say("Ctrl-C or `make stop` stops everything")
+    try:
+        while not stop["now"]:
+            for service, proc in procs.items():
+                if proc.poll() is not None:
+                    _say(f"{service} exited with {proc.returncode}; stopping")
+                    stop["now"] = True
+            time.sleep(0.5)
+    finally:
+        _say("stopping: draining the pipeline")
+        try:
+            asyncio.run(_drain())
+        except Exception as exc:
+            _say(f"drain failed: {exc!r}")
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for service, proc in procs.items():
+            try:
+                proc.wait(35)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if broker:
+            broker.stop()
+        if need_pg:
+            pg.stop()
+        PID_FILE.unlink(missing_ok=True)
+        _say("stopped")
+
+
+def stop() -> None:
+    if not PID_FILE.exists():
+        _say("not running")
+        return
+    pid = int(PID_FILE.read_text())
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        PID_FILE.unlink(missing_ok=True)
+        _say("not running")
+        return
+    for _ in range(120):
+        if not PID_FILE.exists():
+            break
+        time.sleep(0.5)
+    _say("stop requested")
+
+
+def main() -> None:
+    cmd = sys.argv[1] if len(sys.argv) > 1 else "run"
+    if cmd == "run":
+        run()
+    elif cmd == "stop":
+        stop()
+    elif cmd == "demo":
+        from crm_common import demo  # type: ignore[attr-defined]
+
+        demo.main()
+    else:
+        raise SystemExit(f"unknown command {cmd!r}: run, stop or demo")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""Prometheus metrics shared by the runtime; defined once per process, labelled by name."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+CONSUMER_MESSAGES = Counter("crm_consumer_messages_total", "Messages handled by a consumer", ["consumer", "outcome"])
+CONSUMER_RETRIES = Counter("crm_consumer_batch_retries_total", "Batches rewound after a transient failure", ["consumer"])
+CONSUMER_BATCH_SECONDS = Histogram("crm_consumer_batch_seconds", "Time to apply one batch", ["consumer"])
+CONSUMER_LAG = Gauge("crm_consumer_lag", "High-water mark minus committed offset", ["consumer", "topic", "partition"])
+OUTBOX_PUBLISHED = Counter("crm_outbox_published_total", "Messages published by an outbox relay", ["relay"])
+OUTBOX_BACKLOG = Gauge("crm_outbox_backlog", "Messages waiting in an outbox after the last relay pass", ["relay"])
+HTTP_REQUESTS = Counter("crm_http_requests_total", "HTTP requests", ["service", "method", "status"])
+HTTP_SECONDS = Histogram(
+    "crm_http_request_seconds",
+    "HTTP request latency",
+    ["service", "method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)

@@ -1,0 +1,324 @@
+"""Service runtime and FastAPI app factory: engine, producer, consumers, relays, sweeps, ops routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Annotated, Any
+
+import httpx
+from aiokafka import AIOKafkaProducer
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import ORJSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from crm_common import metrics
+from crm_common.clock import Clock, SystemClock
+from crm_common.consumer import BatchHandler, ConsumerRunner
+from crm_common.db import create_engine, create_sessionmaker
+from crm_common.errors import NotFound, install_error_handlers
+from crm_common.kafka import make_producer
+from crm_common.logging import configure_logging
+from crm_common.outbox import OutboxRelay
+from crm_common.settings import TOPIC_DLQ, BaseServiceSettings
+
+log = logging.getLogger(__name__)
+
+SweepFn = Callable[[AsyncSession, datetime], Awaitable[Any]]
+
+
+class ServiceRuntime:
+    """Everything a service process holds: made in the lifespan, never at import time."""
+
+    def __init__(self, settings: BaseServiceSettings, *, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock: Clock = clock or SystemClock()
+        self.engine: AsyncEngine = create_engine(settings.database_url, pool_size=settings.db_pool_size)
+        self.sessionmaker: async_sessionmaker[AsyncSession] = create_sessionmaker(self.engine)
+        self.producer: AIOKafkaProducer = make_producer(
+            settings.kafka_bootstrap_servers,
+            enable_idempotence=settings.kafka_enable_idempotence,
+            client_id=settings.service_name,
+        )
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=3.0))
+        self.consumers: list[ConsumerRunner] = []
+        self.relays: list[OutboxRelay] = []
+        self.sweeps: dict[str, tuple[float, SweepFn]] = {}
+        self.producer_ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopping = asyncio.Event()
+
+    def topic(self, name: str) -> str:
+        """The physical topic name (a prefix isolates tests and tenants sharing one broker)."""
+        return self.settings.topic_prefix + name
+
+    def add_consumer(self, name: str, topics: Sequence[str], handler: BatchHandler, *, group_id: str | None = None) -> ConsumerRunner:
+        s = self.settings
+        runner = ConsumerRunner(
+            name=name,
+            topics=[self.topic(t) for t in topics],
+            handler=handler,
+            sessionmaker=self.sessionmaker,
+            bootstrap_servers=s.kafka_bootstrap_servers,
+            producer=self.producer,
+            dlq_topic=self.topic(TOPIC_DLQ),
+            group_id=group_id or f"{s.topic_prefix}{name}",
+            batch_max=s.kafka_consumer_batch_max,
+            batch_timeout_ms=s.kafka_consumer_batch_timeout_ms,
+            max_retries=s.consumer_max_retries,
+            retry_backoff_ms=s.consumer_retry_backoff_ms,
+            max_poll_interval_ms=s.kafka_max_poll_interval_ms,
+            clock=self.clock,
+        )
+        self.consumers.append(runner)
+        return runner
+
+    def add_relay(self, relay: OutboxRelay | None = None) -> OutboxRelay:
+        s = self.settings
+        relay = relay or OutboxRelay(
+            name=s.service_name,
+            sessionmaker=self.sessionmaker,
+            producer=self.producer,
+            poll_interval_ms=s.outbox_poll_interval_ms,
+            batch_size=s.outbox_batch_size,
+            topic_prefix=s.topic_prefix,
+        )
+        self.relays.append(relay)
+        return relay
+
+    def add_sweep(self, name: str, interval_s: float, fn: SweepFn) -> None:
+        """Register a periodic set-based job; it runs on one replica at a time (advisory lock)."""
+        self.sweeps[name] = (interval_s, fn)
+
+    def wake_relays(self) -> None:
+        for relay in self.relays:
+            relay.wake()
+
+    async def run_sweep(self, name: str) -> Any:
+        """Run one sweep now under its advisory lock; None if another replica holds it."""
+        _, fn = self.sweeps[name]
+        key = zlib.crc32(f"sweep:{self.settings.service_name}:{name}".encode())
+        async with self.sessionmaker() as session:
+            got = (await session.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key})).scalar()
+            if not got:
+                return None
+            result = await fn(session, self.clock.now())
+            await session.commit()
+        self.wake_relays()
+        return result
+
+    async def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._start_kafka(), name="kafka-start"))
+        if self.settings.sweeps_enabled:
+            for name, (interval, _) in self.sweeps.items():
+                self._tasks.append(asyncio.create_task(self._sweep_loop(name, interval), name=f"sweep:{name}"))
+
+    async def _start_kafka(self) -> None:
+        """Start the producer (retrying while the broker is away), then relays and consumers."""
+        delay = 0.5
+        while not self._stopping.is_set():
+            try:
+                await self.producer.start()
+                break
+            except Exception as exc:
+                log.warning("broker not reachable (%r); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5)
+        else:
+            return
+        self.producer_ready.set()
+        for relay in self.relays:
+            await relay.start()
+        if self.settings.consumers_enabled:
+            for consumer in self.consumers:
+                await consumer.start()
+
+    async def _sweep_loop(self, name: str, interval: float) -> None:
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), interval)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self.run_sweep(name)
+            except Exception:
+                log.exception("sweep %s failed", name)
+
+    async def stop(self) -> None:
+        """Stop consumers (finish and commit the batch in flight), drain relays, close clients."""
+        self._stopping.set()
+        await asyncio.gather(*(c.stop() for c in self.consumers), return_exceptions=True)
+        await asyncio.gather(*(r.stop() for r in self.relays), return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.producer_ready.is_set():
+            await self.producer.stop()
+        await self.http.aclose()
+        await self.engine.dispose()
+
+    async def check_ready(self) -> dict[str, str]:
+        """Report whether the database and the broker answer."""
+        out = {}
+        try:
+            async with self.engine.connect() as conn:
+                await asyncio.wait_for(conn.execute(text("SELECT 1")), 3)
+            out["database"] = "ok"
+        except Exception as exc:
+            out["database"] = f"unreachable: {type(exc).__name__}"
+        try:
+            if not self.producer_ready.is_set():
+                raise ConnectionError("producer not started")
+            await asyncio.wait_for(self.producer.client.fetch_all_metadata(), 3)
+            out["broker"] = "ok"
+        except Exception as exc:
+            out["broker"] = f"unreachable: {type(exc).__name__}"
+        return out
+
+
+def get_runtime(request: Request) -> ServiceRuntime:
+    return request.app.state.runtime  # type: ignore[no-any-return]
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """One session per request; committed when the route returns, before the response is sent."""
+    runtime: ServiceRuntime = request.app.state.runtime
+    async with runtime.sessionmaker() as session:
+        try:
+            yield session
+            if session.in_transaction():
+                await session.commit()
+                runtime.wake_relays()
+        except BaseException:
+            await session.rollback()
+            raise
+
+
+RuntimeDep = Annotated[ServiceRuntime, Depends(get_runtime)]
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+
+def _ops_router(service: str) -> APIRouter:
+    router = APIRouter(tags=["ops"])
+
+    @router.get("/healthz", summary="Process is alive")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "service": service}
+
+    @router.get("/readyz", summary="Database and broker reachable", responses={503: {"description": "not ready"}})
+    async def readyz(runtime: RuntimeDep) -> ORJSONResponse:
+        checks = await runtime.check_ready()
+        ok = all(v == "ok" for v in checks.values())
+        return ORJSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+
+    @router.get("/v1/ops/pipeline", summary="Consumers (lag, applied, dead-lettered) and outbox backlog")
+    async def pipeline(runtime: RuntimeDep) -> dict[str, Any]:
+        consumers = []
+        for c in runtime.consumers:
+            try:
+                lag: int | None = await asyncio.wait_for(c.lag(), 5)
+            except Exception:
+                lag = None
+            consumers.append(
+                {
+                    "name": c.name,
+                    "topics": c.topics,
+                    "running": c.consumer is not None,
+                    "lag": lag,
+                    "applied": c.stats.applied,
+                    "duplicates": c.stats.duplicates,
+                    "dead_lettered": c.stats.dead_lettered,
+                    "retries": c.stats.retries,
+                }
+            )
+        backlog = 0
+        for r in runtime.relays:
+            try:
+                backlog += await r.backlog()
+            except Exception:
+                backlog = -1
+        return {"consumers": consumers, "outbox_backlog": backlog, "sweeps": sorted(runtime.sweeps)}
+
+    @router.post("/v1/ops/sweeps/{name}", summary="Run a periodic sweep now (one replica at a time)")
+    async def run_sweep(name: str, runtime: RuntimeDep) -> dict[str, Any]:
+        if name not in runtime.sweeps:
+            raise NotFound(f"no sweep named {name!r}", details={"sweeps": sorted(runtime.sweeps)})
+        result = await runtime.run_sweep(name)
+        return {"sweep": name, "ran": result is not None, "result": result if isinstance(result, dict | int | str | list) else None}
+
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+class _MetricsMiddleware:
+    """Count requests and their latency (pure ASGI, cheap on the hot path)."""
+
+    def __init__(self, app: Any, service: str) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def _send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, _send)
+        finally:
+            method = scope.get("method", "GET")
+            metrics.HTTP_REQUESTS.labels(self.service, method, str(status["code"])).inc()
+            metrics.HTTP_SECONDS.labels(self.service, method).observe(time.perf_counter() - started)
+
+
+def create_service_app(
+    *,
+    settings: BaseServiceSettings,
+    title: str,
+    description: str,
+    routers: Sequence[APIRouter] = (),
+    configure: Callable[[ServiceRuntime], Awaitable[None] | None] | None = None,
+    clock: Clock | None = None,
+    version: str = "0.1.0",
+) -> FastAPI:
+    """Build a service's FastAPI app with the runtime in its lifespan and the ops routes mounted."""
+    configure_logging(settings.log_level, settings.log_json)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = ServiceRuntime(settings, clock=clock)
+        app.state.runtime = runtime
+        if configure is not None:
+            maybe = configure(runtime)
+            if maybe is not None:
+                await maybe
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(title=title, description=description, version=version, lifespan=lifespan, default_response_class=ORJSONResponse)
+    install_error_handlers(app)
+    app.include_router(_ops_router(settings.service_name))
+    for router in routers:
+        app.include_router(router)
+    app.add_middleware(_MetricsMiddleware, service=settings.service_name)
+    return app

@@ -1,0 +1,46 @@
+"""Typed configuration shared by every service; each service subclasses with its own prefix."""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SERVICE_PORTS = {"ingest": 8001, "segmentation": 8002, "loyalty": 8003, "offers": 8004, "notifier": 8005}
+
+TOPIC_EVENTS = "crm.events.v1"
+TOPIC_SEGMENTS = "crm.segments.v1"
+TOPIC_LOYALTY = "crm.loyalty.v1"
+TOPIC_MESSAGES = "crm.messages.v1"
+TOPIC_DELIVERIES = "crm.deliveries.v1"
+TOPIC_DLQ = "crm.dlq.v1"
+ALL_TOPICS = (TOPIC_EVENTS, TOPIC_SEGMENTS, TOPIC_LOYALTY, TOPIC_MESSAGES, TOPIC_DELIVERIES, TOPIC_DLQ)
+
+
+def shared(env: str, default: object, **kwargs: object) -> object:
+    """Declare a setting read from an un-prefixed variable shared by all services."""
+    return Field(default, validation_alias=AliasChoices(env, env.lower()), **kwargs)  # type: ignore[arg-type]
+
+
+class BaseServiceSettings(BaseSettings):
+    """Settings every service has; subclasses set `env_prefix` (e.g. "LOYALTY_")."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    service_name: str = "service"
+    database_url: str = "postgresql+asyncpg://crm:crm@127.0.0.1:55432/crm"
+    db_pool_size: int = 10
+    kafka_bootstrap_servers: str = shared("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")  # type: ignore[assignment]
+    kafka_enable_idempotence: bool = shared("KAFKA_ENABLE_IDEMPOTENCE", False)  # type: ignore[assignment]
+    kafka_topic_partitions: int = shared("KAFKA_TOPIC_PARTITIONS", 12)  # type: ignore[assignment]
+    kafka_consumer_batch_max: int = 500
+    kafka_consumer_batch_timeout_ms: int = 200
+    kafka_max_poll_interval_ms: int = 300_000
+    consumer_max_retries: int = 5
+    consumer_retry_backoff_ms: int = 200
+    consumers_enabled: bool = True
+    sweeps_enabled: bool = True
+    topic_prefix: str = shared("CRM_TOPIC_PREFIX", "")  # type: ignore[assignment]
+    outbox_poll_interval_ms: int = 50
+    outbox_batch_size: int = 1000
+    log_level: str = shared("CRM_LOG_LEVEL", "INFO")  # type: ignore[assignment]
+    log_json: bool = shared("CRM_LOG_JSON", True)  # type: ignore[assignment]

@@ -1,0 +1,136 @@
+"""Helpers for tests: run an app in-process, read topics, wait for conditions, run service processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from fastapi import FastAPI
+
+from crm_common import serde
+from crm_common.infra import port_open
+
+
+@asynccontextmanager
+async def run_app(app: FastAPI, base_url: str = "http://test") -> AsyncIterator[httpx.AsyncClient]:
+    """Run the app's lifespan and give an httpx client talking to it in-process."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=base_url, timeout=30) as client:
+            yield client
+
+
+async def eventually(check: Callable[[], Any], *, timeout: float = 20, interval: float = 0.1, what: str = "condition") -> Any:
+    """Await `check()` (sync or async) until it returns a truthy value; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = check()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value {last!r}")
+        await asyncio.sleep(interval)
+
+
+async def read_topic(bootstrap: str, topic: str, *, min_count: int = 0, timeout: float = 15, idle: float = 0.5) -> list[dict[str, Any]]:
+    """Read a topic from the beginning; stop once `min_count` messages arrived and it is idle."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        last_new = time.monotonic()
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=100, max_records=10_000)
+            for msgs in batch.values():
+                for m in msgs:
+                    value = serde.loads(m.value)
+                    if isinstance(value, dict):
+                        value.setdefault("_key", m.key.decode() if m.key else None)
+                        value.setdefault("_partition", m.partition)
+                    out.append(value)
+                    last_new = time.monotonic()
+            if len(out) >= min_count and time.monotonic() - last_new >= idle:
+                break
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def publish(bootstrap: str, topic: str, messages: list[dict[str, Any]], key: str = "customer_id") -> None:
+    """Publish JSON messages keyed by `message[key]`, waiting for acknowledgement."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=False, linger_ms=2)
+    await producer.start()
+    try:
+        futs = [await producer.send(topic, value=serde.dumps(m), key=str(m.get(key, "")).encode()) for m in messages]
+        await asyncio.gather(*futs)
+    finally:
+        await producer.stop()
+
+
+def unique(prefix: str = "t") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+class ServiceProcess:
+    """A service running in its own process (uvicorn), for crash tests with kill -9."""
+
+    def __init__(self, service: str, port: int, env: dict[str, str]) -> None:
+        self.service = service
+        self.port = port
+        self.env = {**os.environ, **env}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "crm_common.serve", self.service, "--port", str(self.port)],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while not port_open("127.0.0.1", self.port):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.service} exited with {self.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.service} did not open port {self.port}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """kill -9: no shutdown hooks, no flush, as a crash."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()

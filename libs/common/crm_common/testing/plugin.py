@@ -1,0 +1,118 @@
+"""Pytest plugin (loaded with -p crm_common.testing.plugin): real PostgreSQL and broker per session.
+
+Fixtures:
+* `pg_server`: a PostgreSQL server started once per session (fsync off), in a temp directory.
+* `broker`: the Tansu broker started once per session (`broker.bootstrap`).
+* `make_database(package=None)`: a fresh database per call; cloned from a template migrated once
+  per session when `package` (a service package with `migrations/`) is given. Returns its URL.
+* `topic_prefix`: a unique topic prefix for this test, with every crm topic created under it.
+* `clock`: a ManualClock starting 2026-01-05 12:00 UTC.
+
+Set CRM_TEST_KEEP=1 to keep the temp directory after the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from crm_common.clock import ManualClock
+from crm_common.infra import BrokerServer, PostgresServer, free_port
+from crm_common.kafka import ensure_topics
+from crm_common.migrations import upgrade_async
+from crm_common.settings import ALL_TOPICS
+from crm_common.testing.helpers import unique
+
+TEST_PARTITIONS = 3
+
+
+@pytest.fixture(scope="session")
+def crm_tmpdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="crm-test-"))
+    os.chmod(path, 0o755)
+    yield path
+    if not os.environ.get("CRM_TEST_KEEP"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server(crm_tmpdir: Path) -> Iterator[PostgresServer]:
+    server = PostgresServer(crm_tmpdir / "pg", free_port(), durable=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def broker(crm_tmpdir: Path) -> Iterator[BrokerServer]:
+    server = BrokerServer(free_port(), log_path=crm_tmpdir / "broker.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+_templates: dict[str, str] = {}
+_template_lock = asyncio.Lock()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def make_database(pg_server: PostgresServer) -> AsyncIterator[Callable[..., Awaitable[str]]]:
+    created: list[str] = []
+
+    async def _make(package: str | None = None) -> str:
+        admin = await asyncpg.connect(pg_server.admin_url)
+        try:
+            template = None
+            if package:
+                async with _template_lock:
+                    template = _templates.get(package)
+                    if template is None:
+                        template = f"tmpl_{package}"
+                        await admin.execute(f'DROP DATABASE IF EXISTS "{template}"')
+                        await admin.execute(f'CREATE DATABASE "{template}"')
+                        await upgrade_async(package, pg_server.url(template))
+                        _templates[package] = template
+            name = unique("db_")
+            if template:
+                await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+            else:
+                await admin.execute(f'CREATE DATABASE "{name}"')
+            created.append(name)
+            return pg_server.url(name)
+        finally:
+            await admin.close()
+
+    yield _make
+    admin = await asyncpg.connect(pg_server.admin_url)
+    try:
+        for name in created:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def topic_prefix(broker: BrokerServer) -> str:
+    prefix = unique("t") + "."
+    await ensure_topics(broker.bootstrap, [prefix + t for t in ALL_TOPICS], partitions=TEST_PARTITIONS)
+    return prefix
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(datetime(2026, 1, 5, 12, 0, tzinfo=UTC))
+
+
+@pytest.fixture
+def service_env(broker: BrokerServer, topic_prefix: str) -> dict[str, str]:
+    """Environment for a service process or settings object on the test stack."""
+    return {"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "CRM_TOPIC_PREFIX": topic_prefix, "CRM_LOG_JSON": "false"}

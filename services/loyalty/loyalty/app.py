@@ -1,0 +1,20 @@
+"""The loyalty service's FastAPI app."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from crm_common.clock import Clock
+from crm_common.service import create_service_app
+from loyalty.settings import Settings
+
+
+def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
+    """Build the app; the lifespan creates the engine, producer and background work."""
+    settings = settings or Settings()
+    return create_service_app(
+        settings=settings,
+        title="CRM loyalty",
+        description="The loyalty service of the CRM platform (not built yet: ops endpoints only).",
+        clock=clock,
+    )

@@ -1,0 +1,7 @@
+"""Tables owned by the loyalty service."""
+
+from __future__ import annotations
+
+from crm_common.db import make_base
+
+Base = make_base()
