@@ -59,6 +59,7 @@ class OutboxRelay:
         poll_interval_ms: int = 50,
         batch_size: int = 1000,
         topic_prefix: str = "",
+        send_timeout_s: float = 30,
     ) -> None:
         self.name = name
         self.sessionmaker = sessionmaker
@@ -66,6 +67,7 @@ class OutboxRelay:
         self.poll_interval = poll_interval_ms / 1000
         self.batch_size = batch_size
         self.topic_prefix = topic_prefix
+        self.send_timeout_s = send_timeout_s
         self.lock_key = zlib.crc32(f"outbox:{name}".encode())
         self.published = 0
         self._wake = asyncio.Event()
@@ -127,7 +129,10 @@ class OutboxRelay:
                 await session.rollback()
                 return 0
             # Sent before the delete commits: a crash in between republishes, and consumers dedupe by id.
-            await send_many(self.producer, ((self.topic_prefix + r[1], r[2], bytes(r[3])) for r in rows))
+            await asyncio.wait_for(
+                send_many(self.producer, ((self.topic_prefix + r[1], r[2], bytes(r[3])) for r in rows)),
+                self.send_timeout_s,
+            )
             await session.execute(text(self.ack_sql), {"ids": [r[0] for r in rows]})
             await session.commit()
         self.published += len(rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import text
 
 from crm_common.kafka import make_producer
@@ -36,12 +37,9 @@ async def test_relay_keeps_messages_while_broker_unreachable(broker, topic_prefi
     async with sm() as s:
         await enqueue_many(s, [("crm.segments.v1", "c1", {"id": "x1", "customer_id": "c1"})])
         await s.commit()
-    producer = make_producer("127.0.0.1:1")  # nothing listens there
-    relay = OutboxRelay(name="t2", sessionmaker=sm, producer=producer, topic_prefix=topic_prefix)
-    try:
+    producer = make_producer("127.0.0.1:1")  # never connected: nothing listens there
+    relay = OutboxRelay(name="t2", sessionmaker=sm, producer=producer, topic_prefix=topic_prefix, send_timeout_s=1)
+    with pytest.raises(Exception):  # noqa: B017 - any failure to publish will do
         await relay.run_once()
-        raise AssertionError("publishing without a broker must fail")
-    except Exception:
-        pass
     async with sm() as s:
         assert (await s.execute(text("SELECT count(*) FROM outbox"))).scalar() == 1
