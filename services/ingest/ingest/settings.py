@@ -12,3 +12,14 @@ class Settings(BaseServiceSettings):
 
     service_name: str = "ingest"
     database_url: str = "postgresql+asyncpg://crm:crm@127.0.0.1:55432/ingest"
+    # The relay publishes the archive's pending events in batches of this many.
+    outbox_batch_size: int = 5000
+    max_body_bytes: int = 1 << 20
+    max_batch_events: int = 1000
+    # Per key, in events per second (a request costs its number of events); burst = one second.
+    default_rate_limit_per_s: float = 20_000
+    # How long a looked-up API key is trusted before it is read again (revocation on another
+    # replica takes effect within this time; on the replica that revoked it, at once).
+    key_cache_ttl_s: float = 5.0
+    # Retry-After sent with 503 when the database cannot store events.
+    unavailable_retry_after_s: int = 5
