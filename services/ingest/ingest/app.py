@@ -38,6 +38,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
                 poll_interval_ms=settings.outbox_poll_interval_ms,
                 batch_size=settings.outbox_batch_size,
                 topic_prefix=settings.topic_prefix,
+                send_timeout_s=settings.relay_send_timeout_s,
             )
         )
 

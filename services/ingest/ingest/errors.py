@@ -41,7 +41,9 @@ def _is_unavailable(exc: BaseException) -> bool:
             return True
         orig = getattr(exc, "orig", None)
         sqlstate = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
-        return bool(sqlstate and (sqlstate.startswith("08") or sqlstate in {"57P01", "57P02", "57P03", "53300"}))
+        # Connection failures, refused logins, a database that is gone, shut down, full or closed
+        # to connections: the store is unavailable, not the request at fault.
+        return bool(sqlstate and (sqlstate[:2] in {"08", "28", "3D", "53", "57"} or sqlstate == "55000"))
     return isinstance(exc, OSError | ConnectionError | TimeoutError | asyncio.TimeoutError)
 
 

@@ -14,6 +14,10 @@ class Settings(BaseServiceSettings):
     database_url: str = "postgresql+asyncpg://crm:crm@127.0.0.1:55432/ingest"
     # The relay publishes the archive's pending events in batches of this many.
     outbox_batch_size: int = 5000
+    # A relay pass that cannot get its batch acknowledged in this time fails and is retried. Keep
+    # it above the producer's request timeout (15 s), so a failed pass leaves nothing queued in
+    # the producer that would reach a broker later, out of order and outside the relay's control.
+    relay_send_timeout_s: float = 30.0
     max_body_bytes: int = 1 << 20
     max_batch_events: int = 1000
     # Per key, in events per second (a request costs its number of events); burst = one second.
