@@ -6,13 +6,12 @@ import uuid
 from typing import Any
 
 import orjson
-
-from fastapi import APIRouter, Request
-from fastapi.responses import Response
-
 from crm_common.contract.events import EventMessage, Source
 from crm_common.errors import Forbidden, NotFound
 from crm_common.service import RuntimeDep
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
 from ingest.deps import (
     EventsReader,
     EventsWriter,
@@ -40,7 +39,7 @@ from ingest.schemas import (
 
 router = APIRouter()
 
-_ERROR = {"description": "JSON error: {\"error\": {\"code\", \"message\", \"details\"}}"}
+_ERROR = {"description": 'JSON error: {"error": {"code", "message", "details"}}'}
 EVENTS_BODY_SCHEMA = {
     "oneOf": [{"$ref": "#/components/schemas/EventIn"}, {"$ref": "#/components/schemas/EventBatchIn"}]
 }
@@ -48,8 +47,10 @@ EVENTS_BODY_SCHEMA = {
 
 async def read_body(request: Request, limit: int) -> bytes:
     """Read the body, refusing more than `limit` bytes by Content-Length or as it streams in."""
-    too_large = f"the request body exceeds the limit of 1 MiB ({limit} bytes)" if limit == 1 << 20 else (
-        f"the request body exceeds the limit of {limit} bytes"
+    too_large = (
+        f"the request body exceeds the limit of 1 MiB ({limit} bytes)"
+        if limit == 1 << 20
+        else (f"the request body exceeds the limit of {limit} bytes")
     )
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -148,7 +149,13 @@ async def replay(replay_in: ReplayIn, principal: Replayer, runtime: RuntimeDep) 
             by=replay_in.by, start=replay_in.from_, end=replay_in.to, types=replay_in.types
         )
     runtime.wake_relays()
-    return {"replayed": count, "from_": replay_in.from_, "to": replay_in.to, "types": replay_in.types, "by": replay_in.by}
+    return {
+        "replayed": count,
+        "from_": replay_in.from_,
+        "to": replay_in.to,
+        "types": replay_in.types,
+        "by": replay_in.by,
+    }
 
 
 @router.post(

@@ -6,12 +6,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated
 
+from crm_common.errors import Forbidden, Unauthorized
+from crm_common.service import RuntimeDep, ServiceRuntime
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from crm_common.errors import Forbidden, Unauthorized
-from crm_common.service import RuntimeDep, ServiceRuntime
 from ingest.errors import TooManyRequests, database_guard
 from ingest.keys import KeyCache, Principal, authenticate
 from ingest.ratelimit import RateLimiter
@@ -53,7 +53,9 @@ def require_scope(scope: str) -> Callable[..., Awaitable[Principal]]:
         limiter: RateLimiterDep,
     ) -> Principal:
         if credentials is None or not credentials.credentials.strip():
-            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
+            raise Unauthorized(
+                "missing API key: send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
+            )
         principal = await _lookup(runtime, settings, cache, credentials.credentials.strip())
         if principal is None:
             raise Unauthorized("unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})

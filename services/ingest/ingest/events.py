@@ -7,10 +7,10 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+from crm_common.contract.events import validate_event
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from crm_common.contract.events import validate_event
 from ingest.errors import BodyTooLarge, InvalidEvent, MalformedBody
 from ingest.repository import EventRepository, EventRow
 
@@ -37,7 +37,9 @@ def parse_body(body: bytes, *, max_events: int) -> ParsedBody:
                 details=[{"loc": ["body", k], "msg": "extra key not allowed"} for k in data if k != "events"],
             )
         if not isinstance(events, list):
-            raise InvalidEvent("'events' must be a list", details=[{"loc": ["body", "events"], "msg": "must be a list"}])
+            raise InvalidEvent(
+                "'events' must be a list", details=[{"loc": ["body", "events"], "msg": "must be a list"}]
+            )
         if not events:
             raise InvalidEvent("'events' is empty", details=[{"loc": ["body", "events"], "msg": "at least 1 event"}])
         if len(events) > max_events:

@@ -76,9 +76,7 @@ class EventRepository:
         ).first()
         return None if row is None else (row[0], bool(row[1]))
 
-    async def queue_range(
-        self, *, by: str, start: datetime, end: datetime, types: Sequence[str] | None
-    ) -> int:
+    async def queue_range(self, *, by: str, start: datetime, end: datetime, types: Sequence[str] | None) -> int:
         """Queue every archived event with `by` in [start, end) for publishing again."""
         column = {"received_at": "received_at", "occurred_at": "occurred_at"}[by]
         result = await self.session.execute(
@@ -102,9 +100,7 @@ class KeyRepository:
 
     async def by_hash(self, key_hash: str) -> ApiKey | None:
         return (
-            await self.session.execute(
-                select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
-            )
+            await self.session.execute(select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
         ).scalar_one_or_none()
 
     async def add(self, key: ApiKey) -> ApiKey:

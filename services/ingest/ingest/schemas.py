@@ -6,11 +6,10 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
-
+from crm_common.auth import SCOPES
 from crm_common.contract.events import EventIn, EventMessage, EventType, Source
 from crm_common.contract.types import Name
-from crm_common.auth import SCOPES
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 Scope = Literal["events:write", "events:read", "replay", "keys:admin"]
 assert set(Scope.__args__) == set(SCOPES)  # type: ignore[attr-defined]
@@ -100,4 +99,3 @@ class ApiKeyRead(BaseModel):
 
 class ApiKeyCreated(ApiKeyRead):
     key: str = Field(description="the secret; shown only in this answer, stored hashed")
-

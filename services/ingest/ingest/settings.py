@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pydantic_settings import SettingsConfigDict
-
 from crm_common.settings import BaseServiceSettings
+from pydantic_settings import SettingsConfigDict
 
 
 class Settings(BaseServiceSettings):

@@ -6,8 +6,6 @@ from typing import Any
 
 import httpx
 import pytest_asyncio
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
 from crm_common.auth import SCOPES
 from crm_common.clock import ManualClock
 from crm_common.db import create_engine, create_sessionmaker, session_scope
@@ -15,6 +13,7 @@ from crm_common.testing.helpers import run_app
 from ingest.app import create_app
 from ingest.keys import add_known_key
 from ingest.settings import Settings
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 POS_KEY = "test-pos-key"
 
@@ -38,9 +37,13 @@ class Ingest:
     async def post(self, body: Any, key: str = POS_KEY, **kw: Any) -> httpx.Response:
         return await self.client.post("/v1/events", json=body, headers={"Authorization": f"Bearer {key}"}, **kw)
 
-    async def add_key(self, key: str, *, source: str = "pos", scopes: list[str] | None = None, rate: float | None = None) -> None:
+    async def add_key(
+        self, key: str, *, source: str = "pos", scopes: list[str] | None = None, rate: float | None = None
+    ) -> None:
         async with session_scope(self.sessionmaker) as s:
-            await add_known_key(session=s, key=key, name=key, source=source, scopes=scopes or list(SCOPES), rate_limit_per_s=rate)
+            await add_known_key(
+                session=s, key=key, name=key, source=source, scopes=scopes or list(SCOPES), rate_limit_per_s=rate
+            )
 
 
 def ingest_settings(url: str, bootstrap: str, topic_prefix: str, **kw: Any) -> Settings:

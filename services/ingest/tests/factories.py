@@ -6,7 +6,9 @@ from datetime import datetime
 from typing import Any
 
 
-def purchase(event_id: str, *, customer_id: str = "c1", occurred_at: datetime, items: int = 3, **extra: Any) -> dict[str, Any]:
+def purchase(
+    event_id: str, *, customer_id: str = "c1", occurred_at: datetime, items: int = 3, **extra: Any
+) -> dict[str, Any]:
     lines = [
         {"sku": f"sku-{i}", "name": f"Item {i}", "category": "grocery", "quantity": 1, "unit_price": "4.50"}
         for i in range(items)

@@ -5,10 +5,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 import orjson
-from sqlalchemy import text
-
 from crm_common.contract.events import EventMessage
 from crm_common.testing.helpers import eventually, read_topic
+from sqlalchemy import text
 
 from .conftest import POS_KEY
 from .factories import custom, purchase
@@ -119,7 +118,8 @@ async def test_authentication_and_scopes(ingest):
     forbidden = await ingest.post(body, key="read-only")
     assert forbidden.status_code == 403 and "events:write" in forbidden.json()["error"]["message"]
     replay = await ingest.client.post(
-        "/v1/replay", json={"from": now.isoformat(), "to": (now + timedelta(hours=1)).isoformat()},
+        "/v1/replay",
+        json={"from": now.isoformat(), "to": (now + timedelta(hours=1)).isoformat()},
         headers={"Authorization": "Bearer read-only"},
     )
     assert replay.status_code == 403
@@ -148,7 +148,9 @@ async def test_too_many_events_or_bytes_is_413_saying_the_limit(ingest):
             yield raw[i : i + 65536]
 
     # No Content-Length (chunked): the limit holds on the bytes actually read.
-    r = await ingest.client.post("/v1/events", content=chunks(), headers={**ingest.auth, "Content-Type": "application/json"})
+    r = await ingest.client.post(
+        "/v1/events", content=chunks(), headers={**ingest.auth, "Content-Type": "application/json"}
+    )
     assert r.status_code == 413 and "1048576 bytes" in r.json()["error"]["message"]
     assert await relay_idle(ingest)
     async with ingest.sessionmaker() as s:
@@ -197,7 +199,12 @@ async def test_hostile_bodies_get_4xx_never_500(ingest):
         orjson.dumps(custom("huge-int", occurred_at=now, n=2**63 - 1)),
         b'{"event_id": "huge", "type": "custom", "customer_id": "c", "occurred_at": "2026-01-05T12:00:00Z", '
         b'"properties": {"name": "n", "n": 123456789012345678901234567890123456789}}',
-        orjson.dumps({**purchase("huge-price", occurred_at=now), "properties": {**purchase("x", occurred_at=now)["properties"], "total": "1e400"}}),
+        orjson.dumps(
+            {
+                **purchase("huge-price", occurred_at=now),
+                "properties": {**purchase("x", occurred_at=now)["properties"], "total": "1e400"},
+            }
+        ),
         orjson.dumps({**purchase("old", occurred_at=now), "occurred_at": "0001-01-01T00:00:00+00:00"}),
         orjson.dumps({**purchase("naive", occurred_at=now), "occurred_at": "2026-01-05T12:00:00"}),
         orjson.dumps(purchase("\u202e\U0001f600ünï", occurred_at=now)),

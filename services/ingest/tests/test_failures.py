@@ -6,7 +6,6 @@ import asyncio
 from collections import Counter
 
 import httpx
-
 from crm_common.infra import BrokerServer, free_port
 from crm_common.kafka import ensure_topics
 from crm_common.settings import ALL_TOPICS
@@ -17,7 +16,9 @@ from .conftest import POS_KEY, ingest_settings
 from .factories import purchase
 
 
-async def test_events_accepted_while_broker_is_down_are_delivered_when_it_is_back(ingest_db, topic_prefix, clock, crm_tmpdir):
+async def test_events_accepted_while_broker_is_down_are_delivered_when_it_is_back(
+    ingest_db, topic_prefix, clock, crm_tmpdir
+):
     url, _ = ingest_db
     port = free_port()
     own_broker = BrokerServer(port, log_path=crm_tmpdir / f"broker-{port}.log")
@@ -29,11 +30,15 @@ async def test_events_accepted_while_broker_is_down_are_delivered_when_it_is_bac
     auth = {"Authorization": f"Bearer {POS_KEY}"}
     try:
         async with run_app(app) as client:
-            assert (await client.post("/v1/events", json=purchase("up-1", occurred_at=clock.now()), headers=auth)).status_code == 202
+            assert (
+                await client.post("/v1/events", json=purchase("up-1", occurred_at=clock.now()), headers=auth)
+            ).status_code == 202
             await eventually(lambda: app.state.runtime.relays[0].published >= 1, what="published while up")
             own_broker.stop()
 
-            batch = {"events": [purchase(f"while-down-{i}", customer_id=f"c{i}", occurred_at=clock.now()) for i in range(5)]}
+            batch = {
+                "events": [purchase(f"while-down-{i}", customer_id=f"c{i}", occurred_at=clock.now()) for i in range(5)]
+            }
             r = await client.post("/v1/events", json=batch, headers=auth)
             assert r.status_code == 202 and r.json()["accepted"] == 5
             relay = app.state.runtime.relays[0]
@@ -45,7 +50,9 @@ async def test_events_accepted_while_broker_is_down_are_delivered_when_it_is_bac
             own_broker = BrokerServer(port, log_path=crm_tmpdir / f"broker-{port}.log")
             own_broker.start()
             await ensure_topics(own_broker.bootstrap, topics, partitions=3)
-            await eventually(lambda: app.state.runtime.relays[0].published >= 6, timeout=60, what="delivered after restart")
+            await eventually(
+                lambda: app.state.runtime.relays[0].published >= 6, timeout=60, what="delivered after restart"
+            )
             got = await read_topic(own_broker.bootstrap, topic, min_count=5)
             assert sorted(m["event_id"] for m in got) == [f"while-down-{i}" for i in range(5)]
     finally:

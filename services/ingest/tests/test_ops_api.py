@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from crm_common.consumer import ConsumerRunner, Record
 from crm_common.db import create_engine, create_sessionmaker, make_base
 from crm_common.infra import free_port
@@ -14,6 +11,8 @@ from crm_common.kafka import make_producer
 from crm_common.testing.helpers import eventually, read_topic, run_app
 from ingest.app import create_app
 from ingest.keys import ensure_bootstrap_key
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from .conftest import ingest_settings
 from .factories import custom, purchase
@@ -36,7 +35,13 @@ async def test_ops_creates_lists_and_revokes_keys(ingest):
     assert stored and key["key"] not in stored
 
     now = ingest.clock.now()
-    site_event = {"event_id": "v-1", "type": "site_visit", "anonymous_id": "anon-7", "occurred_at": now.isoformat(), "properties": {"page": "/"}}
+    site_event = {
+        "event_id": "v-1",
+        "type": "site_visit",
+        "anonymous_id": "anon-7",
+        "occurred_at": now.isoformat(),
+        "properties": {"page": "/"},
+    }
     ok = await ingest.client.post("/v1/events", json=site_event, headers={"Authorization": f"Bearer {key['key']}"})
     assert ok.status_code == 202, ok.text
     got = await read_topic(ingest.bootstrap, ingest.topic, min_count=1)
@@ -44,10 +49,16 @@ async def test_ops_creates_lists_and_revokes_keys(ingest):
 
     revoked = await ingest.client.delete(f"/v1/keys/{key['id']}", headers=ingest.auth)
     assert revoked.status_code == 200 and revoked.json()["revoked_at"] is not None
-    refused = await ingest.client.post("/v1/events", json={**site_event, "event_id": "v-2"}, headers={"Authorization": f"Bearer {key['key']}"})
+    refused = await ingest.client.post(
+        "/v1/events", json={**site_event, "event_id": "v-2"}, headers={"Authorization": f"Bearer {key['key']}"}
+    )
     assert refused.status_code == 401
-    assert (await ingest.client.delete("/v1/keys/00000000-0000-0000-0000-000000000000", headers=ingest.auth)).status_code == 404
-    bad = await ingest.client.post("/v1/keys", json={"name": "x", "source": "moon", "scopes": ["root"]}, headers=ingest.auth)
+    assert (
+        await ingest.client.delete("/v1/keys/00000000-0000-0000-0000-000000000000", headers=ingest.auth)
+    ).status_code == 404
+    bad = await ingest.client.post(
+        "/v1/keys", json={"name": "x", "source": "moon", "scopes": ["root"]}, headers=ingest.auth
+    )
     assert bad.status_code == 422
 
 
@@ -73,7 +84,8 @@ async def test_replay_republishes_and_downstream_applies_each_event_once(ingest,
 
     async def record(session: AsyncSession, records: list[Record]) -> None:
         await session.execute(
-            text("INSERT INTO effects (message_id) SELECT unnest(CAST(:ids AS text[]))"), {"ids": [r.id for r in records]}
+            text("INSERT INTO effects (message_id) SELECT unnest(CAST(:ids AS text[]))"),
+            {"ids": [r.id for r in records]},
         )
 
     producer = make_producer(broker.bootstrap)
@@ -92,7 +104,7 @@ async def test_replay_republishes_and_downstream_applies_each_event_once(ingest,
     try:
         now = ingest.clock.now()
         early = [purchase(f"rp-{i}", customer_id=f"c{i}", occurred_at=now - timedelta(days=2)) for i in range(4)]
-        r = await ingest.post({"events": early + [custom("rp-custom", occurred_at=now - timedelta(days=2))]})
+        r = await ingest.post({"events": [*early, custom("rp-custom", occurred_at=now - timedelta(days=2))]})
         assert r.json()["accepted"] == 5
         ingest.clock.advance(hours=1)
         r = await ingest.post(purchase("rp-later", occurred_at=ingest.clock.now()))
@@ -102,7 +114,11 @@ async def test_replay_republishes_and_downstream_applies_each_event_once(ingest,
         # Purchases received in the first hour only.
         replay = await ingest.client.post(
             "/v1/replay",
-            json={"from": (now - timedelta(minutes=1)).isoformat(), "to": (now + timedelta(minutes=30)).isoformat(), "types": ["purchase"]},
+            json={
+                "from": (now - timedelta(minutes=1)).isoformat(),
+                "to": (now + timedelta(minutes=30)).isoformat(),
+                "types": ["purchase"],
+            },
             headers=ingest.auth,
         )
         assert replay.status_code == 202, replay.text
@@ -117,12 +133,18 @@ async def test_replay_republishes_and_downstream_applies_each_event_once(ingest,
 
         by_occurrence = await ingest.client.post(
             "/v1/replay",
-            json={"from": (now - timedelta(days=3)).isoformat(), "to": (now - timedelta(days=1)).isoformat(), "by": "occurred_at"},
+            json={
+                "from": (now - timedelta(days=3)).isoformat(),
+                "to": (now - timedelta(days=1)).isoformat(),
+                "by": "occurred_at",
+            },
             headers=ingest.auth,
         )
         assert by_occurrence.json()["replayed"] == 5
         backwards = await ingest.client.post(
-            "/v1/replay", json={"from": now.isoformat(), "to": (now - timedelta(days=1)).isoformat()}, headers=ingest.auth
+            "/v1/replay",
+            json={"from": now.isoformat(), "to": (now - timedelta(days=1)).isoformat()},
+            headers=ingest.auth,
         )
         assert backwards.status_code == 422
     finally:
