@@ -8,11 +8,10 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
-from sqlalchemy import text
-
 from crm_common import metrics
 from crm_common.outbox import OutboxRelay
 from crm_common.settings import TOPIC_EVENTS
+from sqlalchemy import text
 
 
 class TopicMissing(RuntimeError):
@@ -87,7 +86,9 @@ class EventRelay(OutboxRelay):
 
     async def _publish_batch(self) -> int:
         async with self.sessionmaker() as session:
-            locked = (await session.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": self.lock_key})).scalar()
+            locked = (
+                await session.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": self.lock_key})
+            ).scalar()
             if not locked:
                 return 0
             rows = (await session.execute(text(self.fetch_sql), {"limit": self.batch_size})).all()
