@@ -119,8 +119,10 @@ async def post_events(
 async def get_event(source: Source, event_id: str, principal: EventsReader, runtime: RuntimeDep) -> dict[str, Any]:
     if principal.source not in (source, "ops"):
         raise Forbidden(f"a {principal.source} key reads only {principal.source} events")
-    async with transaction(runtime) as session:
-        found = await EventRepository(session).get(source=source, event_id=event_id)
+    found = None
+    if _storable_id(event_id):
+        async with transaction(runtime) as session:
+            found = await EventRepository(session).get(source=source, event_id=event_id)
     if found is None:
         raise NotFound(f"no archived event {event_id!r} from {source}")
     event, pending = found
@@ -133,6 +135,17 @@ async def get_event(source: Source, event_id: str, principal: EventsReader, runt
         "pending": pending,
         "message": EventMessage.model_validate_json(event.message),
     }
+
+
+def _storable_id(event_id: str) -> bool:
+    """False for ids no accepted event can have (so the database is not asked about them)."""
+    if not 1 <= len(event_id) <= 128 or "\x00" in event_id:
+        return False
+    try:
+        event_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @router.post(
