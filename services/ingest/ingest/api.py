@@ -8,7 +8,6 @@ from typing import Any
 import orjson
 from crm_common.contract.events import EventMessage, Source
 from crm_common.errors import Forbidden, NotFound
-from crm_common.service import RuntimeDep
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -19,6 +18,7 @@ from ingest.deps import (
     KeysAdmin,
     RateLimiterDep,
     Replayer,
+    RuntimeDep,
     SettingsDep,
     rate_of,
     transaction,
