@@ -336,7 +336,13 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
             f"{batched:,.0f} msg/s as record batches; ceiling {ceiling:,.0f} msg/s",
             flush=True,
         )
-        print("(shared 2-core machine: PostgreSQL, the broker, ingest and this client compete for the same cores)")
+        print(
+            f"ratio to the send() producer: {rate / one_by_one:.2f}; to the record-batch producer: {rate / batched:.2f}"
+        )
+        print(
+            "(shared 2-core machine: PostgreSQL, the broker, ingest, this client and other work compete for the cores;"
+            f" load average {os.getloadavg()[0]:.1f})"
+        )
         print(f"BENCH ingest_events_per_s {rate:.0f} ratio={rate / ceiling:.2f}", flush=True)
     finally:
         if proc is not None:
