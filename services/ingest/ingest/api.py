@@ -47,11 +47,8 @@ EVENTS_BODY_SCHEMA = {
 
 async def read_body(request: Request, limit: int) -> bytes:
     """Read the body, refusing more than `limit` bytes by Content-Length or as it streams in."""
-    too_large = (
-        f"the request body exceeds the limit of 1 MiB ({limit} bytes)"
-        if limit == 1 << 20
-        else (f"the request body exceeds the limit of {limit} bytes")
-    )
+    size = f"1 MiB ({limit} bytes)" if limit == 1 << 20 else f"{limit} bytes"
+    too_large = f"the request body exceeds the limit of {size}"
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
