@@ -430,30 +430,53 @@ DIGEST_SQL = """jsonb_strip_nulls(jsonb_build_object(
     'consents', p.consents))"""
 
 
-def membership_sql(rule_sql: str, *, restricted: bool) -> str:
-    """One statement that applies a segment's rule: enter, exit, log and publish through the outbox."""
+@dataclass(slots=True)
+class SegmentRule:
+    """A segment with its rule compiled (bind parameters prefixed per segment)."""
+
+    id: str
+    key: str
+    sql: str
+    params: dict[str, Any]
+
+
+def membership_sql(count: int, *, restricted: bool) -> str:
+    """One statement that applies many segments' rules in one pass over profiles:
+    diff against current memberships, enter, exit, log and publish through the outbox."""
     only = "AND p.customer_id = ANY(CAST(:ids AS text[]))" if restricted else ""
-    only_m = "AND m.customer_id = ANY(CAST(:ids AS text[]))" if restricted else ""
+    only_m = "AND customer_id = ANY(CAST(:ids AS text[]))" if restricted else ""
+    values = ", ".join(f"(CAST(:sid{i} AS text), ({{rule{i}}}))" for i in range(count))
     return f"""
-WITH cur AS MATERIALIZED (
-    SELECT p.customer_id FROM profiles p WHERE TRUE {only} AND ({rule_sql})
+WITH segs AS (SELECT * FROM unnest(CAST(:sids AS text[]), CAST(:skeys AS text[])) AS u(sid, skey)),
+cur AS MATERIALIZED (
+    SELECT s.sid, p.customer_id FROM profiles p
+    CROSS JOIN LATERAL (VALUES {values}) AS s(sid, hit)
+    WHERE s.hit {only}
+),
+diff AS MATERIALIZED (
+    SELECT coalesce(c.sid, m.segment_id) AS sid, coalesce(c.customer_id, m.customer_id) AS customer_id,
+           m.customer_id IS NULL AS entering
+    FROM cur c FULL JOIN (
+        SELECT segment_id, customer_id FROM memberships WHERE segment_id = ANY(CAST(:sids AS text[])) {only_m}
+    ) m ON m.segment_id = c.sid AND m.customer_id = c.customer_id
+    WHERE c.customer_id IS NULL OR m.customer_id IS NULL
 ),
 entered AS (
     INSERT INTO memberships (segment_id, customer_id, entered_at)
-    SELECT CAST(:sid AS text), customer_id, CAST(:now AS timestamptz) FROM cur
-    ON CONFLICT DO NOTHING RETURNING customer_id
+    SELECT sid, customer_id, CAST(:now AS timestamptz) FROM diff WHERE entering
+    ON CONFLICT DO NOTHING RETURNING segment_id, customer_id
 ),
 exited AS (
-    DELETE FROM memberships m WHERE m.segment_id = CAST(:sid AS text) {only_m}
-      AND NOT EXISTS (SELECT 1 FROM cur WHERE cur.customer_id = m.customer_id)
-    RETURNING customer_id
+    DELETE FROM memberships m USING diff d
+    WHERE NOT d.entering AND m.segment_id = d.sid AND m.customer_id = d.customer_id
+    RETURNING m.segment_id, m.customer_id
 ),
 logged AS (
     INSERT INTO membership_log (segment_id, customer_id, change, at)
-    SELECT CAST(:sid AS text), customer_id, change, CAST(:now AS timestamptz) FROM (
-        SELECT customer_id, 'entered' AS change FROM entered
-        UNION ALL SELECT customer_id, 'exited' FROM exited) ch
-    RETURNING id, customer_id, change
+    SELECT segment_id, customer_id, change, CAST(:now AS timestamptz) FROM (
+        SELECT segment_id, customer_id, 'entered' AS change FROM entered
+        UNION ALL SELECT segment_id, customer_id, 'exited' FROM exited) ch
+    RETURNING id, segment_id, customer_id, change
 ),
 published AS (
     INSERT INTO outbox (topic, key, value)
@@ -462,16 +485,20 @@ published AS (
         'type', 'segment.' || l.change,
         'customer_id', l.customer_id,
         'occurred_at', CAST(:now_iso AS text),
-        'segment_id', CAST(:sid AS text),
-        'segment_key', CAST(:skey AS text),
+        'segment_id', l.segment_id,
+        'segment_key', segs.skey,
         'profile', coalesce({DIGEST_SQL}, '{{}}'::jsonb))::text, 'UTF8')
-    FROM logged l LEFT JOIN profiles p ON p.customer_id = l.customer_id
+    FROM logged l JOIN segs ON segs.sid = l.segment_id LEFT JOIN profiles p ON p.customer_id = l.customer_id
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM logged WHERE change = 'entered') AS entered,
-       (SELECT count(*) FROM logged WHERE change = 'exited') AS exited,
-       (SELECT count(*) FROM published) AS published
+SELECT l.segment_id, l.change, count(*) AS n, (SELECT count(*) FROM published) AS published
+FROM logged l GROUP BY 1, 2
 """
+
+
+# Consumers take this lock shared (they touch disjoint customers); sweeps and segment edits take
+# it exclusively, so a full re-evaluation never races a batch on stale profiles.
+MEMBERSHIP_LOCK = 0x5E6A11
 
 
 class ProfileRepository:
@@ -622,14 +649,32 @@ class SegmentRepository:
     async def delete(self, segment_id: str) -> None:
         await self.session.execute(text("DELETE FROM segments WHERE id = :id"), {"id": segment_id})
 
-    async def apply(self, *, segment_id: str, segment_key: str, rule_sql: str, params: dict[str, Any], now: datetime,
-                    customer_ids: Sequence[str] | None) -> tuple[int, int]:
-        """Apply a compiled rule to the given customers (or everyone); return (entered, exited)."""
-        bind = {**params, "sid": segment_id, "skey": segment_key, "now": now, "now_iso": now.isoformat()}
+    async def lock_memberships(self, *, exclusive: bool) -> None:
+        fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+        await self.session.execute(text(f"SELECT {fn}(:k)"), {"k": MEMBERSHIP_LOCK})
+
+    async def apply(self, rules: Sequence[SegmentRule], *, now: datetime, customer_ids: Sequence[str] | None) -> dict[str, dict[str, int]]:
+        """Apply compiled rules to the given customers (or everyone); return entered/exited counts per segment key."""
+        out = {r.key: {"entered": 0, "exited": 0} for r in rules}
+        if not rules or (customer_ids is not None and not customer_ids):
+            return out
+        sql = membership_sql(len(rules), restricted=customer_ids is not None)
+        bind: dict[str, Any] = {"sids": [r.id for r in rules], "skeys": [r.key for r in rules], "now": now, "now_iso": now.isoformat()}
+        rule_sql = {}
+        for i, r in enumerate(rules):
+            bind.update(r.params)
+            bind[f"sid{i}"] = r.id
+            rule_sql[f"rule{i}"] = r.sql
         if customer_ids is not None:
             bind["ids"] = list(customer_ids)
-        row = (await self.session.execute(text(membership_sql(rule_sql, restricted=customer_ids is not None)), bind)).one()
-        return int(row[0]), int(row[1])
+        # Rule SQL is generated by the compiler (literals are bound), so plain substitution is safe.
+        statement = sql
+        for name, rsql in rule_sql.items():
+            statement = statement.replace("{" + name + "}", rsql, 1)
+        keys = {r.id: r.key for r in rules}
+        for row in await self.session.execute(text(statement), bind):
+            out[keys[row[0]]][row[1]] = int(row[2])
+        return out
 
     async def count_matching(self, *, rule_sql: str, params: dict[str, Any], now: datetime, sample: int) -> tuple[int, list[str]]:
         bind = {**params, "now": now}
@@ -641,8 +686,8 @@ class SegmentRepository:
 
     async def exit_all(self, *, segment_id: str, segment_key: str, now: datetime) -> int:
         """Everyone leaves (the segment is being deleted): log and publish the exits."""
-        entered, exited = await self.apply(segment_id=segment_id, segment_key=segment_key, rule_sql="false", params={}, now=now, customer_ids=None)
-        return exited
+        result = await self.apply([SegmentRule(segment_id, segment_key, "false", {})], now=now, customer_ids=None)
+        return result[segment_key]["exited"]
 
     async def members(self, segment_id: str, *, after: str | None, limit: int) -> list[dict[str, Any]]:
         rows = await self.session.execute(

@@ -325,7 +325,12 @@ class _Compiler:
             self.errors.add(f"{path}.value", f"expected a finite number within ±{MAX_NUMBER:.0e}")
             return "false"
         sub = f"(SELECT {MEASURES[measure]} FROM purchase_items i WHERE {' AND '.join(where)})"
-        return f"coalesce({sub} {COMPARE[op]} {self.bind(float(value), 'double precision')}, false)"
+        test = f"coalesce({sub} {COMPARE[op]} {self.bind(float(value), 'double precision')}, false)"
+        needs_one = (op == ">" and value >= 0) or (op in (">=", "=") and value > 0)
+        if needs_one:
+            # Cheap guard: no purchase in the window means no match; the sweep skips the subquery for most rows.
+            return f"(p.last_purchase_at > {NOW} - make_interval(days => {int(days)}) AND {test})"
+        return test
 
 
 def compile_rule(rule: Any, *, prefix: str = "r") -> Compiled:

@@ -11,41 +11,50 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from crm_common import serde
 from segmentation.errors import SegmentKeyTaken, SegmentNotFound
-from segmentation.repository import ProfileRepository, SegmentRepository
+from segmentation.repository import ProfileRepository, SegmentRepository, SegmentRule
 from segmentation.rules import compile_rule
 
 
-async def evaluate_for_customers(*, session: AsyncSession, customer_ids: Sequence[str], now: datetime) -> dict[str, tuple[int, int]]:
+def _compiled(segments: Sequence[dict[str, Any]], *, time_only: bool = False) -> list[SegmentRule]:
+    rules = []
+    for i, seg in enumerate(segments):
+        compiled = compile_rule(seg["rule"], prefix=f"s{i}_")
+        if time_only and not compiled.uses_time:
+            continue
+        rules.append(SegmentRule(seg["id"], seg["key"], compiled.sql, compiled.params))
+    return rules
+
+
+async def evaluate_for_customers(*, session: AsyncSession, customer_ids: Sequence[str], now: datetime) -> dict[str, dict[str, int]]:
     """Re-evaluate every segment for these customers in the caller's transaction (enter/exit + outbox)."""
     repo = SegmentRepository(session)
-    out: dict[str, tuple[int, int]] = {}
-    for seg in await repo.all_rules():
-        compiled = compile_rule(seg["rule"])
-        out[seg["key"]] = await repo.apply(
-            segment_id=seg["id"], segment_key=seg["key"], rule_sql=compiled.sql, params=compiled.params, now=now, customer_ids=customer_ids
-        )
-    return out
+    rules = _compiled(await repo.all_rules())
+    if not rules:
+        return {}
+    await repo.lock_memberships(exclusive=False)
+    return await repo.apply(rules, now=now, customer_ids=customer_ids)
 
 
-async def sweep_segments(session: AsyncSession, now: datetime) -> dict[str, Any]:
-    """Time-driven pass: refresh lifecycles, re-evaluate every segment for everyone, record sizes."""
-    moved = await ProfileRepository(session).refresh_lifecycle(now=now)
+async def recompute_all(*, session: AsyncSession, now: datetime, time_only: bool = False) -> dict[str, Any]:
+    """Refresh lifecycles and re-evaluate segments for everyone in one pass; record sizes."""
     repo = SegmentRepository(session)
-    changes = {}
-    for seg in await repo.all_rules():
-        compiled = compile_rule(seg["rule"])
-        entered, exited = await repo.apply(
-            segment_id=seg["id"], segment_key=seg["key"], rule_sql=compiled.sql, params=compiled.params, now=now, customer_ids=None
-        )
-        changes[seg["key"]] = {"entered": entered, "exited": exited}
+    await repo.lock_memberships(exclusive=True)
+    moved = await ProfileRepository(session).refresh_lifecycle(now=now)
+    changes = await repo.apply(_compiled(await repo.all_rules(), time_only=time_only), now=now, customer_ids=None)
     await repo.record_sizes(now=now)
     return {"lifecycle_changed": moved, "segments": changes}
 
 
+async def sweep_segments(session: AsyncSession, now: datetime) -> dict[str, Any]:
+    """Time-driven pass: only rules that read the clock can change without an event."""
+    return await recompute_all(session=session, now=now, time_only=True)
+
+
 async def sweep_rfm(session: AsyncSession, now: datetime) -> dict[str, Any]:
-    """Refresh RFM quintiles and value tiers for everyone, then the segments that read them."""
+    """Refresh RFM quintiles and value tiers for everyone, then every segment."""
+    await SegmentRepository(session).lock_memberships(exclusive=True)
     rescored = await ProfileRepository(session).refresh_rfm(now=now)
-    result = await sweep_segments(session, now)
+    result = await recompute_all(session=session, now=now)
     return {"rescored": rescored, **result}
 
 
@@ -57,7 +66,8 @@ async def create_segment(*, session: AsyncSession, key: str, name: str, descript
     sid = segment_id or str(uuid.uuid4())
     if not await repo.insert(id=sid, key=key, name=name, description=description, rule_json=serde.dumps(rule).decode(), builtin=builtin, now=now):
         raise SegmentKeyTaken(f"a segment with key {key!r} exists", details={"key": key})
-    await repo.apply(segment_id=sid, segment_key=key, rule_sql=compiled.sql, params=compiled.params, now=now, customer_ids=None)
+    await repo.lock_memberships(exclusive=True)
+    await repo.apply([SegmentRule(sid, key, compiled.sql, compiled.params)], now=now, customer_ids=None)
     return await get_segment(session=session, id_or_key=sid)
 
 
@@ -82,7 +92,8 @@ async def update_segment(*, session: AsyncSession, id_or_key: str, changes: dict
         now=now,
     )
     if "rule" in changes:
-        await repo.apply(segment_id=seg["id"], segment_key=seg["key"], rule_sql=compiled.sql, params=compiled.params, now=now, customer_ids=None)
+        await repo.lock_memberships(exclusive=True)
+        await repo.apply([SegmentRule(seg["id"], seg["key"], compiled.sql, compiled.params)], now=now, customer_ids=None)
     return await get_segment(session=session, id_or_key=seg["id"])
 
 
@@ -90,6 +101,7 @@ async def delete_segment(*, session: AsyncSession, id_or_key: str, now: datetime
     """Publish an exit for every member, then remove the segment; return how many exited."""
     seg = await get_segment(session=session, id_or_key=id_or_key)
     repo = SegmentRepository(session)
+    await repo.lock_memberships(exclusive=True)
     exited = await repo.exit_all(segment_id=seg["id"], segment_key=seg["key"], now=now)
     await repo.delete(seg["id"])
     return exited
