@@ -59,6 +59,12 @@ class DeliveryFact:
     occurred_at: datetime
 
 
+async def disable_jit(session: AsyncSession) -> None:
+    """Rule statements look expensive to the planner (many subplans) but run fast; JIT compiling
+    them costs seconds per statement, so it is off for this transaction."""
+    await session.execute(text("SET LOCAL jit = off"))
+
+
 class FactRepository:
     """Store facts once by their natural key; later/earlier duplicates resolve deterministically."""
 
@@ -445,13 +451,14 @@ def membership_sql(count: int, *, restricted: bool) -> str:
     diff against current memberships, enter, exit, log and publish through the outbox."""
     only = "AND p.customer_id = ANY(CAST(:ids AS text[]))" if restricted else ""
     only_m = "AND customer_id = ANY(CAST(:ids AS text[]))" if restricted else ""
-    values = ", ".join(f"(CAST(:sid{i} AS text), ({{rule{i}}}))" for i in range(count))
+    # One scan per segment (UNION ALL) is cheaper than a lateral VALUES list evaluated per profile.
+    scans = "\n    UNION ALL ".join(
+        f"SELECT CAST(:sid{i} AS text) AS sid, p.customer_id FROM profiles p WHERE ({{rule{i}}}) {only}" for i in range(count)
+    )
     return f"""
 WITH segs AS (SELECT * FROM unnest(CAST(:sids AS text[]), CAST(:skeys AS text[])) AS u(sid, skey)),
 cur AS MATERIALIZED (
-    SELECT s.sid, p.customer_id FROM profiles p
-    CROSS JOIN LATERAL (VALUES {values}) AS s(sid, hit)
-    WHERE s.hit {only}
+    {scans}
 ),
 diff AS MATERIALIZED (
     SELECT coalesce(c.sid, m.segment_id) AS sid, coalesce(c.customer_id, m.customer_id) AS customer_id,
@@ -509,6 +516,7 @@ class ProfileRepository:
         """Recompute every feature of these customers from their facts (one statement)."""
         if not customer_ids:
             return
+        await disable_jit(self.session)
         await self.session.execute(text(RECOMPUTE_SQL), {"ids": list(customer_ids), "now": now, "decay": decay_days})
 
     async def refresh_lifecycle(self, *, now: datetime) -> int:
@@ -652,6 +660,10 @@ class SegmentRepository:
     async def lock_memberships(self, *, exclusive: bool) -> None:
         fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
         await self.session.execute(text(f"SELECT {fn}(:k)"), {"k": MEMBERSHIP_LOCK})
+        await disable_jit(self.session)
+        if exclusive:
+            # A full pass hashes every membership against every match; keep that join in memory.
+            await self.session.execute(text("SET LOCAL work_mem = '256MB'"))
 
     async def apply(self, rules: Sequence[SegmentRule], *, now: datetime, customer_ids: Sequence[str] | None) -> dict[str, dict[str, int]]:
         """Apply compiled rules to the given customers (or everyone); return entered/exited counts per segment key."""
@@ -703,8 +715,9 @@ class SegmentRepository:
         await self.session.execute(
             text(
                 "INSERT INTO segment_sizes (segment_id, at, size) "
-                "SELECT s.id, CAST(:now AS timestamptz), (SELECT count(*) FROM memberships m WHERE m.segment_id = s.id) "
-                "FROM segments s ON CONFLICT (segment_id, at) DO UPDATE SET size = excluded.size"
+                "SELECT s.id, CAST(:now AS timestamptz), coalesce(c.n, 0) FROM segments s "
+                "LEFT JOIN (SELECT segment_id, count(*) AS n FROM memberships GROUP BY 1) c ON c.segment_id = s.id "
+                "ON CONFLICT (segment_id, at) DO UPDATE SET size = excluded.size"
             ),
             {"now": now},
         )

@@ -136,9 +136,14 @@ def _is_text(v: Any) -> bool:
     return isinstance(v, str) and 0 < len(v) <= 256 and "\x00" not in v
 
 
+def _holds(left: float, op: str, right: float) -> bool:
+    return {"=": left == right, "!=": left != right, "<": left < right, "<=": left <= right, ">": left > right, ">=": left >= right}[op]
+
+
 class _Compiler:
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, set_based: bool = False) -> None:
         self.prefix = prefix
+        self.set_based = set_based
         self.params: dict[str, Any] = {}
         self.errors = _Errors()
         self.nodes = 0
@@ -324,18 +329,31 @@ class _Compiler:
         if not _is_number(value):
             self.errors.add(f"{path}.value", f"expected a finite number within ±{MAX_NUMBER:.0e}")
             return "false"
+        rhs = self.bind(float(value), "double precision")
+        zero_matches = _holds(0.0, op, float(value))  # a customer without any matching item has measure 0
+        if self.set_based:
+            # For a pass over everyone: aggregate the window once per customer and test membership in
+            # that set (a hashed subplan) instead of one correlated subquery per profile.
+            where.remove("i.customer_id = p.customer_id")
+            grouped = f"SELECT i.customer_id FROM purchase_items i WHERE {' AND '.join(where)} GROUP BY i.customer_id"
+            if zero_matches:
+                return f"(p.customer_id NOT IN ({grouped} HAVING NOT ({MEASURES[measure]} {COMPARE[op]} {rhs})))"
+            return f"(p.customer_id IN ({grouped} HAVING {MEASURES[measure]} {COMPARE[op]} {rhs}))"
         sub = f"(SELECT {MEASURES[measure]} FROM purchase_items i WHERE {' AND '.join(where)})"
-        test = f"coalesce({sub} {COMPARE[op]} {self.bind(float(value), 'double precision')}, false)"
-        needs_one = (op == ">" and value >= 0) or (op in (">=", "=") and value > 0)
-        if needs_one:
-            # Cheap guard: no purchase in the window means no match; the sweep skips the subquery for most rows.
+        test = f"coalesce({sub} {COMPARE[op]} {rhs}, false)"
+        if not zero_matches:
+            # Cheap guard: no purchase in the window means no match, so most rows skip the subquery.
             return f"(p.last_purchase_at > {NOW} - make_interval(days => {int(days)}) AND {test})"
         return test
 
 
-def compile_rule(rule: Any, *, prefix: str = "r") -> Compiled:
-    """Validate a rule and compile it to a SQL boolean over `profiles p`; raise InvalidRule naming the bad node."""
-    compiler = _Compiler(prefix)
+def compile_rule(rule: Any, *, prefix: str = "r", set_based: bool = False) -> Compiled:
+    """Validate a rule and compile it to a SQL boolean over `profiles p`; raise InvalidRule naming the bad node.
+
+    `set_based` compiles windowed aggregates for a pass over all profiles (grouped once, hashed);
+    the default suits a few customers (one indexed subquery each). Both mean the same.
+    """
+    compiler = _Compiler(prefix, set_based)
     sql = compiler.node(rule, "rule", 0)
     if compiler.errors.items:
         first = compiler.errors.items[0]

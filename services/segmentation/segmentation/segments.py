@@ -15,10 +15,10 @@ from segmentation.repository import ProfileRepository, SegmentRepository, Segmen
 from segmentation.rules import compile_rule
 
 
-def _compiled(segments: Sequence[dict[str, Any]], *, time_only: bool = False) -> list[SegmentRule]:
+def _compiled(segments: Sequence[dict[str, Any]], *, time_only: bool = False, set_based: bool = False) -> list[SegmentRule]:
     rules = []
     for i, seg in enumerate(segments):
-        compiled = compile_rule(seg["rule"], prefix=f"s{i}_")
+        compiled = compile_rule(seg["rule"], prefix=f"s{i}_", set_based=set_based)
         if time_only and not compiled.uses_time:
             continue
         rules.append(SegmentRule(seg["id"], seg["key"], compiled.sql, compiled.params))
@@ -40,7 +40,8 @@ async def recompute_all(*, session: AsyncSession, now: datetime, time_only: bool
     repo = SegmentRepository(session)
     await repo.lock_memberships(exclusive=True)
     moved = await ProfileRepository(session).refresh_lifecycle(now=now)
-    changes = await repo.apply(_compiled(await repo.all_rules(), time_only=time_only), now=now, customer_ids=None)
+    rules = _compiled(await repo.all_rules(), time_only=time_only, set_based=True)
+    changes = await repo.apply(rules, now=now, customer_ids=None)
     await repo.record_sizes(now=now)
     return {"lifecycle_changed": moved, "segments": changes}
 
@@ -61,7 +62,7 @@ async def sweep_rfm(session: AsyncSession, now: datetime) -> dict[str, Any]:
 async def create_segment(*, session: AsyncSession, key: str, name: str, description: str | None, rule: Any, now: datetime,
                          builtin: bool = False, segment_id: str | None = None) -> dict[str, Any]:
     """Validate the rule, store the segment and fill it at once."""
-    compiled = compile_rule(rule)
+    compiled = compile_rule(rule, set_based=True)
     repo = SegmentRepository(session)
     sid = segment_id or str(uuid.uuid4())
     if not await repo.insert(id=sid, key=key, name=name, description=description, rule_json=serde.dumps(rule).decode(), builtin=builtin, now=now):
@@ -82,7 +83,7 @@ async def update_segment(*, session: AsyncSession, id_or_key: str, changes: dict
     """Change name, description or rule; a new rule re-evaluates everyone in this transaction."""
     seg = await get_segment(session=session, id_or_key=id_or_key)
     rule = changes.get("rule", seg["rule"])
-    compiled = compile_rule(rule)
+    compiled = compile_rule(rule, set_based=True)
     repo = SegmentRepository(session)
     await repo.update(
         seg["id"],
@@ -109,6 +110,6 @@ async def delete_segment(*, session: AsyncSession, id_or_key: str, now: datetime
 
 async def dry_run(*, session: AsyncSession, rule: Any, now: datetime, sample: int = 10) -> dict[str, Any]:
     """Count who would match a rule now, without storing anything."""
-    compiled = compile_rule(rule)
+    compiled = compile_rule(rule, set_based=True)
     count, ids = await SegmentRepository(session).count_matching(rule_sql=compiled.sql, params=compiled.params, now=now, sample=sample)
     return {"count": count, "sample": ids, "uses_time": compiled.uses_time, "uses_purchases": compiled.uses_purchases}

@@ -85,3 +85,30 @@ async def test_windowed_aggregate_counts_distinct_fridays_within_the_window(db):
         assert (await dry_run(session=s, rule=negated, now=NOW))["sample"] == ["w3", "w4"]  # null counts as "not wine"
         amount = {"purchases": {"measure": "amount", "sku": ["wine-a", "wine-b"], "within_days": 30}, "op": ">", "value": 30}
         assert (await dry_run(session=s, rule=amount, now=NOW))["sample"] == ["w1", "w2"]
+
+
+async def test_set_based_and_per_customer_compilations_agree(db):
+    from segmentation.repository import SegmentRepository
+
+    _, sm = db
+    evs = []
+    for c in range(12):
+        for k in range(c % 5):
+            evs.append(purchase(f"a{c}", NOW - timedelta(days=6 * k + c % 3), [item(f"wine-{k % 2}", "wine" if c % 2 else "beer", "10.00", qty=1 + k % 2)]))
+    async with session_scope(sm) as s:
+        await apply_events(session=s, records=records(evs), now=NOW, decay_days=90)
+    rules = [
+        {"purchases": {"measure": m, "category": "wine", "within_days": 20}, "op": op, "value": v}
+        for m in ("orders", "distinct_days", "quantity", "amount")
+        for op, v in ((">=", 2), ("<", 2), ("=", 0), ("!=", 1), (">", 0), ("<=", 3))
+    ]
+    rules.append({"not": {"purchases": {"day_of_week": [1, 2, 3], "within_days": 30}, "op": ">=", "value": 1}})
+    async with sm() as s:
+        repo = SegmentRepository(s)
+        for rule in rules:
+            one = compile_rule(rule)
+            many = compile_rule(rule, set_based=True)
+            assert one.sql != many.sql
+            a = await repo.count_matching(rule_sql=one.sql, params=one.params, now=NOW, sample=100)
+            b = await repo.count_matching(rule_sql=many.sql, params=many.params, now=NOW, sample=100)
+            assert a == b, rule
