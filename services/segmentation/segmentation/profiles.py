@@ -180,8 +180,11 @@ async def apply_events(*, session: AsyncSession, records: list[Record], now: dat
     await facts.upsert_purchases(list(batch.purchases.values()))
     await facts.insert_refunds(batch.refunds)
     touched = sorted(batch.touched)
-    if batch.refunds or batch.purchases:
-        await facts.apply_refunds(touched)
+    # Refunds are matched to orders whichever arrives first: re-match for customers that have any.
+    buyers = sorted({c for c, _ in batch.purchases} | {r.customer_id for r in batch.refunds})
+    with_refunds = await facts.customers_with_refunds(buyers) if buyers else []
+    if with_refunds:
+        await facts.apply_refunds(with_refunds)
     await ProfileRepository(session).recompute(touched, now=now, decay_days=decay_days)
     await evaluate_for_customers(session=session, customer_ids=touched, now=now)
     return set(touched)

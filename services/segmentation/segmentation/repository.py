@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from crm_common import serde
 from crm_common.settings import TOPIC_SEGMENTS
 
 
@@ -122,76 +123,61 @@ class FactRepository:
             return
         existing = await self.session.execute(
             text(
-                "SELECT p.customer_id, p.order_id, p.message_id FROM purchases p "
-                "JOIN unnest(CAST(:c AS text[]), CAST(:o AS text[])) AS k(c, o) ON p.customer_id = k.c AND p.order_id = k.o"
+                "SELECT customer_id, order_id, message_id FROM purchases "
+                "WHERE customer_id = ANY(CAST(:c AS text[])) AND order_id = ANY(CAST(:o AS text[]))"
             ),
-            {"c": [f.customer_id for f in facts], "o": [f.order_id for f in facts]},
+            {"c": sorted({f.customer_id for f in facts}), "o": sorted({f.order_id for f in facts})},
         )
         have = {(r[0], r[1]): r[2] for r in existing}
         winners = [f for f in facts if (f.customer_id, f.order_id) not in have or f.message_id < have[(f.customer_id, f.order_id)]]
         if not winners:
             return
-        keys = {"c": [f.customer_id for f in winners], "o": [f.order_id for f in winners]}
-        await self.session.execute(
-            text(
-                "DELETE FROM purchase_items i USING unnest(CAST(:c AS text[]), CAST(:o AS text[])) AS k(c, o) "
-                "WHERE i.customer_id = k.c AND i.order_id = k.o"
-            ),
-            keys,
-        )
+        replaced = [f for f in winners if (f.customer_id, f.order_id) in have]
+        if replaced:
+            await self.session.execute(
+                text(
+                    "DELETE FROM purchase_items i USING unnest(CAST(:c AS text[]), CAST(:o AS text[])) AS k(c, o) "
+                    "WHERE i.customer_id = k.c AND i.order_id = k.o"
+                ),
+                {"c": [f.customer_id for f in replaced], "o": [f.order_id for f in replaced]},
+            )
+        # One JSON document per statement: far cheaper to encode than a dozen typed arrays.
+        orders = [
+            {"c": f.customer_id, "o": f.order_id, "m": f.message_id, "t": f.occurred_at, "d": f.local_date, "dow": f.local_dow,
+             "h": f.local_hour, "total": f.total, "gross": f.gross, "disc": f.discount, "cost": f.cost, "dd": f.discounted}
+            for f in winners
+        ]
         await self.session.execute(
             text(
                 "INSERT INTO purchases (customer_id, order_id, message_id, occurred_at, local_date, local_dow, local_hour, "
                 "total, gross, discount, cost, discounted) "
-                "SELECT * FROM unnest(CAST(:c AS text[]), CAST(:o AS text[]), CAST(:m AS text[]), CAST(:t AS timestamptz[]), "
-                "CAST(:d AS date[]), CAST(:dow AS smallint[]), CAST(:h AS smallint[]), CAST(:total AS numeric[]), "
-                "CAST(:gross AS numeric[]), CAST(:disc AS numeric[]), CAST(:cost AS numeric[]), CAST(:dd AS boolean[])) "
+                "SELECT c, o, m, t, d, dow, h, total, gross, disc, cost, dd FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x("
+                "c text, o text, m text, t timestamptz, d date, dow smallint, h smallint, total numeric, gross numeric, "
+                "disc numeric, cost numeric, dd boolean) "
                 "ON CONFLICT (customer_id, order_id) DO UPDATE SET message_id = excluded.message_id, "
                 "occurred_at = excluded.occurred_at, local_date = excluded.local_date, local_dow = excluded.local_dow, "
                 "local_hour = excluded.local_hour, total = excluded.total, gross = excluded.gross, "
-                "discount = excluded.discount, cost = excluded.cost, discounted = excluded.discounted"
+                "discount = excluded.discount, cost = excluded.cost, discounted = excluded.discounted, refunded_amount = 0"
             ),
-            {
-                **keys,
-                "m": [f.message_id for f in winners],
-                "t": [f.occurred_at for f in winners],
-                "d": [f.local_date for f in winners],
-                "dow": [f.local_dow for f in winners],
-                "h": [f.local_hour for f in winners],
-                "total": [f.total for f in winners],
-                "gross": [f.gross for f in winners],
-                "disc": [f.discount for f in winners],
-                "cost": [f.cost for f in winners],
-                "dd": [f.discounted for f in winners],
-            },
+            {"rows": serde.dumps(orders).decode()},
         )
-        cols: dict[str, list[Any]] = {k: [] for k in ("c", "o", "line", "sku", "name", "cat", "size", "color", "qty", "amount", "t", "d", "dow")}
-        for f in winners:
-            for n, it in enumerate(f.items):
-                cols["c"].append(f.customer_id)
-                cols["o"].append(f.order_id)
-                cols["line"].append(n)
-                cols["sku"].append(it["sku"])
-                cols["name"].append(it.get("name"))
-                cols["cat"].append(it.get("category"))
-                cols["size"].append(it.get("size"))
-                cols["color"].append(it.get("color"))
-                cols["qty"].append(it["quantity"])
-                cols["amount"].append(it["amount"])
-                cols["t"].append(f.occurred_at)
-                cols["d"].append(f.local_date)
-                cols["dow"].append(f.local_dow)
-        if cols["c"]:
+        items = [
+            {"c": f.customer_id, "o": f.order_id, "line": n, "sku": it["sku"], "name": it.get("name"), "cat": it.get("category"),
+             "size": it.get("size"), "color": it.get("color"), "qty": it["quantity"], "amount": it["amount"], "t": f.occurred_at,
+             "d": f.local_date, "dow": f.local_dow}
+            for f in winners
+            for n, it in enumerate(f.items)
+        ]
+        if items:
             await self.session.execute(
                 text(
                     "INSERT INTO purchase_items (customer_id, order_id, line, sku, name, category, size, color, quantity, "
                     "amount, occurred_at, local_date, local_dow) "
-                    "SELECT * FROM unnest(CAST(:c AS text[]), CAST(:o AS text[]), CAST(:line AS int[]), CAST(:sku AS text[]), "
-                    "CAST(:name AS text[]), CAST(:cat AS text[]), CAST(:size AS text[]), CAST(:color AS text[]), "
-                    "CAST(:qty AS numeric[]), CAST(:amount AS numeric[]), CAST(:t AS timestamptz[]), CAST(:d AS date[]), "
-                    "CAST(:dow AS smallint[]))"
+                    "SELECT c, o, line, sku, name, cat, size, color, qty, amount, t, d, dow "
+                    "FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(c text, o text, line int, sku text, name text, cat text, "
+                    "size text, color text, qty numeric, amount numeric, t timestamptz, d date, dow smallint)"
                 ),
-                cols,
+                {"rows": serde.dumps(items).decode()},
             )
 
     async def insert_refunds(self, facts: Sequence[RefundFact]) -> None:
@@ -213,6 +199,12 @@ class FactRepository:
                 "i": [f.items_json for f in facts],
             },
         )
+
+    async def customers_with_refunds(self, customer_ids: Sequence[str]) -> list[str]:
+        rows = await self.session.execute(
+            text("SELECT DISTINCT customer_id FROM refunds WHERE customer_id = ANY(CAST(:ids AS text[]))"), {"ids": list(customer_ids)}
+        )
+        return [r[0] for r in rows]
 
     async def apply_refunds(self, customer_ids: Sequence[str]) -> None:
         """Recompute refunded amounts per order and refunded quantities per item line from refund facts."""
