@@ -12,6 +12,7 @@ Starts its own PostgreSQL (fsync off) and broker. The last line is the recompute
 before it the events/s line.
 """
 
+# ruff: noqa: E402  (the import path is fixed up before the service package is imported)
 from __future__ import annotations
 
 import sys
@@ -29,8 +30,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from sqlalchemy import text
-
 from crm_common import serde
 from crm_common.clock import ManualClock
 from crm_common.consumer import ConsumerRunner
@@ -42,16 +41,52 @@ from segmentation.builtin import install_builtin_segments
 from segmentation.consumers import events_handler
 from segmentation.segments import create_segment, recompute_all
 from segmentation.settings import Settings
+from sqlalchemy import text
 
 NOW = datetime(2026, 6, 5, 18, 0, tzinfo=UTC)
 EXTRA_SEGMENTS: list[tuple[str, dict[str, Any]]] = [
     ("big_spenders", {"attr": "revenue", "op": ">=", "value": 500}),
     ("wine_fans", {"attr": "top_categories", "op": "contains", "value": "wine"}),
-    ("weekend_beer", {"purchases": {"measure": "orders", "category": "beer", "day_of_week": ["sat", "sun"], "within_days": 30}, "op": ">=", "value": 2}),
-    ("email_reachable_active", {"all": [{"attr": "consents.email", "op": "=", "value": True}, {"attr": "lifecycle", "op": "in", "value": ["new", "active"]}]}),
+    (
+        "weekend_beer",
+        {
+            "purchases": {
+                "measure": "orders",
+                "category": "beer",
+                "day_of_week": ["sat", "sun"],
+                "within_days": 30,
+            },
+            "op": ">=",
+            "value": 2,
+        },
+    ),
+    (
+        "email_reachable_active",
+        {
+            "all": [
+                {"attr": "consents.email", "op": "=", "value": True},
+                {"attr": "lifecycle", "op": "in", "value": ["new", "active"]},
+            ]
+        },
+    ),
     ("champions", {"attr": "rfm_group", "op": "=", "value": "champions"}),
-    ("web_acquired_buyers", {"all": [{"attr": "acquisition_channel", "op": "=", "value": "web"}, {"attr": "orders", "op": ">=", "value": 1}]}),
-    ("cheese_month", {"purchases": {"measure": "quantity", "category": "cheese", "within_days": 30}, "op": ">", "value": 2}),
+    (
+        "web_acquired_buyers",
+        {
+            "all": [
+                {"attr": "acquisition_channel", "op": "=", "value": "web"},
+                {"attr": "orders", "op": ">=", "value": 1},
+            ]
+        },
+    ),
+    (
+        "cheese_month",
+        {
+            "purchases": {"measure": "quantity", "category": "cheese", "within_days": 30},
+            "op": ">",
+            "value": 2,
+        },
+    ),
 ]
 CATEGORIES = ["wine", "beer", "cheese", "bakery", "dairy", "fruit", "meat", "cleaning"]
 
@@ -62,30 +97,73 @@ def generate_events(customers: int, seed: int = 1) -> list[dict[str, Any]]:
     n = 0
     for c in range(customers):
         cid = f"c{c:07d}"
-        evs = [("customer_updated", NOW - timedelta(days=400), {"first_name": f"N{c}", "acquisition_channel": rng.choice(["web", "store", "app"]),
-                                                                 "consents": {"email": rng.random() < 0.7}})]
+        evs = [
+            (
+                "customer_updated",
+                NOW - timedelta(days=400),
+                {
+                    "first_name": f"N{c}",
+                    "acquisition_channel": rng.choice(["web", "store", "app"]),
+                    "consents": {"email": rng.random() < 0.7},
+                },
+            )
+        ]
         for _ in range(10):
             at = NOW - timedelta(days=rng.randint(0, 120), hours=rng.randint(0, 10))
             items = []
             for _ in range(rng.randint(1, 3)):
                 cat = rng.choice(CATEGORIES)
-                items.append({"sku": f"{cat}-{rng.randint(1, 20)}", "name": f"{cat} {rng.randint(1, 20)}", "category": cat,
-                              "quantity": str(rng.randint(1, 3)), "unit_price": f"{rng.randint(1, 30)}.50", "cost": "1.00"})
+                items.append(
+                    {
+                        "sku": f"{cat}-{rng.randint(1, 20)}",
+                        "name": f"{cat} {rng.randint(1, 20)}",
+                        "category": cat,
+                        "quantity": str(rng.randint(1, 3)),
+                        "unit_price": f"{rng.randint(1, 30)}.50",
+                        "cost": "1.00",
+                    }
+                )
             total = sum(float(i["quantity"]) * float(i["unit_price"]) for i in items)
-            evs.append(("purchase", at, {"order_id": f"o{n}", "items": items, "total": f"{total:.2f}", "currency": "EUR"}))
+            evs.append(
+                (
+                    "purchase",
+                    at,
+                    {
+                        "order_id": f"o{n}",
+                        "items": items,
+                        "total": f"{total:.2f}",
+                        "currency": "EUR",
+                    },
+                )
+            )
             n += 1
         for type_, at, props in evs:
             n += 1
-            events.append({"id": f"pos:e{n}", "source": "pos", "event_id": f"e{n}", "type": type_, "customer_id": cid,
-                           "occurred_at": at.isoformat(), "received_at": at.isoformat(), "properties": props})
+            events.append(
+                {
+                    "id": f"pos:e{n}",
+                    "source": "pos",
+                    "event_id": f"e{n}",
+                    "type": type_,
+                    "customer_id": cid,
+                    "occurred_at": at.isoformat(),
+                    "received_at": at.isoformat(),
+                    "properties": props,
+                }
+            )
     return events
 
 
 async def publish_all(bootstrap: str, topic: str, events: list[dict[str, Any]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=1 << 20)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=1 << 20
+    )
     await producer.start()
     try:
-        futures = [await producer.send(topic, value=serde.dumps(e), key=e["customer_id"].encode()) for e in events]
+        futures = [
+            await producer.send(topic, value=serde.dumps(e), key=e["customer_id"].encode())
+            for e in events
+        ]
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
@@ -95,10 +173,20 @@ async def ceiling(bootstrap: str, topic: str, url: str, total: int) -> float:
     """Raw consume plus one batched upsert per batch: the floor cost of touching each event once."""
     engine = create_engine(url, pool_size=2)
     async with engine.begin() as conn:
-        await conn.execute(text("CREATE TABLE IF NOT EXISTS raw_events (id text PRIMARY KEY, customer_id text, payload jsonb)"))
+        await conn.execute(
+            text(
+                "CREATE TABLE IF NOT EXISTS raw_events (id text PRIMARY KEY, customer_id text, payload jsonb)"
+            )
+        )
     sm = create_sessionmaker(engine)
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id="bench-ceiling", enable_auto_commit=False,
-                                auto_offset_reset="earliest", max_partition_fetch_bytes=4 << 20)
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id="bench-ceiling",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=4 << 20,
+    )
     await consumer.start()
     seen = 0
     started: float | None = None
@@ -112,10 +200,16 @@ async def ceiling(bootstrap: str, topic: str, url: str, total: int) -> float:
             values = [serde.loads(m.value) for msgs in batch.values() for m in msgs]
             async with session_scope(sm) as s:
                 await s.execute(
-                    text("INSERT INTO raw_events (id, customer_id, payload) SELECT i, c, CAST(p AS jsonb) FROM unnest("
-                         "CAST(:i AS text[]), CAST(:c AS text[]), CAST(:p AS text[])) AS u(i, c, p) "
-                         "ON CONFLICT (id) DO UPDATE SET payload = excluded.payload"),
-                    {"i": [v["id"] for v in values], "c": [v["customer_id"] for v in values], "p": [serde.dumps(v).decode() for v in values]},
+                    text(
+                        "INSERT INTO raw_events (id, customer_id, payload) SELECT i, c, CAST(p AS jsonb) FROM unnest("
+                        "CAST(:i AS text[]), CAST(:c AS text[]), CAST(:p AS text[])) AS u(i, c, p) "
+                        "ON CONFLICT (id) DO UPDATE SET payload = excluded.payload"
+                    ),
+                    {
+                        "i": [v["id"] for v in values],
+                        "c": [v["customer_id"] for v in values],
+                        "p": [serde.dumps(v).decode() for v in values],
+                    },
                 )
             await consumer.commit()
             seen += len(values)
@@ -141,9 +235,18 @@ async def service_rate(bootstrap: str, prefix: str, url: str, total: int) -> flo
 
     producer = make_producer(bootstrap)
     await producer.start()
-    runner = ConsumerRunner(name="bench-segmentation", topics=[prefix + "crm.events.v1"], handler=timed, sessionmaker=sm,
-                            bootstrap_servers=bootstrap, producer=producer, dlq_topic=prefix + "crm.dlq.v1",
-                            group_id="bench-segmentation", batch_max=settings.kafka_consumer_batch_max, batch_timeout_ms=100)
+    runner = ConsumerRunner(
+        name="bench-segmentation",
+        topics=[prefix + "crm.events.v1"],
+        handler=timed,
+        sessionmaker=sm,
+        bootstrap_servers=bootstrap,
+        producer=producer,
+        dlq_topic=prefix + "crm.dlq.v1",
+        group_id="bench-segmentation",
+        batch_max=settings.kafka_consumer_batch_max,
+        batch_timeout_ms=100,
+    )
     await runner.start()
     try:
         while runner.stats.applied + runner.stats.duplicates + runner.stats.dead_lettered < total:
@@ -190,7 +293,11 @@ async def recompute(url: str, n: int) -> tuple[float, float, float, dict[str, An
     sm = create_sessionmaker(engine)
     try:
         async with session_scope(sm) as s:
-            await s.execute(text("TRUNCATE profiles, memberships, membership_log, segment_sizes, outbox, purchase_items"))
+            await s.execute(
+                text(
+                    "TRUNCATE profiles, memberships, membership_log, segment_sizes, outbox, purchase_items"
+                )
+            )
             await s.execute(text(GENERATE_PROFILES), {"n": n, "now": NOW})
             await s.execute(text(GENERATE_ITEMS), {"n": n, "items": n * 2, "now": NOW})
         async with engine.connect() as conn:
@@ -198,9 +305,13 @@ async def recompute(url: str, n: int) -> tuple[float, float, float, dict[str, An
             await conn.execute(text("VACUUM ANALYZE profiles"))
             await conn.execute(text("VACUUM ANALYZE purchase_items"))
             started = time.perf_counter()
-            await conn.execute(text("SELECT sum(orders), count(*) FROM profiles"))  # warm the cache once
+            await conn.execute(
+                text("SELECT sum(orders), count(*) FROM profiles")
+            )  # warm the cache once
             started = time.perf_counter()
-            await conn.execute(text("SELECT sum(orders), count(DISTINCT acquisition_channel) FROM profiles"))
+            await conn.execute(
+                text("SELECT sum(orders), count(DISTINCT acquisition_channel) FROM profiles")
+            )
             scan = time.perf_counter() - started
         started = time.perf_counter()
         async with session_scope(sm) as s:
@@ -222,8 +333,12 @@ async def recompute(url: str, n: int) -> tuple[float, float, float, dict[str, An
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--customers", type=int, default=5000, help="customers in the event stream (11 events each)")
-    parser.add_argument("--profiles", type=int, default=1_000_000, help="generated profiles for the recompute")
+    parser.add_argument(
+        "--customers", type=int, default=5000, help="customers in the event stream (11 events each)"
+    )
+    parser.add_argument(
+        "--profiles", type=int, default=1_000_000, help="generated profiles for the recompute"
+    )
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-seg-"))
     tmp.chmod(0o755)
@@ -239,23 +354,37 @@ async def main() -> None:
         async with session_scope(create_sessionmaker(engine)) as s:
             await install_builtin_segments(session=s, now=NOW)
             for key, rule in EXTRA_SEGMENTS:
-                await create_segment(session=s, key=key, name=key, description=None, rule=rule, now=NOW)
+                await create_segment(
+                    session=s, key=key, name=key, description=None, rule=rule, now=NOW
+                )
             segments = (await s.execute(text("SELECT count(*) FROM segments"))).scalar_one()
         await engine.dispose()
         prefix = "bench."
-        await ensure_topics(broker.bootstrap, [prefix + "crm.events.v1", prefix + "crm.dlq.v1", prefix + "crm.segments.v1"], partitions=3)
+        await ensure_topics(
+            broker.bootstrap,
+            [prefix + "crm.events.v1", prefix + "crm.dlq.v1", prefix + "crm.segments.v1"],
+            partitions=3,
+        )
         events = generate_events(args.customers)
         await publish_all(broker.bootstrap, prefix + "crm.events.v1", events)
-        print(f"published {len(events)} events for {args.customers} customers; {segments} segments defined")
+        print(
+            f"published {len(events)} events for {args.customers} customers; {segments} segments defined"
+        )
         raw = await ceiling(broker.bootstrap, prefix + "crm.events.v1", url, len(events))
         print(f"ceiling (raw consume + batched upsert): {raw:,.0f} events/s")
         rate = await service_rate(broker.bootstrap, prefix, url, len(events))
-        print(f"service (inbox + facts + recompute + {segments} segments + outbox): {rate:,.0f} events/s")
+        print(
+            f"service (inbox + facts + recompute + {segments} segments + outbox): {rate:,.0f} events/s"
+        )
         scan, fill, steady, info = await recompute(url, args.profiles)
-        print(f"profiles: {args.profiles:,}; sequential scan {scan:.2f} s; first full recompute (fills {info['entered_first']:,} "
-              f"memberships, logs and outbox rows) {fill:.2f} s; next-day recompute ({info['changes_next_day']:,} changes) {steady:.2f} s")
+        print(
+            f"profiles: {args.profiles:,}; sequential scan {scan:.2f} s; first full recompute (fills {info['entered_first']:,} "
+            f"memberships, logs and outbox rows) {fill:.2f} s; next-day recompute ({info['changes_next_day']:,} changes) {steady:.2f} s"
+        )
         print(f"BENCH segmentation_events_per_s {rate:.0f} ratio={rate / raw:.3f}")
-        print(f"BENCH segment_recompute_1m_s {steady:.2f} ratio={steady / scan:.1f} n={args.profiles} first_fill_s={fill:.2f}")
+        print(
+            f"BENCH segment_recompute_1m_s {steady:.2f} ratio={steady / scan:.1f} n={args.profiles} first_fill_s={fill:.2f}"
+        )
     finally:
         broker.stop()
         pg.stop()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+from crm_common.errors import InvalidInput
 from fastapi import APIRouter, Query, Response
 
-from crm_common.errors import InvalidInput
+from segmentation import segments as seg_domain
 from segmentation.deps import RuntimeDep, SessionDep
-from segmentation.errors import InvalidRule, ProfileNotFound
+from segmentation.errors import ProfileNotFound
 from segmentation.repository import ProfileRepository, ReportRepository, SegmentRepository
 from segmentation.rules import describe_attributes
 from segmentation.schemas import (
@@ -20,28 +21,25 @@ from segmentation.schemas import (
     SegmentRead,
     SegmentUpdate,
     SizePoint,
-    bounded_rule,
 )
-from segmentation import segments as seg_domain
 
 router = APIRouter(prefix="/v1", tags=["segmentation"])
 CustomerId = Annotated[str, Query(min_length=1, max_length=128)]
 
 
-def _checked(rule: dict[str, Any]) -> dict[str, Any]:
-    try:
-        return bounded_rule(rule)
-    except ValueError as exc:
-        raise InvalidRule(f"rule: {exc}", details={"errors": [{"path": "rule", "msg": str(exc)}]}) from None
-
-
 def _no_nul(value: str, what: str) -> str:
     if "\x00" in value or len(value) > 128:
-        raise InvalidInput(f"{what} must be 1-128 characters without NUL", details={"loc": ["path", what]})
+        raise InvalidInput(
+            f"{what} must be 1-128 characters without NUL", details={"loc": ["path", what]}
+        )
     return value
 
 
-@router.get("/profiles/{customer_id}", response_model=ProfileRead, summary="A customer's profile, computed features and segments")
+@router.get(
+    "/profiles/{customer_id}",
+    response_model=ProfileRead,
+    summary="A customer's profile, computed features and segments",
+)
 async def get_profile(customer_id: str, session: SessionDep, runtime: RuntimeDep) -> dict[str, Any]:
     _no_nul(customer_id, "customer_id")
     repo = ProfileRepository(session)
@@ -57,21 +55,41 @@ async def rule_attributes() -> list[dict[str, Any]]:
     return describe_attributes()
 
 
-@router.get("/segments", response_model=list[SegmentRead], summary="All segments with their current size")
+@router.get(
+    "/segments", response_model=list[SegmentRead], summary="All segments with their current size"
+)
 async def list_segments(session: SessionDep) -> list[dict[str, Any]]:
     return await SegmentRepository(session).list()
 
 
-@router.post("/segments", response_model=SegmentRead, status_code=201, summary="Create a segment; it fills at once")
-async def create_segment(body: SegmentCreate, session: SessionDep, runtime: RuntimeDep) -> dict[str, Any]:
+@router.post(
+    "/segments",
+    response_model=SegmentRead,
+    status_code=201,
+    summary="Create a segment; it fills at once",
+)
+async def create_segment(
+    body: SegmentCreate, session: SessionDep, runtime: RuntimeDep
+) -> dict[str, Any]:
     return await seg_domain.create_segment(
-        session=session, key=body.key, name=body.name, description=body.description, rule=_checked(body.rule), now=runtime.clock.now()
+        session=session,
+        key=body.key,
+        name=body.name,
+        description=body.description,
+        rule=body.rule,
+        now=runtime.clock.now(),
     )
 
 
-@router.post("/segments/dry-run", response_model=DryRunResult, summary="How many customers a rule matches now")
+@router.post(
+    "/segments/dry-run",
+    response_model=DryRunResult,
+    summary="How many customers a rule matches now",
+)
 async def dry_run(body: DryRunRequest, session: SessionDep, runtime: RuntimeDep) -> dict[str, Any]:
-    return await seg_domain.dry_run(session=session, rule=_checked(body.rule), now=runtime.clock.now(), sample=body.sample)
+    return await seg_domain.dry_run(
+        session=session, rule=body.rule, now=runtime.clock.now(), sample=body.sample
+    )
 
 
 @router.get("/segments/{segment}", response_model=SegmentRead, summary="One segment by id or key")
@@ -79,23 +97,42 @@ async def get_segment(segment: str, session: SessionDep) -> dict[str, Any]:
     return await seg_domain.get_segment(session=session, id_or_key=_no_nul(segment, "segment"))
 
 
-@router.patch("/segments/{segment}", response_model=SegmentRead, summary="Edit a segment (a new rule re-evaluates everyone)")
-async def update_segment(segment: str, body: SegmentUpdate, session: SessionDep, runtime: RuntimeDep) -> dict[str, Any]:
+@router.patch(
+    "/segments/{segment}",
+    response_model=SegmentRead,
+    summary="Edit a segment (a new rule re-evaluates everyone)",
+)
+async def update_segment(
+    segment: str, body: SegmentUpdate, session: SessionDep, runtime: RuntimeDep
+) -> dict[str, Any]:
     changes = body.model_dump(exclude_unset=True)
-    if changes.get("rule") is not None:
-        changes["rule"] = _checked(changes["rule"])
-    elif "rule" in changes:
+    if "rule" in changes and changes["rule"] is None:
         del changes["rule"]
-    return await seg_domain.update_segment(session=session, id_or_key=_no_nul(segment, "segment"), changes=changes, now=runtime.clock.now())
+    return await seg_domain.update_segment(
+        session=session,
+        id_or_key=_no_nul(segment, "segment"),
+        changes=changes,
+        now=runtime.clock.now(),
+    )
 
 
-@router.delete("/segments/{segment}", status_code=204, summary="Delete a segment; every member is published as exited")
+@router.delete(
+    "/segments/{segment}",
+    status_code=204,
+    summary="Delete a segment; every member is published as exited",
+)
 async def delete_segment(segment: str, session: SessionDep, runtime: RuntimeDep) -> Response:
-    await seg_domain.delete_segment(session=session, id_or_key=_no_nul(segment, "segment"), now=runtime.clock.now())
+    await seg_domain.delete_segment(
+        session=session, id_or_key=_no_nul(segment, "segment"), now=runtime.clock.now()
+    )
     return Response(status_code=204)
 
 
-@router.get("/segments/{segment}/members", response_model=MemberPage, summary="Members, paginated by customer id")
+@router.get(
+    "/segments/{segment}/members",
+    response_model=MemberPage,
+    summary="Members, paginated by customer id",
+)
 async def members(
     segment: str,
     session: SessionDep,
@@ -106,11 +143,20 @@ async def members(
     if cursor is not None:
         _no_nul(cursor, "cursor")
     items = await SegmentRepository(session).members(seg["id"], after=cursor, limit=limit)
-    return {"items": items, "next_cursor": items[-1]["customer_id"] if len(items) == limit else None}
+    return {
+        "items": items,
+        "next_cursor": items[-1]["customer_id"] if len(items) == limit else None,
+    }
 
 
-@router.get("/segments/{segment}/sizes", response_model=list[SizePoint], summary="Size history (one point per sweep)")
-async def size_history(segment: str, session: SessionDep, limit: Annotated[int, Query(ge=1, le=10000)] = 500) -> list[dict[str, Any]]:
+@router.get(
+    "/segments/{segment}/sizes",
+    response_model=list[SizePoint],
+    summary="Size history (one point per sweep)",
+)
+async def size_history(
+    segment: str, session: SessionDep, limit: Annotated[int, Query(ge=1, le=10000)] = 500
+) -> list[dict[str, Any]]:
     seg = await seg_domain.get_segment(session=session, id_or_key=_no_nul(segment, "segment"))
     return await SegmentRepository(session).size_history(seg["id"], limit=limit)
 

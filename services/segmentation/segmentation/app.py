@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
-
 from crm_common.clock import Clock
 from crm_common.db import session_scope
 from crm_common.service import ServiceRuntime, create_service_app
 from crm_common.settings import TOPIC_DELIVERIES, TOPIC_EVENTS
+from fastapi import FastAPI
+
 from segmentation.api import router
 from segmentation.builtin import install_builtin_segments
 from segmentation.consumers import deliveries_handler, events_handler
@@ -23,8 +23,14 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         if settings.install_builtin_segments:
             async with session_scope(runtime.sessionmaker) as session:
                 await install_builtin_segments(session=session, now=runtime.clock.now())
-        runtime.add_consumer("segmentation-events", [TOPIC_EVENTS], events_handler(settings, runtime.clock))
-        runtime.add_consumer("segmentation-deliveries", [TOPIC_DELIVERIES], deliveries_handler(settings, runtime.clock))
+        runtime.add_consumer(
+            "segmentation-events", [TOPIC_EVENTS], events_handler(settings, runtime.clock)
+        )
+        runtime.add_consumer(
+            "segmentation-deliveries",
+            [TOPIC_DELIVERIES],
+            deliveries_handler(settings, runtime.clock),
+        )
         runtime.add_relay()
         runtime.add_sweep("segments", settings.segments_sweep_interval_s, sweep_segments)
         runtime.add_sweep("rfm", settings.rfm_sweep_interval_s, sweep_rfm)

@@ -6,11 +6,22 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Date, DateTime, Double, ForeignKey, Identity, Integer, Numeric, SmallInteger, Text
+from crm_common.db import make_base
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    Double,
+    ForeignKey,
+    Identity,
+    Integer,
+    Numeric,
+    SmallInteger,
+    Text,
+)
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import Mapped, mapped_column
-
-from crm_common.db import make_base
 
 Base = make_base()
 
@@ -155,7 +166,9 @@ class Segment(Base):
 
 class Membership(Base):
     __tablename__ = "memberships"
-    segment_id: Mapped[str] = mapped_column(Text, ForeignKey("segments.id", ondelete="CASCADE"), primary_key=True)
+    segment_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("segments.id", ondelete="CASCADE"), primary_key=True
+    )
     customer_id: Mapped[str] = mapped_column(Text, primary_key=True, index=True)
     entered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
@@ -173,6 +186,8 @@ class MembershipLogEntry(Base):
 
 class SegmentSize(Base):
     __tablename__ = "segment_sizes"
-    segment_id: Mapped[str] = mapped_column(Text, ForeignKey("segments.id", ondelete="CASCADE"), primary_key=True)
+    segment_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("segments.id", ondelete="CASCADE"), primary_key=True
+    )
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger)

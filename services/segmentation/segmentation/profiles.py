@@ -7,9 +7,6 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from pydantic import ValidationError
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from crm_common import serde
 from crm_common.consumer import PoisonMessage, Record
 from crm_common.contract.events import (
@@ -21,8 +18,18 @@ from crm_common.contract.events import (
     SiteVisitProps,
 )
 from crm_common.contract.messages import DeliveryEvent
-from segmentation.repository import DeliveryFact, FactRepository, ProfileRepository, PurchaseFact, RefundFact, TraitFact
-from segmentation.segments import evaluate_for_customers
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from segmentation.repository import (
+    DeliveryFact,
+    FactRepository,
+    ProfileRepository,
+    PurchaseFact,
+    RefundFact,
+    TraitFact,
+)
+from segmentation.segments import begin_batch, evaluate_for_customers
 
 # Events that change no feature: accepted and counted by the inbox, no recompute.
 PASSIVE_TYPES = {"product_viewed", "cart_updated", "custom"}
@@ -44,7 +51,10 @@ class FactBatch:
         target = self.first_touch if first_wins else self.traits
         key = (fact.customer_id, fact.field)
         old = target.get(key)
-        newer = old is None or (fact.occurred_at, fact.message_id) > (old.occurred_at, old.message_id)
+        newer = old is None or (fact.occurred_at, fact.message_id) > (
+            old.occurred_at,
+            old.message_id,
+        )
         if old is None or newer != first_wins:
             target[key] = fact
         self.touched.add(fact.customer_id)
@@ -54,7 +64,9 @@ def _json(value: Any) -> str:
     return serde.dumps(value).decode()
 
 
-def _purchase_fact(customer_id: str, msg: EventMessage, props: PurchaseProps, message_id: str) -> PurchaseFact:
+def _purchase_fact(
+    customer_id: str, msg: EventMessage, props: PurchaseProps, message_id: str
+) -> PurchaseFact:
     items = []
     gross = Decimal(0)
     item_discounts = Decimal(0)
@@ -126,16 +138,31 @@ def collect_event(batch: FactBatch, record: Record, msg: EventMessage, customer_
         batch.touched.add(customer_id)
     elif t == "refund":
         rp = RefundProps.model_validate(msg.properties)
-        items = _json([{"sku": i.sku, "quantity": str(i.quantity)} for i in rp.items]) if rp.items else None
+        items = (
+            _json([{"sku": i.sku, "quantity": str(i.quantity)} for i in rp.items])
+            if rp.items
+            else None
+        )
         batch.refunds.append(RefundFact(customer_id, mid, rp.order_id, rp.amount, at, items))
         batch.touched.add(customer_id)
     elif t == "feedback":
         fp = FeedbackProps.model_validate(msg.properties)
-        batch.trait(TraitFact(customer_id, "_feedback", _json({"rating": fp.rating, "topic": fp.topic, "order_id": fp.order_id}), at, mid))
+        batch.trait(
+            TraitFact(
+                customer_id,
+                "_feedback",
+                _json({"rating": fp.rating, "topic": fp.topic, "order_id": fp.order_id}),
+                at,
+                mid,
+            )
+        )
     elif t == "site_visit":
         sp = SiteVisitProps.model_validate(msg.properties)
         if sp.utm_source:
-            batch.trait(TraitFact(customer_id, "_first_touch", _json([sp.utm_source]), at, mid), first_wins=True)
+            batch.trait(
+                TraitFact(customer_id, "_first_touch", _json([sp.utm_source]), at, mid),
+                first_wins=True,
+            )
 
 
 def value_is_null_consents(raw: dict[str, Any]) -> bool:
@@ -143,7 +170,9 @@ def value_is_null_consents(raw: dict[str, Any]) -> bool:
     return "consents" in raw and raw["consents"] is None
 
 
-async def apply_events(*, session: AsyncSession, records: list[Record], now: datetime, decay_days: float) -> set[str]:
+async def apply_events(
+    *, session: AsyncSession, records: list[Record], now: datetime, decay_days: float
+) -> set[str]:
     """Store the facts of a batch of events, recompute touched profiles and their segments."""
     batch = FactBatch()
     facts = FactRepository(session)
@@ -159,7 +188,11 @@ async def apply_events(*, session: AsyncSession, records: list[Record], now: dat
     # customer_updated events carry identity links first, so that anonymous events of the same batch resolve.
     for rec, msg in parsed:
         if msg.type == "customer_updated" and msg.customer_id and msg.anonymous_id:
-            batch.identities[msg.anonymous_id] = (msg.anonymous_id, msg.customer_id, msg.occurred_at)
+            batch.identities[msg.anonymous_id] = (
+                msg.anonymous_id,
+                msg.customer_id,
+                msg.occurred_at,
+            )
     anonymous = {msg.anonymous_id for _, msg in parsed if not msg.customer_id and msg.anonymous_id}
     resolved = await facts.resolve_anonymous(sorted(anonymous)) if anonymous else {}
     for anon, (_, customer, _) in batch.identities.items():
@@ -174,6 +207,7 @@ async def apply_events(*, session: AsyncSession, records: list[Record], now: dat
             raise PoisonMessage(f"invalid {msg.type} properties: {exc.errors()[:3]}") from exc
     if not batch.touched:
         return set()
+    await begin_batch(session=session)
     await facts.upsert_identities(list(batch.identities.values()))
     await facts.upsert_traits(list(batch.traits.values()))
     await facts.upsert_traits(list(batch.first_touch.values()), first_wins=True)
@@ -190,7 +224,9 @@ async def apply_events(*, session: AsyncSession, records: list[Record], now: dat
     return set(touched)
 
 
-async def apply_deliveries(*, session: AsyncSession, records: list[Record], now: datetime, decay_days: float) -> set[str]:
+async def apply_deliveries(
+    *, session: AsyncSession, records: list[Record], now: datetime, decay_days: float
+) -> set[str]:
     """Store delivery outcomes and refresh the engagement of the customers they concern."""
     facts: dict[tuple[str, str], DeliveryFact] = {}
     for rec in records:
@@ -198,9 +234,13 @@ async def apply_deliveries(*, session: AsyncSession, records: list[Record], now:
             msg = DeliveryEvent.model_validate(rec.value)
         except ValidationError as exc:
             raise PoisonMessage(f"not a delivery event: {exc.errors()[:3]}") from exc
-        facts.setdefault((msg.message_id, msg.status), DeliveryFact(msg.message_id, msg.status, msg.customer_id, msg.channel, msg.occurred_at))
+        facts.setdefault(
+            (msg.message_id, msg.status),
+            DeliveryFact(msg.message_id, msg.status, msg.customer_id, msg.channel, msg.occurred_at),
+        )
     if not facts:
         return set()
+    await begin_batch(session=session)
     await FactRepository(session).insert_deliveries(list(facts.values()))
     touched = sorted({f.customer_id for f in facts.values()})
     await ProfileRepository(session).recompute(touched, now=now, decay_days=decay_days)

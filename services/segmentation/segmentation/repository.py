@@ -8,11 +8,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from crm_common import serde
 from crm_common.settings import TOPIC_SEGMENTS
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 
 @dataclass(slots=True)
@@ -112,7 +111,9 @@ class FactRepository:
         if not anonymous_ids:
             return {}
         rows = await self.session.execute(
-            text("SELECT anonymous_id, customer_id FROM identities WHERE anonymous_id = ANY(CAST(:a AS text[]))"),
+            text(
+                "SELECT anonymous_id, customer_id FROM identities WHERE anonymous_id = ANY(CAST(:a AS text[]))"
+            ),
             {"a": list(anonymous_ids)},
         )
         return {r[0]: r[1] for r in rows}
@@ -129,7 +130,12 @@ class FactRepository:
             {"c": sorted({f.customer_id for f in facts}), "o": sorted({f.order_id for f in facts})},
         )
         have = {(r[0], r[1]): r[2] for r in existing}
-        winners = [f for f in facts if (f.customer_id, f.order_id) not in have or f.message_id < have[(f.customer_id, f.order_id)]]
+        winners = [
+            f
+            for f in facts
+            if (f.customer_id, f.order_id) not in have
+            or f.message_id < have[(f.customer_id, f.order_id)]
+        ]
         if not winners:
             return
         replaced = [f for f in winners if (f.customer_id, f.order_id) in have]
@@ -143,8 +149,20 @@ class FactRepository:
             )
         # One JSON document per statement: far cheaper to encode than a dozen typed arrays.
         orders = [
-            {"c": f.customer_id, "o": f.order_id, "m": f.message_id, "t": f.occurred_at, "d": f.local_date, "dow": f.local_dow,
-             "h": f.local_hour, "total": f.total, "gross": f.gross, "disc": f.discount, "cost": f.cost, "dd": f.discounted}
+            {
+                "c": f.customer_id,
+                "o": f.order_id,
+                "m": f.message_id,
+                "t": f.occurred_at,
+                "d": f.local_date,
+                "dow": f.local_dow,
+                "h": f.local_hour,
+                "total": f.total,
+                "gross": f.gross,
+                "disc": f.discount,
+                "cost": f.cost,
+                "dd": f.discounted,
+            }
             for f in winners
         ]
         await self.session.execute(
@@ -162,9 +180,21 @@ class FactRepository:
             {"rows": serde.dumps(orders).decode()},
         )
         items = [
-            {"c": f.customer_id, "o": f.order_id, "line": n, "sku": it["sku"], "name": it.get("name"), "cat": it.get("category"),
-             "size": it.get("size"), "color": it.get("color"), "qty": it["quantity"], "amount": it["amount"], "t": f.occurred_at,
-             "d": f.local_date, "dow": f.local_dow}
+            {
+                "c": f.customer_id,
+                "o": f.order_id,
+                "line": n,
+                "sku": it["sku"],
+                "name": it.get("name"),
+                "cat": it.get("category"),
+                "size": it.get("size"),
+                "color": it.get("color"),
+                "qty": it["quantity"],
+                "amount": it["amount"],
+                "t": f.occurred_at,
+                "d": f.local_date,
+                "dow": f.local_dow,
+            }
             for f in winners
             for n, it in enumerate(f.items)
         ]
@@ -202,7 +232,10 @@ class FactRepository:
 
     async def customers_with_refunds(self, customer_ids: Sequence[str]) -> list[str]:
         rows = await self.session.execute(
-            text("SELECT DISTINCT customer_id FROM refunds WHERE customer_id = ANY(CAST(:ids AS text[]))"), {"ids": list(customer_ids)}
+            text(
+                "SELECT DISTINCT customer_id FROM refunds WHERE customer_id = ANY(CAST(:ids AS text[]))"
+            ),
+            {"ids": list(customer_ids)},
         )
         return [r[0] for r in rows]
 
@@ -445,7 +478,8 @@ def membership_sql(count: int, *, restricted: bool) -> str:
     only_m = "AND customer_id = ANY(CAST(:ids AS text[]))" if restricted else ""
     # One scan per segment (UNION ALL) is cheaper than a lateral VALUES list evaluated per profile.
     scans = "\n    UNION ALL ".join(
-        f"SELECT CAST(:sid{i} AS text) AS sid, p.customer_id FROM profiles p WHERE ({{rule{i}}}) {only}" for i in range(count)
+        f"SELECT CAST(:sid{i} AS text) AS sid, p.customer_id FROM profiles p WHERE ({{rule{i}}}) {only}"
+        for i in range(count)
     )
     return f"""
 WITH segs AS (SELECT * FROM unnest(CAST(:sids AS text[]), CAST(:skeys AS text[])) AS u(sid, skey)),
@@ -504,12 +538,16 @@ class ProfileRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def recompute(self, customer_ids: Sequence[str], *, now: datetime, decay_days: float) -> None:
+    async def recompute(
+        self, customer_ids: Sequence[str], *, now: datetime, decay_days: float
+    ) -> None:
         """Recompute every feature of these customers from their facts (one statement)."""
         if not customer_ids:
             return
         await disable_jit(self.session)
-        await self.session.execute(text(RECOMPUTE_SQL), {"ids": list(customer_ids), "now": now, "decay": decay_days})
+        await self.session.execute(
+            text(RECOMPUTE_SQL), {"ids": list(customer_ids), "now": now, "decay": decay_days}
+        )
 
     async def refresh_lifecycle(self, *, now: datetime) -> int:
         """Move profiles whose lifecycle changed with the passage of time."""
@@ -570,16 +608,20 @@ class ProfileRepository:
     async def get(self, customer_id: str, *, now: datetime) -> dict[str, Any] | None:
         """A profile with its time-relative features as of `now`."""
         row = (
-            await self.session.execute(
-                text(
-                    "SELECT p.*, l.lifecycle AS lifecycle_now, seg_churn_kind(l.lifecycle, p.orders) AS churn_kind,"
-                    " extract(epoch FROM CAST(:now AS timestamptz) - p.last_purchase_at)::float8 / 86400 AS days_since_last_purchase"
-                    " FROM profiles p CROSS JOIN LATERAL (SELECT seg_lifecycle(p.orders, p.first_purchase_at, p.last_purchase_at,"
-                    " p.cadence_days, CAST(:now AS timestamptz)) AS lifecycle) l WHERE p.customer_id = :c"
-                ),
-                {"c": customer_id, "now": now},
+            (
+                await self.session.execute(
+                    text(
+                        "SELECT p.*, l.lifecycle AS lifecycle_now, seg_churn_kind(l.lifecycle, p.orders) AS churn_kind,"
+                        " extract(epoch FROM CAST(:now AS timestamptz) - p.last_purchase_at)::float8 / 86400 AS days_since_last_purchase"
+                        " FROM profiles p CROSS JOIN LATERAL (SELECT seg_lifecycle(p.orders, p.first_purchase_at, p.last_purchase_at,"
+                        " p.cadence_days, CAST(:now AS timestamptz)) AS lifecycle) l WHERE p.customer_id = :c"
+                    ),
+                    {"c": customer_id, "now": now},
+                )
             )
-        ).mappings().first()
+            .mappings()
+            .first()
+        )
         if not row:
             return None
         out = dict(row)
@@ -616,28 +658,52 @@ class SegmentRepository:
 
     async def get(self, id_or_key: str) -> dict[str, Any] | None:
         row = (
-            await self.session.execute(
-                text(
-                    "SELECT s.*, (SELECT count(*) FROM memberships m WHERE m.segment_id = s.id) AS size "
-                    "FROM segments s WHERE s.id = :k OR s.key = :k LIMIT 1"
-                ),
-                {"k": id_or_key},
+            (
+                await self.session.execute(
+                    text(
+                        "SELECT s.*, (SELECT count(*) FROM memberships m WHERE m.segment_id = s.id) AS size "
+                        "FROM segments s WHERE s.id = :k OR s.key = :k LIMIT 1"
+                    ),
+                    {"k": id_or_key},
+                )
             )
-        ).mappings().first()
+            .mappings()
+            .first()
+        )
         return dict(row) if row else None
 
-    async def insert(self, *, id: str, key: str, name: str, description: str | None, rule_json: str, builtin: bool, now: datetime) -> bool:
+    async def insert(
+        self,
+        *,
+        id: str,
+        key: str,
+        name: str,
+        description: str | None,
+        rule_json: str,
+        builtin: bool,
+        now: datetime,
+    ) -> bool:
         """Insert a segment; False if the key is taken."""
         result = await self.session.execute(
             text(
                 "INSERT INTO segments (id, key, name, description, rule, builtin, version, created_at, updated_at) "
                 "VALUES (:id, :key, :name, :d, CAST(:rule AS jsonb), :b, 1, :now, :now) ON CONFLICT DO NOTHING RETURNING id"
             ),
-            {"id": id, "key": key, "name": name, "d": description, "rule": rule_json, "b": builtin, "now": now},
+            {
+                "id": id,
+                "key": key,
+                "name": name,
+                "d": description,
+                "rule": rule_json,
+                "b": builtin,
+                "now": now,
+            },
         )
         return result.first() is not None
 
-    async def update(self, segment_id: str, *, name: str, description: str | None, rule_json: str, now: datetime) -> None:
+    async def update(
+        self, segment_id: str, *, name: str, description: str | None, rule_json: str, now: datetime
+    ) -> None:
         await self.session.execute(
             text(
                 "UPDATE segments SET name = :name, description = :d, rule = CAST(:rule AS jsonb), version = version + 1, "
@@ -657,13 +723,20 @@ class SegmentRepository:
             # A full pass hashes every membership against every match; keep that join in memory.
             await self.session.execute(text("SET LOCAL work_mem = '256MB'"))
 
-    async def apply(self, rules: Sequence[SegmentRule], *, now: datetime, customer_ids: Sequence[str] | None) -> dict[str, dict[str, int]]:
+    async def apply(
+        self, rules: Sequence[SegmentRule], *, now: datetime, customer_ids: Sequence[str] | None
+    ) -> dict[str, dict[str, int]]:
         """Apply compiled rules to the given customers (or everyone); return entered/exited counts per segment key."""
         out = {r.key: {"entered": 0, "exited": 0} for r in rules}
         if not rules or (customer_ids is not None and not customer_ids):
             return out
         sql = membership_sql(len(rules), restricted=customer_ids is not None)
-        bind: dict[str, Any] = {"sids": [r.id for r in rules], "skeys": [r.key for r in rules], "now": now, "now_iso": now.isoformat()}
+        bind: dict[str, Any] = {
+            "sids": [r.id for r in rules],
+            "skeys": [r.key for r in rules],
+            "now": now,
+            "now_iso": now.isoformat(),
+        }
         rule_sql = {}
         for i, r in enumerate(rules):
             bind.update(r.params)
@@ -680,20 +753,33 @@ class SegmentRepository:
             out[keys[row[0]]][row[1]] = int(row[2])
         return out
 
-    async def count_matching(self, *, rule_sql: str, params: dict[str, Any], now: datetime, sample: int) -> tuple[int, list[str]]:
+    async def count_matching(
+        self, *, rule_sql: str, params: dict[str, Any], now: datetime, sample: int
+    ) -> tuple[int, list[str]]:
         bind = {**params, "now": now}
-        total = (await self.session.execute(text(f"SELECT count(*) FROM profiles p WHERE {rule_sql}"), bind)).scalar_one()
+        total = (
+            await self.session.execute(
+                text(f"SELECT count(*) FROM profiles p WHERE {rule_sql}"), bind
+            )
+        ).scalar_one()
         rows = await self.session.execute(
-            text(f"SELECT p.customer_id FROM profiles p WHERE {rule_sql} ORDER BY p.customer_id LIMIT :lim"), {**bind, "lim": sample}
+            text(
+                f"SELECT p.customer_id FROM profiles p WHERE {rule_sql} ORDER BY p.customer_id LIMIT :lim"
+            ),
+            {**bind, "lim": sample},
         )
         return int(total), [r[0] for r in rows]
 
     async def exit_all(self, *, segment_id: str, segment_key: str, now: datetime) -> int:
         """Everyone leaves (the segment is being deleted): log and publish the exits."""
-        result = await self.apply([SegmentRule(segment_id, segment_key, "false", {})], now=now, customer_ids=None)
+        result = await self.apply(
+            [SegmentRule(segment_id, segment_key, "false", {})], now=now, customer_ids=None
+        )
         return result[segment_key]["exited"]
 
-    async def members(self, segment_id: str, *, after: str | None, limit: int) -> list[dict[str, Any]]:
+    async def members(
+        self, segment_id: str, *, after: str | None, limit: int
+    ) -> list[dict[str, Any]]:
         rows = await self.session.execute(
             text(
                 "SELECT customer_id, entered_at FROM memberships WHERE segment_id = :s AND (CAST(:after AS text) IS NULL "
@@ -716,7 +802,9 @@ class SegmentRepository:
 
     async def size_history(self, segment_id: str, *, limit: int) -> list[dict[str, Any]]:
         rows = await self.session.execute(
-            text("SELECT at, size FROM segment_sizes WHERE segment_id = :s ORDER BY at DESC LIMIT :lim"),
+            text(
+                "SELECT at, size FROM segment_sizes WHERE segment_id = :s ORDER BY at DESC LIMIT :lim"
+            ),
             {"s": segment_id, "lim": limit},
         )
         return [dict(r) for r in rows.mappings()]
@@ -728,24 +816,41 @@ class ReportRepository:
 
     async def pareto(self) -> dict[str, Any]:
         row = (
-            await self.session.execute(
-                text(
-                    "WITH r AS (SELECT revenue, row_number() OVER (ORDER BY revenue DESC, customer_id) AS rk, count(*) OVER () AS n,"
-                    " sum(revenue) OVER () AS total FROM profiles WHERE orders > 0) "
-                    "SELECT max(n) AS customers, max(total) AS revenue,"
-                    " sum(revenue) FILTER (WHERE rk <= ceil(n * 0.01)) AS top1,"
-                    " sum(revenue) FILTER (WHERE rk <= ceil(n * 0.05)) AS top5,"
-                    " sum(revenue) FILTER (WHERE rk <= ceil(n * 0.10)) AS top10,"
-                    " sum(revenue) FILTER (WHERE rk <= ceil(n * 0.20)) AS top20,"
-                    " sum(revenue) FILTER (WHERE rk <= ceil(n * 0.50)) AS top50 FROM r"
+            (
+                await self.session.execute(
+                    text(
+                        "WITH r AS (SELECT revenue, row_number() OVER (ORDER BY revenue DESC, customer_id) AS rk, count(*) OVER () AS n,"
+                        " sum(revenue) OVER () AS total FROM profiles WHERE orders > 0) "
+                        "SELECT max(n) AS customers, max(total) AS revenue,"
+                        " sum(revenue) FILTER (WHERE rk <= ceil(n * 0.01)) AS top1,"
+                        " sum(revenue) FILTER (WHERE rk <= ceil(n * 0.05)) AS top5,"
+                        " sum(revenue) FILTER (WHERE rk <= ceil(n * 0.10)) AS top10,"
+                        " sum(revenue) FILTER (WHERE rk <= ceil(n * 0.20)) AS top20,"
+                        " sum(revenue) FILTER (WHERE rk <= ceil(n * 0.50)) AS top50 FROM r"
+                    )
                 )
             )
-        ).mappings().one()
+            .mappings()
+            .one()
+        )
         total = row["revenue"] or Decimal(0)
         shares = []
-        for pct, col in ((1, "top1"), (5, "top5"), (10, "top10"), (20, "top20"), (50, "top50"), (100, None)):
+        for pct, col in (
+            (1, "top1"),
+            (5, "top5"),
+            (10, "top10"),
+            (20, "top20"),
+            (50, "top50"),
+            (100, None),
+        ):
             part = total if col is None else (row[col] or Decimal(0))
-            shares.append({"top_percent": pct, "revenue": part, "share": float(part / total) if total else 0.0})
+            shares.append(
+                {
+                    "top_percent": pct,
+                    "revenue": part,
+                    "share": float(part / total) if total else 0.0,
+                }
+            )
         return {"customers": int(row["customers"] or 0), "revenue": total, "shares": shares}
 
     async def rfm_grid(self) -> dict[str, Any]:
@@ -761,7 +866,11 @@ class ReportRepository:
                 "WHERE rfm_group IS NOT NULL GROUP BY 1 ORDER BY 1"
             )
         )
-        stats = (await self.session.execute(text("SELECT value, updated_at FROM feature_stats WHERE key = 'rfm'"))).first()
+        stats = (
+            await self.session.execute(
+                text("SELECT value, updated_at FROM feature_stats WHERE key = 'rfm'")
+            )
+        ).first()
         return {
             "cells": [dict(r) for r in cells.mappings()],
             "groups": [dict(r) for r in groups.mappings()],

@@ -36,7 +36,9 @@ BOOL = "bool"
 LIST = "list"
 
 NOW = "CAST(:now AS timestamptz)"
-LIFECYCLE_SQL = f"seg_lifecycle(p.orders, p.first_purchase_at, p.last_purchase_at, p.cadence_days, {NOW})"
+LIFECYCLE_SQL = (
+    f"seg_lifecycle(p.orders, p.first_purchase_at, p.last_purchase_at, p.cadence_days, {NOW})"
+)
 
 
 @dataclass(frozen=True)
@@ -52,43 +54,87 @@ LIFECYCLES = ("prospect", "new", "active", "at_risk", "lapsed", "lost")
 ATTRIBUTES: dict[str, Attribute] = {
     "orders": Attribute("p.orders", NUMBER, doc="orders not fully refunded"),
     "revenue": Attribute("p.revenue", NUMBER, doc="net of refunds"),
-    "margin": Attribute("p.margin", NUMBER, doc="net of refunds and discounts, minus item cost where known"),
+    "margin": Attribute(
+        "p.margin", NUMBER, doc="net of refunds and discounts, minus item cost where known"
+    ),
     "avg_check": Attribute("p.avg_check", NUMBER),
     "discount_share": Attribute("p.discount_share", NUMBER, doc="discounts / gross amount, 0..1"),
-    "discounted_orders_share": Attribute("p.discounted_orders_share", NUMBER, doc="share of orders with a discount, 0..1"),
+    "discounted_orders_share": Attribute(
+        "p.discounted_orders_share", NUMBER, doc="share of orders with a discount, 0..1"
+    ),
     "cadence_days": Attribute("p.cadence_days", NUMBER, doc="median days between purchase days"),
-    "days_since_last_purchase": Attribute(f"(extract(epoch FROM {NOW} - p.last_purchase_at) / 86400)", NUMBER),
-    "days_since_first_purchase": Attribute(f"(extract(epoch FROM {NOW} - p.first_purchase_at) / 86400)", NUMBER),
-    "days_until_predicted_purchase": Attribute(f"(extract(epoch FROM p.predicted_next_purchase - {NOW}) / 86400)", NUMBER),
+    "days_since_last_purchase": Attribute(
+        f"(extract(epoch FROM {NOW} - p.last_purchase_at) / 86400)", NUMBER
+    ),
+    "days_since_first_purchase": Attribute(
+        f"(extract(epoch FROM {NOW} - p.first_purchase_at) / 86400)", NUMBER
+    ),
+    "days_until_predicted_purchase": Attribute(
+        f"(extract(epoch FROM p.predicted_next_purchase - {NOW}) / 86400)", NUMBER
+    ),
     "rfm_r": Attribute("p.rfm_r", NUMBER),
     "rfm_f": Attribute("p.rfm_f", NUMBER),
     "rfm_m": Attribute("p.rfm_m", NUMBER),
-    "favourite_dow": Attribute("p.favourite_dow", NUMBER, doc="ISO day of week 1..7 of most purchases"),
+    "favourite_dow": Attribute(
+        "p.favourite_dow", NUMBER, doc="ISO day of week 1..7 of most purchases"
+    ),
     "favourite_hour": Attribute("p.favourite_hour", NUMBER),
     "last_feedback_rating": Attribute("p.last_feedback_rating", NUMBER),
     "lifecycle": Attribute(LIFECYCLE_SQL, STRING, LIFECYCLES),
-    "churn_kind": Attribute(f"seg_churn_kind({LIFECYCLE_SQL}, p.orders)", STRING, ("regular", "new", "one_off")),
-    "value_tier": Attribute("p.value_tier", STRING, ("core", "middle", "unprofitable")),
-    "discount_affinity": Attribute("p.discount_affinity", STRING, ("deal_hunter", "discount_lover", "none")),
-    "rfm_group": Attribute(
-        "p.rfm_group", STRING, ("champions", "loyal", "new_or_promising", "cant_lose", "at_risk", "hibernating", "needs_attention")
+    "churn_kind": Attribute(
+        f"seg_churn_kind({LIFECYCLE_SQL}, p.orders)", STRING, ("regular", "new", "one_off")
     ),
-    "last_feedback_topic": Attribute("p.last_feedback_topic", STRING, ("quality", "price", "service", "other")),
+    "value_tier": Attribute("p.value_tier", STRING, ("core", "middle", "unprofitable")),
+    "discount_affinity": Attribute(
+        "p.discount_affinity", STRING, ("deal_hunter", "discount_lover", "none")
+    ),
+    "rfm_group": Attribute(
+        "p.rfm_group",
+        STRING,
+        (
+            "champions",
+            "loyal",
+            "new_or_promising",
+            "cant_lose",
+            "at_risk",
+            "hibernating",
+            "needs_attention",
+        ),
+    ),
+    "last_feedback_topic": Attribute(
+        "p.last_feedback_topic", STRING, ("quality", "price", "service", "other")
+    ),
     "favourite_category": Attribute("p.favourite_category", STRING),
     "favourite_sku": Attribute("(p.favourite_product ->> 'sku')", STRING),
     "favourite_size": Attribute("p.favourite_size", STRING),
     "favourite_color": Attribute("p.favourite_color", STRING),
     "acquisition_channel": Attribute("p.acquisition_channel", STRING),
-    "top_categories": Attribute("p.top_categories", LIST, doc="up to 5 categories, recency weighted"),
+    "top_categories": Attribute(
+        "p.top_categories", LIST, doc="up to 5 categories, recency weighted"
+    ),
 }
-TRAITS = ("email", "phone", "first_name", "last_name", "gender", "city", "timezone", "locale", "referred_by", "preferred_channel", "birth_date")
+TRAITS = (
+    "email",
+    "phone",
+    "first_name",
+    "last_name",
+    "gender",
+    "city",
+    "timezone",
+    "locale",
+    "referred_by",
+    "preferred_channel",
+    "birth_date",
+)
 for _t in TRAITS:
     ATTRIBUTES[f"traits.{_t}"] = Attribute(f"(p.traits ->> '{_t}')", STRING)
 for _c in ("email", "sms", "push"):
     ATTRIBUTES[f"consents.{_c}"] = Attribute(f"(p.consents ->> '{_c}')::boolean", BOOL)
 for _c in ("email", "sms", "push"):
     for _s in ("sent", "delivered", "opened", "clicked", "failed", "unsubscribed"):
-        ATTRIBUTES[f"engagement.{_c}.{_s}"] = Attribute(f"coalesce((p.engagement -> '{_c}' ->> '{_s}')::int, 0)", NUMBER)
+        ATTRIBUTES[f"engagement.{_c}.{_s}"] = Attribute(
+            f"coalesce((p.engagement -> '{_c}' ->> '{_s}')::int, 0)", NUMBER
+        )
 
 OPS_BY_KIND: dict[str, tuple[str, ...]] = {
     NUMBER: ("=", "!=", "<", "<=", ">", ">=", "in", "not_in", "exists", "not_exists"),
@@ -103,7 +149,15 @@ MEASURES = {
     "quantity": "coalesce(sum(i.quantity - i.refunded_qty), 0)",
     "amount": "coalesce(sum(i.amount * (i.quantity - i.refunded_qty) / i.quantity), 0)",
 }
-DAYS = {"monday": 1, "tuesday": 2, "wednesday": 3, "thursday": 4, "friday": 5, "saturday": 6, "sunday": 7}
+DAYS = {
+    "monday": 1,
+    "tuesday": 2,
+    "wednesday": 3,
+    "thursday": 4,
+    "friday": 5,
+    "saturday": 6,
+    "sunday": 7,
+}
 DAYS.update({k[:3]: v for k, v in list(DAYS.items())})
 PURCHASE_KEYS = ("measure", "category", "sku", "day_of_week", "within_days")
 _ATTR_NAME = re.compile(r"^[a-z_][a-z0-9_.]{0,80}$")
@@ -129,7 +183,12 @@ class _Errors:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= MAX_NUMBER
+    return (
+        isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+        and abs(v) <= MAX_NUMBER
+    )
 
 
 def _is_text(v: Any) -> bool:
@@ -137,7 +196,14 @@ def _is_text(v: Any) -> bool:
 
 
 def _holds(left: float, op: str, right: float) -> bool:
-    return {"=": left == right, "!=": left != right, "<": left < right, "<=": left <= right, ">": left > right, ">=": left >= right}[op]
+    return {
+        "=": left == right,
+        "!=": left != right,
+        "<": left < right,
+        "<=": left <= right,
+        ">": left > right,
+        ">=": left >= right,
+    }[op]
 
 
 class _Compiler:
@@ -170,12 +236,19 @@ class _Compiler:
             if combinator in node:
                 extra = sorted(set(node) - {combinator})
                 if extra:
-                    self.errors.add(path, f"'{combinator}' node must have no other keys, found {extra}")
+                    self.errors.add(
+                        path, f"'{combinator}' node must have no other keys, found {extra}"
+                    )
                 children = node[combinator]
                 if not isinstance(children, list) or not children:
-                    self.errors.add(f"{path}.{combinator}", "must be a non-empty list of rule nodes")
+                    self.errors.add(
+                        f"{path}.{combinator}", "must be a non-empty list of rule nodes"
+                    )
                     return "false"
-                parts = [self.node(c, f"{path}.{combinator}[{i}]", depth + 1) for i, c in enumerate(children)]
+                parts = [
+                    self.node(c, f"{path}.{combinator}[{i}]", depth + 1)
+                    for i, c in enumerate(children)
+                ]
                 joiner = " AND " if combinator == "all" else " OR "
                 return "(" + joiner.join(parts) + ")"
         if "not" in node:
@@ -187,17 +260,23 @@ class _Compiler:
             return self.attr(node, path)
         if "purchases" in node:
             return self.purchases(node, path)
-        self.errors.add(path, "unknown node: expected one of the keys 'all', 'any', 'not', 'attr', 'purchases'")
+        self.errors.add(
+            path, "unknown node: expected one of the keys 'all', 'any', 'not', 'attr', 'purchases'"
+        )
         return "false"
 
     def attr(self, node: dict[str, Any], path: str) -> str:
         extra = sorted(set(node) - {"attr", "op", "value"})
         if extra:
-            self.errors.add(path, f"unknown keys {extra}; an attribute node has 'attr', 'op', 'value'")
+            self.errors.add(
+                path, f"unknown keys {extra}; an attribute node has 'attr', 'op', 'value'"
+            )
         name = node.get("attr")
         if not isinstance(name, str) or not _ATTR_NAME.match(name) or name not in ATTRIBUTES:
             shown = name if isinstance(name, str) and len(name) < 100 else type(name).__name__
-            self.errors.add(f"{path}.attr", f"unknown attribute {shown!r}; see GET /v1/segments/attributes")
+            self.errors.add(
+                f"{path}.attr", f"unknown attribute {shown!r}; see GET /v1/segments/attributes"
+            )
             return "false"
         attr = ATTRIBUTES[name]
         if name.startswith("days_") or name in ("lifecycle", "churn_kind"):
@@ -205,17 +284,24 @@ class _Compiler:
         op = node.get("op")
         allowed = OPS_BY_KIND[attr.kind]
         if op not in allowed:
-            self.errors.add(f"{path}.op", f"operator {op!r} is not allowed for {name!r}; expected one of {list(allowed)}")
+            self.errors.add(
+                f"{path}.op",
+                f"operator {op!r} is not allowed for {name!r}; expected one of {list(allowed)}",
+            )
             return "false"
         return self.compare(attr.sql, attr, op, node, path, name)
 
-    def compare(self, expr: str, attr: Attribute, op: str, node: dict[str, Any], path: str, name: str) -> str:
+    def compare(
+        self, expr: str, attr: Attribute, op: str, node: dict[str, Any], path: str, name: str
+    ) -> str:
         if op in ("exists", "not_exists"):
             if "value" in node:
                 self.errors.add(f"{path}.value", f"operator {op!r} takes no value")
             if attr.kind == LIST:
                 test = f"(jsonb_array_length({expr}) > 0)"
-                return f"coalesce({test}, false)" if op == "exists" else f"NOT coalesce({test}, false)"
+                return (
+                    f"coalesce({test}, false)" if op == "exists" else f"NOT coalesce({test}, false)"
+                )
             return f"({expr} IS NOT NULL)" if op == "exists" else f"({expr} IS NULL)"
         if "value" not in node:
             self.errors.add(f"{path}.value", f"operator {op!r} needs a value")
@@ -224,12 +310,16 @@ class _Compiler:
         vpath = f"{path}.value"
         if op in ("in", "not_in"):
             if not isinstance(value, list) or not value or len(value) > MAX_LIST:
-                self.errors.add(vpath, f"operator {op!r} needs a non-empty list of at most {MAX_LIST} values")
+                self.errors.add(
+                    vpath, f"operator {op!r} needs a non-empty list of at most {MAX_LIST} values"
+                )
                 return "false"
             for i, v in enumerate(value):
                 self.check_scalar(v, attr, f"{vpath}[{i}]", name)
             if attr.kind == NUMBER:
-                arr = self.bind([float(v) if _is_number(v) else 0.0 for v in value], "double precision[]")
+                arr = self.bind(
+                    [float(v) if _is_number(v) else 0.0 for v in value], "double precision[]"
+                )
             else:
                 arr = self.bind([v if isinstance(v, str) else "" for v in value], "text[]")
             test = f"({expr} = ANY({arr}))"
@@ -239,7 +329,9 @@ class _Compiler:
                 self.errors.add(vpath, "must be a string of 1-256 characters without NUL")
                 return "false"
             test = f"jsonb_exists({expr}, {self.bind(value, 'text')})"
-            return f"coalesce({test}, false)" if op == "contains" else f"NOT coalesce({test}, false)"
+            return (
+                f"coalesce({test}, false)" if op == "contains" else f"NOT coalesce({test}, false)"
+            )
         if not self.check_scalar(value, attr, vpath, name):
             return "false"
         if attr.kind == NUMBER:
@@ -253,7 +345,9 @@ class _Compiler:
     def check_scalar(self, value: Any, attr: Attribute, path: str, name: str) -> bool:
         if attr.kind == NUMBER:
             if not _is_number(value):
-                self.errors.add(path, f"{name!r} is a number: expected a finite number within ±{MAX_NUMBER:.0e}")
+                self.errors.add(
+                    path, f"{name!r} is a number: expected a finite number within ±{MAX_NUMBER:.0e}"
+                )
                 return False
         elif attr.kind == BOOL:
             if not isinstance(value, bool):
@@ -261,10 +355,15 @@ class _Compiler:
                 return False
         else:
             if not _is_text(value):
-                self.errors.add(path, f"{name!r} is text: expected a string of 1-256 characters without NUL")
+                self.errors.add(
+                    path, f"{name!r} is text: expected a string of 1-256 characters without NUL"
+                )
                 return False
             if attr.values is not None and value not in attr.values:
-                self.errors.add(path, f"{value!r} is not a value of {name!r}; expected one of {list(attr.values)}")
+                self.errors.add(
+                    path,
+                    f"{value!r} is not a value of {name!r}; expected one of {list(attr.values)}",
+                )
                 return False
         return True
 
@@ -273,22 +372,32 @@ class _Compiler:
         self.uses_time = True
         extra = sorted(set(node) - {"purchases", "op", "value"})
         if extra:
-            self.errors.add(path, f"unknown keys {extra}; a purchases node has 'purchases', 'op', 'value'")
+            self.errors.add(
+                path, f"unknown keys {extra}; a purchases node has 'purchases', 'op', 'value'"
+            )
         spec = node.get("purchases")
         ppath = f"{path}.purchases"
         if not isinstance(spec, dict):
-            self.errors.add(ppath, "must be an object with 'within_days' and optional 'measure', 'category', 'sku', 'day_of_week'")
+            self.errors.add(
+                ppath,
+                "must be an object with 'within_days' and optional 'measure', 'category', 'sku', 'day_of_week'",
+            )
             return "false"
         unknown = sorted(set(spec) - set(PURCHASE_KEYS))
         if unknown:
             self.errors.add(ppath, f"unknown keys {unknown}; allowed: {list(PURCHASE_KEYS)}")
         measure = spec.get("measure", "orders")
         if measure not in MEASURES:
-            self.errors.add(f"{ppath}.measure", f"unknown measure {measure!r}; expected one of {list(MEASURES)}")
+            self.errors.add(
+                f"{ppath}.measure", f"unknown measure {measure!r}; expected one of {list(MEASURES)}"
+            )
             return "false"
         days = spec.get("within_days")
         if not isinstance(days, int) or isinstance(days, bool) or not 1 <= days <= MAX_WINDOW_DAYS:
-            self.errors.add(f"{ppath}.within_days", f"required: a whole number of days between 1 and {MAX_WINDOW_DAYS}")
+            self.errors.add(
+                f"{ppath}.within_days",
+                f"required: a whole number of days between 1 and {MAX_WINDOW_DAYS}",
+            )
             return "false"
         where = [
             "i.customer_id = p.customer_id",
@@ -300,13 +409,20 @@ class _Compiler:
                 continue
             values = spec[key] if isinstance(spec[key], list) else [spec[key]]
             if not values or len(values) > MAX_LIST or not all(_is_text(v) for v in values):
-                self.errors.add(f"{ppath}.{key}", "must be a string or a non-empty list of strings (1-256 characters, no NUL)")
+                self.errors.add(
+                    f"{ppath}.{key}",
+                    "must be a string or a non-empty list of strings (1-256 characters, no NUL)",
+                )
                 return "false"
             if key == "category":
                 values = [v.lower() for v in values]
             where.append(f"{column} = ANY({self.bind(values, 'text[]')})")
         if "day_of_week" in spec:
-            raw = spec["day_of_week"] if isinstance(spec["day_of_week"], list) else [spec["day_of_week"]]
+            raw = (
+                spec["day_of_week"]
+                if isinstance(spec["day_of_week"], list)
+                else [spec["day_of_week"]]
+            )
             dows: list[int] = []
             for i, d in enumerate(raw):
                 if isinstance(d, str) and d.lower() in DAYS:
@@ -314,23 +430,34 @@ class _Compiler:
                 elif isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 7:
                     dows.append(d)
                 else:
-                    self.errors.add(f"{ppath}.day_of_week[{i}]" if isinstance(spec["day_of_week"], list) else f"{ppath}.day_of_week",
-                                    "expected a day name (monday..sunday, mon..sun) or ISO number 1-7")
+                    self.errors.add(
+                        f"{ppath}.day_of_week[{i}]"
+                        if isinstance(spec["day_of_week"], list)
+                        else f"{ppath}.day_of_week",
+                        "expected a day name (monday..sunday, mon..sun) or ISO number 1-7",
+                    )
                     return "false"
             if not dows:
                 self.errors.add(f"{ppath}.day_of_week", "must name at least one day")
                 return "false"
-            where.append(f"i.local_dow = ANY(ARRAY[{','.join(str(d) for d in sorted(set(dows)))}]::smallint[])")
+            where.append(
+                f"i.local_dow = ANY(ARRAY[{','.join(str(d) for d in sorted(set(dows)))}]::smallint[])"
+            )
         op = node.get("op")
         if op not in COMPARE:
-            self.errors.add(f"{path}.op", f"operator {op!r} is not allowed for an aggregate; expected one of {list(COMPARE)}")
+            self.errors.add(
+                f"{path}.op",
+                f"operator {op!r} is not allowed for an aggregate; expected one of {list(COMPARE)}",
+            )
             return "false"
         value = node.get("value")
         if not _is_number(value):
             self.errors.add(f"{path}.value", f"expected a finite number within ±{MAX_NUMBER:.0e}")
             return "false"
         rhs = self.bind(float(value), "double precision")
-        zero_matches = _holds(0.0, op, float(value))  # a customer without any matching item has measure 0
+        zero_matches = _holds(
+            0.0, op, float(value)
+        )  # a customer without any matching item has measure 0
         if self.set_based:
             # For a pass over everyone: aggregate the window once per customer and test membership in
             # that set (a hashed subplan) instead of one correlated subquery per profile.
@@ -357,13 +484,26 @@ def compile_rule(rule: Any, *, prefix: str = "r", set_based: bool = False) -> Co
     sql = compiler.node(rule, "rule", 0)
     if compiler.errors.items:
         first = compiler.errors.items[0]
-        raise InvalidRule(f"{first['path']}: {first['msg']}", details={"errors": compiler.errors.items})
-    return Compiled(sql=sql, params=compiler.params, uses_time=compiler.uses_time, uses_purchases=compiler.uses_purchases)
+        raise InvalidRule(
+            f"{first['path']}: {first['msg']}", details={"errors": compiler.errors.items}
+        )
+    return Compiled(
+        sql=sql,
+        params=compiler.params,
+        uses_time=compiler.uses_time,
+        uses_purchases=compiler.uses_purchases,
+    )
 
 
 def describe_attributes() -> list[dict[str, Any]]:
     """The attributes a rule can use, with their kinds, operators and allowed values."""
     return [
-        {"attr": name, "kind": a.kind, "ops": list(OPS_BY_KIND[a.kind]), "values": list(a.values) if a.values else None, "doc": a.doc or None}
+        {
+            "attr": name,
+            "kind": a.kind,
+            "ops": list(OPS_BY_KIND[a.kind]),
+            "values": list(a.values) if a.values else None,
+            "doc": a.doc or None,
+        }
         for name, a in ATTRIBUTES.items()
     ]

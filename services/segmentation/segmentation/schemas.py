@@ -8,8 +8,6 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from crm_common.contract.types import check_free_json
-
 SegmentKey = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
 SegmentName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00]*$")]
 Description = Annotated[str, StringConstraints(max_length=2000, pattern=r"^[^\x00]*$")]
@@ -23,7 +21,9 @@ class SegmentCreate(_Strict):
     key: SegmentKey
     name: SegmentName
     description: Description | None = None
-    rule: dict[str, Any] = Field(description="A rule node; see GET /v1/segments/attributes and the module docs of segmentation.rules")
+    rule: dict[str, Any] = Field(
+        description="A rule node; see GET /v1/segments/attributes and the module docs of segmentation.rules"
+    )
 
 
 class SegmentUpdate(_Strict):
@@ -117,9 +117,3 @@ class ProfileRead(BaseModel):
     last_feedback_at: datetime | None
     updated_at: datetime
     segments: list[ProfileSegment]
-
-
-def bounded_rule(rule: dict[str, Any]) -> dict[str, Any]:
-    """Reject oversized or hostile JSON before the compiler walks it."""
-    check_free_json(rule)
-    return rule

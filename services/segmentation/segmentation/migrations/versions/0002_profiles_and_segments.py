@@ -248,7 +248,17 @@ def downgrade() -> None:
     ):
         op.execute(f"DROP FUNCTION IF EXISTS {fn}")
     for table in (
-        "segment_sizes", "membership_log", "memberships", "segments", "feature_stats", "profiles",
-        "delivery_facts", "identities", "trait_facts", "refunds", "purchase_items", "purchases",
+        "segment_sizes",
+        "membership_log",
+        "memberships",
+        "segments",
+        "feature_stats",
+        "profiles",
+        "delivery_facts",
+        "identities",
+        "trait_facts",
+        "refunds",
+        "purchase_items",
+        "purchases",
     ):
         op.drop_table(table)
