@@ -23,7 +23,7 @@ def _iso(col: str) -> str:
 REMIND_SQL = f"""
 WITH due AS (
     UPDATE lots SET reminded_for = expires_at
-    WHERE remaining > 0 AND expires_at > :now AND expires_at <= :now + make_interval(days => :days)
+    WHERE remaining > 0 AND expires_at > :now AND expires_at <= :now + make_interval(days => CAST(:days AS int))
       AND reminded_for IS DISTINCT FROM expires_at
     RETURNING customer_id, expires_at, remaining
 ), per_day AS (
@@ -34,10 +34,10 @@ WITH due AS (
 INSERT INTO outbox (topic, key, value)
 SELECT '{TOPIC_MESSAGES}', customer_id, convert_to(json_build_object(
     'id', 'loyalty:points_expiring:' || customer_id || ':' || day::text,
-    'type', 'message.requested', 'customer_id', customer_id, 'occurred_at', :now_iso,
+    'type', 'message.requested', 'customer_id', customer_id, 'occurred_at', CAST(:now_iso AS text),
     'kind', 'transactional', 'template', 'points_expiring', 'source_service', 'loyalty',
     'expires_at', {_iso("first_at")},
-    'variables', json_build_object('points', points::text, 'amount', round(points * :pv, 2)::text,
+    'variables', json_build_object('points', points::text, 'amount', round(points * CAST(:pv AS numeric), 2)::text,
                                    'expires_on', day::text, 'expires_at', {_iso("first_at")})
 )::text, 'UTF8')
 FROM per_day

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from loyalty.ledger import AccountState, Book
+from loyalty.ledger import CENT, AccountState, Book
 from loyalty.schemas import ProgrammeConfig
 
 
@@ -119,8 +119,8 @@ async def assign(
         variables={
             "purchases": goal.target,
             "days": rule.days,
-            "reward_points": str(goal.reward),
-            "reward_value": str(goal.reward * programme.point_value),
+            "reward_points": str(goal.reward.quantize(CENT)),
+            "reward_value": str((goal.reward * programme.point_value).quantize(CENT)),
             "due_date": goal.due_at.date().isoformat(),
         },
     )
