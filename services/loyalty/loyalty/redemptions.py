@@ -28,17 +28,27 @@ def request_hash(redemption_in: RedemptionCreate) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
+def _money(value: Decimal) -> Decimal:
+    """Cents, or up to 4 places when the amount has them: the same text for a fresh answer and a replay."""
+    cents = value.quantize(MONEY_CENT)
+    return cents if cents == value else value.quantize(Decimal("0.0001"))
+
+
+def _points(value: Decimal | None) -> Decimal | None:
+    return None if value is None else value.quantize(MONEY_CENT)
+
+
 def to_read(r: RedemptionState) -> RedemptionRead:
     return RedemptionRead(
         redemption_id=r.redemption_id,
         customer_id=r.customer_id,
         status=r.status,
-        check_amount=r.check_amount,
-        points_requested=r.points_requested,
-        points_applied=r.points_applied,
-        money_applied=r.money_applied,
-        points_returned=r.points_returned,
-        balance=r.balance_after,
+        check_amount=_money(r.check_amount),
+        points_requested=_points(r.points_requested),
+        points_applied=_points(r.points_applied),
+        money_applied=_money(r.money_applied),
+        points_returned=_points(r.points_returned),
+        balance=_points(r.balance_after),
         order_id=r.order_id,
         created_at=r.created_at,
         cancelled_at=r.cancelled_at,
