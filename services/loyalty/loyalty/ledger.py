@@ -19,7 +19,7 @@ from datetime import date, datetime, timedelta
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
 from typing import Any
 
-from crm_common import outbox, serde
+from crm_common import outbox
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loyalty.errors import InsufficientPoints
@@ -140,12 +140,15 @@ class Book:
         ids = sorted(set(wanted) - self.accounts.keys())
         created: set[str] = set()
         if ids:
-            if create:
-                created = await self.repo.insert_accounts(
-                    ids, [new_referral_code() for _ in ids], self.now
-                )
             for row in await self.repo.lock_accounts(ids):
                 self.accounts[row[0]] = AccountState(*row)
+            missing = [cid for cid in ids if cid not in self.accounts]
+            if missing and create:
+                codes = [new_referral_code() for _ in missing]
+                created = await self.repo.insert_accounts(missing, codes, self.now)
+                # Lock again: an account created concurrently by another transaction is not ours yet.
+                for row in await self.repo.lock_accounts(missing):
+                    self.accounts[row[0]] = AccountState(*row)
         bonus = self.programme.welcome_bonus
         for cid in sorted(created):
             if bonus > 0:
@@ -213,7 +216,7 @@ class Book:
                 lot_id,
                 order_id,
                 redemption_id,
-                serde.dumps(data).decode(),
+                data,
             )
         )
         if event_type:
