@@ -277,10 +277,13 @@ class Dispatcher:
                     up |= {"state": "failed", "reason": f"provider_rejected: {r.error}"[:1000]}
                 elif m.attempts + 1 >= s.max_attempts:
                     up |= {"state": "failed", "reason": f"retries_exhausted: {r.error}"[:1000]}
+                elif r.outcome == "unavailable":
+                    # Not tried: the breaker is open. Look again when it lets a probe through.
+                    delay = timedelta(seconds=s.breaker_cooldown_s * random.uniform(1.0, 1.5))
+                    up |= {"state": "queued", "reason": r.error, "next_attempt_at": now + delay, "inc": 0}
                 else:
-                    state = "queued" if r.outcome == "unavailable" else "retrying"
                     up |= {
-                        "state": state,
+                        "state": "retrying",
                         "reason": r.error,
                         "next_attempt_at": now + self._park_delay(m.attempts),
                     }

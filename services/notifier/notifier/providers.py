@@ -14,12 +14,17 @@ import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from email.message import EmailMessage
+from email.policy import SMTP
 from email.utils import formataddr, parseaddr
 from typing import Any, Literal
 
 import aiosmtplib
 import httpx
 import orjson
+
+# Long unsubscribe URLs must stay one header line (RFC 5322 allows 998); the default folding at
+# 78 would encode them as RFC 2047 words, which mail clients do not parse as a List-Unsubscribe URL.
+MAIL_POLICY = SMTP.clone(max_line_length=998)
 
 Outcome = Literal["ok", "transient", "permanent", "unavailable"]
 
@@ -376,10 +381,11 @@ class EmailProvider(Provider):
         self.unsubscribe_mailto = unsubscribe_mailto
         domain = parseaddr(sender)[1].rpartition("@")[2] or "localhost"
         self.domain = domain
+        self.envelope_from = parseaddr(sender)[1] or sender
 
     def build(self, out: Outbound) -> EmailMessage:
         """The MIME message: text and optional HTML, one-click unsubscribe headers (RFC 2369, RFC 8058)."""
-        msg = EmailMessage()
+        msg = EmailMessage(policy=MAIL_POLICY)
         msg["From"] = self.sender
         msg["To"] = formataddr(("", out.to))
         msg["Subject"] = out.subject or ""
@@ -400,8 +406,11 @@ class EmailProvider(Provider):
     async def _send_once(self, out: Outbound) -> tuple[str | None, Decimal | None]:
         msg = self.build(out)
         try:
+            # Flattened here, not by aiosmtplib, so our header policy (no folding of the URL) holds.
             await aiosmtplib.send(
-                msg,
+                msg.as_bytes(policy=MAIL_POLICY),
+                sender=self.envelope_from,
+                recipients=[out.to],
                 hostname=self.host,
                 port=self.port,
                 username=self.username,
