@@ -270,7 +270,11 @@ async def provider_callback(
     try:
         data = CallbackIn.model_validate(orjson.loads(body))
     except (orjson.JSONDecodeError, ValidationError) as exc:
-        details = exc.errors(include_input=False) if isinstance(exc, ValidationError) else str(exc)
+        details = (
+            [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+            if isinstance(exc, ValidationError)
+            else str(exc)
+        )
         raise InvalidInput("invalid callback body", details=details) from None
     result = await apply_callback(
         session=session, provider=provider, body=data.model_dump(), now=runtime.clock.now()
