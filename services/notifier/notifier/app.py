@@ -47,6 +47,11 @@ async def expire_messages(session: AsyncSession, now: datetime) -> int:
     return len(rows)
 
 
+async def release_stale_leases(session: AsyncSession, now: datetime) -> int:
+    """Sweep: messages whose dispatcher died while sending go back to the queue (sent again)."""
+    return await NotifierRepository(session).release_stale_leases(now)
+
+
 def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
     """Build the app; the lifespan creates the engine, producer, consumer, relay and dispatcher."""
     settings = settings or Settings()
@@ -78,6 +83,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             make_handler(policy=policy, clock=runtime.clock, wake=dispatcher.wake),
         )
         runtime.add_sweep("expire_messages", 30, expire_messages)
+        runtime.add_sweep("release_stale_leases", 60, release_stale_leases)
         if settings.dispatcher_enabled:
             dispatcher.start()
 

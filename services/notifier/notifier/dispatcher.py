@@ -280,7 +280,12 @@ class Dispatcher:
                 elif r.outcome == "unavailable":
                     # Not tried: the breaker is open. Look again when it lets a probe through.
                     delay = timedelta(seconds=s.breaker_cooldown_s * random.uniform(1.0, 1.5))
-                    up |= {"state": "queued", "reason": r.error, "next_attempt_at": now + delay, "inc": 0}
+                    up |= {
+                        "state": "queued",
+                        "reason": r.error,
+                        "next_attempt_at": now + delay,
+                        "inc": 0,
+                    }
                 else:
                     up |= {
                         "state": "retrying",

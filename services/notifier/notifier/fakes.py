@@ -89,7 +89,9 @@ class FakeHttpProvider:
 
     async def _open(self) -> None:
         if self._server is None:
-            self._server = await asyncio.start_server(self._serve, self.host, self.port, reuse_address=True, backlog=1024)
+            self._server = await asyncio.start_server(
+                self._serve, self.host, self.port, reuse_address=True, backlog=1024
+            )
             self.port = self._server.sockets[0].getsockname()[1]
 
     async def _close(self) -> None:
@@ -129,7 +131,13 @@ class FakeHttpProvider:
                     if status < 300:
                         self.received.append(Received(method, path, headers, body))
                 payload = (
-                    orjson.dumps({"id": f"p-{n}", "name": f"projects/fake/messages/{n}", "status": "accepted"})
+                    orjson.dumps(
+                        {
+                            "id": f"p-{n}",
+                            "name": f"projects/fake/messages/{n}",
+                            "status": "accepted",
+                        }
+                    )
                     if status < 300
                     else orjson.dumps({"error": {"code": status, "status": "SCRIPTED"}})
                 )
@@ -138,7 +146,12 @@ class FakeHttpProvider:
                     % (status, len(payload), payload)
                 )
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError, asyncio.LimitOverrunError):
+        except (
+            asyncio.IncompleteReadError,
+            ConnectionError,
+            ValueError,
+            asyncio.LimitOverrunError,
+        ):
             pass
         finally:
             self._writers.discard(writer)

@@ -164,12 +164,11 @@ class NotifierRepository:
         return {r[0]: int(r[1]) for r in rows}
 
     async def claim_due(self, *, now: datetime, lease_until: datetime, limit: int) -> list[Message]:
-        """Take due messages (and ones whose lease ran out) for sending; other replicas skip them."""
+        """Lease due messages for sending; other replicas skip the rows locked here."""
         stmt = text(
             "UPDATE messages m SET state = 'sending', lease_until = :lease, updated_at = :now "
             "FROM (SELECT id FROM messages "
-            "      WHERE (state IN ('pending','deferred','queued','retrying') AND next_attempt_at <= :now) "
-            "         OR (state = 'sending' AND lease_until < :now) "
+            "      WHERE state IN ('pending','deferred','queued','retrying') AND next_attempt_at <= :now "
             "      ORDER BY next_attempt_at LIMIT :limit FOR UPDATE SKIP LOCKED) due "
             "WHERE m.id = due.id RETURNING m.*"
         )
@@ -177,6 +176,17 @@ class NotifierRepository:
             select(Message).from_statement(stmt), {"now": now, "lease": lease_until, "limit": limit}
         )
         return list(result.scalars())
+
+    async def release_stale_leases(self, now: datetime) -> int:
+        """Hand messages leased by a dispatcher that died mid-send back to the queue."""
+        result = await self.session.execute(
+            text(
+                "UPDATE messages SET state = 'retrying', reason = 'lease expired', next_attempt_at = :now, "
+                "lease_until = NULL, updated_at = :now WHERE state = 'sending' AND lease_until < :now"
+            ),
+            {"now": now},
+        )
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
     async def settle(self, rows: list[dict[str, Any]], now: datetime) -> None:
         """Write the outcome of claimed messages in one statement."""

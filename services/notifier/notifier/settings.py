@@ -35,7 +35,8 @@ class Settings(BaseServiceSettings):
     dispatcher_enabled: bool = True
     dispatch_batch_size: int = 200
     dispatch_workers: int = 2
-    dispatch_concurrency: int = 64
+    # Sends in flight per process; httpx scans its whole pool per request, so more is not faster.
+    dispatch_concurrency: int = 32
     dispatch_poll_interval_s: float = 0.5
     dispatch_lease_s: float = 300
     # In-process retries of one send on transient errors, with exponential backoff and jitter.

@@ -6,7 +6,8 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import datetime
-from email import message_from_bytes, policy as email_policy
+from email import message_from_bytes
+from email import policy as email_policy
 from email.message import Message as MimeMessage
 from typing import Any
 
@@ -14,7 +15,6 @@ import httpx
 import pytest
 import pytest_asyncio
 from aiosmtpd.controller import Controller
-
 from crm_common.clock import ManualClock
 from crm_common.contract.events import CustomerUpdatedProps
 from crm_common.infra import free_port
@@ -68,7 +68,14 @@ def provider(provider_server: FakeHttpProvider) -> FakeHttpProvider:
     return provider_server
 
 
-def make_settings(url: str, broker: Any, topic_prefix: str, smtp_port: int, provider: FakeHttpProvider, **overrides: Any) -> Settings:
+def make_settings(
+    url: str,
+    broker: Any,
+    topic_prefix: str,
+    smtp_port: int,
+    provider: FakeHttpProvider,
+    **overrides: Any,
+) -> Settings:
     values: dict[str, Any] = {
         "database_url": url,
         "kafka_bootstrap_servers": broker.bootstrap,
@@ -94,7 +101,9 @@ def make_settings(url: str, broker: Any, topic_prefix: str, smtp_port: int, prov
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def start_app(make_database, broker, topic_prefix, smtp, provider, clock) -> Callable[..., Any]:
+async def start_app(
+    make_database, broker, topic_prefix, smtp, provider, clock
+) -> Callable[..., Any]:
     """`async with start_app(**settings) as (client, app)`: the notifier on a fresh database."""
 
     @asynccontextmanager
@@ -108,21 +117,43 @@ async def start_app(make_database, broker, topic_prefix, smtp, provider, clock) 
     return _start
 
 
-async def seed_contact(app: Any, customer_id: str, at: datetime | None = None, **props: Any) -> None:
+async def seed_contact(
+    app: Any, customer_id: str, at: datetime | None = None, **props: Any
+) -> None:
     """Apply a customer_updated the way the consumer does (for tests that do not need Kafka)."""
     runtime = app.state.runtime
     async with runtime.sessionmaker() as session:
         await apply_customer_updates(
             repo=NotifierRepository(session),
-            updates=[(customer_id, CustomerUpdatedProps.model_validate(props), at or runtime.clock.now())],
+            updates=[
+                (customer_id, CustomerUpdatedProps.model_validate(props), at or runtime.clock.now())
+            ],
         )
         await session.commit()
 
 
-async def add_template(client: httpx.AsyncClient, key: str, channel: str, *, body: str, subject: str | None = None, html: str | None = None, variables: list[str] | None = None, locale: str = "en") -> dict[str, Any]:
+async def add_template(
+    client: httpx.AsyncClient,
+    key: str,
+    channel: str,
+    *,
+    body: str,
+    subject: str | None = None,
+    html: str | None = None,
+    variables: list[str] | None = None,
+    locale: str = "en",
+) -> dict[str, Any]:
     r = await client.post(
         "/v1/templates",
-        json={"key": key, "channel": channel, "locale": locale, "subject": subject, "body": body, "html": html, "variables": variables or []},
+        json={
+            "key": key,
+            "channel": channel,
+            "locale": locale,
+            "subject": subject,
+            "body": body,
+            "html": html,
+            "variables": variables or [],
+        },
     )
     assert r.status_code == 201, r.text
     return r.json()
