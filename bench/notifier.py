@@ -159,7 +159,7 @@ async def run(pg: PostgresServer, provider_url: str) -> tuple[float, float, dict
     )
     started = time.perf_counter()
     dispatcher.start()
-    while dispatcher.stats.sent + dispatcher.stats.failed + dispatcher.stats.parked < N:
+    while dispatcher.stats.sent + dispatcher.stats.failed + dispatcher.stats.parked < N:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
     elapsed = time.perf_counter() - started
     await dispatcher.stop()
@@ -204,14 +204,17 @@ def main() -> None:
             fake.wait(10)
             pg.stop()
     print(
-        f"messages: {N}, concurrency: {CONCURRENCY}, cores: {os.cpu_count()} (shared machine, other work running)"
+        f"messages: {N}, concurrency: {CONCURRENCY}, cores: {os.cpu_count()} "
+        "(shared machine, other work running)"
     )
     print(f"bare httpx loop: {bare:,.0f} requests/s")
     print(
-        f"notifier dispatcher: {rate:,.0f} messages/s (claim, render, send, record state + attempt + outbox event)"
+        f"notifier dispatcher: {rate:,.0f} messages/s "
+        "(claim, render, send, record state + attempt + outbox event)"
     )
     print(
-        f"final states: {info['states']}, outbox events: {info['outbox_events']}, dispatcher passes: {info['passes']}"
+        f"final states: {info['states']}, outbox events: {info['outbox_events']}, "
+        f"dispatcher passes: {info['passes']}"
     )
     print(f"BENCH notifier_messages_per_s {rate:.0f} ratio={rate / bare:.2f}")
 

@@ -331,7 +331,8 @@ async def unsubscribe_now(
         session=session, signer=notifier.signer, token=token, now=runtime.clock.now()
     )
     return HTMLResponse(
-        f"<!doctype html><html><body><p>You are unsubscribed from {result['channel']} messages.</p></body></html>"
+        "<!doctype html><html><body>"
+        f"<p>You are unsubscribed from {result['channel']} messages.</p></body></html>"
     )
 
 

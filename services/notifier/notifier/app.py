@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     app = create_service_app(
         settings=settings,
         title="CRM notifier",
-        description="Contacts and consents, templates, and delivery of e-mail, SMS and push through real providers.",
+        description="Contacts and consents, templates, and delivery of e-mail, SMS and push.",
         routers=[router, public],
         configure=configure,
         clock=clock,

@@ -1,4 +1,4 @@
-"""Delivery events: recorded once per id in message_events and published on crm.deliveries.v1 via the outbox."""
+"""Delivery events: recorded once per id and published on crm.deliveries.v1 via the outbox."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The dispatcher: claims due messages (FOR UPDATE SKIP LOCKED), sends them concurrently, records outcomes.
+"""The dispatcher: claims due messages (SKIP LOCKED), sends them concurrently, records outcomes.
 
 Network I/O never happens inside a consumer transaction: the consumer records the message and
 its decision, and this loop does the sending in three steps per batch: claim (short transaction,

@@ -1,4 +1,4 @@
-"""A scriptable HTTP provider on loopback (SMS API and FCM-shaped push) for tests, the demo and the bench.
+"""A scriptable HTTP provider on loopback (SMS API, FCM-shaped push) for tests, demo and bench.
 
 It is a real HTTP/1.1 server (asyncio, keep-alive) running in its own thread, or its own process
 with `python -m notifier.fakes --port N`. A test scripts it: `script([500, 500])` answers 500
@@ -142,8 +142,8 @@ class FakeHttpProvider:
                     else orjson.dumps({"error": {"code": status, "status": "SCRIPTED"}})
                 )
                 writer.write(
-                    b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                    % (status, len(payload), payload)
+                    b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (status, len(payload), payload)
                 )
                 await writer.drain()
         except (

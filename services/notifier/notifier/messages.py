@@ -1,4 +1,4 @@
-"""Accept message requests: record each once with its dispatch decision; the dispatcher does the I/O."""
+"""Accept message requests: record each once with its decision; the dispatcher does the I/O."""
 
 from __future__ import annotations
 

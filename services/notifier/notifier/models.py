@@ -1,4 +1,4 @@
-"""Tables owned by the notifier service: contacts, templates, messages, attempts and delivery events."""
+"""Tables of the notifier: contacts, templates, messages, attempts and delivery events."""
 
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ class DeliveryAttempt(Base):
 
 
 class MessageEvent(Base):
-    """A delivery event of a message (also published on crm.deliveries.v1); the id dedupes repeats."""
+    """A delivery event of a message (also on crm.deliveries.v1); the id dedupes repeats."""
 
     __tablename__ = "message_events"
     id: Mapped[str] = mapped_column(String(300), primary_key=True)

@@ -1,4 +1,4 @@
-"""The dispatch decision: channel by consent, preference and cost; quiet hours; expiry; frequency cap."""
+"""The dispatch decision: channel by consent, preference and cost; quiet hours; expiry; cap."""
 
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def quiet_until(*, now: datetime, tz: ZoneInfo, start: time, end: time) -> datet
 def decide(
     *, msg: Any, contact: Any, now: datetime, template_channels: set[str], policy: Policy
 ) -> Decision:
-    """What to do with a message now: send on a channel, defer until a time, suppress, expire or fail."""
+    """What to do with a message now: send on a channel, defer, suppress, expire or fail."""
     if msg.expires_at is not None and msg.expires_at <= now:
         return Decision("expire", msg.channel, "expired")
     if contact is None:

@@ -1,4 +1,4 @@
-"""Delivery providers: e-mail over SMTP, SMS over an HTTP JSON API, push over an FCM-HTTP-v1-shaped API.
+"""Delivery providers: e-mail over SMTP, SMS over an HTTP JSON API, push over an FCM-v1-like API.
 
 Each provider keeps a token-bucket rate limit and a circuit breaker, retries transient errors
 (5xx, 429, timeouts, connection failures) a few times with exponential backoff and full jitter,
@@ -89,7 +89,7 @@ class RateLimiter:
 
 
 class Breaker:
-    """Open after `threshold` transient failures in a row; let a probe through after the cooldown."""
+    """Open after `threshold` transient failures in a row; probe again after the cooldown."""
 
     def __init__(self, threshold: int, cooldown_s: float) -> None:
         self.threshold = threshold
@@ -384,7 +384,7 @@ class EmailProvider(Provider):
         self.envelope_from = parseaddr(sender)[1] or sender
 
     def build(self, out: Outbound) -> EmailMessage:
-        """The MIME message: text and optional HTML, one-click unsubscribe headers (RFC 2369, RFC 8058)."""
+        """The MIME message: text, optional HTML, one-click unsubscribe (RFC 2369, RFC 8058)."""
         msg = EmailMessage(policy=MAIL_POLICY)
         msg["From"] = self.sender
         msg["To"] = formataddr(("", out.to))

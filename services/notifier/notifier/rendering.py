@@ -1,4 +1,4 @@
-"""Templates rendered in Jinja2's sandbox: declared variables checked when saved and when rendered."""
+"""Templates rendered in Jinja2's sandbox; declared variables checked at save and at render."""
 
 from __future__ import annotations
 

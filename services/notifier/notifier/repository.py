@@ -150,12 +150,13 @@ class NotifierRepository:
     async def marketing_counts(
         self, customer_ids: Sequence[str], since: datetime
     ) -> dict[str, int]:
-        """Marketing messages per customer since a time that were not suppressed, expired or failed."""
+        """Marketing messages per customer since a time, not suppressed, expired or failed."""
         if not customer_ids:
             return {}
         rows = await self.session.execute(
             text(
-                "SELECT customer_id, count(*) FROM messages WHERE customer_id = ANY(CAST(:ids AS text[])) "
+                "SELECT customer_id, count(*) FROM messages WHERE customer_id = ANY(CAST(:ids AS "
+                "text[])) "
                 "AND kind = 'marketing' AND created_at > :since "
                 "AND state NOT IN ('suppressed', 'expired', 'failed') GROUP BY customer_id"
             ),
@@ -168,7 +169,8 @@ class NotifierRepository:
         stmt = text(
             "UPDATE messages m SET state = 'sending', lease_until = :lease, updated_at = :now "
             "FROM (SELECT id FROM messages "
-            "      WHERE state IN ('pending','deferred','queued','retrying') AND next_attempt_at <= :now "
+            "      WHERE state IN ('pending','deferred','queued','retrying') AND next_attempt_at "
+            "<= :now "
             "      ORDER BY next_attempt_at LIMIT :limit FOR UPDATE SKIP LOCKED) due "
             "WHERE m.id = due.id RETURNING m.*"
         )
@@ -181,8 +183,10 @@ class NotifierRepository:
         """Hand messages leased by a dispatcher that died mid-send back to the queue."""
         result = await self.session.execute(
             text(
-                "UPDATE messages SET state = 'retrying', reason = 'lease expired', next_attempt_at = :now, "
-                "lease_until = NULL, updated_at = :now WHERE state = 'sending' AND lease_until < :now"
+                "UPDATE messages SET state = 'retrying', reason = 'lease expired', "
+                "next_attempt_at = :now, "
+                "lease_until = NULL, updated_at = :now WHERE state = 'sending' AND lease_until < "
+                ":now"
             ),
             {"now": now},
         )
@@ -194,16 +198,22 @@ class NotifierRepository:
             return
         await self.session.execute(
             text(
-                "UPDATE messages m SET state = u.state, reason = u.reason, channel = COALESCE(u.channel, m.channel), "
+                "UPDATE messages m SET state = u.state, reason = u.reason, channel = "
+                "COALESCE(u.channel, m.channel), "
                 "provider = COALESCE(u.provider, m.provider), "
-                "provider_message_id = COALESCE(u.pid, m.provider_message_id), cost = COALESCE(u.cost, m.cost), "
-                "sent_at = COALESCE(u.sent_at, m.sent_at), next_attempt_at = u.next_at, lease_until = NULL, "
+                "provider_message_id = COALESCE(u.pid, m.provider_message_id), cost = "
+                "COALESCE(u.cost, m.cost), "
+                "sent_at = COALESCE(u.sent_at, m.sent_at), next_attempt_at = u.next_at, "
+                "lease_until = NULL, "
                 "attempts = m.attempts + u.inc, "
                 "updated_at = :now "
-                "FROM unnest(CAST(:ids AS text[]), CAST(:states AS text[]), CAST(:reasons AS text[]), "
+                "FROM unnest(CAST(:ids AS text[]), CAST(:states AS text[]), CAST(:reasons AS "
+                "text[]), "
                 "CAST(:channels AS text[]), CAST(:providers AS text[]), CAST(:pids AS text[]), "
-                "CAST(:costs AS numeric[]), CAST(:sent AS timestamptz[]), CAST(:next AS timestamptz[]), "
-                "CAST(:incs AS int[])) AS u(id, state, reason, channel, provider, pid, cost, sent_at, next_at, inc) "
+                "CAST(:costs AS numeric[]), CAST(:sent AS timestamptz[]), CAST(:next AS "
+                "timestamptz[]), "
+                "CAST(:incs AS int[])) AS u(id, state, reason, channel, provider, pid, cost, "
+                "sent_at, next_at, inc) "
                 "WHERE m.id = u.id AND m.state = 'sending'"
             ),
             {
@@ -228,10 +238,12 @@ class NotifierRepository:
     async def expire_open(
         self, now: datetime
     ) -> list[tuple[str, str, str | None, str | None, str | None]]:
-        """Set every open message past its expiry to expired; return (id, customer, channel, campaign, offer)."""
+        """Expire every open message past its expiry; return (id, customer, channel, campaign, "
+        "offer)."""
         rows = await self.session.execute(
             text(
-                "UPDATE messages SET state = 'expired', reason = 'expired', next_attempt_at = NULL, updated_at = :now "
+                "UPDATE messages SET state = 'expired', reason = 'expired', next_attempt_at = "
+                "NULL, updated_at = :now "
                 "WHERE state IN ('pending','deferred','queued','retrying') AND expires_at <= :now "
                 "RETURNING id, customer_id, channel, campaign_id, offer_id"
             ),

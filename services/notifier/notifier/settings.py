@@ -14,7 +14,7 @@ class Settings(BaseServiceSettings):
     service_name: str = "notifier"
     database_url: str = "postgresql+asyncpg://crm:crm@127.0.0.1:55432/notifier"
 
-    # Public base URL of this service: tracking pixels, click redirects and unsubscribe links point here.
+    # Public base URL of this service: tracking pixels, click redirects and unsubscribe links.
     public_base_url: str = "http://127.0.0.1:8005"
     # Secret for tracking and unsubscribe tokens (HMAC-SHA256); set a real one in production.
     token_secret: str = "dev-notifier-token-secret"
@@ -27,7 +27,7 @@ class Settings(BaseServiceSettings):
     quiet_hours_for_transactional: bool = False
     marketing_cap: int = 3
     marketing_cap_days: int = 7
-    # A request for a customer whose contact data has not arrived yet waits this long, then is suppressed.
+    # A request for a customer without contact data waits this long, then is suppressed.
     contact_wait_s: float = 600
     contact_recheck_s: float = 30
 

@@ -1,4 +1,4 @@
-"""Template management: create, replace, delete, preview; every save is checked against its variables."""
+"""Template management: create, replace, delete, preview; each save checks its variables."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Signed tokens for tracking and unsubscribe links, and HMAC checks of provider callbacks (stdlib hmac)."""
+"""Signed tokens for tracking and unsubscribe links; HMAC checks of provider callbacks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Signed links (open pixel, click redirect, one-click unsubscribe) and provider delivery callbacks."""
+"""Signed links (open pixel, click redirect, one-click unsubscribe) and provider callbacks."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ class Links:
         self.signer = signer
 
     def unsubscribe_url(self, message_id: str, customer_id: str, channel: str) -> str:
-        return f"{self.base}/v1/unsubscribe/{self.signer.sign(UNSUBSCRIBE, {'m': message_id, 'c': customer_id, 'ch': channel})}"
+        token = self.signer.sign(UNSUBSCRIBE, {"m": message_id, "c": customer_id, "ch": channel})
+        return f"{self.base}/v1/unsubscribe/{token}"
 
     def open_url(self, message_id: str) -> str:
         return f"{self.base}/v1/t/o/{self.signer.sign(OPEN, {'m': message_id})}"
@@ -48,7 +49,8 @@ class Links:
             return f"href={m.group(1)}{escape(self.click_url(message_id, url))}{m.group(1)}"
 
         out = _HREF.sub(_swap, html)
-        pixel = f'<img src="{escape(self.open_url(message_id))}" width="1" height="1" alt="" style="display:none">'
+        src = escape(self.open_url(message_id))
+        pixel = f'<img src="{src}" width="1" height="1" alt="" style="display:none">'
         idx = out.lower().rfind("</body>")
         return out[:idx] + pixel + out[idx:] if idx >= 0 else out + pixel
 

@@ -1,4 +1,4 @@
-"""Fixtures: a real SMTP server (aiosmtpd), a scriptable HTTP provider on loopback, the app under test."""
+"""Fixtures: a real SMTP server (aiosmtpd), a scriptable HTTP provider, the app under test."""
 
 from __future__ import annotations
 
@@ -171,7 +171,7 @@ def wake(app: Any) -> None:
 
 @pytest.fixture
 def clock() -> ManualClock:
-    # Monday 2026-01-05 12:00 UTC: daytime in UTC, 07:00 in New York (quiet), 21:00 in Tokyo (quiet).
+    # Monday 2026-01-05 12:00 UTC: daytime in UTC, 07:00 (quiet) in New York.
     from datetime import UTC
 
     return ManualClock(datetime(2026, 1, 5, 12, 0, tzinfo=UTC))

@@ -1,4 +1,4 @@
-"""Provider delivery callbacks are HMAC-signed; a bad signature is refused, a good one marks delivery."""
+"""Provider callbacks are HMAC-signed; a bad signature is refused, a good one marks delivery."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Through the real broker: contacts from crm.events.v1, requests from crm.messages.v1, events out."""
+"""Through the broker: contacts from crm.events.v1, requests from crm.messages.v1, events out."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ async def test_requests_from_kafka_deliver_once_respect_consent_and_publish_deli
 ):
     now = clock.now()
     events_topic, messages_topic = topic_prefix + "crm.events.v1", topic_prefix + "crm.messages.v1"
-    async with start_app(consumers_enabled=True) as (client, app):
+    async with start_app(consumers_enabled=True) as (client, _app):
         await add_template(
             client,
             "promo",
@@ -72,7 +72,7 @@ async def test_requests_from_kafka_deliver_once_respect_consent_and_publish_deli
                 },
             ],
         )
-        # Contacts and requests travel on different topics; like production, the requests come later.
+        # Contacts and requests travel on different topics; as in production, requests come later.
         await eventually(
             lambda: _granted(client, "bob", "email", False), timeout=30, what="contacts applied"
         )
@@ -93,7 +93,7 @@ async def test_requests_from_kafka_deliver_once_respect_consent_and_publish_deli
             a, b = await _state(client, "req-ann"), await _state(client, "req-bob")
             return (a, b) if a.get("state") == "sent" and b.get("state") == "suppressed" else None
 
-        ann, bob = await eventually(settled, timeout=30, what="ann sent, bob suppressed")
+        _ann, bob = await eventually(settled, timeout=30, what="ann sent, bob suppressed")
         assert bob["reason"] == "no_consented_channel"
         assert [b["text"] for b in provider.bodies("/v1/sms") if b["reference"] == "req-ann"] == [
             "Hi Ann: 20% off"

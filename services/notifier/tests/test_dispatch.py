@@ -67,7 +67,7 @@ async def test_provider_down_for_a_while_gets_every_parked_message_later(
     async with start_app() as (client, app):
         await add_template(client, "receipt", "sms", body="Receipt {{ n }}", variables=["n"])
         ids = [f"park-{i}" for i in range(8)]
-        for i, mid in enumerate(ids):
+        for i in range(len(ids)):
             await seed_contact(app, f"c{i}", phone=f"+1415555{i:04d}")
         provider.down()
         for i, mid in enumerate(ids):

@@ -1,4 +1,4 @@
-"""Templates: declared variables checked at save and at render, sandboxed rendering, preview, CRUD."""
+"""Templates: declared variables checked at save and render; sandbox, preview, CRUD."""
 
 from __future__ import annotations
 
