@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib
 import inspect
 import logging
 import time
 from collections.abc import Callable
 
-from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy.exc import InterfaceError, OperationalError
-
 from crm_common.kafka import ensure_topics
 from crm_common.migrations import upgrade
 from crm_common.settings import ALL_TOPICS, SERVICE_PORTS, BaseServiceSettings
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 log = logging.getLogger("crm.init")
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         create_topics(service_settings("ingest"))
     for service in services:
         url = service_settings(service).database_url
-        retrying(f"migrate {service}", lambda url=url, service=service: upgrade(service, url), wait_s=job.init_wait_s)
+        retrying(f"migrate {service}", functools.partial(upgrade, service, url), wait_s=job.init_wait_s)
         log.info("migrated %s", service)
     if job.bootstrap_api_key and "ingest" in services:
         if seed_bootstrap_key(service_settings("ingest").database_url, job.bootstrap_api_key):
