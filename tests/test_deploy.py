@@ -552,6 +552,9 @@ def test_k8s_migration_job_runs_init_without_topics_and_reaches_only_the_databas
         job = by_kind(docs, "Job")[INIT_JOB]
         (container,) = job["spec"]["template"]["spec"]["containers"]
         assert container["command"] == ["python", "deploy/init.py", "--skip-topics"]
+        # The Job migrates for exactly the code the Deployments run.
+        images = {d["spec"]["template"]["spec"]["containers"][0]["image"] for d in by_kind(docs, "Deployment").values()}
+        assert images == {container["image"]}
         assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
         policy = by_kind(docs, "NetworkPolicy")[INIT_JOB]["spec"]
         targets = [p.get("podSelector", {}).get("matchLabels", {}) for r in policy["egress"] for p in r["to"]]
