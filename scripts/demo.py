@@ -209,7 +209,7 @@ def main() -> None:
             if r1.status_code in (200, 201):
                 b = r1.json()
                 say(f"  redeem on a 40.00 check: {b['points_applied']} points = {b['money_applied']} money "
-                    f"(cap 30% of the check); repeated request answered {r2.status_code} with the same result: "
+                    f"(at most 30% of the check may be paid with points); repeated request answered {r2.status_code} with the same result: "
                     f"{r2.json().get('points_applied') == b['points_applied']}")
             else:
                 say(f"  redemption answered {r1.status_code}: {r1.text[:200]}")
