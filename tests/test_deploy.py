@@ -37,11 +37,12 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer
 from alembic.script import ScriptDirectory
+from pydantic import AliasChoices, AliasPath
+from pydantic_settings import BaseSettings
+
 from crm_common.infra import PG_USER
 from crm_common.migrations import alembic_config
 from crm_common.settings import ALL_TOPICS, SERVICE_PORTS, BaseServiceSettings
-from pydantic import AliasChoices, AliasPath
-from pydantic_settings import BaseSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
