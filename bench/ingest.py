@@ -35,6 +35,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import httpx  # noqa: E402
 import orjson  # noqa: E402
 from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
+
 from crm_common.db import create_engine, create_sessionmaker, session_scope  # noqa: E402
 from crm_common.infra import (  # noqa: E402
     BrokerServer,

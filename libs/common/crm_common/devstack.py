@@ -1,4 +1,4 @@
-"""The embedded default: `python -m crm_common.devstack run|stop|demo`.
+"""The embedded default: `python -m crm_common.devstack run|stop`.
 
 Starts PostgreSQL in `.local/pg` (port CRM_PG_PORT, default 55432), the Tansu broker (port
 CRM_BROKER_PORT, default 19092) unless KAFKA_BOOTSTRAP_SERVERS is set, creates one database per
@@ -184,12 +184,8 @@ def main() -> None:
         run()
     elif cmd == "stop":
         stop()
-    elif cmd == "demo":
-        from crm_common import demo  # type: ignore[attr-defined]
-
-        demo.main()
     else:
-        raise SystemExit(f"unknown command {cmd!r}: run, stop or demo")
+        raise SystemExit(f"unknown command {cmd!r}: run or stop")
 
 
 if __name__ == "__main__":

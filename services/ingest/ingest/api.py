@@ -6,11 +6,11 @@ import uuid
 from typing import Any
 
 import orjson
-from crm_common.contract.events import EventMessage, Source
-from crm_common.errors import Forbidden, NotFound
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from crm_common.contract.events import EventMessage, Source
+from crm_common.errors import Forbidden, NotFound
 from ingest.deps import (
     EventsReader,
     EventsWriter,

@@ -5,12 +5,12 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-from crm_common.clock import Clock
-from crm_common.contract.events import EventIn
-from crm_common.service import ServiceRuntime, create_service_app
 from fastapi import FastAPI
 from pydantic.json_schema import models_json_schema
 
+from crm_common.clock import Clock
+from crm_common.contract.events import EventIn
+from crm_common.service import ServiceRuntime, create_service_app
 from ingest.api import router
 from ingest.keys import KeyCache
 from ingest.ratelimit import RateLimiter

@@ -6,12 +6,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from crm_common.errors import Forbidden, Unauthorized
-from crm_common.service import ServiceRuntime
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from crm_common.errors import Forbidden, Unauthorized
+from crm_common.service import ServiceRuntime
 from ingest.errors import TooManyRequests, database_guard
 from ingest.keys import KeyCache, Principal, authenticate
 from ingest.ratelimit import RateLimiter

@@ -6,9 +6,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from crm_common.errors import CRMError, InvalidInput, PayloadTooLarge, RateLimited, Unavailable
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from crm_common.errors import CRMError, InvalidInput, PayloadTooLarge, RateLimited, Unavailable
 
 
 class MalformedBody(CRMError):

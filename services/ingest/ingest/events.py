@@ -7,10 +7,10 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from crm_common.contract.events import validate_event
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from crm_common.contract.events import validate_event
 from ingest.errors import BodyTooLarge, InvalidEvent, MalformedBody
 from ingest.repository import EventRepository, EventRow
 

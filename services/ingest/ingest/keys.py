@@ -7,10 +7,10 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from crm_common.auth import SCOPES, generate_key, hash_key
-from crm_common.db import create_engine, create_sessionmaker, session_scope
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from crm_common.auth import SCOPES, generate_key, hash_key
+from crm_common.db import create_engine, create_sessionmaker, session_scope
 from ingest.models import ApiKey
 from ingest.repository import KeyRepository
 from ingest.schemas import ApiKeyCreate

@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from crm_common.db import make_base
 from sqlalchemy import (
     BigInteger,
     DateTime,
@@ -20,6 +19,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.orm import Mapped, mapped_column
+
+from crm_common.db import make_base
 
 Base = make_base()
 

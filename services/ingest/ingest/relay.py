@@ -8,10 +8,11 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
+from sqlalchemy import text
+
 from crm_common import metrics
 from crm_common.outbox import OutboxRelay
 from crm_common.settings import TOPIC_EVENTS
-from sqlalchemy import text
 
 
 class TopicMissing(RuntimeError):

@@ -6,10 +6,11 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+
 from crm_common.auth import SCOPES
 from crm_common.contract.events import EventIn, EventMessage, EventType, Source
 from crm_common.contract.types import Name
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Scope = Literal["events:write", "events:read", "replay", "keys:admin"]
 assert set(Scope.__args__) == set(SCOPES)  # type: ignore[attr-defined]

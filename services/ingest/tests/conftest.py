@@ -6,6 +6,8 @@ from typing import Any
 
 import httpx
 import pytest_asyncio
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
 from crm_common.auth import SCOPES
 from crm_common.clock import ManualClock
 from crm_common.db import create_engine, create_sessionmaker, session_scope
@@ -13,7 +15,6 @@ from crm_common.testing.helpers import run_app
 from ingest.app import create_app
 from ingest.keys import add_known_key
 from ingest.settings import Settings
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 POS_KEY = "test-pos-key"
 

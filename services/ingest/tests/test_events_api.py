@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 import orjson
+from sqlalchemy import text
+
 from crm_common.contract.events import EventMessage
 from crm_common.testing.helpers import eventually, read_topic
-from sqlalchemy import text
 
 from .conftest import POS_KEY
 from .factories import custom, purchase

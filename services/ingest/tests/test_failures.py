@@ -6,6 +6,7 @@ import asyncio
 from collections import Counter
 
 import httpx
+
 from crm_common.infra import BrokerServer, free_port
 from crm_common.kafka import ensure_topics
 from crm_common.settings import ALL_TOPICS

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from crm_common.consumer import ConsumerRunner, Record
 from crm_common.db import create_engine, create_sessionmaker, make_base
 from crm_common.infra import free_port
@@ -11,8 +14,6 @@ from crm_common.kafka import make_producer
 from crm_common.testing.helpers import eventually, read_topic, run_app
 from ingest.app import create_app
 from ingest.keys import ensure_bootstrap_key
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from .conftest import ingest_settings
 from .factories import custom, purchase

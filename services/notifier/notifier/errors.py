@@ -1,0 +1,55 @@
+"""Business errors of the notifier; each carries its HTTP status."""
+
+from __future__ import annotations
+
+from crm_common.errors import CRMError, Forbidden, InvalidInput, NotFound, Unauthorized
+
+
+class TemplateInvalid(InvalidInput):
+    code = "template_invalid"
+
+
+class TemplateNotFound(NotFound):
+    code = "template_not_found"
+
+
+class MessageNotFound(NotFound):
+    code = "message_not_found"
+
+
+class ContactNotFound(NotFound):
+    code = "contact_not_found"
+
+
+class RenderFailed(InvalidInput):
+    code = "render_failed"
+
+
+class BadToken(Forbidden):
+    code = "bad_token"
+
+
+class MissingSignature(Unauthorized):
+    code = "missing_signature"
+
+
+class BadSignature(Forbidden):
+    code = "bad_signature"
+
+
+class UnknownProvider(NotFound):
+    code = "unknown_provider"
+
+
+__all__ = [
+    "BadSignature",
+    "BadToken",
+    "CRMError",
+    "ContactNotFound",
+    "MessageNotFound",
+    "MissingSignature",
+    "RenderFailed",
+    "TemplateInvalid",
+    "TemplateNotFound",
+    "UnknownProvider",
+]

@@ -1,0 +1,177 @@
+"""Fixtures: a real SMTP server (aiosmtpd), a scriptable HTTP provider, the app under test."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from email import message_from_bytes
+from email import policy as email_policy
+from email.message import Message as MimeMessage
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+from aiosmtpd.controller import Controller
+from crm_common.clock import ManualClock
+from crm_common.contract.events import CustomerUpdatedProps
+from crm_common.infra import free_port
+from crm_common.testing.helpers import run_app
+from notifier.app import create_app
+from notifier.contacts import apply_customer_updates
+from notifier.fakes import FakeHttpProvider
+from notifier.repository import NotifierRepository
+from notifier.settings import Settings
+
+
+class Mailbox:
+    """An aiosmtpd handler that keeps every accepted message."""
+
+    def __init__(self) -> None:
+        self.messages: list[MimeMessage] = []
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.lock:
+            self.messages.append(message_from_bytes(envelope.content, policy=email_policy.default))
+        return "250 OK"
+
+    def to(self, address: str) -> list[MimeMessage]:
+        return [m for m in list(self.messages) if address in str(m["To"])]
+
+
+@pytest.fixture(scope="session")
+def smtp() -> Iterator[tuple[Mailbox, int]]:
+    box = Mailbox()
+    port = free_port()
+    controller = Controller(box, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield box, port
+    controller.stop()
+
+
+@pytest.fixture(scope="session")
+def provider_server() -> Iterator[FakeHttpProvider]:
+    server = FakeHttpProvider().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def provider(provider_server: FakeHttpProvider) -> FakeHttpProvider:
+    provider_server.up()
+    provider_server.received.clear()
+    provider_server._script.clear()
+    provider_server.default_status = 200
+    return provider_server
+
+
+def make_settings(
+    url: str,
+    broker: Any,
+    topic_prefix: str,
+    smtp_port: int,
+    provider: FakeHttpProvider,
+    **overrides: Any,
+) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": url,
+        "kafka_bootstrap_servers": broker.bootstrap,
+        "topic_prefix": topic_prefix,
+        "log_json": False,
+        "public_base_url": "http://test",
+        "smtp_port": smtp_port,
+        "sms_url": provider.url + "/v1/sms",
+        "push_base_url": provider.url,
+        "send_retry_base_s": 0.01,
+        "send_retry_max_s": 0.05,
+        "breaker_threshold": 3,
+        "breaker_cooldown_s": 0.3,
+        "dispatch_poll_interval_s": 0.1,
+        "sms_rate_per_s": 1000,
+        "email_rate_per_s": 1000,
+        "kafka_consumer_batch_timeout_ms": 100,
+        "sweeps_enabled": False,
+        "consumers_enabled": False,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def start_app(
+    make_database, broker, topic_prefix, smtp, provider, clock
+) -> Callable[..., Any]:
+    """`async with start_app(**settings) as (client, app)`: the notifier on a fresh database."""
+
+    @asynccontextmanager
+    async def _start(**overrides: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+        url = await make_database("notifier")
+        settings = make_settings(url, broker, topic_prefix, smtp[1], provider, **overrides)
+        app = create_app(settings, clock=clock)
+        async with run_app(app) as client:
+            yield client, app
+
+    return _start
+
+
+async def seed_contact(
+    app: Any, customer_id: str, at: datetime | None = None, **props: Any
+) -> None:
+    """Apply a customer_updated the way the consumer does (for tests that do not need Kafka)."""
+    runtime = app.state.runtime
+    async with runtime.sessionmaker() as session:
+        await apply_customer_updates(
+            repo=NotifierRepository(session),
+            updates=[
+                (customer_id, CustomerUpdatedProps.model_validate(props), at or runtime.clock.now())
+            ],
+        )
+        await session.commit()
+
+
+async def add_template(
+    client: httpx.AsyncClient,
+    key: str,
+    channel: str,
+    *,
+    body: str,
+    subject: str | None = None,
+    html: str | None = None,
+    variables: list[str] | None = None,
+    locale: str = "en",
+) -> dict[str, Any]:
+    r = await client.post(
+        "/v1/templates",
+        json={
+            "key": key,
+            "channel": channel,
+            "locale": locale,
+            "subject": subject,
+            "body": body,
+            "html": html,
+            "variables": variables or [],
+        },
+    )
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+async def message_state(client: httpx.AsyncClient, message_id: str) -> dict[str, Any]:
+    r = await client.get(f"/v1/messages/{message_id}")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def wake(app: Any) -> None:
+    app.state.notifier.dispatcher.wake()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    # Monday 2026-01-05 12:00 UTC: daytime in UTC, 07:00 (quiet) in New York.
+    from datetime import UTC
+
+    return ManualClock(datetime(2026, 1, 5, 12, 0, tzinfo=UTC))

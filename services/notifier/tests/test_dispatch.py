@@ -1,0 +1,292 @@
+"""The dispatcher against real providers on loopback: SMTP (aiosmtpd) and an HTTP SMS/push API."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+
+from crm_common.testing.helpers import eventually
+
+from .conftest import add_template, message_state, seed_contact, wake
+
+
+async def _settled(client, ids, states=("sent",)):
+    async def check():
+        rows = [await message_state(client, i) for i in ids]
+        return rows if all(r["state"] in states for r in rows) else None
+
+    return await eventually(check, timeout=15, what=f"messages {ids} in {states}")
+
+
+async def test_sms_answered_500_twice_then_200_is_delivered_once_with_its_cost(start_app, provider):
+    async with start_app(sms_cost_per_message="0.07") as (client, app):
+        await seed_contact(app, "c1", phone="+14155550101", consents={"sms": True})
+        await add_template(client, "hello", "sms", body="Hi {{ name }}", variables=["name"])
+        provider.script([500, 500])
+        r = await client.post(
+            "/v1/messages",
+            json={
+                "id": "m-500",
+                "customer_id": "c1",
+                "template": "hello",
+                "kind": "marketing",
+                "variables": {"name": "Ann"},
+            },
+        )
+        assert r.status_code == 202, r.text
+        [msg] = await _settled(client, ["m-500"])
+        sms = [b for b in provider.bodies("/v1/sms") if b.get("reference") == "m-500"]
+        assert len(sms) == 1 and sms[0]["text"] == "Hi Ann" and sms[0]["to"] == "+14155550101"
+        assert Decimal(msg["cost"]) == Decimal("0.07")
+        assert (
+            msg["delivery_attempts"][0]["tries"] == 3
+            and msg["delivery_attempts"][0]["outcome"] == "ok"
+        )
+        assert [e["status"] for e in msg["events"]] == ["sent"]
+
+
+async def test_permanent_provider_error_fails_without_retry(start_app, provider):
+    async with start_app() as (client, app):
+        await seed_contact(app, "c1", phone="+14155550101")
+        await add_template(client, "code", "sms", body="Your code")
+        provider.script([400, 200])
+        await client.post(
+            "/v1/messages", json={"id": "m-400", "customer_id": "c1", "template": "code"}
+        )
+        [msg] = await _settled(client, ["m-400"], states=("failed",))
+        assert (
+            msg["reason"].startswith("provider_rejected")
+            and msg["delivery_attempts"][0]["tries"] == 1
+        )
+        assert not [b for b in provider.bodies("/v1/sms") if b.get("reference") == "m-400"]
+
+
+async def test_provider_down_for_a_while_gets_every_parked_message_later(
+    start_app, provider, clock
+):
+    async with start_app() as (client, app):
+        await add_template(client, "receipt", "sms", body="Receipt {{ n }}", variables=["n"])
+        ids = [f"park-{i}" for i in range(8)]
+        for i in range(len(ids)):
+            await seed_contact(app, f"c{i}", phone=f"+1415555{i:04d}")
+        provider.down()
+        for i, mid in enumerate(ids):
+            r = await client.post(
+                "/v1/messages",
+                json={
+                    "id": mid,
+                    "customer_id": f"c{i}",
+                    "template": "receipt",
+                    "variables": {"n": i},
+                },
+            )
+            assert r.status_code == 202
+        parked = await _settled(client, ids, states=("retrying", "queued"))
+        assert all(m["next_attempt_at"] and m["sent_at"] is None for m in parked)
+        status = (await client.get("/v1/providers")).json()
+        sms = next(p for p in status if p["name"] == "sms")
+        assert sms["state"] in ("down", "probing") and sum(sms["waiting"].values()) == len(ids)
+        provider.up()
+
+        async def breaker_lets_probes_through():
+            status = (await client.get("/v1/providers")).json()
+            return next(p for p in status if p["name"] == "sms")["state"] != "down"
+
+        await eventually(breaker_lets_probes_through, what="breaker cooldown")
+        clock.advance(hours=1)
+        wake(app)
+        await _settled(client, ids)
+        refs = sorted(
+            b["reference"]
+            for b in provider.bodies("/v1/sms")
+            if b.get("reference", "").startswith("park-")
+        )
+        assert refs == sorted(ids)
+
+
+async def test_email_goes_over_smtp_with_one_click_unsubscribe_headers_and_tracking(
+    start_app, smtp, provider
+):
+    box, _ = smtp
+    async with start_app() as (client, app):
+        await seed_contact(
+            app, "e1", email="ann@example.org", consents={"email": True}, first_name="Ann"
+        )
+        await add_template(
+            client,
+            "promo",
+            "email",
+            subject="Hello {{ customer.first_name }}",
+            body="Wine: {{ wine }}",
+            html='<html><body><a href="https://shop.example/wine?x=1">{{ wine }}</a></body></html>',
+            variables=["wine"],
+        )
+        await client.post(
+            "/v1/messages",
+            json={
+                "id": "em-1",
+                "customer_id": "e1",
+                "template": "promo",
+                "kind": "marketing",
+                "variables": {"wine": "Rioja"},
+            },
+        )
+        await _settled(client, ["em-1"])
+        [mail] = box.to("ann@example.org")
+        assert mail["Subject"] == "Hello Ann"
+        assert mail["List-Unsubscribe"].startswith("<http://test/v1/unsubscribe/")
+        assert mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        html = next(p for p in mail.walk() if p.get_content_type() == "text/html").get_content()
+        assert "shop.example" not in html.split("/v1/t/c/")[0] and "/v1/t/o/" in html
+
+        pixel = html.split('src="http://test')[1].split('"')[0]
+        assert (await client.get(pixel)).status_code == 200
+        assert (await client.get(pixel)).status_code == 200  # a second open is the same event
+        link = html.split('href="http://test')[1].split('"')[0]
+        r = await client.get(link)
+        assert r.status_code == 302 and r.headers["location"] == "https://shop.example/wine?x=1"
+        events = [e["status"] for e in (await message_state(client, "em-1"))["events"]]
+        assert sorted(events) == ["clicked", "opened", "sent"]
+
+        unsubscribe = mail["List-Unsubscribe"].strip("<>").removeprefix("http://test")
+        assert "Unsubscribe" in (await client.get(unsubscribe)).text
+        contact = (await client.get("/v1/customers/e1/contact")).json()
+        assert contact["consents"]["email"]["granted"] is True  # GET shows, never performs
+        assert (
+            await client.post(unsubscribe, data={"List-Unsubscribe": "One-Click"})
+        ).status_code == 200
+        contact = (await client.get("/v1/customers/e1/contact")).json()
+        assert contact["consents"]["email"]["granted"] is False
+
+        await client.post(
+            "/v1/messages",
+            json={
+                "id": "em-2",
+                "customer_id": "e1",
+                "template": "promo",
+                "kind": "marketing",
+                "channel": "email",
+                "variables": {"wine": "Rioja"},
+            },
+        )
+        [after] = await _settled(client, ["em-2"], states=("suppressed",))
+        assert after["reason"] == "no_consent:email" and len(box.to("ann@example.org")) == 1
+
+
+async def test_tampered_tracking_and_unsubscribe_tokens_are_refused(start_app, provider):
+    async with start_app() as (client, app):
+        links = app.state.notifier.links
+        good = links.unsubscribe_url("m1", "c1", "email").removeprefix("http://test")
+        body, mac = good.rsplit("/", 1)[1].split(".")
+        forged = app.state.notifier.signer.sign(
+            "unsubscribe", {"m": "m1", "c": "victim", "ch": "email"}
+        ).split(".")[0]
+        for bad in (
+            f"{forged}.{mac}",
+            f"{body}.{mac[:-2]}AA",
+            f"{body}x.{mac}",
+            "nonsense",
+            "a.b.c",
+        ):
+            for method in ("GET", "POST"):
+                r = await client.request(method, f"/v1/unsubscribe/{bad}")
+                assert r.status_code == 403, (bad, r.text)
+        click = links.click_url("m1", "https://shop.example/").removeprefix("http://test")
+        body, mac = click.rsplit("/", 1)[1].split(".")
+        evil = app.state.notifier.signer.sign(
+            "click", {"m": "m1", "u": "https://evil.example/"}
+        ).split(".")[0]
+        assert (await client.get(f"/v1/t/c/{evil}.{mac}")).status_code == 403
+        opened = links.open_url("m1").rsplit("/", 1)[1]
+        assert (
+            await client.get(f"/v1/t/c/{opened}")
+        ).status_code == 403  # an open token is not a click token
+        assert (await client.get(f"/v1/t/o/{opened[:-3]}xyz")).status_code == 403
+
+
+async def test_push_uses_the_fcm_v1_shape(start_app, provider):
+    async with start_app() as (client, app):
+        await seed_contact(
+            app,
+            "p1",
+            push_tokens=["tok-old", "tok-new"],
+            consents={"push": True, "email": True},
+            email="p1@example.org",
+        )
+        await add_template(
+            client, "promo", "push", subject="Sale", body="{{ pct }}% off", variables=["pct"]
+        )
+        await add_template(
+            client, "promo", "email", subject="Sale", body="{{ pct }}% off", variables=["pct"]
+        )
+        await client.post(
+            "/v1/messages",
+            json={
+                "id": "push-1",
+                "customer_id": "p1",
+                "template": "promo",
+                "kind": "marketing",
+                "variables": {"pct": 20},
+            },
+        )
+        [msg] = await _settled(client, ["push-1"])
+        assert msg["channel"] == "push" and msg["provider_message_id"].startswith("projects/")
+        [body] = [
+            b for b in provider.bodies(":send") if b["message"]["data"]["message_id"] == "push-1"
+        ]
+        assert body["message"]["token"] == "tok-new" and body["message"]["notification"] == {
+            "title": "Sale",
+            "body": "20% off",
+        }
+
+
+async def test_expired_waiting_message_is_swept_to_expired(start_app, provider, clock):
+    async with start_app() as (client, app):
+        await seed_contact(app, "x1", phone="+14155550101", consents={"sms": True})
+        await add_template(client, "late", "sms", body="late")
+        later = clock.now() + timedelta(hours=2)
+        await client.post(
+            "/v1/messages",
+            json={
+                "id": "exp-1",
+                "customer_id": "x1",
+                "template": "late",
+                "not_before": later.isoformat(),
+                "expires_at": (clock.now() + timedelta(hours=1)).isoformat(),
+            },
+        )
+        assert (await message_state(client, "exp-1"))["state"] == "deferred"
+        clock.advance(hours=1, minutes=1)
+        r = await client.post("/v1/ops/sweeps/expire_messages")
+        assert r.json()["result"] == 1
+        msg = await message_state(client, "exp-1")
+        assert msg["state"] == "expired" and [e["status"] for e in msg["events"]] == ["expired"]
+
+
+async def test_messages_leased_by_a_dispatcher_that_died_are_sent_after_the_lease(
+    start_app, provider, clock
+):
+    async with start_app(dispatcher_enabled=False, dispatch_lease_s=60) as (client, app):
+        await seed_contact(app, "d1", phone="+14155550101")
+        await add_template(client, "t", "sms", body="x")
+        await client.post(
+            "/v1/messages", json={"id": "lease-1", "customer_id": "d1", "template": "t"}
+        )
+        runtime = app.state.runtime
+        async with (
+            runtime.sessionmaker() as session
+        ):  # a dispatcher claims, then dies before sending
+            from notifier.repository import NotifierRepository
+
+            claimed = await NotifierRepository(session).claim_due(
+                now=clock.now(), lease_until=clock.now() + timedelta(seconds=60), limit=10
+            )
+            await session.commit()
+        assert [m.id for m in claimed] == ["lease-1"]
+        assert await app.state.notifier.dispatcher.run_once() == 0  # leased: nobody else takes it
+        assert (await client.post("/v1/ops/sweeps/release_stale_leases")).json()["result"] == 0
+        clock.advance(seconds=61)
+        assert (await client.post("/v1/ops/sweeps/release_stale_leases")).json()["result"] == 1
+        assert await app.state.notifier.dispatcher.run_once() == 1
+        assert (await message_state(client, "lease-1"))["state"] == "sent"
+        assert len([b for b in provider.bodies("/v1/sms") if b["reference"] == "lease-1"]) == 1
