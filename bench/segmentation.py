@@ -252,6 +252,7 @@ async def service_rate(bootstrap: str, prefix: str, url: str, total: int) -> flo
         while runner.stats.applied + runner.stats.duplicates + runner.stats.dead_lettered < total:
             await asyncio.sleep(0.05)
         elapsed = time.perf_counter() - first[0]
+        print(f"  {runner.stats.batches} batches, {total / max(1, runner.stats.batches):.0f} events per batch on average")
         if runner.stats.dead_lettered:
             raise RuntimeError(f"{runner.stats.dead_lettered} events dead-lettered")
         return total / elapsed
@@ -277,14 +278,14 @@ SELECT 'g' || g, jsonb_build_object('first_name', 'N' || g), jsonb_build_object(
     1 + g % 5, 1 + (g / 5) % 5, 1 + (g / 25) % 5,
     (ARRAY['champions', 'loyal', 'at_risk', 'hibernating'])[1 + g % 4], (ARRAY['core', 'middle', 'middle', 'unprofitable'])[1 + g % 4],
     CAST(:now AS timestamptz)
-FROM generate_series(1, :n) g
+FROM generate_series(1, CAST(:n AS int)) g
 """
 
 GENERATE_ITEMS = """
 INSERT INTO purchase_items (customer_id, order_id, line, sku, name, category, quantity, amount, occurred_at, local_date, local_dow)
-SELECT 'g' || (1 + (g * 7919) % :n), 'go' || g, 0, 'sku-' || g % 50, 'item', (ARRAY['wine', 'beer', 'cheese', 'bakery'])[1 + g % 4],
+SELECT 'g' || (1 + (g::bigint * 7919) % :n), 'go' || g, 0, 'sku-' || g % 50, 'item', (ARRAY['wine', 'beer', 'cheese', 'bakery'])[1 + g % 4],
     1 + g % 3, 5 + g % 20, t, t::date, extract(isodow FROM t)
-FROM generate_series(1, :items) g, LATERAL (SELECT CAST(:now AS timestamptz) - make_interval(days => g % 90, hours => g % 24) AS t) x
+FROM generate_series(1, CAST(:items AS int)) g, LATERAL (SELECT CAST(:now AS timestamptz) - make_interval(days => g % 90, hours => g % 24) AS t) x
 """
 
 
