@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -25,9 +26,10 @@ _REDEMPTION_COLS = (
     "r.redemption_id, r.customer_id, r.request_hash, r.check_amount, r.points_requested, r.points_applied, "
     "r.money_applied, r.points_returned, r.status, r.order_id, r.store_id, r.created_at, r.settled_at, r.cancelled_at"
 )
-_GOAL_COLS = (
-    "id, customer_id, segment_key, target, progress, reward, status, assigned_at, due_at, closed_at"
-)
+_GOAL_COLS = "id, customer_id, segment_key, target, progress, reward, status, assigned_at, due_at, closed_at"
+
+
+_BIND = re.compile(r"(?<![:\w]):(\w+)")
 
 
 def _col(rows: Sequence[Sequence[Any]], i: int) -> list[Any]:
@@ -45,9 +47,54 @@ class LoyaltyRepository:
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+        self._deferred: list[tuple[str, dict[str, Any]]] | None = None
 
     async def _exec(self, sql: str, params: dict[str, Any] | None = None) -> Any:
         return await self.session.execute(text(sql), params or {})
+
+    async def _write(self, sql: str, params: dict[str, Any]) -> None:
+        if self._deferred is not None:
+            self._deferred.append((sql, params))
+        else:
+            await self._exec(sql, params)
+
+    def defer(self) -> None:
+        """Collect the following writes and send them as one statement in `write_deferred`."""
+        if self._deferred is None:
+            self._deferred = []
+
+    async def write_deferred(self) -> None:
+        """Send the collected writes as one statement of data-modifying CTEs: one round trip, not one per table.
+
+        The writes touch disjoint rows (new vs existing lots and purchases, one row per account), which is
+        what PostgreSQL requires of data-modifying CTEs in one statement.
+        """
+        parts, self._deferred = self._deferred or [], None
+        if len(parts) <= 1:
+            for sql, params in parts:
+                await self._exec(sql, params)
+            return
+        ctes, merged = [], {}
+        for i, (sql, params) in enumerate(parts):
+            ctes.append(f"w{i} AS ({_BIND.sub(lambda m, i=i: f':w{i}_{m.group(1)}', sql)})")
+            merged.update({f"w{i}_{k}": v for k, v in params.items()})
+        await self._exec("WITH " + ", ".join(ctes) + " SELECT 1", merged)
+
+    async def insert_outbox(self, messages: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
+        """Outbox rows as crm_common.outbox.enqueue_many writes them, but joinable with the other writes."""
+        if not messages:
+            return
+        if not all(m[2].get("id") for m in messages):
+            raise ValueError("an outbox message needs a stable 'id'")
+        await self._write(
+            "INSERT INTO outbox (topic, key, value) SELECT * FROM unnest(CAST(:topics AS text[]), "
+            "CAST(:keys AS text[]), CAST(:values AS bytea[]))",
+            {
+                "topics": [m[0] for m in messages],
+                "keys": [m[1] for m in messages],
+                "values": [serde.dumps(m[2]) for m in messages],
+            },
+        )
 
     # -- programme -------------------------------------------------------------------------------
 
@@ -84,9 +131,7 @@ class LoyaltyRepository:
 
     async def get_account(self, customer_id: str) -> Row[Any] | None:
         return (
-            await self._exec(
-                f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE customer_id = :c", {"c": customer_id}
-            )
+            await self._exec(f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE customer_id = :c", {"c": customer_id})
         ).first()
 
     async def update_accounts(self, rows: list[tuple[Any, ...]], now: datetime) -> None:
@@ -95,7 +140,7 @@ class LoyaltyRepository:
         if not rows:
             return
         names = ("c", "bal", "tier", "ref", "rr", "pc", "fp", "lp", "bd")
-        await self._exec(
+        await self._write(
             "UPDATE accounts a SET balance = t.bal, tier = t.tier, referred_by = t.ref, referral_rewarded = t.rr, "
             "purchases_count = t.pc, first_purchase_at = t.fp, last_purchase_at = t.lp, birth_date = t.bd, "
             "updated_at = :now FROM json_to_recordset(CAST(:rows AS json)) AS t(c text, bal numeric, tier text, "
@@ -104,11 +149,7 @@ class LoyaltyRepository:
         )
 
     async def customer_by_code(self, code: str) -> str | None:
-        return (
-            await self._exec(
-                "SELECT customer_id FROM accounts WHERE referral_code = :c", {"c": code}
-            )
-        ).scalar()
+        return (await self._exec("SELECT customer_id FROM accounts WHERE referral_code = :c", {"c": code})).scalar()
 
     async def referral_ancestors(self, customer_id: str, limit: int = 1000) -> list[str]:
         """Who referred this customer, who referred them, and so on (bounded)."""
@@ -142,9 +183,7 @@ class LoyaltyRepository:
         return list(result.all())
 
     async def lots_by_ids(self, ids: list[str]) -> list[Row[Any]]:
-        result = await self._exec(
-            f"SELECT {_LOT_COLS} FROM lots WHERE id = ANY(CAST(:ids AS text[]))", {"ids": ids}
-        )
+        result = await self._exec(f"SELECT {_LOT_COLS} FROM lots WHERE id = ANY(CAST(:ids AS text[]))", {"ids": ids})
         return list(result.all())
 
     async def list_lots(self, customer_id: str, *, open_only: bool) -> list[Row[Any]]:
@@ -159,7 +198,7 @@ class LoyaltyRepository:
         """rows: (id, customer_id, kind, earned_at, expires_at, points, remaining)."""
         if not rows:
             return
-        await self._exec(
+        await self._write(
             "INSERT INTO lots (id, customer_id, kind, earned_at, expires_at, points, remaining) "
             "SELECT * FROM json_to_recordset(CAST(:rows AS json)) AS t(i text, c text, k text, e timestamptz, "
             "x timestamptz, p numeric, r numeric)",
@@ -169,7 +208,7 @@ class LoyaltyRepository:
     async def update_lots(self, rows: list[tuple[str, Decimal]]) -> None:
         if not rows:
             return
-        await self._exec(
+        await self._write(
             "UPDATE lots SET remaining = t.r FROM unnest(CAST(:id AS text[]), CAST(:r AS numeric[])) AS t(id, r) "
             "WHERE lots.id = t.id",
             {"id": _col(rows, 0), "r": _col(rows, 1)},
@@ -183,7 +222,7 @@ class LoyaltyRepository:
         if not rows:
             return
         names = ("ref", "c", "k", "p", "b", "o", "r", "l", "oi", "ri", "d", "n")
-        await self._exec(
+        await self._write(
             "INSERT INTO ledger (ref, customer_id, kind, points, balance_after, occurred_at, recorded_at, lot_id, "
             "order_id, redemption_id, data) "
             "SELECT ref, c, k, p, b, o, r, l, oi, ri, CAST(d AS jsonb) FROM json_to_recordset(CAST(:rows AS json)) "
@@ -200,9 +239,7 @@ class LoyaltyRepository:
             )
         ).first()
 
-    async def ledger_page(
-        self, customer_id: str, *, before: int | None, limit: int
-    ) -> list[Row[Any]]:
+    async def ledger_page(self, customer_id: str, *, before: int | None, limit: int) -> list[Row[Any]]:
         result = await self._exec(
             "SELECT seq, ref, kind, points, balance_after, occurred_at, recorded_at, lot_id, order_id, redemption_id, "
             "data FROM ledger WHERE customer_id = :c AND (CAST(:before AS bigint) IS NULL OR seq < :before) "
@@ -229,7 +266,7 @@ class LoyaltyRepository:
         if not rows:
             return
         names = ("c", "o", "m", "t", "tot", "paid", "ref", "acc", "rev", "rid", "red", "ret", "rec")
-        await self._exec(
+        await self._write(
             f"INSERT INTO purchases ({_PURCHASE_COLS}) SELECT * FROM json_to_recordset(CAST(:rows AS json)) AS "
             "t(c text, o text, m text, t timestamptz, tot numeric, paid numeric, ref numeric, acc numeric, "
             "rev numeric, rid text, red numeric, ret numeric, rec text)",
@@ -240,7 +277,7 @@ class LoyaltyRepository:
         """rows: (customer_id, order_id, refunded, points_reversed, points_returned)."""
         if not rows:
             return
-        await self._exec(
+        await self._write(
             "UPDATE purchases p SET refunded = t.ref, points_reversed = t.rev, points_returned = t.ret "
             "FROM unnest(CAST(:c AS text[]), CAST(:o AS text[]), CAST(:ref AS numeric[]), CAST(:rev AS numeric[]), "
             "CAST(:ret AS numeric[])) AS t(c, o, ref, rev, ret) WHERE p.customer_id = t.c AND p.order_id = t.o",
@@ -275,7 +312,7 @@ class LoyaltyRepository:
         """rows: (redemption_id, status, points_returned, order_id, settled_at, cancelled_at)."""
         if not rows:
             return
-        await self._exec(
+        await self._write(
             "UPDATE redemptions r SET status = t.s, points_returned = t.ret, order_id = t.o, settled_at = t.sa, "
             "cancelled_at = t.ca FROM unnest(CAST(:id AS text[]), CAST(:s AS text[]), CAST(:ret AS numeric[]), "
             "CAST(:o AS text[]), CAST(:sa AS timestamptz[]), CAST(:ca AS timestamptz[])) AS t(id, s, ret, o, sa, ca) "
@@ -295,7 +332,7 @@ class LoyaltyRepository:
         """rows: (redemption_id, lot_id, points, returned): the final state of each allocation."""
         if not rows:
             return
-        await self._exec(
+        await self._write(
             "INSERT INTO redemption_lots (redemption_id, lot_id, points, returned) "
             "SELECT * FROM unnest(CAST(:r AS text[]), CAST(:l AS text[]), CAST(:p AS numeric[]), CAST(:x AS numeric[])) "
             "ON CONFLICT (redemption_id, lot_id) DO UPDATE SET points = EXCLUDED.points, returned = EXCLUDED.returned",
@@ -331,7 +368,7 @@ class LoyaltyRepository:
         """rows: (id, progress, status, closed_at)."""
         if not rows:
             return
-        await self._exec(
+        await self._write(
             "UPDATE goals g SET progress = t.p, status = t.s, closed_at = t.ca FROM unnest(CAST(:id AS text[]), "
             "CAST(:p AS int[]), CAST(:s AS text[]), CAST(:ca AS timestamptz[])) AS t(id, p, s, ca) WHERE g.id = t.id",
             {n: _col(rows, i) for i, n in enumerate(("id", "p", "s", "ca"))},

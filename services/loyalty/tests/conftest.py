@@ -44,7 +44,9 @@ async def apply(sm: async_sessionmaker[AsyncSession], now: datetime, *events: di
 
 async def balance(sm: async_sessionmaker[AsyncSession], customer_id: str) -> Decimal | None:
     async with sm() as s:
-        return (await s.execute(text("SELECT balance FROM accounts WHERE customer_id = :c"), {"c": customer_id})).scalar()
+        return (
+            await s.execute(text("SELECT balance FROM accounts WHERE customer_id = :c"), {"c": customer_id})
+        ).scalar()
 
 
 async def ledger(sm: async_sessionmaker[AsyncSession], customer_id: str) -> list[tuple[str, Decimal, str]]:

@@ -24,8 +24,13 @@ D = Decimal
 async def api(db, broker, topic_prefix, clock) -> AsyncIterator[tuple[httpx.AsyncClient, object]]:
     url, sm = db
     settings = Settings(
-        database_url=url, kafka_bootstrap_servers=broker.bootstrap, topic_prefix=topic_prefix,
-        consumers_enabled=False, sweeps_enabled=False, log_json=False, db_pool_size=10,
+        database_url=url,
+        kafka_bootstrap_servers=broker.bootstrap,
+        topic_prefix=topic_prefix,
+        consumers_enabled=False,
+        sweeps_enabled=False,
+        log_json=False,
+        db_pool_size=10,
     )
     async with run_app(create_app(settings, clock=clock)) as client:
         r = await client.put("/v1/programme", json=f.SCENARIO4_PROGRAMME)
@@ -35,12 +40,14 @@ async def api(db, broker, topic_prefix, clock) -> AsyncIterator[tuple[httpx.Asyn
 
 async def test_fifty_concurrent_redemptions_on_one_account_never_overspend(api):
     client, sm = api
-    r = await client.post("/v1/accounts/c1/adjustments", json={"adjustment_id": "a1", "points": "1000",
-                                                                 "reason": "opening balance"})
+    r = await client.post(
+        "/v1/accounts/c1/adjustments", json={"adjustment_id": "a1", "points": "1000", "reason": "opening balance"}
+    )
     assert r.status_code == 201, r.text
     # 25 distinct ids, each sent twice at once: 50 requests asking 100 points each on a 1,000-point account
-    bodies = [{"redemption_id": f"r{i % 25}", "customer_id": "c1", "check_amount": "1000", "points": "100"}
-              for i in range(50)]
+    bodies = [
+        {"redemption_id": f"r{i % 25}", "customer_id": "c1", "check_amount": "1000", "points": "100"} for i in range(50)
+    ]
     responses = await asyncio.gather(*(client.post("/v1/redemptions", json=b) for b in bodies))
     assert Counter(r.status_code for r in responses) <= Counter({201: 10, 200: 10, 409: 40})
     ok = {r.json()["redemption_id"]: r.json() for r in responses if r.status_code in (200, 201)}
@@ -91,8 +98,7 @@ async def test_hostile_inputs_get_a_structured_4xx_naming_the_field(api):
         ("post", "/v1/redemptions", {"redemption_id": "a", "customer_id": "c", "check_amount": "NaN"}),
         ("post", "/v1/redemptions", {"redemption_id": "a", "customer_id": "c", "check_amount": "1", "x": 1}),
         ("post", "/v1/redemptions", {"redemption_id": "a" * 129, "customer_id": "c", "check_amount": "1"}),
-        ("post", "/v1/redemptions", {"redemption_id": "a", "customer_id": "c", "check_amount": "1",
-                                     "points": "0"}),
+        ("post", "/v1/redemptions", {"redemption_id": "a", "customer_id": "c", "check_amount": "1", "points": "0"}),
         ("post", "/v1/accounts/c9/adjustments", {"adjustment_id": "z", "points": "0", "reason": "r"}),
         ("post", "/v1/accounts/c9/adjustments", {"adjustment_id": "z", "points": "1", "reason": "   "}),
         ("post", "/v1/accounts/c9/adjustments", {"adjustment_id": "z", "points": "99999999999999999", "reason": "r"}),

@@ -33,7 +33,10 @@ async def redeem(sm, now, **body):
 async def adjust(sm, now, customer_id, adjustment_id, points, reason="goodwill"):
     async with sm() as s:
         result = await adjustments.adjust(
-            session=s, programme=await load_programme(s), customer_id=customer_id, now=now,
+            session=s,
+            programme=await load_programme(s),
+            customer_id=customer_id,
+            now=now,
             adjustment_in=AdjustmentCreate(adjustment_id=adjustment_id, points=D(points), reason=reason),
         )
         await s.commit()
@@ -135,8 +138,9 @@ async def test_spending_takes_the_oldest_lot_first(db):
     await set_programme(sm, f.SCENARIO4_PROGRAMME, T0)
     await apply(sm, T0, f.purchase("c1", "old", "100", T0))
     await apply(sm, T0, f.purchase("c1", "new", "100", T0 + timedelta(days=10)))
-    await redeem(sm, T0 + timedelta(days=11), redemption_id="r1", customer_id="c1", check_amount=D("100"),
-                 points=D("150"))
+    await redeem(
+        sm, T0 + timedelta(days=11), redemption_id="r1", customer_id="c1", check_amount=D("100"), points=D("150")
+    )
     async with sm() as s:
         rows = dict((await s.execute(text("SELECT id, remaining FROM lots WHERE customer_id = 'c1'"))).all())
     assert sorted(rows.values()) == [D("0"), D("50")]
@@ -163,8 +167,13 @@ async def test_refund_reverses_accrual_and_returns_redeemed_points_proportionall
     assert await balance(sm, "c1") == D("1000")
     kinds = [(k, p) for k, p, _ in await ledger(sm, "c1")]
     assert kinds == [
-        ("adjustment", D("1000")), ("redemption", D("-1000")), ("accrual", D("90")),
-        ("reversal", D("500")), ("reversal", D("-45")), ("reversal", D("500")), ("reversal", D("-45")),
+        ("adjustment", D("1000")),
+        ("redemption", D("-1000")),
+        ("accrual", D("90")),
+        ("reversal", D("500")),
+        ("reversal", D("-45")),
+        ("reversal", D("500")),
+        ("reversal", D("-45")),
     ]
     async with sm() as s:
         rec = (await s.execute(text("SELECT reconciliation FROM purchases WHERE order_id = 'o1'"))).scalar()
@@ -292,8 +301,14 @@ async def test_goal_assigned_on_segment_entry_awards_once_and_unmet_goals_expire
         async with sm() as s:
             book = Book(s, programme, T0)
             for _ in range(2):  # entering twice assigns one goal
-                await goals.assign(book=book, programme=programme, customer_id=cid, segment_key="visits_dropped",
-                                   cause_id=f"seg-{cid}-{_}", at=T0)
+                await goals.assign(
+                    book=book,
+                    programme=programme,
+                    customer_id=cid,
+                    segment_key="visits_dropped",
+                    cause_id=f"seg-{cid}-{_}",
+                    at=T0,
+                )
             await book.flush()
             await s.commit()
     offers = await outbox(sm, "crm.messages.v1")
@@ -316,8 +331,9 @@ async def test_report_shows_issued_redeemed_expired_and_liability_by_month(db):
     await set_programme(sm, f.SCENARIO4_PROGRAMME, T0)
     await apply(sm, T0, f.purchase("c1", "o1", "100", T0), f.purchase("c2", "o2", "100", T0))
     await apply(sm, T0, f.purchase("c1", "o3", "100", T0 + timedelta(days=31)))
-    await redeem(sm, T0 + timedelta(days=32), redemption_id="r1", customer_id="c1", check_amount=D("100"),
-                 points=D("50"))
+    await redeem(
+        sm, T0 + timedelta(days=32), redemption_id="r1", customer_id="c1", check_amount=D("100"), points=D("50")
+    )
     await sweep(sm, T0 + timedelta(days=200))
     async with sm() as s:
         report = await reports.programme_report(session=s)
