@@ -8,8 +8,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from crm_common import serde
 import orjson
+from crm_common import serde
 from sqlalchemy import Row, text
 from sqlalchemy.ext.asyncio import AsyncSession
 

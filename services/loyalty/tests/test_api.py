@@ -9,7 +9,6 @@ from decimal import Decimal
 
 import httpx
 import pytest_asyncio
-
 from crm_common.testing.helpers import run_app
 from loyalty.app import create_app
 from loyalty.settings import Settings
