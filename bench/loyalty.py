@@ -11,6 +11,7 @@
 Last line: `BENCH loyalty_accruals_per_s <v> ratio=<r>` (ratio = loyalty rate / raw consume+insert rate).
 """
 
+# ruff: noqa: E402  (the service package must be importable before the imports below)
 from __future__ import annotations
 
 import sys

@@ -80,7 +80,7 @@ class EventApplier:
                 parsed.append((e, props))
             except ValidationError as exc:
                 raise UnusableEvent(f"event {e.id}: invalid {e.type} properties: {exc.errors()[:3]}") from exc
-        first_seen = {}
+        first_seen: dict[str, datetime] = {}
         for e in events:
             first_seen.setdefault(e.customer_id, e.occurred_at)
         await book.open(sorted(first_seen), create=True, at=min(first_seen.values()))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import date
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
@@ -26,8 +26,10 @@ from loyalty.schemas import (
 )
 
 router = APIRouter(prefix="/v1", tags=["loyalty"])
-CONFLICT = {409: {"description": "conflict (insufficient points, reused id with another body)"}}
-NOT_FOUND = {404: {"description": "not found"}}
+CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"description": "conflict (insufficient points, reused id with another body)"}
+}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "not found"}}
 
 
 @router.get("/programme", summary="The programme's rules")

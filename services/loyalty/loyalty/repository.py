@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 from crm_common import serde
-from sqlalchemy import Row, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 _ACCOUNT_COLS = (
@@ -76,7 +76,8 @@ class LoyaltyRepository:
             return
         ctes, merged = [], {}
         for i, (sql, params) in enumerate(parts):
-            ctes.append(f"w{i} AS ({_BIND.sub(lambda m, i=i: f':w{i}_{m.group(1)}', sql)})")
+            renamed = _BIND.sub(rf":w{i}_\1", sql)
+            ctes.append(f"w{i} AS ({renamed})")
             merged.update({f"w{i}_{k}": v for k, v in params.items()})
         await self._exec("WITH " + ", ".join(ctes) + " SELECT 1", merged)
 
@@ -98,7 +99,7 @@ class LoyaltyRepository:
 
     # -- programme -------------------------------------------------------------------------------
 
-    async def get_programme(self) -> Row[Any] | None:
+    async def get_programme(self) -> Any:
         return (await self._exec("SELECT config, updated_at FROM programme WHERE id = 1")).first()
 
     async def put_programme(self, config: dict[str, Any], now: datetime) -> None:
@@ -120,7 +121,7 @@ class LoyaltyRepository:
         )
         return {r[0] for r in result}
 
-    async def lock_accounts(self, ids: list[str]) -> list[Row[Any]]:
+    async def lock_accounts(self, ids: list[str]) -> list[Any]:
         """Lock the accounts in a fixed order (so concurrent lockers never deadlock) and read them."""
         result = await self._exec(
             f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE customer_id = ANY(CAST(:ids AS text[])) "
@@ -129,7 +130,7 @@ class LoyaltyRepository:
         )
         return list(result.all())
 
-    async def get_account(self, customer_id: str) -> Row[Any] | None:
+    async def get_account(self, customer_id: str) -> Any:
         return (
             await self._exec(f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE customer_id = :c", {"c": customer_id})
         ).first()
@@ -175,18 +176,18 @@ class LoyaltyRepository:
 
     # -- lots ------------------------------------------------------------------------------------
 
-    async def open_lots(self, customer_id: str) -> list[Row[Any]]:
+    async def open_lots(self, customer_id: str) -> list[Any]:
         result = await self._exec(
             f"SELECT {_LOT_COLS} FROM lots WHERE customer_id = :c AND remaining > 0",
             {"c": customer_id},
         )
         return list(result.all())
 
-    async def lots_by_ids(self, ids: list[str]) -> list[Row[Any]]:
+    async def lots_by_ids(self, ids: list[str]) -> list[Any]:
         result = await self._exec(f"SELECT {_LOT_COLS} FROM lots WHERE id = ANY(CAST(:ids AS text[]))", {"ids": ids})
         return list(result.all())
 
-    async def list_lots(self, customer_id: str, *, open_only: bool) -> list[Row[Any]]:
+    async def list_lots(self, customer_id: str, *, open_only: bool) -> list[Any]:
         where = "AND remaining > 0" if open_only else ""
         result = await self._exec(
             f"SELECT {_LOT_COLS} FROM lots WHERE customer_id = :c {where} ORDER BY expires_at, earned_at, id",
@@ -231,7 +232,7 @@ class LoyaltyRepository:
             {"rows": _json_rows(names, [(*r, i) for i, r in enumerate(rows)])},
         )
 
-    async def ledger_by_ref(self, ref: str) -> Row[Any] | None:
+    async def ledger_by_ref(self, ref: str) -> Any:
         return (
             await self._exec(
                 "SELECT seq, ref, customer_id, kind, points, balance_after, data FROM ledger WHERE ref = :r",
@@ -239,7 +240,7 @@ class LoyaltyRepository:
             )
         ).first()
 
-    async def ledger_page(self, customer_id: str, *, before: int | None, limit: int) -> list[Row[Any]]:
+    async def ledger_page(self, customer_id: str, *, before: int | None, limit: int) -> list[Any]:
         result = await self._exec(
             "SELECT seq, ref, kind, points, balance_after, occurred_at, recorded_at, lot_id, order_id, redemption_id, "
             "data FROM ledger WHERE customer_id = :c AND (CAST(:before AS bigint) IS NULL OR seq < :before) "
@@ -250,7 +251,7 @@ class LoyaltyRepository:
 
     # -- purchases -------------------------------------------------------------------------------
 
-    async def purchases_for(self, keys: Iterable[tuple[str, str]]) -> list[Row[Any]]:
+    async def purchases_for(self, keys: Iterable[tuple[str, str]]) -> list[Any]:
         keys = list(keys)
         if not keys:
             return []
@@ -286,7 +287,7 @@ class LoyaltyRepository:
 
     # -- redemptions -----------------------------------------------------------------------------
 
-    async def get_redemptions(self, ids: list[str]) -> list[Row[Any]]:
+    async def get_redemptions(self, ids: list[str]) -> list[Any]:
         if not ids:
             return []
         result = await self._exec(
@@ -320,7 +321,7 @@ class LoyaltyRepository:
             {n: _col(rows, i) for i, n in enumerate(("id", "s", "ret", "o", "sa", "ca"))},
         )
 
-    async def redemption_lots(self, redemption_id: str) -> list[Row[Any]]:
+    async def redemption_lots(self, redemption_id: str) -> list[Any]:
         result = await self._exec(
             "SELECT rl.lot_id, rl.points, rl.returned FROM redemption_lots rl JOIN lots ON lots.id = rl.lot_id "
             "WHERE rl.redemption_id = :r ORDER BY lots.expires_at DESC, lots.id DESC",
@@ -341,14 +342,14 @@ class LoyaltyRepository:
 
     # -- goals -----------------------------------------------------------------------------------
 
-    async def active_goals(self, ids: list[str]) -> list[Row[Any]]:
+    async def active_goals(self, ids: list[str]) -> list[Any]:
         result = await self._exec(
             f"SELECT {_GOAL_COLS} FROM goals WHERE customer_id = ANY(CAST(:ids AS text[])) AND status = 'active'",
             {"ids": ids},
         )
         return list(result.all())
 
-    async def goals_of(self, customer_id: str) -> list[Row[Any]]:
+    async def goals_of(self, customer_id: str) -> list[Any]:
         result = await self._exec(
             f"SELECT {_GOAL_COLS} FROM goals WHERE customer_id = :c ORDER BY assigned_at DESC LIMIT 20",
             {"c": customer_id},
