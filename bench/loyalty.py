@@ -226,6 +226,25 @@ async def redemption_latency(
                 latencies.append(time.perf_counter() - t)
                 statuses[status] = statuses.get(status, 0) + 1
 
+            sequential: list[float] = []
+            for i in range(300):  # closed loop, one at a time: the service time of one redemption
+                t = time.perf_counter()
+                await client.post(
+                    "/v1/redemptions",
+                    json={
+                        "redemption_id": f"seq{i}",
+                        "customer_id": customers[-1 - i % len(customers)],
+                        "check_amount": "10",
+                        "points": "1",
+                    },
+                )
+                sequential.append(time.perf_counter() - t)
+            sequential.sort()
+            print(
+                f"  one at a time: p50 {sequential[150] * 1000:.1f} ms, p99 {sequential[296] * 1000:.1f} ms "
+                f"(capacity of this process on this machine ~{1 / statistics.mean(sequential):.0f} requests/s)",
+                flush=True,
+            )
             total = int(rate * seconds)
             start = time.perf_counter()
             tasks = []
@@ -246,6 +265,12 @@ async def main() -> None:
     parser.add_argument("--customers", type=int, default=4_000)
     parser.add_argument("--rps", type=int, default=300)
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument(
+        "--publish-accruals",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="publish points.accrued per accrual (the service default)",
+    )
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-loyalty-"))
     os.chmod(tmp, 0o755)
@@ -301,7 +326,7 @@ async def main() -> None:
             url=loyalty_url,
             bootstrap=broker.bootstrap,
             topic=topic,
-            handler=events_handler(SystemClock()),
+            handler=events_handler(SystemClock(), publish_accruals=args.publish_accruals),
             count_sql="SELECT count(*) FROM purchases",
             n=args.events,
             relay=True,

@@ -83,7 +83,7 @@ class EventApplier:
         first_seen: dict[str, datetime] = {}
         for e in events:
             first_seen.setdefault(e.customer_id, e.occurred_at)
-        await book.open(sorted(first_seen), create=True, at=min(first_seen.values()))
+        await book.open(sorted(first_seen), create=True, at=first_seen)
         keyed = [(e.customer_id, p.order_id) for e, p in parsed if p is not None]
         for row in await book.repo.purchases_for(set(keyed)):
             self.purchases[(row[0], row[1])] = PurchaseState(*row)

@@ -132,7 +132,7 @@ class Book:
     # -- accounts and lots -----------------------------------------------------------------------
 
     async def open(
-        self, customer_ids: list[str], *, create: bool, at: datetime | None = None
+        self, customer_ids: list[str], *, create: bool, at: datetime | dict[str, datetime] | None = None
     ) -> dict[str, AccountState]:
         """Lock and load accounts (creating missing ones when `create`); a new account gets the welcome bonus."""
         wanted = list(dict.fromkeys(customer_ids))
@@ -156,7 +156,7 @@ class Book:
                     kind="welcome_bonus",
                     points=bonus,
                     ref=f"welcome:{cid}",
-                    at=at or self.now,
+                    at=(at.get(cid) if isinstance(at, dict) else at) or self.now,
                 )
         return {cid: self.accounts[cid] for cid in wanted if cid in self.accounts}
 
