@@ -117,3 +117,19 @@ async def test_hostile_inputs_get_a_structured_4xx_naming_the_field(api):
     # nothing was half-applied
     assert (await client.get("/v1/accounts/c9")).status_code == 404
     assert (await client.get("/v1/programme")).json()["config"]["base_rate"] == "0.01"
+
+
+async def test_lone_surrogates_and_odd_unicode_are_refused_or_stored_never_a_500(api):
+    client, _ = api
+    raw = b'{"redemption_id": "r\\ud800", "customer_id": "c\\udfff", "check_amount": "1"}'
+    r = await client.post("/v1/redemptions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    raw = b'{"adjustment_id": "a\\ud800", "points": "1", "reason": "x"}'
+    r = await client.post("/v1/accounts/u1/adjustments", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    r = await client.post("/v1/accounts/%F0%9F%98%80%E2%80%AE/adjustments",
+                          json={"adjustment_id": "\u202e\U0001f600", "points": "1", "reason": "\u00e9\u0301"})
+    assert r.status_code == 201, r.text
+    assert (await client.get("/v1/accounts/%F0%9F%98%80%E2%80%AE")).json()["balance"] == "1.00"
+    r = await client.get("/v1/accounts/%ED%A0%80")  # a surrogate encoded in the path: invalid UTF-8
+    assert r.status_code in (404, 422)
