@@ -145,8 +145,9 @@ class LoyaltyRepository:
             "UPDATE accounts a SET balance = t.bal, tier = t.tier, referred_by = t.ref, referral_rewarded = t.rr, "
             "purchases_count = t.pc, first_purchase_at = t.fp, last_purchase_at = t.lp, birth_date = t.bd, "
             "updated_at = :now FROM json_to_recordset(CAST(:rows AS json)) AS t(c text, bal numeric, tier text, "
-            "ref text, rr boolean, pc int, fp timestamptz, lp timestamptz, bd date) WHERE a.customer_id = t.c",
-            {"rows": _json_rows(names, rows), "now": now},
+            "ref text, rr boolean, pc int, fp timestamptz, lp timestamptz, bd date) WHERE a.customer_id = t.c "
+            "AND a.customer_id = ANY(CAST(:ids AS text[]))",
+            {"rows": _json_rows(names, rows), "now": now, "ids": _col(rows, 0)},
         )
 
     async def customer_by_code(self, code: str) -> str | None:
@@ -211,7 +212,7 @@ class LoyaltyRepository:
             return
         await self._write(
             "UPDATE lots SET remaining = t.r FROM unnest(CAST(:id AS text[]), CAST(:r AS numeric[])) AS t(id, r) "
-            "WHERE lots.id = t.id",
+            "WHERE lots.id = t.id AND lots.id = ANY(CAST(:id AS text[]))",
             {"id": _col(rows, 0), "r": _col(rows, 1)},
         )
 
@@ -256,7 +257,8 @@ class LoyaltyRepository:
         if not keys:
             return []
         result = await self._exec(
-            f"SELECT {_PURCHASE_COLS} FROM purchases WHERE (customer_id, order_id) IN "
+            f"SELECT {_PURCHASE_COLS} FROM purchases WHERE customer_id = ANY(CAST(:c AS text[])) "
+            "AND (customer_id, order_id) IN "
             "(SELECT * FROM unnest(CAST(:c AS text[]), CAST(:o AS text[])))",
             {"c": _col(keys, 0), "o": _col(keys, 1)},
         )
@@ -281,7 +283,8 @@ class LoyaltyRepository:
         await self._write(
             "UPDATE purchases p SET refunded = t.ref, points_reversed = t.rev, points_returned = t.ret "
             "FROM unnest(CAST(:c AS text[]), CAST(:o AS text[]), CAST(:ref AS numeric[]), CAST(:rev AS numeric[]), "
-            "CAST(:ret AS numeric[])) AS t(c, o, ref, rev, ret) WHERE p.customer_id = t.c AND p.order_id = t.o",
+            "CAST(:ret AS numeric[])) AS t(c, o, ref, rev, ret) WHERE p.customer_id = t.c AND p.order_id = t.o "
+            "AND p.customer_id = ANY(CAST(:c AS text[]))",
             {n: _col(rows, i) for i, n in enumerate(("c", "o", "ref", "rev", "ret"))},
         )
 
@@ -317,7 +320,7 @@ class LoyaltyRepository:
             "UPDATE redemptions r SET status = t.s, points_returned = t.ret, order_id = t.o, settled_at = t.sa, "
             "cancelled_at = t.ca FROM unnest(CAST(:id AS text[]), CAST(:s AS text[]), CAST(:ret AS numeric[]), "
             "CAST(:o AS text[]), CAST(:sa AS timestamptz[]), CAST(:ca AS timestamptz[])) AS t(id, s, ret, o, sa, ca) "
-            "WHERE r.redemption_id = t.id",
+            "WHERE r.redemption_id = t.id AND r.redemption_id = ANY(CAST(:id AS text[]))",
             {n: _col(rows, i) for i, n in enumerate(("id", "s", "ret", "o", "sa", "ca"))},
         )
 
@@ -371,6 +374,7 @@ class LoyaltyRepository:
             return
         await self._write(
             "UPDATE goals g SET progress = t.p, status = t.s, closed_at = t.ca FROM unnest(CAST(:id AS text[]), "
-            "CAST(:p AS int[]), CAST(:s AS text[]), CAST(:ca AS timestamptz[])) AS t(id, p, s, ca) WHERE g.id = t.id",
+            "CAST(:p AS int[]), CAST(:s AS text[]), CAST(:ca AS timestamptz[])) AS t(id, p, s, ca) WHERE g.id = t.id "
+            "AND g.id = ANY(CAST(:id AS text[]))",
             {n: _col(rows, i) for i, n in enumerate(("id", "p", "s", "ca"))},
         )

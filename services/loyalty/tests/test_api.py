@@ -127,8 +127,10 @@ async def test_lone_surrogates_and_odd_unicode_are_refused_or_stored_never_a_500
     raw = b'{"adjustment_id": "a\\ud800", "points": "1", "reason": "x"}'
     r = await client.post("/v1/accounts/u1/adjustments", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
-    r = await client.post("/v1/accounts/%F0%9F%98%80%E2%80%AE/adjustments",
-                          json={"adjustment_id": "\u202e\U0001f600", "points": "1", "reason": "\u00e9\u0301"})
+    r = await client.post(
+        "/v1/accounts/%F0%9F%98%80%E2%80%AE/adjustments",
+        json={"adjustment_id": "\u202e\U0001f600", "points": "1", "reason": "\u00e9\u0301"},
+    )
     assert r.status_code == 201, r.text
     assert (await client.get("/v1/accounts/%F0%9F%98%80%E2%80%AE")).json()["balance"] == "1.00"
     r = await client.get("/v1/accounts/%ED%A0%80")  # a surrogate encoded in the path: invalid UTF-8
