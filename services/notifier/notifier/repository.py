@@ -90,13 +90,9 @@ class NotifierRepository:
         """Insert new messages; ids already present are left alone. Return the ids inserted."""
         if not rows:
             return set()
-        stmt = (
-            insert(Message)
-            .values(rows)
-            .on_conflict_do_nothing(index_elements=["id"])
-            .returning(Message.id)
-        )
-        return set((await self.session.scalars(stmt)).all())
+        # executemany form: one cached statement, batched by SQLAlchemy's insertmanyvalues.
+        stmt = insert(Message).on_conflict_do_nothing(index_elements=["id"]).returning(Message.id)
+        return set((await self.session.scalars(stmt, rows)).all())
 
     async def existing_message_ids(self, ids: Sequence[str]) -> set[str]:
         if not ids:
@@ -233,7 +229,7 @@ class NotifierRepository:
 
     async def add_attempts(self, rows: list[dict[str, Any]]) -> None:
         if rows:
-            await self.session.execute(insert(DeliveryAttempt).values(rows))
+            await self.session.execute(insert(DeliveryAttempt), rows)
 
     async def expire_open(
         self, now: datetime
@@ -268,11 +264,10 @@ class NotifierRepository:
             return set()
         stmt = (
             insert(MessageEvent)
-            .values(rows)
             .on_conflict_do_nothing(index_elements=["id"])
             .returning(MessageEvent.id)
         )
-        return set((await self.session.scalars(stmt)).all())
+        return set((await self.session.scalars(stmt, rows)).all())
 
 
 def money(value: Decimal | None) -> str | None:
