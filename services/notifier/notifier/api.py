@@ -20,9 +20,11 @@ from notifier.errors import ContactNotFound, MessageNotFound, UnknownProvider
 from notifier.messages import accept_requests
 from notifier.repository import NotifierRepository
 from notifier.schemas import (
+    AttemptRead,
     CallbackIn,
     CallbackRead,
     ContactRead,
+    EventRead,
     MessageCreate,
     MessageDetail,
     MessagePage,
@@ -184,8 +186,10 @@ async def read_message(message_id: CustomerId, session: SessionDep) -> MessageDe
     if message is None:
         raise MessageNotFound("no such message")
     detail = MessageDetail.model_validate(message)
-    detail.delivery_attempts = [a for a in map(_attempt, await repo.attempts_of(message.id))]
-    detail.events = [_event(e) for e in await repo.events_of(message.id)]
+    detail.delivery_attempts = [
+        AttemptRead.model_validate(a) for a in await repo.attempts_of(message.id)
+    ]
+    detail.events = [EventRead.model_validate(e) for e in await repo.events_of(message.id)]
     return detail
 
 
@@ -341,15 +345,3 @@ def _clean(value: str | None) -> str | None:
     if value is None:
         return None
     return value.replace("\x00", "")
-
-
-def _attempt(a):  # type: ignore[no-untyped-def]
-    from notifier.schemas import AttemptRead
-
-    return AttemptRead.model_validate(a)
-
-
-def _event(e):  # type: ignore[no-untyped-def]
-    from notifier.schemas import EventRead
-
-    return EventRead.model_validate(e)
