@@ -201,7 +201,7 @@ class Dispatcher:
             [x for x in (m.locale, contact.locale, self.settings.default_locale) if x],
         )
         assert template is not None
-        # Signing costs a little per message: only for e-mail (header) or a template that shows the link.
+        # Signing costs per message: only for e-mail (header) or templates showing the link.
         needs_link = channel == "email" or "unsubscribe_url" in f"{template.subject}{template.body}"
         unsubscribe_url = (
             self.links.unsubscribe_url(m.id, m.customer_id, channel) if needs_link else ""
