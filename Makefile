@@ -18,7 +18,7 @@ test: bootstrap
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: bootstrap
-	$(PY) -m crm_common.devstack demo
+	$(PY) scripts/demo.py $(DEMO_ARGS)
 
 bench: bootstrap
 	@set -e; for b in bench/*.py; do echo "== $$b"; $(PY) $$b; done

@@ -118,6 +118,7 @@ class ConsumerRunner:
         retry_backoff_ms: int = 200,
         max_poll_interval_ms: int = 300_000,
         auto_offset_reset: str = "earliest",
+        session_timeout_ms: int = 10_000,
         clock: Clock | None = None,
     ) -> None:
         self.name = name
@@ -134,6 +135,7 @@ class ConsumerRunner:
         self.retry_backoff_ms = retry_backoff_ms
         self.max_poll_interval_ms = max_poll_interval_ms
         self.auto_offset_reset = auto_offset_reset
+        self.session_timeout_ms = session_timeout_ms
         self.clock = clock or SystemClock()
         self.stats = ConsumerStats()
         self.consumer: AIOKafkaConsumer | None = None
@@ -181,8 +183,8 @@ class ConsumerRunner:
             enable_auto_commit=False,
             auto_offset_reset=self.auto_offset_reset,
             max_poll_interval_ms=self.max_poll_interval_ms,
-            session_timeout_ms=10_000,
-            heartbeat_interval_ms=1_000,
+            session_timeout_ms=self.session_timeout_ms,
+            heartbeat_interval_ms=min(1_000, self.session_timeout_ms // 3),
             max_partition_fetch_bytes=4 << 20,
             fetch_max_wait_ms=self.batch_timeout_ms,
         )
@@ -211,7 +213,7 @@ class ConsumerRunner:
         started = time.perf_counter()
         records: list[Record] = []
         poison: list[tuple[Any, str]] = []
-        for tp, msgs in batch.items():
+        for msgs in batch.values():
             for msg in msgs:
                 rec = self._decode(msg)
                 if isinstance(rec, Record):

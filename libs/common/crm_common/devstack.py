@@ -1,4 +1,4 @@
-"""The embedded default: `python -m crm_common.devstack run|stop|demo`.
+"""The embedded default: `python -m crm_common.devstack run|stop`.
 
 Starts PostgreSQL in `.local/pg` (port CRM_PG_PORT, default 55432), the Tansu broker (port
 CRM_BROKER_PORT, default 19092) unless KAFKA_BOOTSTRAP_SERVERS is set, creates one database per
@@ -22,12 +22,15 @@ import httpx
 from crm_common.infra import BrokerServer, PostgresServer, create_database, port_open
 from crm_common.kafka import ensure_topics
 from crm_common.migrations import upgrade
-from crm_common.settings import SERVICE_PORTS
+from crm_common.settings import ALL_TOPICS, SERVICE_PORTS
 
 ROOT = Path(__file__).resolve().parents[3]
-LOCAL = ROOT / ".local"
+LOCAL = Path(os.environ.get("CRM_LOCAL_DIR", ROOT / ".local")).resolve()
 PID_FILE = LOCAL / "devstack.pid"
 SERVICES = list(SERVICE_PORTS)
+# CRM_PORT_OFFSET moves the five HTTP ports together (e.g. 10000 -> 18001..18005).
+PORT_OFFSET = int(os.environ.get("CRM_PORT_OFFSET", "0"))
+PORTS = {service: port + PORT_OFFSET for service, port in SERVICE_PORTS.items()}
 
 
 def _say(msg: str) -> None:
@@ -48,7 +51,7 @@ async def _drain(timeout: float = 30) -> None:
     async with httpx.AsyncClient(timeout=5) as client:
         while time.monotonic() < deadline:
             pending = 0
-            for service, port in SERVICE_PORTS.items():
+            for port in PORTS.values():
                 try:
                     doc = (await client.get(f"http://127.0.0.1:{port}/v1/ops/pipeline")).json()
                 except Exception:
@@ -63,7 +66,7 @@ async def _drain(timeout: float = 30) -> None:
 
 
 def run() -> None:
-    LOCAL.mkdir(exist_ok=True)
+    LOCAL.mkdir(parents=True, exist_ok=True)
     os.chmod(LOCAL, 0o755)
     pg = PostgresServer(LOCAL / "pg", int(os.environ.get("CRM_PG_PORT", "55432")))
     need_pg = any(not os.environ.get(f"{s.upper()}_DATABASE_URL") for s in SERVICES)
@@ -81,8 +84,6 @@ def run() -> None:
         bootstrap = broker.bootstrap
     partitions = int(os.environ.get("KAFKA_TOPIC_PARTITIONS", "12"))
     prefix = os.environ.get("CRM_TOPIC_PREFIX", "")
-    from crm_common.settings import ALL_TOPICS
-
     asyncio.run(ensure_topics(bootstrap, [prefix + t for t in ALL_TOPICS], partitions=partitions))
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap}
     for service in SERVICES:
@@ -101,7 +102,7 @@ def run() -> None:
         _say("ingest has no key store yet; no bootstrap key created")
 
     procs: dict[str, subprocess.Popen[bytes]] = {}
-    for service, port in SERVICE_PORTS.items():
+    for service, port in PORTS.items():
         procs[service] = subprocess.Popen(
             [sys.executable, "-m", "crm_common.serve", service, "--port", str(port)],
             env=env,
@@ -116,18 +117,18 @@ def run() -> None:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     deadline = time.monotonic() + 60
-    for service, port in SERVICE_PORTS.items():
+    for service, port in PORTS.items():
         while not port_open("127.0.0.1", port) and time.monotonic() < deadline and not stop["now"]:
             if procs[service].poll() is not None:
                 _say(f"{service} exited with {procs[service].returncode}")
                 break
             time.sleep(0.1)
     _say("the platform is up:")
-    for service, port in SERVICE_PORTS.items():
+    for service, port in PORTS.items():
         _say(f"  {service:<13} http://127.0.0.1:{port}   docs: http://127.0.0.1:{port}/docs")
     _say(f"  PostgreSQL    127.0.0.1:{pg.port}   broker: {bootstrap}")
     _say(f"  bootstrap API key (source pos, all scopes): {api_key}")
-    _say("try:  curl -s -X POST http://127.0.0.1:8001/v1/events -H 'Authorization: Bearer " + api_key + "' "
+    _say(f"try:  curl -s -X POST http://127.0.0.1:{PORTS['ingest']}/v1/events -H 'Authorization: Bearer " + api_key + "' "
          "-H 'Content-Type: application/json' -d @docs/examples/purchase.json")
     _say("Ctrl-C or `make stop` stops everything")
     try:
@@ -146,7 +147,7 @@ def run() -> None:
         for proc in procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for service, proc in procs.items():
+        for proc in procs.values():
             try:
                 proc.wait(35)
             except subprocess.TimeoutExpired:
@@ -183,12 +184,8 @@ def main() -> None:
         run()
     elif cmd == "stop":
         stop()
-    elif cmd == "demo":
-        from crm_common import demo  # type: ignore[attr-defined]
-
-        demo.main()
     else:
-        raise SystemExit(f"unknown command {cmd!r}: run, stop or demo")
+        raise SystemExit(f"unknown command {cmd!r}: run or stop")
 
 
 if __name__ == "__main__":

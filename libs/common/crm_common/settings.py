@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -16,9 +18,9 @@ TOPIC_DLQ = "crm.dlq.v1"
 ALL_TOPICS = (TOPIC_EVENTS, TOPIC_SEGMENTS, TOPIC_LOYALTY, TOPIC_MESSAGES, TOPIC_DELIVERIES, TOPIC_DLQ)
 
 
-def shared(env: str, default: object, **kwargs: object) -> object:
+def shared(env: str, default: Any) -> Any:
     """Declare a setting read from an un-prefixed variable shared by all services."""
-    return Field(default, validation_alias=AliasChoices(env, env.lower()), **kwargs)  # type: ignore[arg-type]
+    return Field(default, validation_alias=AliasChoices(env, env.lower()))
 
 
 class BaseServiceSettings(BaseSettings):
@@ -29,9 +31,9 @@ class BaseServiceSettings(BaseSettings):
     service_name: str = "service"
     database_url: str = "postgresql+asyncpg://crm:crm@127.0.0.1:55432/crm"
     db_pool_size: int = 10
-    kafka_bootstrap_servers: str = shared("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")  # type: ignore[assignment]
-    kafka_enable_idempotence: bool = shared("KAFKA_ENABLE_IDEMPOTENCE", False)  # type: ignore[assignment]
-    kafka_topic_partitions: int = shared("KAFKA_TOPIC_PARTITIONS", 12)  # type: ignore[assignment]
+    kafka_bootstrap_servers: str = shared("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
+    kafka_enable_idempotence: bool = shared("KAFKA_ENABLE_IDEMPOTENCE", False)
+    kafka_topic_partitions: int = shared("KAFKA_TOPIC_PARTITIONS", 12)
     kafka_consumer_batch_max: int = 500
     kafka_consumer_batch_timeout_ms: int = 200
     kafka_max_poll_interval_ms: int = 300_000
@@ -39,8 +41,8 @@ class BaseServiceSettings(BaseSettings):
     consumer_retry_backoff_ms: int = 200
     consumers_enabled: bool = True
     sweeps_enabled: bool = True
-    topic_prefix: str = shared("CRM_TOPIC_PREFIX", "")  # type: ignore[assignment]
+    topic_prefix: str = shared("CRM_TOPIC_PREFIX", "")
     outbox_poll_interval_ms: int = 50
     outbox_batch_size: int = 1000
-    log_level: str = shared("CRM_LOG_LEVEL", "INFO")  # type: ignore[assignment]
-    log_json: bool = shared("CRM_LOG_JSON", True)  # type: ignore[assignment]
+    log_level: str = shared("CRM_LOG_LEVEL", "INFO")
+    log_json: bool = shared("CRM_LOG_JSON", True)

@@ -11,12 +11,11 @@ import textwrap
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from crm_common.consumer import ConsumerRunner, PoisonMessage, Record
 from crm_common.kafka import make_producer
 from crm_common.testing.helpers import eventually, publish, read_topic
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from .conftest import effect_counts
 
@@ -174,7 +173,8 @@ CRASH_SCRIPT = textwrap.dedent(
         await producer.start()
         runner = ConsumerRunner(name="crash", topics=[prefix + "crm.events.v1"], handler=slow, sessionmaker=sm,
                                 bootstrap_servers=bootstrap, producer=producer, dlq_topic=prefix + "crm.dlq.v1",
-                                group_id=prefix + "crash", batch_max=20)
+                                group_id=prefix + "crash", batch_max=20,
+                                session_timeout_ms=3000)
         await runner.start()
         await asyncio.Event().wait()
 
@@ -188,7 +188,7 @@ async def test_consumer_killed_mid_batch_loses_and_doubles_nothing(broker, topic
     await publish(broker.bootstrap, topic_prefix + "crm.events.v1", messages(200))
     script = tmp_path / "crash_consumer.py"
     script.write_text(CRASH_SCRIPT)
-    for _round in range(3):
+    for _round in range(2):
         proc = subprocess.Popen(
             [sys.executable, str(script), url, broker.bootstrap, topic_prefix],
             stdout=subprocess.PIPE,

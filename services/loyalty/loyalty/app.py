@@ -2,19 +2,43 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from functools import partial
 
 from crm_common.clock import Clock
-from crm_common.service import create_service_app
-from loyalty.settings import Settings
+from crm_common.service import ServiceRuntime, create_service_app
+from fastapi import FastAPI
+
+from loyalty import consumers, expiry
+from loyalty.api import router
+from loyalty.settings import TOPIC_EVENTS, TOPIC_SEGMENTS, Settings
 
 
 def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
     """Build the app; the lifespan creates the engine, producer and background work."""
     settings = settings or Settings()
+
+    def configure(runtime: ServiceRuntime) -> None:
+        runtime.add_consumer(
+            "loyalty-events",
+            [TOPIC_EVENTS],
+            consumers.events_handler(runtime.clock, publish_accruals=settings.publish_accruals),
+        )
+        runtime.add_consumer(
+            "loyalty-segments", [TOPIC_SEGMENTS], consumers.segments_handler(runtime.clock)
+        )
+        runtime.add_relay()
+        runtime.add_sweep(
+            "expiry",
+            settings.expiry_sweep_interval_s,
+            partial(expiry.run_sweep, batch=settings.expiry_sweep_batch),
+        )
+
     return create_service_app(
         settings=settings,
         title="CRM loyalty",
-        description="The loyalty service of the CRM platform (not built yet: ops endpoints only).",
+        description="Bonus programme: accounts, point lots, an immutable ledger, redemptions at the POS, expiry "
+        "with reminders, personal goals, referrals and reports.",
+        routers=[router],
+        configure=configure,
         clock=clock,
     )

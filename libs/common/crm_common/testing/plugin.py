@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
@@ -35,10 +36,50 @@ from crm_common.testing.helpers import unique
 TEST_PARTITIONS = 3
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _reap_stale_runs() -> None:
+    """Stop servers left behind by earlier test runs that were killed before their teardown."""
+    for owner in Path(tempfile.gettempdir()).glob("crm-test-*/owner.pid"):
+        try:
+            if _alive(int(owner.read_text())):
+                continue
+        except (OSError, ValueError):
+            continue
+        run_dir = owner.parent
+        broker_pid = run_dir / "broker.pid"
+        if broker_pid.exists():
+            try:
+                os.kill(int(broker_pid.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        if (run_dir / "pg").exists():
+            PostgresServer(run_dir / "pg", 0).kill()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _reap_stale_runs()
+    # A SIGTERM (e.g. from `timeout`) becomes an exception so fixtures still stop their servers.
+    def _term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, _term)
+
+
 @pytest.fixture(scope="session")
 def crm_tmpdir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="crm-test-"))
     os.chmod(path, 0o755)
+    (path / "owner.pid").write_text(str(os.getpid()))
     yield path
     if not os.environ.get("CRM_TEST_KEEP"):
         shutil.rmtree(path, ignore_errors=True)
@@ -56,6 +97,8 @@ def pg_server(crm_tmpdir: Path) -> Iterator[PostgresServer]:
 def broker(crm_tmpdir: Path) -> Iterator[BrokerServer]:
     server = BrokerServer(free_port(), log_path=crm_tmpdir / "broker.log")
     server.start()
+    assert server.proc is not None
+    (crm_tmpdir / "broker.pid").write_text(str(server.proc.pid))
     yield server
     server.stop()
 

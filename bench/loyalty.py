@@ -1,0 +1,261 @@
+"""Loyalty benchmark: accruals per second from the topic, and redemption latency at a fixed request rate.
+
+1. Publishes N purchase events to crm.events.v1 (its own PostgreSQL and broker, via crm_common.infra).
+2. Baseline: the same consume loop (inbox, one transaction per batch, offsets after commit) with a handler
+   that only inserts the raw events into a table. Then the loyalty handler on the same events, with the
+   outbox relay publishing `points.accrued` alongside, as in the service process. Rates count from the first
+   applied batch, so joining the consumer group is not measured.
+3. Runs loyalty under uvicorn in a subprocess and sends POST /v1/redemptions at 300 requests/s (open loop)
+   on loopback; prints p50/p99.
+
+Last line: `BENCH loyalty_accruals_per_s <v> ratio=<r>` (ratio = loyalty rate / raw consume+insert rate).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file is named like the service package: keep its folder off the import path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import httpx
+from aiokafka import AIOKafkaProducer
+from sqlalchemy import text
+
+from crm_common import serde
+from crm_common.clock import SystemClock
+from crm_common.consumer import ConsumerRunner, Record
+from crm_common.db import create_engine, create_sessionmaker
+from crm_common.infra import BrokerServer, PostgresServer, free_port
+from crm_common.kafka import ensure_topics, make_producer
+from crm_common.migrations import upgrade_async
+from crm_common.outbox import OutboxRelay
+from crm_common.settings import ALL_TOPICS
+from crm_common.testing.helpers import ServiceProcess
+
+PARTITIONS = 6
+PROGRAMME = {
+    "base_rate": "0.01",
+    "tiers": [{"name": "top", "min_spend": "1000", "rate": "0.03"}],
+    "expiry_days": 180,
+    "max_redeem_share": "0.30",
+    "point_value": "0.01",
+    "category_multipliers": {"wine": "2"},
+}
+
+
+def make_events(n: int, customers: int, seed: int = 7) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    start = datetime.now(UTC) - timedelta(days=30)
+    out = []
+    for i in range(n):
+        cid = f"c{rng.randrange(customers):06d}"
+        price = f"{rng.randint(100, 20000) / 100:.2f}"
+        at = (start + timedelta(seconds=i)).isoformat()
+        out.append({
+            "id": f"pos:e{i}", "source": "pos", "event_id": f"e{i}", "type": "purchase", "customer_id": cid,
+            "occurred_at": at, "received_at": at,
+            "properties": {
+                "order_id": f"o{i}", "total": price, "currency": "EUR",
+                "items": [{"sku": f"s{i % 50}", "category": rng.choice(["wine", "bread", "milk"]), "quantity": "1",
+                           "unit_price": price}],
+            },
+        })
+    return out
+
+
+async def produce(bootstrap: str, topic: str, events: list[dict[str, Any]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=1 << 20)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, value=serde.dumps(e), key=e["customer_id"].encode()) for e in events]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def raw_insert(session: Any, records: list[Record]) -> None:
+    await session.execute(
+        text("INSERT INTO raw_events (id, customer_id, body) SELECT * FROM unnest(CAST(:i AS text[]), "
+             "CAST(:c AS text[]), CAST(:b AS jsonb[]))"),
+        {"i": [r.id for r in records], "c": [r.value.get("customer_id") for r in records],
+         "b": [serde.dumps(r.value).decode() for r in records]},
+    )
+
+
+async def consume_rate(
+    *, name: str, url: str, bootstrap: str, topic: str, handler: Any, count_sql: str, n: int, relay: bool = False,
+) -> float:
+    """Run one consumer over the topic until `n` rows exist; rate from the first applied batch."""
+    engine = create_engine(url, pool_size=4)
+    sm = create_sessionmaker(engine)
+    producer = make_producer(bootstrap)
+    await producer.start()
+    runner = ConsumerRunner(name=name, topics=[topic], handler=handler, sessionmaker=sm, bootstrap_servers=bootstrap,
+                            producer=producer, dlq_topic=topic + ".dlq", group_id=f"bench-{name}", batch_max=500,
+                            batch_timeout_ms=100)
+    out_relay = OutboxRelay(name=name, sessionmaker=sm, producer=producer) if relay else None
+    if out_relay:
+        await out_relay.start()
+    await runner.start()
+    first_at = None
+    first_count = 0
+    try:
+        while True:
+            async with sm() as s:
+                count = (await s.execute(text(count_sql))).scalar() or 0
+            now = time.perf_counter()
+            if count and first_at is None:
+                first_at, first_count = now, count
+            if count >= n:
+                break
+            await asyncio.sleep(0.02)
+        assert first_at is not None
+        elapsed = now - first_at
+        rate = (n - first_count) / elapsed if elapsed > 0 else float("inf")
+        print(f"  {name}: {n} events, {n - first_count} after the first batch in {elapsed:.2f} s "
+              f"-> {rate:,.0f} /s (dead-lettered {runner.stats.dead_lettered})", flush=True)
+        return rate
+    finally:
+        await runner.stop()
+        if out_relay:
+            await out_relay.stop()
+        await producer.stop()
+        await engine.dispose()
+
+
+async def redemption_latency(pg: PostgresServer, url: str, bootstrap: str, prefix: str, rate: int, seconds: float,
+                             customers: list[str]) -> tuple[list[float], dict[int, int]]:
+    port = free_port()
+    env = {
+        "LOYALTY_DATABASE_URL": url, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "CRM_TOPIC_PREFIX": prefix,
+        "LOYALTY_CONSUMERS_ENABLED": "false", "LOYALTY_SWEEPS_ENABLED": "false", "CRM_LOG_LEVEL": "WARNING",
+        "LOYALTY_DB_POOL_SIZE": "10",
+    }
+    proc = ServiceProcess("loyalty", port, env)
+    proc.start()
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    try:
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        async with httpx.AsyncClient(base_url=proc.url, timeout=10, limits=limits) as client:
+            for _ in range(50):  # warm up connections and the statement cache
+                await client.get("/healthz")
+            for i in range(20):
+                await client.post("/v1/redemptions", json={"redemption_id": f"warm{i}", "customer_id": customers[i],
+                                                           "check_amount": "10", "points": "1"})
+
+            async def one(i: int) -> None:
+                body = {"redemption_id": f"r{i}", "customer_id": customers[i % len(customers)],
+                        "check_amount": "100.00", "points": "5"}
+                t = time.perf_counter()
+                r = await client.post("/v1/redemptions", json=body)
+                latencies.append(time.perf_counter() - t)
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+
+            total = int(rate * seconds)
+            start = time.perf_counter()
+            tasks = []
+            for i in range(total):
+                delay = start + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(i)))
+            await asyncio.gather(*tasks)
+    finally:
+        proc.stop()
+    return latencies, statuses
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=40_000)
+    parser.add_argument("--customers", type=int, default=4_000)
+    parser.add_argument("--rps", type=int, default=300)
+    parser.add_argument("--seconds", type=float, default=10)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-loyalty-"))
+    os.chmod(tmp, 0o755)
+    pg = PostgresServer(tmp / "pg", free_port(), durable=False)
+    broker = BrokerServer(free_port(), log_path=tmp / "broker.log")
+    pg.start()
+    broker.start()
+    try:
+        admin = await asyncpg.connect(pg.admin_url)
+        for db in ("loyalty", "raw"):
+            await admin.execute(f'CREATE DATABASE "{db}"')
+        await admin.close()
+        loyalty_url, raw_url = pg.url("loyalty"), pg.url("raw")
+        await upgrade_async("loyalty", loyalty_url)
+        await upgrade_async("loyalty", raw_url)  # the same runtime tables (inbox, outbox) for the baseline
+        raw = await asyncpg.connect(raw_url.replace("+asyncpg", ""))
+        await raw.execute("CREATE TABLE raw_events (id text PRIMARY KEY, customer_id text, body jsonb)")
+        await raw.close()
+        lc = await asyncpg.connect(loyalty_url.replace("+asyncpg", ""))
+        await lc.execute("INSERT INTO programme (id, config, updated_at) VALUES (1, $1::jsonb, now())",
+                         serde.dumps(PROGRAMME).decode())
+        await lc.close()
+
+        prefix = "bench."
+        await ensure_topics(broker.bootstrap, [prefix + t for t in ALL_TOPICS], partitions=PARTITIONS)
+        topic = prefix + "crm.events.v1"
+        events = make_events(args.events, args.customers)
+        t = time.perf_counter()
+        await produce(broker.bootstrap, topic, events)
+        print(f"machine: {os.cpu_count()} cores, shared with other engineers' test runs (figures are noisy)")
+        print(f"published {len(events)} purchase events for {args.customers} customers in "
+              f"{time.perf_counter() - t:.1f} s ({PARTITIONS} partitions)", flush=True)
+
+        print("accruals from the topic (one consumer process):")
+        raw_rate = await consume_rate(name="raw", url=raw_url, bootstrap=broker.bootstrap, topic=topic,
+                                      handler=raw_insert, count_sql="SELECT count(*) FROM raw_events",
+                                      n=args.events)
+        from loyalty.consumers import events_handler
+
+        loyalty_rate = await consume_rate(name="loyalty", url=loyalty_url, bootstrap=broker.bootstrap, topic=topic,
+                                          handler=events_handler(SystemClock()),
+                                          count_sql="SELECT count(*) FROM purchases", n=args.events, relay=True)
+        lc = await asyncpg.connect(loyalty_url.replace("+asyncpg", ""))
+        bad = await lc.fetchval(
+            "SELECT count(*) FROM accounts a WHERE balance <> (SELECT coalesce(sum(points), 0) FROM ledger l "
+            "WHERE l.customer_id = a.customer_id)"
+        )
+        ledger_rows = await lc.fetchval("SELECT count(*) FROM ledger")
+        customers = [r[0] for r in await lc.fetch("SELECT customer_id FROM accounts WHERE balance >= 100 ORDER BY 1")]
+        await lc.close()
+        print(f"  check: {ledger_rows} ledger entries, accounts whose balance != ledger sum: {bad}")
+        ratio = loyalty_rate / raw_rate
+
+        print(f"redemptions: POST /v1/redemptions at {args.rps}/s for {args.seconds:.0f} s, loyalty under uvicorn "
+              f"in a subprocess, loopback, {len(customers)} accounts", flush=True)
+        lat, statuses = await redemption_latency(pg, loyalty_url, broker.bootstrap, prefix, args.rps, args.seconds,
+                                                 customers)
+        lat.sort()
+        p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000  # noqa: E731
+        print(f"  {len(lat)} requests, statuses {statuses}; latency p50 {p(0.5):.1f} ms, p90 {p(0.9):.1f} ms, "
+              f"p99 {p(0.99):.1f} ms, max {lat[-1] * 1000:.1f} ms, mean {statistics.mean(lat) * 1000:.1f} ms "
+              f"(target p99 <= 25 ms)")
+        print(f"accruals: {loyalty_rate:,.0f}/s (target >= 5,000/s); raw consume+insert: {raw_rate:,.0f}/s; "
+              f"ratio {ratio:.2f}")
+        print(f"BENCH loyalty_accruals_per_s {loyalty_rate:.0f} ratio={ratio:.2f}")
+    finally:
+        broker.stop()
+        pg.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

@@ -1,0 +1,90 @@
+"""Dependencies of the ingest routes: the caller's key with a required scope, settings, state."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from crm_common.errors import Forbidden, Unauthorized
+from crm_common.service import RuntimeDep, ServiceRuntime
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ingest.errors import TooManyRequests, database_guard
+from ingest.keys import KeyCache, Principal, authenticate
+from ingest.ratelimit import RateLimiter
+from ingest.settings import Settings
+
+_bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer <key>`")
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def get_settings(runtime: RuntimeDep) -> Settings:
+    return runtime.settings  # type: ignore[return-value]
+
+
+def get_key_cache(request: Request) -> KeyCache:
+    return request.app.state.key_cache  # type: ignore[no-any-return]
+
+
+def get_rate_limiter(request: Request) -> RateLimiter:
+    return request.app.state.rate_limiter  # type: ignore[no-any-return]
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+KeyCacheDep = Annotated[KeyCache, Depends(get_key_cache)]
+RateLimiterDep = Annotated[RateLimiter, Depends(get_rate_limiter)]
+
+
+def rate_of(principal: Principal, settings: Settings) -> float:
+    return principal.rate_limit_per_s or settings.default_rate_limit_per_s
+
+
+def require_scope(scope: str) -> Callable[..., Awaitable[Principal]]:
+    """A dependency: the caller's key must exist, be live and carry `scope`; one token is checked."""
+
+    async def _principal(
+        credentials: BearerDep,
+        runtime: RuntimeDep,
+        settings: SettingsDep,
+        cache: KeyCacheDep,
+        limiter: RateLimiterDep,
+    ) -> Principal:
+        if credentials is None or not credentials.credentials.strip():
+            raise Unauthorized(
+                "missing API key: send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
+            )
+        principal = await _lookup(runtime, settings, cache, credentials.credentials.strip())
+        if principal is None:
+            raise Unauthorized("unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+        if scope not in principal.scopes:
+            raise Forbidden(f"this API key lacks the '{scope}' scope", details={"scopes": sorted(principal.scopes)})
+        wait = limiter.exhausted(principal.key_id, rate_of(principal, settings))
+        if wait is not None:
+            raise TooManyRequests("rate limit of this API key exceeded", headers={"Retry-After": str(wait)})
+        return principal
+
+    return _principal
+
+
+async def _lookup(runtime: ServiceRuntime, settings: Settings, cache: KeyCache, token: str) -> Principal | None:
+    # The session opens a connection only when the cache misses.
+    async with database_guard(settings.unavailable_retry_after_s), runtime.sessionmaker() as session:
+        return await authenticate(session=session, cache=cache, token=token)
+
+
+EventsWriter = Annotated[Principal, Depends(require_scope("events:write"))]
+EventsReader = Annotated[Principal, Depends(require_scope("events:read"))]
+Replayer = Annotated[Principal, Depends(require_scope("replay"))]
+KeysAdmin = Annotated[Principal, Depends(require_scope("keys:admin"))]
+
+
+@asynccontextmanager
+async def transaction(runtime: ServiceRuntime) -> AsyncIterator[AsyncSession]:
+    """A session committed when the block ends; database outages become 503 with Retry-After."""
+    settings: Settings = runtime.settings  # type: ignore[assignment]
+    async with database_guard(settings.unavailable_retry_after_s), runtime.sessionmaker() as session:
+        yield session
+        await session.commit()

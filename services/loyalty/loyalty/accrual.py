@@ -1,0 +1,336 @@
+"""Apply events from `crm.events.v1`: accounts on first sight, accruals, reversals, referral and birthday facts."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from crm_common.contract.events import EventMessage, PurchaseProps, RefundProps
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from loyalty import goals, referrals
+from loyalty.ledger import ZERO, AccountState, Book, floor_points, round_points
+from loyalty.schemas import ProgrammeConfig
+
+log = logging.getLogger(__name__)
+
+
+class UnusableEvent(Exception):
+    """An event whose properties cannot be applied (it goes to the DLQ)."""
+
+
+@dataclass(slots=True)
+class PurchaseState:
+    customer_id: str
+    order_id: str
+    message_id: str
+    occurred_at: datetime
+    total: Decimal
+    paid: Decimal
+    refunded: Decimal
+    points_accrued: Decimal
+    points_reversed: Decimal
+    redemption_id: str | None
+    points_redeemed: Decimal
+    points_returned: Decimal
+    reconciliation: str | None
+    is_new: bool = False
+    dirty: bool = False
+
+
+def eligible_share(props: PurchaseProps, programme: ProgrammeConfig) -> Decimal:
+    """Share of the check that earns points, after category multipliers and exclusions."""
+    gross = ZERO
+    weighted = ZERO
+    for item in props.items:
+        net = max(item.quantity * item.unit_price - (item.discount or ZERO), ZERO)
+        gross += net
+        weighted += net * programme.multiplier(item.category)
+    if gross <= 0:
+        return Decimal(1)
+    return weighted / gross
+
+
+class EventApplier:
+    """One batch of events applied through one Book (one transaction)."""
+
+    def __init__(self, book: Book) -> None:
+        self.book = book
+        self.programme = book.programme
+        self.purchases: dict[tuple[str, str], PurchaseState] = {}
+        self.goals: dict[str, goals.GoalState] = {}
+
+    async def apply(self, events: list[EventMessage]) -> None:
+        events = [e for e in events if e.customer_id]
+        if not events:
+            return
+        book = self.book
+        parsed: list[tuple[EventMessage, Any]] = []
+        for e in events:
+            try:
+                props: Any = None
+                if e.type == "purchase":
+                    props = PurchaseProps.model_validate(e.properties)
+                elif e.type == "refund":
+                    props = RefundProps.model_validate(e.properties)
+                parsed.append((e, props))
+            except ValidationError as exc:
+                raise UnusableEvent(
+                    f"event {e.id}: invalid {e.type} properties: {exc.errors()[:3]}"
+                ) from exc
+        first_seen = {}
+        for e in events:
+            first_seen.setdefault(e.customer_id, e.occurred_at)
+        await book.open(sorted(first_seen), create=True, at=min(first_seen.values()))
+        keyed = [(e.customer_id, p.order_id) for e, p in parsed if p is not None]
+        for row in await book.repo.purchases_for(set(keyed)):
+            self.purchases[(row[0], row[1])] = PurchaseState(*row)
+        buyers = sorted({e.customer_id for e, p in parsed if p is not None})
+        if buyers and self.programme.tiers:
+            since = book.now - timedelta(days=self.programme.tier_window_days)
+            spend = await book.repo.spend_since(buyers, since)
+            for cid in buyers:
+                book.accounts[cid].spend = spend.get(cid, ZERO)
+        await book.load_redemptions(
+            [p.redemption_id for e, p in parsed if e.type == "purchase" and p.redemption_id]
+        )
+        if buyers:
+            self.goals = {g.customer_id: g for g in await goals.load_active(book, buyers)}
+        for e, props in parsed:
+            acct = book.accounts[e.customer_id]  # type: ignore[index]
+            if e.type == "purchase":
+                await self.purchase(acct, e, props)
+            elif e.type == "refund":
+                await self.refund(acct, e, props)
+            elif e.type == "customer_updated":
+                await self.customer_updated(acct, e)
+        await self.write()
+
+    # -- purchases -------------------------------------------------------------------------------
+
+    async def purchase(self, acct: AccountState, e: EventMessage, p: PurchaseProps) -> None:
+        key = (acct.customer_id, p.order_id)
+        if key in self.purchases:
+            return  # the same order again (a resend under another event id) accrues once
+        book, programme = self.book, self.programme
+        money_from_points, redeemed, status = self.reconcile(acct, e, p)
+        paid = max(p.total - money_from_points, ZERO)
+        tier_rate = self.update_tier(acct, paid, cause=e.id, at=e.occurred_at)
+        points = floor_points(
+            paid * eligible_share(p, programme) * tier_rate / programme.point_value
+        )
+        ref = f"accrual:{e.id}"
+        if points > 0:
+            book.credit(
+                acct,
+                kind="accrual",
+                points=points,
+                ref=ref,
+                at=e.occurred_at,
+                order_id=p.order_id,
+                data={"paid": str(paid), "tier": acct.tier},
+                event_type="points.accrued" if book.publish_accruals else None,
+            )
+        self.purchases[key] = PurchaseState(
+            acct.customer_id,
+            p.order_id,
+            e.id,
+            e.occurred_at,
+            p.total,
+            paid,
+            ZERO,
+            points,
+            ZERO,
+            p.redemption_id,
+            redeemed,
+            ZERO,
+            status,
+            is_new=True,
+        )
+        acct.purchases_count += 1
+        acct.dirty = True
+        if acct.first_purchase_at is None or e.occurred_at < acct.first_purchase_at:
+            acct.first_purchase_at = e.occurred_at
+        if acct.last_purchase_at is None or e.occurred_at > acct.last_purchase_at:
+            acct.last_purchase_at = e.occurred_at
+        goal = self.goals.get(acct.customer_id)
+        if goal is not None:
+            goals.count_purchase(book, acct, goal, at=e.occurred_at)
+        if acct.purchases_count == 1:
+            await referrals.reward_first_purchase(book, acct, at=e.occurred_at)
+
+    def reconcile(
+        self, acct: AccountState, e: EventMessage, p: PurchaseProps
+    ) -> tuple[Decimal, Decimal, str | None]:
+        """Match the purchase's redemption: (money paid with points, points redeemed, reconciliation status)."""
+        pv = self.programme.point_value
+        claimed = p.points_redeemed
+        if p.redemption_id is None:
+            if claimed:
+                return claimed * pv, ZERO, "no_redemption_id"
+            return ZERO, ZERO, None
+        r = self.book.redemptions.get(p.redemption_id)
+        if r is None or r.customer_id != acct.customer_id:
+            # Not debited through this service: the points were not paid with, so the whole total earns.
+            return ZERO, ZERO, "unknown_redemption"
+        if r.status == "cancelled":
+            return ZERO, ZERO, "cancelled_redemption"
+        if r.status == "settled" and r.order_id != p.order_id:
+            return ZERO, ZERO, "redemption_already_settled"
+        r.status = "settled"
+        r.order_id = p.order_id
+        r.settled_at = e.occurred_at
+        r.dirty = True
+        status = "matched" if claimed is None or claimed == r.points_applied else "points_mismatch"
+        return r.money_applied, r.points_applied - r.points_returned, status
+
+    def update_tier(
+        self, acct: AccountState, spend_delta: Decimal, *, cause: str, at: datetime
+    ) -> Decimal:
+        """Move the 12-month spend and the tier; publish a tier change; return the accrual rate."""
+        programme = self.programme
+        if not programme.tiers:
+            return programme.base_rate
+        acct.spend = (acct.spend or ZERO) + spend_delta
+        tier, rate = programme.tier_for(acct.spend)
+        if tier != acct.tier:
+            self.book.event(
+                acct.customer_id,
+                "tier.changed",
+                ref=f"tier:{cause}",
+                at=at,
+                data={"from": acct.tier, "to": tier, "spend_12m": str(acct.spend)},
+            )
+            acct.tier = tier
+            acct.dirty = True
+        return rate
+
+    # -- refunds ---------------------------------------------------------------------------------
+
+    async def refund(self, acct: AccountState, e: EventMessage, r: RefundProps) -> None:
+        """Reverse accrued points and return redeemed ones in proportion to the money refunded."""
+        pur = self.purchases.get((acct.customer_id, r.order_id))
+        if pur is None:
+            log.warning(
+                "refund %s for unknown order %s of %s ignored", e.id, r.order_id, acct.customer_id
+            )
+            return
+        amount = min(r.amount, pur.paid - pur.refunded)
+        if amount <= 0:
+            return
+        book = self.book
+        pur.refunded += amount
+        pur.dirty = True
+        full = pur.refunded >= pur.paid
+        share = Decimal(1) if full else pur.refunded / pur.paid
+        to_return = (
+            pur.points_redeemed if full else round_points(pur.points_redeemed * share)
+        ) - pur.points_returned
+        if to_return > 0 and pur.redemption_id:
+            red = book.redemptions.get(pur.redemption_id)
+            if red is None:
+                await book.load_redemptions([pur.redemption_id])
+                red = book.redemptions.get(pur.redemption_id)
+            if red is not None:
+                pur.points_returned += await book.return_redeemed(
+                    acct,
+                    red,
+                    to_return,
+                    ref=f"return:{e.id}",
+                    at=e.occurred_at,
+                    reason="refund",
+                    order_id=r.order_id,
+                )
+        to_reverse = (
+            pur.points_accrued if full else round_points(pur.points_accrued * share)
+        ) - pur.points_reversed
+        if to_reverse > 0:
+            # Points already spent cannot be taken back below zero: what is missing is recorded, not owed.
+            taken, _ = await book.debit(
+                acct,
+                kind="reversal",
+                points=to_reverse,
+                ref=f"reversal:{e.id}",
+                at=e.occurred_at,
+                prefer_lot=f"accrual:{pur.message_id}",
+                allow_partial=True,
+                order_id=r.order_id,
+                data={"reverses": "accrual", "requested": str(to_reverse)},
+                event_type="points.reversed",
+            )
+            if taken < to_reverse:
+                log.info(
+                    "refund %s: %s of %s points could not be reversed",
+                    e.id,
+                    to_reverse - taken,
+                    to_reverse,
+                )
+            pur.points_reversed += to_reverse
+        self.update_tier(acct, -amount, cause=e.id, at=e.occurred_at)
+
+    # -- profile facts ---------------------------------------------------------------------------
+
+    async def customer_updated(self, acct: AccountState, e: EventMessage) -> None:
+        props = e.properties
+        if "birth_date" in props:
+            value = props["birth_date"]
+            try:
+                acct.birth_date = date.fromisoformat(value) if isinstance(value, str) else None
+            except ValueError:
+                acct.birth_date = None
+            acct.dirty = True
+        code = props.get("referred_by")
+        if isinstance(code, str) and code:
+            await referrals.link(self.book, acct, code, at=e.occurred_at)
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    async def write(self) -> None:
+        repo = self.book.repo
+        await repo.insert_purchases(
+            [
+                (
+                    p.customer_id,
+                    p.order_id,
+                    p.message_id,
+                    p.occurred_at,
+                    p.total,
+                    p.paid,
+                    p.refunded,
+                    p.points_accrued,
+                    p.points_reversed,
+                    p.redemption_id,
+                    p.points_redeemed,
+                    p.points_returned,
+                    p.reconciliation,
+                )
+                for p in self.purchases.values()
+                if p.is_new
+            ]
+        )
+        await repo.update_purchases(
+            [
+                (p.customer_id, p.order_id, p.refunded, p.points_reversed, p.points_returned)
+                for p in self.purchases.values()
+                if p.dirty and not p.is_new
+            ]
+        )
+        await goals.write(self.book, list(self.goals.values()))
+        await self.book.flush()
+
+
+async def apply_events(
+    *,
+    session: AsyncSession,
+    events: list[EventMessage],
+    programme: ProgrammeConfig,
+    now: datetime,
+    publish_accruals: bool = True,
+) -> None:
+    """Apply a batch of events, in order, in the caller's transaction."""
+    book = Book(session, programme, now, publish_accruals=publish_accruals)
+    await EventApplier(book).apply(events)

@@ -1,0 +1,123 @@
+"""The periodic sweep: reminders before expiry, expiry of lots, expiry of unmet goals. Set-based SQL only."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from loyalty.ledger import load_programme
+from loyalty.settings import TOPIC_LOYALTY, TOPIC_MESSAGES
+
+_ISO = '\'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"\''
+
+
+def _iso(col: str) -> str:
+    return f"to_char({col} AT TIME ZONE 'UTC', {_ISO})"
+
+
+# Lots whose points expire within the reminder window, not yet reminded for this expiry date, grouped
+# per customer and date: one transactional message each. The message id derives from customer and date.
+REMIND_SQL = f"""
+WITH due AS (
+    UPDATE lots SET reminded_for = expires_at
+    WHERE remaining > 0 AND expires_at > :now AND expires_at <= :now + make_interval(days => CAST(:days AS int))
+      AND reminded_for IS DISTINCT FROM expires_at
+    RETURNING customer_id, expires_at, remaining
+), per_day AS (
+    SELECT customer_id, (expires_at AT TIME ZONE 'UTC')::date AS day, min(expires_at) AS first_at,
+           sum(remaining) AS points
+    FROM due GROUP BY customer_id, (expires_at AT TIME ZONE 'UTC')::date
+)
+INSERT INTO outbox (topic, key, value)
+SELECT '{TOPIC_MESSAGES}', customer_id, convert_to(json_build_object(
+    'id', 'loyalty:points_expiring:' || customer_id || ':' || day::text,
+    'type', 'message.requested', 'customer_id', customer_id, 'occurred_at', CAST(:now_iso AS text),
+    'kind', 'transactional', 'template', 'points_expiring', 'source_service', 'loyalty',
+    'expires_at', {_iso("first_at")},
+    'variables', json_build_object('points', points::text, 'amount', round(points * CAST(:pv AS numeric), 2)::text,
+                                   'expires_on', day::text, 'expires_at', {_iso("first_at")})
+)::text, 'UTF8')
+FROM per_day
+RETURNING 1
+"""
+
+# Lock the accounts with expiring lots first (the same lock order as every other writer), then expire in a
+# second statement so it reads the lots as committed after the locks were granted.
+LOCK_SQL = """
+SELECT customer_id FROM accounts
+WHERE customer_id IN (SELECT customer_id FROM lots WHERE remaining > 0 AND expires_at <= :now)
+ORDER BY customer_id LIMIT :limit FOR UPDATE
+"""
+
+EXPIRE_SQL = f"""
+WITH due AS (
+    SELECT l.id, l.customer_id, l.remaining, l.expired_points, l.expires_at,
+           a.balance - sum(l.remaining) OVER (PARTITION BY l.customer_id ORDER BY l.expires_at, l.id) AS balance_after
+    FROM lots l JOIN accounts a ON a.customer_id = l.customer_id
+    WHERE l.customer_id = ANY(CAST(:ids AS text[])) AND l.remaining > 0 AND l.expires_at <= :now
+), lots_done AS (
+    UPDATE lots SET remaining = 0, expired_points = lots.expired_points + due.remaining
+    FROM due WHERE lots.id = due.id
+), accounts_done AS (
+    UPDATE accounts SET balance = accounts.balance - t.total, updated_at = :now
+    FROM (SELECT customer_id, sum(remaining) AS total FROM due GROUP BY customer_id) t
+    WHERE accounts.customer_id = t.customer_id
+), entries AS (
+    INSERT INTO ledger (ref, customer_id, kind, points, balance_after, occurred_at, recorded_at, lot_id, data)
+    SELECT 'expiry:' || id || ':' || expired_points::text, customer_id, 'expiry', -remaining, balance_after,
+           expires_at, :now, id, jsonb_build_object('expired_lot', id)
+    FROM due
+    RETURNING ref, customer_id, points, balance_after, occurred_at, lot_id
+)
+INSERT INTO outbox (topic, key, value)
+SELECT '{TOPIC_LOYALTY}', customer_id, convert_to(json_build_object(
+    'id', 'loyalty:points.expired:' || ref, 'type', 'points.expired', 'customer_id', customer_id,
+    'occurred_at', {_iso("occurred_at")}, 'points', points::text, 'balance', balance_after::text,
+    'data', json_build_object('lot_id', lot_id)
+)::text, 'UTF8')
+FROM entries
+RETURNING 1
+"""
+
+EXPIRE_GOALS_SQL = f"""
+WITH expired AS (
+    UPDATE goals SET status = 'expired', closed_at = due_at
+    WHERE status = 'active' AND due_at <= :now
+    RETURNING id, customer_id, due_at, progress, target
+)
+INSERT INTO outbox (topic, key, value)
+SELECT '{TOPIC_LOYALTY}', customer_id, convert_to(json_build_object(
+    'id', 'loyalty:goal.expired:' || id, 'type', 'goal.expired', 'customer_id', customer_id,
+    'occurred_at', {_iso("due_at")},
+    'data', json_build_object('goal_id', id, 'progress', progress, 'target', target)
+)::text, 'UTF8')
+FROM expired
+RETURNING 1
+"""
+
+
+async def run_sweep(session: AsyncSession, now: datetime, *, batch: int = 5000) -> dict[str, Any]:
+    """Remind, expire lots (oldest first, never below zero), expire unmet goals; return what it did."""
+    programme = await load_programme(session)
+    params = {"now": now, "now_iso": now.isoformat()}
+    reminded = 0
+    if programme.reminder_days > 0:
+        result = await session.execute(
+            text(REMIND_SQL),
+            {**params, "days": programme.reminder_days, "pv": programme.point_value},
+        )
+        reminded = len(result.all())
+    expired = 0
+    ids = [r[0] for r in await session.execute(text(LOCK_SQL), {"now": now, "limit": batch})]
+    if ids:
+        expired = len((await session.execute(text(EXPIRE_SQL), {**params, "ids": ids})).all())
+    goals_expired = len((await session.execute(text(EXPIRE_GOALS_SQL), params)).all())
+    return {
+        "reminders": reminded,
+        "lots_expired": expired,
+        "accounts_expired": len(ids),
+        "goals_expired": goals_expired,
+    }

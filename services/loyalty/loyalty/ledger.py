@@ -1,0 +1,568 @@
+"""The ledger: accounts locked for one transaction, changed in memory, written back in bulk.
+
+Invariants kept here (and by CHECK constraints in the database):
+* every change of a balance is one immutable ledger entry, so the balance equals the ledger sum;
+* points live in lots; spending and expiry take the oldest lot first; the balance equals the sum
+  of the lots' remaining points and is never negative;
+* an account is changed only while its row is locked (`SELECT ... FOR UPDATE`, in id order), so
+  concurrent requests on one account are serialised and cannot overspend;
+* every entry has a `ref` derived from its cause (unique), so a retried cause cannot apply twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from base64 import b32encode
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
+from typing import Any
+
+from crm_common import outbox
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from loyalty.errors import InsufficientPoints
+from loyalty.repository import LoyaltyRepository
+from loyalty.schemas import ProgrammeConfig
+from loyalty.settings import TOPIC_LOYALTY, TOPIC_MESSAGES
+
+log = logging.getLogger(__name__)
+
+CENT = Decimal("0.01")
+ZERO = Decimal(0)
+CREDIT_KINDS = ("accrual", "goal_bonus", "referral_bonus", "welcome_bonus", "birthday_bonus")
+
+
+def floor_points(value: Decimal) -> Decimal:
+    """Points are kept to two decimals and rounded down when earned (never over-credit)."""
+    return value.quantize(CENT, rounding=ROUND_DOWN)
+
+
+def round_points(value: Decimal) -> Decimal:
+    return value.quantize(CENT, rounding=ROUND_HALF_UP)
+
+
+def new_referral_code() -> str:
+    """A random, unguessable referral code (10 base32 characters)."""
+    return b32encode(secrets.token_bytes(10)).decode()[:10]
+
+
+@dataclass(slots=True)
+class LotState:
+    id: str
+    customer_id: str
+    kind: str
+    earned_at: datetime
+    expires_at: datetime
+    points: Decimal
+    remaining: Decimal
+    is_new: bool = False
+    dirty: bool = False
+
+
+@dataclass(slots=True)
+class AccountState:
+    customer_id: str
+    balance: Decimal
+    tier: str
+    referral_code: str
+    referred_by: str | None
+    referral_rewarded: bool
+    purchases_count: int
+    first_purchase_at: datetime | None
+    last_purchase_at: datetime | None
+    birth_date: date | None
+    created_at: datetime
+    spend: Decimal | None = None
+    lots: dict[str, LotState] | None = None
+    dirty: bool = False
+
+
+@dataclass(slots=True)
+class Allocation:
+    redemption_id: str
+    lot_id: str
+    points: Decimal
+    returned: Decimal
+    dirty: bool = False
+
+
+@dataclass(slots=True)
+class RedemptionState:
+    redemption_id: str
+    customer_id: str
+    request_hash: str
+    check_amount: Decimal
+    points_requested: Decimal | None
+    points_applied: Decimal
+    money_applied: Decimal
+    points_returned: Decimal
+    status: str
+    order_id: str | None
+    store_id: str | None
+    created_at: datetime
+    settled_at: datetime | None
+    cancelled_at: datetime | None
+    balance_after: Decimal | None = None
+    dirty: bool = False
+
+    @classmethod
+    def from_row(cls, row: Any) -> RedemptionState:
+        return cls(*row)
+
+
+@dataclass
+class Book:
+    """The accounts one transaction works on: locked on open, changed in memory, written by `flush`."""
+
+    session: AsyncSession
+    programme: ProgrammeConfig
+    now: datetime
+    publish_accruals: bool = True
+    accounts: dict[str, AccountState] = field(default_factory=dict)
+    new_lots: dict[str, LotState] = field(default_factory=dict)
+    entries: list[tuple[Any, ...]] = field(default_factory=list)
+    messages: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    allocations: dict[str, list[Allocation]] = field(default_factory=dict)
+    redemptions: dict[str, RedemptionState] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.repo = LoyaltyRepository(self.session)
+
+    # -- accounts and lots -----------------------------------------------------------------------
+
+    async def open(
+        self, customer_ids: list[str], *, create: bool, at: datetime | None = None
+    ) -> dict[str, AccountState]:
+        """Lock and load accounts (creating missing ones when `create`); a new account gets the welcome bonus."""
+        wanted = list(dict.fromkeys(customer_ids))
+        ids = sorted(set(wanted) - self.accounts.keys())
+        created: set[str] = set()
+        if ids:
+            for row in await self.repo.lock_accounts(ids):
+                self.accounts[row[0]] = AccountState(*row)
+            missing = [cid for cid in ids if cid not in self.accounts]
+            if missing and create:
+                codes = [new_referral_code() for _ in missing]
+                created = await self.repo.insert_accounts(missing, codes, self.now)
+                # Lock again: an account created concurrently by another transaction is not ours yet.
+                for row in await self.repo.lock_accounts(missing):
+                    self.accounts[row[0]] = AccountState(*row)
+        bonus = self.programme.welcome_bonus
+        for cid in sorted(created):
+            if bonus > 0:
+                self.credit(
+                    self.accounts[cid],
+                    kind="welcome_bonus",
+                    points=bonus,
+                    ref=f"welcome:{cid}",
+                    at=at or self.now,
+                )
+        return {cid: self.accounts[cid] for cid in wanted if cid in self.accounts}
+
+    async def lots(self, acct: AccountState) -> dict[str, LotState]:
+        """The account's open lots (loaded once per transaction), with the ones created in it."""
+        if acct.lots is None:
+            acct.lots = {
+                r[0]: LotState(*r[:7]) for r in await self.repo.open_lots(acct.customer_id)
+            }
+            for lot in self.new_lots.values():
+                if lot.customer_id == acct.customer_id:
+                    acct.lots[lot.id] = lot
+        return acct.lots
+
+    async def spendable(self, acct: AccountState) -> Decimal:
+        """Points that can be spent now: lots not yet past their expiry."""
+        return sum(
+            (
+                lot.remaining
+                for lot in (await self.lots(acct)).values()
+                if lot.expires_at > self.now
+            ),
+            ZERO,
+        )
+
+    # -- movements -------------------------------------------------------------------------------
+
+    def _entry(
+        self,
+        acct: AccountState,
+        *,
+        kind: str,
+        points: Decimal,
+        ref: str,
+        at: datetime,
+        lot_id: str | None = None,
+        order_id: str | None = None,
+        redemption_id: str | None = None,
+        data: dict[str, Any] | None = None,
+        event_type: str | None = None,
+    ) -> None:
+        acct.balance += points
+        if acct.balance < 0:  # a bug, not a business case: the callers check before moving points
+            raise AssertionError(f"balance of {acct.customer_id} would become negative")
+        acct.dirty = True
+        data = data or {}
+        self.entries.append(
+            (
+                ref,
+                acct.customer_id,
+                kind,
+                points,
+                acct.balance,
+                at,
+                self.now,
+                lot_id,
+                order_id,
+                redemption_id,
+                data,
+            )
+        )
+        if event_type:
+            self.event(
+                acct.customer_id,
+                event_type,
+                ref=ref,
+                at=at,
+                points=points,
+                balance=acct.balance,
+                data=data,
+            )
+
+    def event(
+        self,
+        customer_id: str,
+        event_type: str,
+        *,
+        ref: str,
+        at: datetime,
+        points: Decimal | None = None,
+        balance: Decimal | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        """Queue a `crm.loyalty.v1` event; its id derives from the cause, so a retry never doubles it."""
+        self.messages.append(
+            (
+                TOPIC_LOYALTY,
+                customer_id,
+                {
+                    "id": f"loyalty:{event_type}:{ref}",
+                    "type": event_type,
+                    "customer_id": customer_id,
+                    "occurred_at": at.isoformat(),
+                    "points": points,
+                    "balance": balance,
+                    "data": data or {},
+                },
+            )
+        )
+
+    def message(
+        self,
+        customer_id: str,
+        *,
+        msg_id: str,
+        template: str,
+        variables: dict[str, Any],
+        kind: str = "transactional",
+        expires_at: datetime | None = None,
+    ) -> None:
+        """Queue a MessageRequested command on `crm.messages.v1`."""
+        self.messages.append(
+            (
+                TOPIC_MESSAGES,
+                customer_id,
+                {
+                    "id": msg_id,
+                    "type": "message.requested",
+                    "customer_id": customer_id,
+                    "occurred_at": self.now.isoformat(),
+                    "kind": kind,
+                    "template": template,
+                    "variables": variables,
+                    "source_service": "loyalty",
+                    "expires_at": expires_at.isoformat() if expires_at else None,
+                },
+            )
+        )
+
+    def credit(
+        self,
+        acct: AccountState,
+        *,
+        kind: str,
+        points: Decimal,
+        ref: str,
+        at: datetime,
+        order_id: str | None = None,
+        data: dict[str, Any] | None = None,
+        event_type: str | None = None,
+    ) -> None:
+        """Add points in a new lot that expires `expiry_days` after `at`."""
+        lot = LotState(
+            ref,
+            acct.customer_id,
+            kind,
+            at,
+            at + timedelta(days=self.programme.expiry_days),
+            points,
+            points,
+            is_new=True,
+        )
+        self.new_lots[ref] = lot
+        if acct.lots is not None:
+            acct.lots[ref] = lot
+        data = {**(data or {}), "expires_at": lot.expires_at.isoformat()}
+        self._entry(
+            acct,
+            kind=kind,
+            points=points,
+            ref=ref,
+            at=at,
+            lot_id=ref,
+            order_id=order_id,
+            data=data,
+            event_type=event_type,
+        )
+
+    async def debit(
+        self,
+        acct: AccountState,
+        *,
+        kind: str,
+        points: Decimal,
+        ref: str,
+        at: datetime,
+        prefer_lot: str | None = None,
+        allow_partial: bool = False,
+        order_id: str | None = None,
+        redemption_id: str | None = None,
+        data: dict[str, Any] | None = None,
+        event_type: str | None = None,
+    ) -> tuple[Decimal, list[tuple[str, Decimal]]]:
+        """Take points from the oldest spendable lots first; return (points taken, [(lot id, points)])."""
+        lots = await self.lots(acct)
+        order = sorted(
+            (lot for lot in lots.values() if lot.remaining > 0 and lot.expires_at > self.now),
+            key=lambda lot: (lot.expires_at, lot.earned_at, lot.id),
+        )
+        if prefer_lot is not None:
+            order.sort(key=lambda lot: lot.id != prefer_lot)
+        available = sum((lot.remaining for lot in order), ZERO)
+        if points > available:
+            if not allow_partial:
+                raise InsufficientPoints(
+                    f"{points} points asked, {available} available",
+                    details={"requested": str(points), "available": str(available)},
+                )
+            points = available
+        if points <= 0:
+            return ZERO, []
+        taken: list[tuple[str, Decimal]] = []
+        left = points
+        for lot in order:
+            if left <= 0:
+                break
+            take = min(lot.remaining, left)
+            lot.remaining -= take
+            lot.dirty = True
+            left -= take
+            taken.append((lot.id, take))
+        self._entry(
+            acct,
+            kind=kind,
+            points=-points,
+            ref=ref,
+            at=at,
+            order_id=order_id,
+            redemption_id=redemption_id,
+            data={**(data or {}), "lots": {lid: str(p) for lid, p in taken}},
+            event_type=event_type,
+        )
+        return points, taken
+
+    async def restore(
+        self,
+        acct: AccountState,
+        *,
+        parts: list[tuple[str, Decimal]],
+        kind: str,
+        ref: str,
+        at: datetime,
+        order_id: str | None = None,
+        redemption_id: str | None = None,
+        data: dict[str, Any] | None = None,
+        event_type: str | None = None,
+    ) -> Decimal:
+        """Give points back to the lots they were taken from (a lot past expiry loses them at the next sweep)."""
+        parts = [(lid, p) for lid, p in parts if p > 0]
+        total = sum((p for _, p in parts), ZERO)
+        if total <= 0:
+            return ZERO
+        lots = await self.lots(acct)
+        missing = [lid for lid, _ in parts if lid not in lots]
+        if missing:
+            for r in await self.repo.lots_by_ids(missing):
+                lots[r[0]] = LotState(*r[:7])
+        for lid, p in parts:
+            lots[lid].remaining += p
+            lots[lid].dirty = True
+        self._entry(
+            acct,
+            kind=kind,
+            points=total,
+            ref=ref,
+            at=at,
+            order_id=order_id,
+            redemption_id=redemption_id,
+            data={**(data or {}), "lots": {lid: str(p) for lid, p in parts}},
+            event_type=event_type,
+        )
+        return total
+
+    # -- redemptions -----------------------------------------------------------------------------
+
+    async def load_redemptions(self, ids: list[str]) -> None:
+        missing = [i for i in dict.fromkeys(ids) if i not in self.redemptions]
+        for row in await self.repo.get_redemptions(missing):
+            self.redemptions[row[0]] = RedemptionState.from_row(row)
+
+    async def allocations_of(self, redemption_id: str) -> list[Allocation]:
+        if redemption_id not in self.allocations:
+            self.allocations[redemption_id] = [
+                Allocation(redemption_id, r[0], r[1], r[2])
+                for r in await self.repo.redemption_lots(redemption_id)
+            ]
+        return self.allocations[redemption_id]
+
+    async def return_redeemed(
+        self,
+        acct: AccountState,
+        redemption: RedemptionState,
+        points: Decimal,
+        *,
+        ref: str,
+        at: datetime,
+        reason: str,
+        order_id: str | None = None,
+    ) -> Decimal:
+        """Return up to `points` of a redemption to the lots it took them from (latest-expiring first)."""
+        points = min(points, redemption.points_applied - redemption.points_returned)
+        if points <= 0:
+            return ZERO
+        parts: list[tuple[str, Decimal]] = []
+        left = points
+        for alloc in await self.allocations_of(redemption.redemption_id):
+            give = min(alloc.points - alloc.returned, left)
+            if give <= 0:
+                continue
+            alloc.returned += give
+            alloc.dirty = True
+            left -= give
+            parts.append((alloc.lot_id, give))
+            if left <= 0:
+                break
+        returned = await self.restore(
+            acct,
+            parts=parts,
+            kind="reversal",
+            ref=ref,
+            at=at,
+            order_id=order_id,
+            redemption_id=redemption.redemption_id,
+            data={"reverses": "redemption", "reason": reason},
+            event_type="points.reversed",
+        )
+        redemption.points_returned += returned
+        redemption.dirty = True
+        return returned
+
+    # -- writing back ----------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Write every change of this transaction with one bulk statement per table."""
+        repo = self.repo
+        await repo.insert_lots(
+            [
+                (
+                    lot.id,
+                    lot.customer_id,
+                    lot.kind,
+                    lot.earned_at,
+                    lot.expires_at,
+                    lot.points,
+                    lot.remaining,
+                )
+                for lot in self.new_lots.values()
+            ]
+        )
+        await repo.update_lots(
+            [
+                (lot.id, lot.remaining)
+                for acct in self.accounts.values()
+                if acct.lots
+                for lot in acct.lots.values()
+                if lot.dirty and not lot.is_new
+            ]
+        )
+        await repo.insert_ledger(self.entries)
+        await repo.update_accounts(
+            [
+                (
+                    a.customer_id,
+                    a.balance,
+                    a.tier,
+                    a.referred_by,
+                    a.referral_rewarded,
+                    a.purchases_count,
+                    a.first_purchase_at,
+                    a.last_purchase_at,
+                    a.birth_date,
+                )
+                for a in self.accounts.values()
+                if a.dirty
+            ],
+            self.now,
+        )
+        await repo.update_redemptions(
+            [
+                (
+                    r.redemption_id,
+                    r.status,
+                    r.points_returned,
+                    r.order_id,
+                    r.settled_at,
+                    r.cancelled_at,
+                )
+                for r in self.redemptions.values()
+                if r.dirty
+            ]
+        )
+        await repo.upsert_redemption_lots(
+            [
+                (a.redemption_id, a.lot_id, a.points, a.returned)
+                for allocs in self.allocations.values()
+                for a in allocs
+                if a.dirty
+            ]
+        )
+        await outbox.enqueue_many(self.session, self.messages)
+        self.new_lots.clear()
+        self.entries.clear()
+        self.messages.clear()
+        for a in self.accounts.values():
+            a.dirty = False
+            for lot in (a.lots or {}).values():
+                lot.dirty = lot.is_new = False
+        for r in self.redemptions.values():
+            r.dirty = False
+        for allocs in self.allocations.values():
+            for al in allocs:
+                al.dirty = False
+
+
+async def load_programme(session: AsyncSession) -> ProgrammeConfig:
+    """The programme's rules (the defaults until an operator configures them)."""
+    row = await LoyaltyRepository(session).get_programme()
+    return ProgrammeConfig.model_validate(row[0]) if row else ProgrammeConfig()

@@ -1,0 +1,197 @@
+"""Redemptions at the POS (idempotent by redemption_id, capped by the programme) and their cancellation."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from decimal import ROUND_DOWN, Decimal
+
+from crm_common import serde
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from loyalty.errors import (
+    AccountNotFound,
+    IdempotencyConflict,
+    InsufficientPoints,
+    RedemptionNotCancellable,
+    RedemptionNotFound,
+)
+from loyalty.ledger import Allocation, Book, RedemptionState, floor_points
+from loyalty.repository import LoyaltyRepository
+from loyalty.schemas import ProgrammeConfig, RedemptionCreate, RedemptionRead
+
+MONEY_CENT = Decimal("0.01")
+
+
+def request_hash(redemption_in: RedemptionCreate) -> str:
+    body = serde.dumps(redemption_in.model_dump(mode="json"))
+    return hashlib.sha256(body).hexdigest()
+
+
+def _money(value: Decimal) -> Decimal:
+    """Cents, or up to 4 places when the amount has them: the same text for a fresh answer and a replay."""
+    cents = value.quantize(MONEY_CENT)
+    return cents if cents == value else value.quantize(Decimal("0.0001"))
+
+
+def _points(value: Decimal | None) -> Decimal | None:
+    return None if value is None else value.quantize(MONEY_CENT)
+
+
+def to_read(r: RedemptionState) -> RedemptionRead:
+    return RedemptionRead(
+        redemption_id=r.redemption_id,
+        customer_id=r.customer_id,
+        status=r.status,
+        check_amount=_money(r.check_amount),
+        points_requested=_points(r.points_requested),
+        points_applied=_points(r.points_applied),
+        money_applied=_money(r.money_applied),
+        points_returned=_points(r.points_returned),
+        balance=_points(r.balance_after),
+        order_id=r.order_id,
+        created_at=r.created_at,
+        cancelled_at=r.cancelled_at,
+    )
+
+
+def _replay(existing: RedemptionState, digest: str) -> RedemptionRead:
+    if existing.request_hash != digest:
+        raise IdempotencyConflict(
+            f"redemption {existing.redemption_id!r} exists with a different request",
+            details={"redemption_id": existing.redemption_id},
+        )
+    return to_read(existing)
+
+
+async def _existing(session: AsyncSession, redemption_id: str) -> RedemptionState | None:
+    rows = await LoyaltyRepository(session).get_redemptions([redemption_id])
+    return RedemptionState.from_row(rows[0]) if rows else None
+
+
+async def redeem(
+    *,
+    session: AsyncSession,
+    programme: ProgrammeConfig,
+    redemption_in: RedemptionCreate,
+    now: datetime,
+) -> tuple[RedemptionRead, bool]:
+    """Apply points to a check, at most `max_redeem_share` of it; return (result, created)."""
+    digest = request_hash(redemption_in)
+    rid = redemption_in.redemption_id
+    if (existing := await _existing(session, rid)) is not None:
+        return _replay(existing, digest), False
+    book = Book(session, programme, now)
+    acct = (await book.open([redemption_in.customer_id], create=False)).get(
+        redemption_in.customer_id
+    )
+    if acct is None:
+        raise AccountNotFound(f"no loyalty account for customer {redemption_in.customer_id!r}")
+    # A concurrent request with the same id may have committed while this one waited for the lock.
+    if (existing := await _existing(session, rid)) is not None:
+        return _replay(existing, digest), False
+    max_points = floor_points(
+        redemption_in.check_amount * programme.max_redeem_share / programme.point_value
+    )
+    wanted = (
+        min(redemption_in.points, max_points) if redemption_in.points is not None else max_points
+    )
+    available = await book.spendable(acct)
+    applied = min(wanted, available)
+    if applied <= 0:
+        raise InsufficientPoints(
+            "no points can be applied to this check",
+            details={"available": str(available), "max_points_for_check": str(max_points)},
+        )
+    money = (applied * programme.point_value).quantize(MONEY_CENT, rounding=ROUND_DOWN)
+    state = RedemptionState(
+        rid,
+        acct.customer_id,
+        digest,
+        redemption_in.check_amount,
+        redemption_in.points,
+        applied,
+        money,
+        Decimal(0),
+        "applied",
+        redemption_in.order_id,
+        redemption_in.store_id,
+        now,
+        None,
+        None,
+    )
+    if not await book.repo.insert_redemption(
+        {
+            "redemption_id": rid,
+            "customer_id": acct.customer_id,
+            "request_hash": digest,
+            "check_amount": redemption_in.check_amount,
+            "points_requested": redemption_in.points,
+            "points_applied": applied,
+            "money_applied": money,
+            "order_id": redemption_in.order_id,
+            "store_id": redemption_in.store_id,
+            "created_at": now,
+        }
+    ):
+        # Same id used concurrently for another customer: that one won.
+        existing = await _existing(session, rid)
+        assert existing is not None
+        return _replay(existing, digest), False
+    _, taken = await book.debit(
+        acct,
+        kind="redemption",
+        points=applied,
+        ref=f"redemption:{rid}",
+        at=now,
+        redemption_id=rid,
+        order_id=redemption_in.order_id,
+        data={"money": str(money), "check_amount": str(redemption_in.check_amount)},
+        event_type="points.redeemed",
+    )
+    book.allocations[rid] = [
+        Allocation(rid, lot_id, pts, Decimal(0), dirty=True) for lot_id, pts in taken
+    ]
+    await book.flush()
+    state.balance_after = acct.balance
+    return to_read(state), True
+
+
+async def cancel(
+    *, session: AsyncSession, programme: ProgrammeConfig, redemption_id: str, now: datetime
+) -> RedemptionRead:
+    """Cancel a redemption not yet settled by a purchase: its points go back to their lots. Idempotent."""
+    existing = await _existing(session, redemption_id)
+    if existing is None:
+        raise RedemptionNotFound(f"no redemption {redemption_id!r}")
+    book = Book(session, programme, now)
+    acct = (await book.open([existing.customer_id], create=False))[existing.customer_id]
+    await book.load_redemptions([redemption_id])  # re-read under the account lock
+    red = book.redemptions[redemption_id]
+    if red.status == "cancelled":
+        return to_read(red)
+    if red.status == "settled":
+        raise RedemptionNotCancellable(
+            f"redemption {redemption_id!r} was settled by order {red.order_id!r}; refund the order instead"
+        )
+    await book.return_redeemed(
+        acct,
+        red,
+        red.points_applied - red.points_returned,
+        ref=f"cancel:{redemption_id}",
+        at=now,
+        reason="cancelled",
+    )
+    red.status = "cancelled"
+    red.cancelled_at = now
+    red.dirty = True
+    book.event(
+        acct.customer_id,
+        "redemption.cancelled",
+        ref=redemption_id,
+        at=now,
+        points=red.points_applied,
+        balance=acct.balance,
+    )
+    await book.flush()
+    return to_read(red)

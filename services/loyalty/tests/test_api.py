@@ -1,0 +1,114 @@
+"""The HTTP API in-process: concurrency on one account, idempotency, validation of hostile input."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import httpx
+import pytest_asyncio
+
+from crm_common.testing.helpers import run_app
+from loyalty.app import create_app
+from loyalty.settings import Settings
+
+from . import factories as f
+from .conftest import check_invariants
+
+D = Decimal
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def api(db, broker, topic_prefix, clock) -> AsyncIterator[tuple[httpx.AsyncClient, object]]:
+    url, sm = db
+    settings = Settings(
+        database_url=url, kafka_bootstrap_servers=broker.bootstrap, topic_prefix=topic_prefix,
+        consumers_enabled=False, sweeps_enabled=False, log_json=False, db_pool_size=10,
+    )
+    async with run_app(create_app(settings, clock=clock)) as client:
+        r = await client.put("/v1/programme", json=f.SCENARIO4_PROGRAMME)
+        assert r.status_code == 200, r.text
+        yield client, sm
+
+
+async def test_fifty_concurrent_redemptions_on_one_account_never_overspend(api):
+    client, sm = api
+    r = await client.post("/v1/accounts/c1/adjustments", json={"adjustment_id": "a1", "points": "1000",
+                                                                 "reason": "opening balance"})
+    assert r.status_code == 201, r.text
+    # 25 distinct ids, each sent twice at once: 50 requests asking 100 points each on a 1,000-point account
+    bodies = [{"redemption_id": f"r{i % 25}", "customer_id": "c1", "check_amount": "1000", "points": "100"}
+              for i in range(50)]
+    responses = await asyncio.gather(*(client.post("/v1/redemptions", json=b) for b in bodies))
+    assert Counter(r.status_code for r in responses) <= Counter({201: 10, 200: 10, 409: 40})
+    ok = {r.json()["redemption_id"]: r.json() for r in responses if r.status_code in (200, 201)}
+    assert sum(D(v["points_applied"]) for v in ok.values()) == D("1000")
+    assert len(ok) == 10
+    assert all(r.json()["error"]["code"] == "insufficient_points" for r in responses if r.status_code == 409)
+    account = (await client.get("/v1/accounts/c1")).json()
+    assert D(account["balance"]) == 0 and account["lots"] == []
+    assert await check_invariants(sm, "c1") == 0
+
+
+async def test_redemption_replay_conflict_cancel_and_reads_over_http(api):
+    client, _ = api
+    await client.post("/v1/accounts/c2/adjustments", json={"adjustment_id": "a2", "points": "5000", "reason": "x"})
+    body = {"redemption_id": "rx", "customer_id": "c2", "check_amount": "50.00"}
+    first = await client.post("/v1/redemptions", json=body)
+    again = await client.post("/v1/redemptions", json=body)
+    assert first.status_code == 201 and again.status_code == 200
+    assert first.json() == again.json()
+    assert first.json()["points_applied"] == "1500.00" and first.json()["money_applied"] == "15.00"
+    clash = await client.post("/v1/redemptions", json={**body, "check_amount": "60"})
+    assert clash.status_code == 409 and clash.json()["error"]["code"] == "idempotency_conflict"
+    cancelled = await client.post("/v1/redemptions/rx/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert (await client.get("/v1/redemptions/rx")).json()["points_returned"] == "1500.00"
+    account = (await client.get("/v1/accounts/c2")).json()
+    assert D(account["balance"]) == D("5000") and account["referral_code"]
+    ledger = (await client.get("/v1/accounts/c2/ledger", params={"limit": 2})).json()
+    assert [e["kind"] for e in ledger["entries"]] == ["reversal", "redemption"] and ledger["next_before"]
+    older = (await client.get("/v1/accounts/c2/ledger", params={"before": ledger["next_before"]})).json()
+    assert [e["kind"] for e in older["entries"]] == ["adjustment"]
+    referral = (await client.get("/v1/accounts/c2/referral")).json()
+    assert referral["referral_code"] == account["referral_code"]
+    report = (await client.get("/v1/reports/points")).json()
+    assert report["months"][0]["adjusted"] == "5000.00"
+    assert (await client.get("/v1/accounts/nobody")).status_code == 404
+    assert (await client.post("/v1/redemptions/none/cancel")).status_code == 404
+    missing = await client.post("/v1/redemptions", json={**body, "redemption_id": "ry", "customer_id": "nobody"})
+    assert missing.status_code == 404
+
+
+async def test_hostile_inputs_get_a_structured_4xx_naming_the_field(api):
+    client, _ = api
+    cases = [
+        ("post", "/v1/redemptions", {"redemption_id": "a\x00b", "customer_id": "c", "check_amount": "1"}),
+        ("post", "/v1/redemptions", {"redemption_id": "a", "customer_id": "c", "check_amount": "1e400"}),
+        ("post", "/v1/redemptions", {"redemption_id": "a", "customer_id": "c", "check_amount": "-5"}),
+        ("post", "/v1/redemptions", {"redemption_id": "a", "customer_id": "c", "check_amount": "NaN"}),
+        ("post", "/v1/redemptions", {"redemption_id": "a", "customer_id": "c", "check_amount": "1", "x": 1}),
+        ("post", "/v1/redemptions", {"redemption_id": "a" * 129, "customer_id": "c", "check_amount": "1"}),
+        ("post", "/v1/redemptions", {"redemption_id": "a", "customer_id": "c", "check_amount": "1",
+                                     "points": "0"}),
+        ("post", "/v1/accounts/c9/adjustments", {"adjustment_id": "z", "points": "0", "reason": "r"}),
+        ("post", "/v1/accounts/c9/adjustments", {"adjustment_id": "z", "points": "1", "reason": "   "}),
+        ("post", "/v1/accounts/c9/adjustments", {"adjustment_id": "z", "points": "99999999999999999", "reason": "r"}),
+        ("put", "/v1/programme", {**f.SCENARIO4_PROGRAMME, "base_rate": "2"}),
+        ("put", "/v1/programme", {**f.SCENARIO4_PROGRAMME, "tiers": [{"name": "base", "min_spend": 1, "rate": 0}]}),
+        ("put", "/v1/programme", {**f.SCENARIO4_PROGRAMME, "category_multipliers": {"a": {"b": {"c": 1}}}}),
+        ("get", "/v1/accounts/c1/ledger?limit=100000", None),
+        ("get", "/v1/accounts/" + "x" * 200, None),
+        ("get", "/v1/accounts/a%00b", None),
+    ]
+    for method, path, body in cases:
+        r = await client.request(method, path, json=body)
+        assert r.status_code in (404, 422), (path, body, r.status_code, r.text)
+        assert r.json()["error"]["code"], r.text
+    r = await client.post("/v1/redemptions", content=b"[" * 10_000, headers={"content-type": "application/json"})
+    assert r.status_code in (400, 422) and r.json()["error"]["code"]
+    # nothing was half-applied
+    assert (await client.get("/v1/accounts/c9")).status_code == 404
+    assert (await client.get("/v1/programme")).json()["config"]["base_rate"] == "0.01"

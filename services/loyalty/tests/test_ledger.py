@@ -1,0 +1,330 @@
+"""Domain rules of the ledger, called directly with a session against a real PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from loyalty import adjustments, expiry, redemptions, reports
+from loyalty.errors import IdempotencyConflict, InsufficientPoints, RedemptionNotCancellable
+from loyalty.ledger import Book, load_programme
+from loyalty.schemas import AdjustmentCreate, RedemptionCreate
+
+from . import factories as f
+from .conftest import apply, balance, check_invariants, ledger, outbox, set_programme
+
+T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+D = Decimal
+
+
+async def redeem(sm, now, **body):
+    async with sm() as s:
+        result = await redemptions.redeem(
+            session=s, programme=await load_programme(s), redemption_in=RedemptionCreate(**body), now=now
+        )
+        await s.commit()
+    return result
+
+
+async def adjust(sm, now, customer_id, adjustment_id, points, reason="goodwill"):
+    async with sm() as s:
+        result = await adjustments.adjust(
+            session=s, programme=await load_programme(s), customer_id=customer_id, now=now,
+            adjustment_in=AdjustmentCreate(adjustment_id=adjustment_id, points=D(points), reason=reason),
+        )
+        await s.commit()
+    return result
+
+
+async def sweep(sm, now):
+    async with sm() as s:
+        result = await expiry.run_sweep(s, now)
+        await s.commit()
+    return result
+
+
+async def test_first_event_creates_account_and_purchase_accrues_base_rate(db):
+    _, sm = db
+    await set_programme(sm, f.SCENARIO4_PROGRAMME, T0)
+    await apply(sm, T0, f.customer_updated("c1", T0, first_name="Ann"))
+    assert await balance(sm, "c1") == 0
+    await apply(sm, T0, f.purchase("c1", "o1", "20.00", T0))
+    # 1% of 20.00 = 0.20 money = 20 points at 0.01 per point
+    assert await balance(sm, "c1") == D("20.00")
+    assert [k for k, _, _ in await ledger(sm, "c1")] == ["accrual"]
+    await check_invariants(sm, "c1")
+
+
+async def test_same_order_under_another_event_id_accrues_once(db):
+    _, sm = db
+    await set_programme(sm, f.SCENARIO4_PROGRAMME, T0)
+    await apply(sm, T0, f.purchase("c1", "o1", "50", T0), f.purchase("c1", "o1", "50", T0))
+    await apply(sm, T0, f.purchase("c1", "o1", "50", T0))
+    assert await balance(sm, "c1") == D("50.00")
+
+
+async def test_category_multiplier_and_exclusion_weight_the_paid_amount(db):
+    _, sm = db
+    await set_programme(
+        sm, {**f.SCENARIO4_PROGRAMME, "category_multipliers": {"wine": "2"}, "excluded_categories": ["tobacco"]}, T0
+    )
+    items = [
+        {"sku": "a", "category": "wine", "quantity": "1", "unit_price": "10"},
+        {"sku": "b", "category": "tobacco", "quantity": "1", "unit_price": "10"},
+        {"sku": "c", "category": "bread", "quantity": "2", "unit_price": "5", "discount": "0"},
+    ]
+    await apply(sm, T0, f.purchase("c1", "o1", "30", T0, items=items))
+    # eligible = 10*2 + 0 + 10*1 = 30 of 30 gross -> share 1 -> 0.30 money -> 30 points
+    assert await balance(sm, "c1") == D("30.00")
+
+
+async def test_top_tier_by_12_month_spend_earns_3_percent_and_tier_change_is_published(db):
+    _, sm = db
+    await set_programme(sm, f.SCENARIO4_PROGRAMME, T0)
+    await apply(sm, T0, f.purchase("c1", "o1", "900", T0))
+    assert await balance(sm, "c1") == D("900.00")  # base 1%
+    await apply(sm, T0, f.purchase("c1", "o2", "100", T0 + timedelta(days=1)))
+    # spend reaches 1000: top tier, 3% of 100 = 3.00 money = 300 points
+    assert await balance(sm, "c1") == D("1200.00")
+    changes = [m for m in await outbox(sm, "crm.loyalty.v1") if m["type"] == "tier.changed"]
+    assert [(m["data"]["from"], m["data"]["to"]) for m in changes] == [("base", "top")]
+
+
+async def test_redeem_twice_with_same_id_applies_once_and_other_body_conflicts(db):
+    _, sm = db
+    await set_programme(sm, f.SCENARIO4_PROGRAMME, T0)
+    await adjust(sm, T0, "c1", "a1", "5000")
+    body = {"redemption_id": "r1", "customer_id": "c1", "check_amount": D("100"), "points": D("1000")}
+    first, created = await redeem(sm, T0, **body)
+    again, created_again = await redeem(sm, T0, **body)
+    assert created and not created_again
+    assert first.points_applied == again.points_applied == D("1000")
+    assert first.money_applied == D("10.00")
+    assert await balance(sm, "c1") == D("4000")
+    with pytest.raises(IdempotencyConflict):
+        await redeem(sm, T0, **{**body, "points": D("999")})
+    assert await balance(sm, "c1") == D("4000")
+    await check_invariants(sm, "c1")
+
+
+async def test_redemption_is_limited_to_the_configured_share_of_the_check(db):
+    _, sm = db
+    await set_programme(sm, f.SCENARIO4_PROGRAMME, T0)
+    await adjust(sm, T0, "c1", "a1", "10000")
+    result, _ = await redeem(sm, T0, redemption_id="r1", customer_id="c1", check_amount=D("50"), points=D("9000"))
+    # 30% of 50 = 15.00 money = 1500 points
+    assert result.points_applied == D("1500") and result.money_applied == D("15.00")
+    assert result.balance == D("8500")
+
+
+async def test_redemption_without_points_is_refused_and_changes_nothing(db):
+    _, sm = db
+    await set_programme(sm, f.SCENARIO4_PROGRAMME, T0)
+    await apply(sm, T0, f.customer_updated("c1", T0))
+    with pytest.raises(InsufficientPoints):
+        await redeem(sm, T0, redemption_id="r1", customer_id="c1", check_amount=D("50"))
+    assert await ledger(sm, "c1") == []
+
+
+async def test_spending_takes_the_oldest_lot_first(db):
+    _, sm = db
+    await set_programme(sm, f.SCENARIO4_PROGRAMME, T0)
+    await apply(sm, T0, f.purchase("c1", "old", "100", T0))
+    await apply(sm, T0, f.purchase("c1", "new", "100", T0 + timedelta(days=10)))
+    await redeem(sm, T0 + timedelta(days=11), redemption_id="r1", customer_id="c1", check_amount=D("100"),
+                 points=D("150"))
+    async with sm() as s:
+        rows = dict((await s.execute(text("SELECT id, remaining FROM lots WHERE customer_id = 'c1'"))).all())
+    assert sorted(rows.values()) == [D("0"), D("50")]
+    old_lot = next(k for k in rows if rows[k] == 0)
+    assert old_lot.startswith("accrual:") and "old" not in old_lot  # lot id is the accrual's ref
+    await check_invariants(sm, "c1")
+
+
+async def test_refund_reverses_accrual_and_returns_redeemed_points_proportionally(db):
+    _, sm = db
+    await set_programme(sm, f.SCENARIO4_PROGRAMME, T0)
+    await adjust(sm, T0, "c1", "a1", "1000")
+    r, _ = await redeem(sm, T0, redemption_id="r1", customer_id="c1", check_amount=D("100"), points=D("1000"))
+    assert r.money_applied == D("10.00")
+    # check of 100, 10 paid with points -> 90 paid -> 90 points accrued
+    await apply(sm, T0, f.purchase("c1", "o1", "100", T0, redemption_id="r1", points_redeemed="1000"))
+    assert await balance(sm, "c1") == D("90")
+    await apply(sm, T0, f.refund("c1", "o1", "45", T0 + timedelta(hours=1)))  # half of what was paid
+    # returns 500 redeemed points and reverses 45 accrued ones
+    assert await balance(sm, "c1") == D("545")
+    await apply(sm, T0, f.refund("c1", "o1", "45", T0 + timedelta(hours=2)))
+    assert await balance(sm, "c1") == D("1000")
+    await apply(sm, T0, f.refund("c1", "o1", "45", T0 + timedelta(hours=3)))  # nothing left to refund
+    assert await balance(sm, "c1") == D("1000")
+    kinds = [(k, p) for k, p, _ in await ledger(sm, "c1")]
+    assert kinds == [
+        ("adjustment", D("1000")), ("redemption", D("-1000")), ("accrual", D("90")),
+        ("reversal", D("500")), ("reversal", D("-45")), ("reversal", D("500")), ("reversal", D("-45")),
+    ]
+    async with sm() as s:
+        rec = (await s.execute(text("SELECT reconciliation FROM purchases WHERE order_id = 'o1'"))).scalar()
+    assert rec == "matched"
+    await check_invariants(sm, "c1")
+
+
+async def test_cancelled_redemption_returns_points_once_and_settled_cannot_be_cancelled(db):
+    _, sm = db
+    await set_programme(sm, f.SCENARIO4_PROGRAMME, T0)
+    await adjust(sm, T0, "c1", "a1", "1000")
+    await redeem(sm, T0, redemption_id="r1", customer_id="c1", check_amount=D("100"), points=D("400"))
+    for _ in range(2):
+        async with sm() as s:
+            out = await redemptions.cancel(session=s, programme=await load_programme(s), redemption_id="r1", now=T0)
+            await s.commit()
+        assert out.status == "cancelled"
+    assert await balance(sm, "c1") == D("1000")
+    await redeem(sm, T0, redemption_id="r2", customer_id="c1", check_amount=D("100"), points=D("400"))
+    await apply(sm, T0, f.purchase("c1", "o2", "100", T0, redemption_id="r2"))
+    async with sm() as s:
+        with pytest.raises(RedemptionNotCancellable):
+            await redemptions.cancel(session=s, programme=await load_programme(s), redemption_id="r2", now=T0)
+    await check_invariants(sm, "c1")
+
+
+async def test_negative_adjustment_beyond_balance_is_refused(db):
+    _, sm = db
+    await set_programme(sm, f.SCENARIO4_PROGRAMME, T0)
+    await adjust(sm, T0, "c1", "a1", "100")
+    with pytest.raises(InsufficientPoints):
+        await adjust(sm, T0, "c1", "a2", "-100.01")
+    out, created = await adjust(sm, T0, "c1", "a3", "-40", reason="wrong accrual")
+    assert created and out.balance == D("60")
+    _, created = await adjust(sm, T0, "c1", "a3", "-40", reason="wrong accrual")
+    assert not created
+    with pytest.raises(IdempotencyConflict):
+        await adjust(sm, T0, "c1", "a3", "-41", reason="wrong accrual")
+    assert await check_invariants(sm, "c1") == D("60")
+
+
+async def test_ledger_refuses_update_and_delete(db):
+    _, sm = db
+    await adjust(sm, T0, "c1", "a1", "100")
+    for sql in ("UPDATE ledger SET points = 1", "DELETE FROM ledger"):
+        async with sm() as s:
+            with pytest.raises(DBAPIError, match="append-only"):
+                await s.execute(text(sql))
+
+
+async def test_expiry_sweep_reminds_once_then_expires_oldest_first(db):
+    _, sm = db
+    await set_programme(sm, f.SCENARIO4_PROGRAMME, T0)
+    await apply(sm, T0, f.purchase("c1", "o1", "100", T0))
+    await apply(sm, T0, f.purchase("c1", "o2", "100", T0 + timedelta(days=30)))
+    assert (await sweep(sm, T0 + timedelta(days=100)))["reminders"] == 0
+    at = T0 + timedelta(days=170)  # 10 days before the first lot expires
+    assert (await sweep(sm, at))["reminders"] == 1
+    assert (await sweep(sm, at + timedelta(days=1)))["reminders"] == 0
+    reminders = await outbox(sm, "crm.messages.v1")
+    assert len(reminders) == 1
+    msg = reminders[0]
+    assert msg["template"] == "points_expiring" and msg["kind"] == "transactional"
+    assert msg["variables"]["points"] == "100.00" and msg["variables"]["expires_on"] == "2026-07-04"
+    assert msg["id"] == "loyalty:points_expiring:c1:2026-07-04"
+    result = await sweep(sm, T0 + timedelta(days=181))
+    assert result["lots_expired"] == 1
+    assert await balance(sm, "c1") == D("100")
+    expired = [m for m in await outbox(sm, "crm.loyalty.v1") if m["type"] == "points.expired"]
+    assert len(expired) == 1 and D(expired[0]["points"]) == D("-100")
+    assert (await sweep(sm, T0 + timedelta(days=181)))["lots_expired"] == 0
+    await check_invariants(sm, "c1")
+
+
+async def test_expired_points_cannot_be_spent_before_the_sweep(db):
+    _, sm = db
+    await set_programme(sm, f.SCENARIO4_PROGRAMME, T0)
+    await apply(sm, T0, f.purchase("c1", "o1", "100", T0))
+    with pytest.raises(InsufficientPoints):
+        await redeem(sm, T0 + timedelta(days=181), redemption_id="r1", customer_id="c1", check_amount=D("100"))
+
+
+async def test_referral_rewards_both_sides_once_on_first_purchase(db):
+    _, sm = db
+    await set_programme(
+        sm, {**f.SCENARIO4_PROGRAMME, "referral_bonus_referrer": "500", "referral_bonus_referred": "200"}, T0
+    )
+    await apply(sm, T0, f.customer_updated("alice", T0))
+    async with sm() as s:
+        code = (await s.execute(text("SELECT referral_code FROM accounts WHERE customer_id = 'alice'"))).scalar()
+    await apply(sm, T0, f.customer_updated("bob", T0, referred_by=code))
+    await apply(sm, T0, f.purchase("bob", "o1", "10", T0), f.purchase("bob", "o2", "10", T0))
+    await apply(sm, T0, f.purchase("bob", "o3", "10", T0))
+    assert await balance(sm, "alice") == D("500")
+    assert await balance(sm, "bob") == D("200") + D("30")
+    await check_invariants(sm, "alice")
+    await check_invariants(sm, "bob")
+
+
+async def test_self_referral_cycles_and_late_referrals_are_refused(db):
+    _, sm = db
+    await set_programme(
+        sm, {**f.SCENARIO4_PROGRAMME, "referral_bonus_referrer": "500", "referral_bonus_referred": "200"}, T0
+    )
+    await apply(sm, T0, f.customer_updated("a", T0), f.customer_updated("b", T0), f.customer_updated("c", T0))
+    async with sm() as s:
+        codes = dict((await s.execute(text("SELECT customer_id, referral_code FROM accounts"))).all())
+    await apply(sm, T0, f.customer_updated("a", T0, referred_by=codes["a"]))  # self
+    await apply(sm, T0, f.customer_updated("b", T0, referred_by=codes["a"]))  # a -> b
+    await apply(sm, T0, f.customer_updated("c", T0, referred_by=codes["b"]))  # b -> c
+    await apply(sm, T0, f.customer_updated("a", T0, referred_by=codes["c"]))  # would close a cycle
+    await apply(sm, T0, f.purchase("d", "o1", "10", T0))
+    await apply(sm, T0, f.customer_updated("d", T0, referred_by=codes["a"]))  # not new any more
+    async with sm() as s:
+        refs = dict((await s.execute(text("SELECT customer_id, referred_by FROM accounts"))).all())
+    assert refs == {"a": None, "b": "a", "c": "b", "d": None}
+
+
+async def test_goal_assigned_on_segment_entry_awards_once_and_unmet_goals_expire(db):
+    _, sm = db
+    from loyalty import goals
+
+    programme = await set_programme(sm, f.SCENARIO4_PROGRAMME, T0)
+    for cid in ("c1", "c2"):
+        async with sm() as s:
+            book = Book(s, programme, T0)
+            for _ in range(2):  # entering twice assigns one goal
+                await goals.assign(book=book, programme=programme, customer_id=cid, segment_key="visits_dropped",
+                                   cause_id=f"seg-{cid}-{_}", at=T0)
+            await book.flush()
+            await s.commit()
+    offers = await outbox(sm, "crm.messages.v1")
+    assert sorted(m["customer_id"] for m in offers) == ["c1", "c2"]
+    assert offers[0]["variables"]["purchases"] == 3 and offers[0]["variables"]["reward_points"] == "300.00"
+    for i in range(4):
+        await apply(sm, T0, f.purchase("c1", f"o{i}", "10", T0 + timedelta(days=i + 1)))
+    await apply(sm, T0, f.purchase("c2", "x", "10", T0 + timedelta(days=1)))
+    assert [k for k, _, _ in await ledger(sm, "c1")].count("goal_bonus") == 1
+    assert await balance(sm, "c1") == D("300") + 4 * D("10")
+    result = await sweep(sm, T0 + timedelta(days=31))
+    assert result["goals_expired"] == 1
+    async with sm() as s:
+        status = dict((await s.execute(text("SELECT customer_id, status FROM goals"))).all())
+    assert status == {"c1": "completed", "c2": "expired"}
+
+
+async def test_report_shows_issued_redeemed_expired_and_liability_by_month(db):
+    _, sm = db
+    await set_programme(sm, f.SCENARIO4_PROGRAMME, T0)
+    await apply(sm, T0, f.purchase("c1", "o1", "100", T0), f.purchase("c2", "o2", "100", T0))
+    await apply(sm, T0, f.purchase("c1", "o3", "100", T0 + timedelta(days=31)))
+    await redeem(sm, T0 + timedelta(days=32), redemption_id="r1", customer_id="c1", check_amount=D("100"),
+                 points=D("50"))
+    await sweep(sm, T0 + timedelta(days=200))
+    async with sm() as s:
+        report = await reports.programme_report(session=s)
+    months = {m.month.isoformat(): m for m in report.months}
+    assert months["2026-01-01"].issued == D("200") and months["2026-01-01"].liability_points == D("200")
+    assert months["2026-02-01"].redeemed == D("50") and months["2026-02-01"].liability_points == D("250")
+    assert months["2026-07-01"].expired == D("150")
+    assert report.redemption_rate == D("0.1667")
+    assert report.repeat_purchase_rate == D("0.5000")
+    assert report.months[-1].liability_points >= 0

@@ -1,0 +1,248 @@
+"""Turn events into facts and recompute the profiles they touch, by event time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from crm_common import serde
+from crm_common.consumer import PoisonMessage, Record
+from crm_common.contract.events import (
+    CustomerUpdatedProps,
+    EventMessage,
+    FeedbackProps,
+    PurchaseProps,
+    RefundProps,
+    SiteVisitProps,
+)
+from crm_common.contract.messages import DeliveryEvent
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from segmentation.repository import (
+    DeliveryFact,
+    FactRepository,
+    ProfileRepository,
+    PurchaseFact,
+    RefundFact,
+    TraitFact,
+)
+from segmentation.segments import begin_batch, evaluate_for_customers
+
+# Events that change no feature: accepted and counted by the inbox, no recompute.
+PASSIVE_TYPES = {"product_viewed", "cart_updated", "custom"}
+
+
+@dataclass
+class FactBatch:
+    """Facts collected from one batch of events, deduplicated by natural key."""
+
+    traits: dict[tuple[str, str], TraitFact] = field(default_factory=dict)
+    first_touch: dict[tuple[str, str], TraitFact] = field(default_factory=dict)
+    purchases: dict[tuple[str, str], PurchaseFact] = field(default_factory=dict)
+    refunds: list[RefundFact] = field(default_factory=list)
+    identities: dict[str, tuple[str, str, datetime]] = field(default_factory=dict)
+    pending_anonymous: list[tuple[str, EventMessage, str]] = field(default_factory=list)
+    touched: set[str] = field(default_factory=set)
+
+    def trait(self, fact: TraitFact, *, first_wins: bool = False) -> None:
+        target = self.first_touch if first_wins else self.traits
+        key = (fact.customer_id, fact.field)
+        old = target.get(key)
+        newer = old is None or (fact.occurred_at, fact.message_id) > (
+            old.occurred_at,
+            old.message_id,
+        )
+        if old is None or newer != first_wins:
+            target[key] = fact
+        self.touched.add(fact.customer_id)
+
+
+def _json(value: Any) -> str:
+    return serde.dumps(value).decode()
+
+
+def _purchase_fact(
+    customer_id: str, msg: EventMessage, props: PurchaseProps, message_id: str
+) -> PurchaseFact:
+    items = []
+    gross = Decimal(0)
+    item_discounts = Decimal(0)
+    cost = Decimal(0)
+    has_cost = False
+    for it in props.items:
+        line_gross = it.unit_price * it.quantity
+        line_discount = it.discount or Decimal(0)
+        gross += line_gross
+        item_discounts += line_discount
+        if it.cost is not None:
+            has_cost = True
+            cost += it.cost * it.quantity
+        items.append(
+            {
+                "sku": it.sku,
+                "name": it.name,
+                "category": it.category,
+                "size": it.size,
+                "color": it.color,
+                "quantity": it.quantity,
+                "amount": max(Decimal(0), line_gross - line_discount),
+            }
+        )
+    discount = max(item_discounts, gross - props.total, Decimal(0))
+    local = msg.occurred_at  # keeps the offset the POS sent: "Friday" is the store's Friday
+    return PurchaseFact(
+        customer_id=customer_id,
+        order_id=props.order_id,
+        message_id=message_id,
+        occurred_at=msg.occurred_at,
+        local_date=local.date(),
+        local_dow=local.isoweekday(),
+        local_hour=local.hour,
+        total=props.total,
+        gross=gross,
+        discount=discount,
+        cost=cost if has_cost else None,
+        discounted=discount > 0 or props.coupon_code is not None,
+        items=items,
+    )
+
+
+def collect_event(batch: FactBatch, record: Record, msg: EventMessage, customer_id: str) -> None:
+    """Add the facts of one event to the batch."""
+    t, mid, at = msg.type, record.id, msg.occurred_at
+    if t == "customer_updated":
+        props = CustomerUpdatedProps.model_validate(msg.properties)
+        raw = props.model_dump(mode="json", exclude_unset=True)
+        for name, value in raw.items():
+            if name == "consents":
+                for channel, flag in (value or {}).items():
+                    batch.trait(TraitFact(customer_id, f"consents.{channel}", _json(flag), at, mid))
+            else:
+                batch.trait(TraitFact(customer_id, name, _json(value), at, mid))
+        if value_is_null_consents(raw):
+            for channel in ("email", "sms", "push"):
+                batch.trait(TraitFact(customer_id, f"consents.{channel}", "null", at, mid))
+        if msg.anonymous_id:
+            old = batch.identities.get(msg.anonymous_id)
+            if old is None or at > old[2]:
+                batch.identities[msg.anonymous_id] = (msg.anonymous_id, customer_id, at)
+        batch.touched.add(customer_id)
+    elif t == "purchase":
+        fact = _purchase_fact(customer_id, msg, PurchaseProps.model_validate(msg.properties), mid)
+        key = (customer_id, fact.order_id)
+        if key not in batch.purchases or fact.message_id < batch.purchases[key].message_id:
+            batch.purchases[key] = fact
+        batch.touched.add(customer_id)
+    elif t == "refund":
+        rp = RefundProps.model_validate(msg.properties)
+        items = (
+            _json([{"sku": i.sku, "quantity": str(i.quantity)} for i in rp.items])
+            if rp.items
+            else None
+        )
+        batch.refunds.append(RefundFact(customer_id, mid, rp.order_id, rp.amount, at, items))
+        batch.touched.add(customer_id)
+    elif t == "feedback":
+        fp = FeedbackProps.model_validate(msg.properties)
+        batch.trait(
+            TraitFact(
+                customer_id,
+                "_feedback",
+                _json({"rating": fp.rating, "topic": fp.topic, "order_id": fp.order_id}),
+                at,
+                mid,
+            )
+        )
+    elif t == "site_visit":
+        sp = SiteVisitProps.model_validate(msg.properties)
+        if sp.utm_source:
+            batch.trait(
+                TraitFact(customer_id, "_first_touch", _json([sp.utm_source]), at, mid),
+                first_wins=True,
+            )
+
+
+def value_is_null_consents(raw: dict[str, Any]) -> bool:
+    """`"consents": null` clears every consent."""
+    return "consents" in raw and raw["consents"] is None
+
+
+async def apply_events(
+    *, session: AsyncSession, records: list[Record], now: datetime, decay_days: float
+) -> set[str]:
+    """Store the facts of a batch of events, recompute touched profiles and their segments."""
+    batch = FactBatch()
+    facts = FactRepository(session)
+    parsed: list[tuple[Record, EventMessage]] = []
+    for rec in records:
+        try:
+            msg = EventMessage.model_validate(rec.value)
+        except ValidationError as exc:
+            raise PoisonMessage(f"not an event message: {exc.errors()[:3]}") from exc
+        if msg.type in PASSIVE_TYPES:
+            continue
+        parsed.append((rec, msg))
+    # customer_updated events carry identity links first, so that anonymous events of the same batch resolve.
+    for rec, msg in parsed:
+        if msg.type == "customer_updated" and msg.customer_id and msg.anonymous_id:
+            batch.identities[msg.anonymous_id] = (
+                msg.anonymous_id,
+                msg.customer_id,
+                msg.occurred_at,
+            )
+    anonymous = {msg.anonymous_id for _, msg in parsed if not msg.customer_id and msg.anonymous_id}
+    resolved = await facts.resolve_anonymous(sorted(anonymous)) if anonymous else {}
+    for anon, (_, customer, _) in batch.identities.items():
+        resolved.setdefault(anon, customer)
+    for rec, msg in parsed:
+        customer_id = msg.customer_id or resolved.get(msg.anonymous_id or "")
+        if not customer_id:
+            continue  # an anonymous visitor not linked to a customer yet carries no profile
+        try:
+            collect_event(batch, rec, msg, customer_id)
+        except ValidationError as exc:
+            raise PoisonMessage(f"invalid {msg.type} properties: {exc.errors()[:3]}") from exc
+    if not batch.touched:
+        return set()
+    await begin_batch(session=session)
+    await facts.upsert_identities(list(batch.identities.values()))
+    await facts.upsert_traits(list(batch.traits.values()))
+    await facts.upsert_traits(list(batch.first_touch.values()), first_wins=True)
+    await facts.upsert_purchases(list(batch.purchases.values()))
+    await facts.insert_refunds(batch.refunds)
+    touched = sorted(batch.touched)
+    # Refunds are matched to orders whichever arrives first: re-match for customers that have any.
+    buyers = sorted({c for c, _ in batch.purchases} | {r.customer_id for r in batch.refunds})
+    with_refunds = await facts.customers_with_refunds(buyers) if buyers else []
+    if with_refunds:
+        await facts.apply_refunds(with_refunds)
+    await ProfileRepository(session).recompute(touched, now=now, decay_days=decay_days)
+    await evaluate_for_customers(session=session, customer_ids=touched, now=now)
+    return set(touched)
+
+
+async def apply_deliveries(
+    *, session: AsyncSession, records: list[Record], now: datetime, decay_days: float
+) -> set[str]:
+    """Store delivery outcomes and refresh the engagement of the customers they concern."""
+    facts: dict[tuple[str, str], DeliveryFact] = {}
+    for rec in records:
+        try:
+            msg = DeliveryEvent.model_validate(rec.value)
+        except ValidationError as exc:
+            raise PoisonMessage(f"not a delivery event: {exc.errors()[:3]}") from exc
+        facts.setdefault(
+            (msg.message_id, msg.status),
+            DeliveryFact(msg.message_id, msg.status, msg.customer_id, msg.channel, msg.occurred_at),
+        )
+    if not facts:
+        return set()
+    await begin_batch(session=session)
+    await FactRepository(session).insert_deliveries(list(facts.values()))
+    touched = sorted({f.customer_id for f in facts.values()})
+    await ProfileRepository(session).recompute(touched, now=now, decay_days=decay_days)
+    await evaluate_for_customers(session=session, customer_ids=touched, now=now)
+    return set(touched)

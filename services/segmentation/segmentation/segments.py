@@ -1,0 +1,163 @@
+"""Segments: definitions, membership evaluation (per batch and by sweep), dry runs."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from crm_common import serde
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from segmentation.errors import SegmentKeyTaken, SegmentNotFound
+from segmentation.repository import ProfileRepository, SegmentRepository, SegmentRule
+from segmentation.rules import compile_rule
+
+
+def _compiled(
+    segments: Sequence[dict[str, Any]], *, time_only: bool = False, set_based: bool = False
+) -> list[SegmentRule]:
+    rules = []
+    for i, seg in enumerate(segments):
+        compiled = compile_rule(seg["rule"], prefix=f"s{i}_", set_based=set_based)
+        if time_only and not compiled.uses_time:
+            continue
+        rules.append(SegmentRule(seg["id"], seg["key"], compiled.sql, compiled.params))
+    return rules
+
+
+async def evaluate_for_customers(
+    *, session: AsyncSession, customer_ids: Sequence[str], now: datetime
+) -> dict[str, dict[str, int]]:
+    """Re-evaluate every segment for these customers in the caller's transaction (enter/exit + outbox)."""
+    repo = SegmentRepository(session)
+    rules = _compiled(await repo.all_rules())
+    if not rules:
+        return {}
+    return await repo.apply(rules, now=now, customer_ids=customer_ids)
+
+
+async def begin_batch(*, session: AsyncSession) -> None:
+    """Take the membership lock shared, first thing in a consumer transaction.
+
+    Sweeps take it exclusively before touching profiles; taking it here before any row lock keeps
+    the two from deadlocking (a batch waits for a running sweep, never the other way round).
+    """
+    await SegmentRepository(session).lock_memberships(exclusive=False)
+
+
+async def recompute_all(
+    *, session: AsyncSession, now: datetime, time_only: bool = False
+) -> dict[str, Any]:
+    """Refresh lifecycles and re-evaluate segments for everyone in one pass; record sizes."""
+    repo = SegmentRepository(session)
+    await repo.lock_memberships(exclusive=True)
+    moved = await ProfileRepository(session).refresh_lifecycle(now=now)
+    rules = _compiled(await repo.all_rules(), time_only=time_only, set_based=True)
+    changes = await repo.apply(rules, now=now, customer_ids=None)
+    await repo.record_sizes(now=now)
+    return {"lifecycle_changed": moved, "segments": changes}
+
+
+async def sweep_segments(session: AsyncSession, now: datetime) -> dict[str, Any]:
+    """Time-driven pass: only rules that read the clock can change without an event."""
+    return await recompute_all(session=session, now=now, time_only=True)
+
+
+async def sweep_rfm(session: AsyncSession, now: datetime) -> dict[str, Any]:
+    """Refresh RFM quintiles and value tiers for everyone, then every segment."""
+    await SegmentRepository(session).lock_memberships(exclusive=True)
+    rescored = await ProfileRepository(session).refresh_rfm(now=now)
+    result = await recompute_all(session=session, now=now)
+    return {"rescored": rescored, **result}
+
+
+async def create_segment(
+    *,
+    session: AsyncSession,
+    key: str,
+    name: str,
+    description: str | None,
+    rule: Any,
+    now: datetime,
+    builtin: bool = False,
+    segment_id: str | None = None,
+) -> dict[str, Any]:
+    """Validate the rule, store the segment and fill it at once."""
+    compiled = compile_rule(rule, set_based=True)
+    repo = SegmentRepository(session)
+    sid = segment_id or str(uuid.uuid4())
+    if not await repo.insert(
+        id=sid,
+        key=key,
+        name=name,
+        description=description,
+        rule_json=serde.dumps(rule).decode(),
+        builtin=builtin,
+        now=now,
+    ):
+        raise SegmentKeyTaken(f"a segment with key {key!r} exists", details={"key": key})
+    await repo.lock_memberships(exclusive=True)
+    await repo.apply(
+        [SegmentRule(sid, key, compiled.sql, compiled.params)], now=now, customer_ids=None
+    )
+    return await get_segment(session=session, id_or_key=sid)
+
+
+async def get_segment(*, session: AsyncSession, id_or_key: str) -> dict[str, Any]:
+    seg = await SegmentRepository(session).get(id_or_key)
+    if seg is None:
+        raise SegmentNotFound(f"no segment {id_or_key!r}", details={"segment": id_or_key})
+    return seg
+
+
+async def update_segment(
+    *, session: AsyncSession, id_or_key: str, changes: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    """Change name, description or rule; a new rule re-evaluates everyone in this transaction."""
+    seg = await get_segment(session=session, id_or_key=id_or_key)
+    rule = changes.get("rule", seg["rule"])
+    compiled = compile_rule(rule, set_based=True)
+    repo = SegmentRepository(session)
+    await repo.update(
+        seg["id"],
+        name=changes.get("name") or seg["name"],
+        description=changes["description"] if "description" in changes else seg["description"],
+        rule_json=serde.dumps(rule).decode(),
+        now=now,
+    )
+    if "rule" in changes:
+        await repo.lock_memberships(exclusive=True)
+        await repo.apply(
+            [SegmentRule(seg["id"], seg["key"], compiled.sql, compiled.params)],
+            now=now,
+            customer_ids=None,
+        )
+    return await get_segment(session=session, id_or_key=seg["id"])
+
+
+async def delete_segment(*, session: AsyncSession, id_or_key: str, now: datetime) -> int:
+    """Publish an exit for every member, then remove the segment; return how many exited."""
+    seg = await get_segment(session=session, id_or_key=id_or_key)
+    repo = SegmentRepository(session)
+    await repo.lock_memberships(exclusive=True)
+    exited = await repo.exit_all(segment_id=seg["id"], segment_key=seg["key"], now=now)
+    await repo.delete(seg["id"])
+    return exited
+
+
+async def dry_run(
+    *, session: AsyncSession, rule: Any, now: datetime, sample: int = 10
+) -> dict[str, Any]:
+    """Count who would match a rule now, without storing anything."""
+    compiled = compile_rule(rule, set_based=True)
+    count, ids = await SegmentRepository(session).count_matching(
+        rule_sql=compiled.sql, params=compiled.params, now=now, sample=sample
+    )
+    return {
+        "count": count,
+        "sample": ids,
+        "uses_time": compiled.uses_time,
+        "uses_purchases": compiled.uses_purchases,
+    }

@@ -1,0 +1,94 @@
+"""`make run` end to end: the embedded stack starts, a purchase posted to ingest reaches crm.events.v1,
+and a clean stop brings everything down."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from crm_common.infra import free_port, port_open
+from crm_common.settings import SERVICE_PORTS
+from crm_common.testing.helpers import eventually, read_topic
+
+
+def _free_offset() -> int:
+    for offset in range(20000, 40000, 100):
+        if not any(port_open("127.0.0.1", p + offset) for p in SERVICE_PORTS.values()):
+            return offset
+    raise RuntimeError("no free port range")
+
+
+async def test_make_run_accepts_a_purchase_and_publishes_it():
+    local = Path(tempfile.mkdtemp(prefix="crm-devstack-"))
+    os.chmod(local, 0o755)
+    offset = _free_offset()
+    broker_port = free_port()
+    env = {
+        **os.environ,
+        "CRM_LOCAL_DIR": str(local),
+        "CRM_PG_PORT": str(free_port()),
+        "CRM_BROKER_PORT": str(broker_port),
+        "CRM_PORT_OFFSET": str(offset),
+        "CRM_BOOTSTRAP_API_KEY": "devstack-test-key",
+        "KAFKA_TOPIC_PARTITIONS": "3",
+    }
+    for name in ("KAFKA_BOOTSTRAP_SERVERS", "CRM_TOPIC_PREFIX"):
+        env.pop(name, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crm_common.devstack", "run"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    ingest = f"http://127.0.0.1:{SERVICE_PORTS['ingest'] + offset}"
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+
+            async def all_up() -> bool:
+                for port in SERVICE_PORTS.values():
+                    try:
+                        r = await client.get(f"http://127.0.0.1:{port + offset}/readyz")
+                    except httpx.HTTPError:
+                        return False
+                    if r.status_code != 200:
+                        return False
+                return True
+
+            await eventually(all_up, timeout=120, interval=0.5, what="all five services ready")
+            body = Path(__file__).resolve().parents[1].joinpath("docs/examples/purchase.json").read_bytes()
+            r = await client.post(
+                f"{ingest}/v1/events",
+                content=body,
+                headers={"Authorization": "Bearer devstack-test-key", "Content-Type": "application/json"},
+            )
+            assert r.status_code == 202, r.text
+            assert r.json()["accepted"] == 1
+        import orjson
+
+        event_id = orjson.loads(body)["event_id"]
+        msgs = await read_topic(f"127.0.0.1:{broker_port}", "crm.events.v1", min_count=1, timeout=20)
+        assert [m["event_id"] for m in msgs] == [event_id]
+        assert msgs[0]["type"] == "purchase" and msgs[0]["source"] == "pos"
+    finally:
+        started = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            out, _ = await asyncio.to_thread(proc.communicate, timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+        stopped_in = time.monotonic() - started
+    text = out.decode(errors="replace")
+    assert "[crm] stopped" in text, text[-3000:]
+    assert stopped_in < 90
+    assert not port_open("127.0.0.1", SERVICE_PORTS["ingest"] + offset)
+    assert not port_open("127.0.0.1", broker_port)
