@@ -31,6 +31,8 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 import httpx  # noqa: E402
 import orjson  # noqa: E402
+from sqlalchemy import text  # noqa: E402
+
 from crm_common.clock import ManualClock  # noqa: E402
 from crm_common.contract.events import CustomerUpdatedProps  # noqa: E402
 from crm_common.contract.messages import MessageRequested  # noqa: E402
@@ -48,7 +50,6 @@ from notifier.repository import NotifierRepository  # noqa: E402
 from notifier.settings import Settings  # noqa: E402
 from notifier.tokens import TokenSigner  # noqa: E402
 from notifier.tracking import Links  # noqa: E402
-from sqlalchemy import text  # noqa: E402
 
 N = int(os.environ.get("BENCH_NOTIFIER_N", "9000"))
 CONCURRENCY = int(os.environ.get("BENCH_NOTIFIER_CONCURRENCY", "16"))
@@ -89,9 +90,7 @@ async def seed_contacts(sessionmaker, now: datetime) -> None:
         await session.commit()
 
 
-async def seed_messages(
-    sessionmaker, now: datetime, policy: Policy, first: int, count: int
-) -> None:
+async def seed_messages(sessionmaker, now: datetime, policy: Policy, first: int, count: int) -> None:
     for start in range(first, first + count, 1000):
         reqs = [
             MessageRequested(
@@ -125,9 +124,7 @@ async def bare_loop(client: httpx.AsyncClient, url: str, first: int, count: int)
                     "reference": f"b{i}",
                 }
             )
-            r = await client.post(
-                url, content=body, headers={**headers, "Idempotency-Key": f"b{i}"}
-            )
+            r = await client.post(url, content=body, headers={**headers, "Idempotency-Key": f"b{i}"})
             r.raise_for_status()
             orjson.loads(r.content)
 
@@ -191,9 +188,7 @@ async def run(pg: PostgresServer, provider_url: str) -> tuple[float, float, dict
         # Alternate the two so both see the same load of this shared machine.
         for r in range(ROUNDS):
             await seed_messages(sessionmaker, clock.now(), policy, r * per_round, per_round)
-            bare_rates.append(
-                await bare_loop(client, provider_url + "/v1/sms", r * per_round, per_round)
-            )
+            bare_rates.append(await bare_loop(client, provider_url + "/v1/sms", r * per_round, per_round))
             rate, n = await dispatch_all(make, per_round)
             rates.append(rate)
             passes += n
@@ -203,11 +198,7 @@ async def run(pg: PostgresServer, provider_url: str) -> tuple[float, float, dict
             )
     await providers.aclose()
     async with sessionmaker() as session:
-        states = dict(
-            (
-                await session.execute(text("SELECT state, count(*) FROM messages GROUP BY state"))
-            ).all()
-        )
+        states = dict((await session.execute(text("SELECT state, count(*) FROM messages GROUP BY state"))).all())
         outbox = (await session.execute(text("SELECT count(*) FROM outbox"))).scalar()
     await engine.dispose()
     return (
@@ -241,18 +232,14 @@ def main() -> None:
             fake.terminate()
             fake.wait(10)
             pg.stop()
-    print(
-        f"messages: {N}, concurrency: {CONCURRENCY}, cores: {os.cpu_count()} "
-        "(shared machine, other work running)"
-    )
+    print(f"messages: {N}, concurrency: {CONCURRENCY}, cores: {os.cpu_count()} (shared machine, other work running)")
     print(f"bare httpx loop: {bare:,.0f} requests/s (median of {ROUNDS} rounds)")
     print(
         f"notifier dispatcher: {rate:,.0f} messages/s, median of {ROUNDS} rounds "
         "(claim, render, send, record state + attempt + outbox event)"
     )
     print(
-        f"final states: {info['states']}, outbox events: {info['outbox_events']}, "
-        f"dispatcher passes: {info['passes']}"
+        f"final states: {info['states']}, outbox events: {info['outbox_events']}, dispatcher passes: {info['passes']}"
     )
     print(f"BENCH notifier_messages_per_s {rate:.0f} ratio={rate / bare:.2f}")
 

@@ -8,11 +8,12 @@ from collections.abc import Callable
 from typing import Any
 
 import schemathesis
-from crm_common.infra import free_port
-from crm_common.testing.helpers import ServiceProcess
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
+
+from crm_common.infra import free_port
+from crm_common.testing.helpers import ServiceProcess
 
 MAX_EXAMPLES = 15
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+
 from notifier.errors import BadToken
 from notifier.providers import Breaker, RateLimiter, RetryPolicy, sms_segments
 from notifier.tokens import TokenSigner
