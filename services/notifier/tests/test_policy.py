@@ -188,3 +188,19 @@ async def test_past_expiry_is_expired_and_unknown_contact_waits_then_is_suppress
             return m["state"] == "suppressed" and m["reason"] == "unknown_contact"
 
         await eventually(suppressed, what="unknown contact suppressed")
+
+
+async def test_consent_withdrawn_while_a_message_waits_suppresses_it_at_send_time(start_app, provider, clock):
+    async with start_app(dispatcher_enabled=False) as (client, app):
+        await seed_contact(app, "ny2", phone="+12125550102", consents={"sms": True}, timezone="America/New_York")
+        await add_template(client, "sale", "sms", body="Sale")
+        r = await client.post(
+            "/v1/messages", json={"id": "w-1", "customer_id": "ny2", "template": "sale", "kind": "marketing"}
+        )
+        assert r.json()["state"] == "deferred"  # 07:00 in New York
+        await seed_contact(app, "ny2", at=clock.now(), consents={"sms": False})
+        clock.advance(hours=2)
+        assert await app.state.notifier.dispatcher.run_once() == 1
+        msg = await message_state(client, "w-1")
+        assert (msg["state"], msg["reason"]) == ("suppressed", "no_consented_channel")
+        assert not [b for b in provider.bodies("/v1/sms") if b["reference"] == "w-1"]
