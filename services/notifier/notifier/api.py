@@ -6,12 +6,12 @@ import uuid
 from typing import Annotated
 
 import orjson
-from crm_common.contract.messages import MessageRequested
-from crm_common.errors import InvalidInput
 from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import ValidationError
 
+from crm_common.contract.messages import MessageRequested
+from crm_common.errors import InvalidInput
 from notifier import templates as template_ops
 from notifier.consumers import after_commit
 from notifier.contacts import contact_view
@@ -20,9 +20,11 @@ from notifier.errors import ContactNotFound, MessageNotFound, UnknownProvider
 from notifier.messages import accept_requests
 from notifier.repository import NotifierRepository
 from notifier.schemas import (
+    AttemptRead,
     CallbackIn,
     CallbackRead,
     ContactRead,
+    EventRead,
     MessageCreate,
     MessageDetail,
     MessagePage,
@@ -52,9 +54,7 @@ CustomerId = Annotated[str, Path(min_length=1, max_length=128)]
 Token = Annotated[str, Path(min_length=1, max_length=4096)]
 Limit = Annotated[int, Query(ge=1, le=500)]
 Offset = Annotated[int, Query(ge=0, le=1_000_000)]
-PIXEL = bytes.fromhex(
-    "47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b"
-)
+PIXEL = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
 
 
 # -- templates ---------------------------------------------------------------------------------
@@ -66,12 +66,8 @@ PIXEL = bytes.fromhex(
     response_model=TemplateRead,
     summary="Create a template (its variables are checked)",
 )
-async def create_template(
-    data: TemplateCreate, session: SessionDep, runtime: RuntimeDep
-) -> TemplateRead:
-    template = await template_ops.create_template(
-        repo=NotifierRepository(session), data=data, now=runtime.clock.now()
-    )
+async def create_template(data: TemplateCreate, session: SessionDep, runtime: RuntimeDep) -> TemplateRead:
+    template = await template_ops.create_template(repo=NotifierRepository(session), data=data, now=runtime.clock.now())
     return TemplateRead.model_validate(template)
 
 
@@ -93,15 +89,11 @@ async def list_templates(
 @router.get("/templates/{template_id}", response_model=TemplateRead, summary="Read a template")
 async def read_template(template_id: TemplateId, session: SessionDep) -> TemplateRead:
     return TemplateRead.model_validate(
-        await template_ops.get_template(
-            repo=NotifierRepository(session), template_id=_clean(template_id) or "-"
-        )
+        await template_ops.get_template(repo=NotifierRepository(session), template_id=_clean(template_id) or "-")
     )
 
 
-@router.put(
-    "/templates/{template_id}", response_model=TemplateRead, summary="Replace a template's content"
-)
+@router.put("/templates/{template_id}", response_model=TemplateRead, summary="Replace a template's content")
 async def update_template(
     template_id: TemplateId, data: TemplateUpdate, session: SessionDep, runtime: RuntimeDep
 ) -> TemplateRead:
@@ -116,9 +108,7 @@ async def update_template(
 
 @router.delete("/templates/{template_id}", status_code=204, summary="Delete a template")
 async def delete_template(template_id: TemplateId, session: SessionDep) -> Response:
-    await template_ops.delete_template(
-        repo=NotifierRepository(session), template_id=_clean(template_id) or "-"
-    )
+    await template_ops.delete_template(repo=NotifierRepository(session), template_id=_clean(template_id) or "-")
     return Response(status_code=204)
 
 
@@ -130,9 +120,7 @@ async def delete_template(template_id: TemplateId, session: SessionDep) -> Respo
 async def preview_template(
     template_id: TemplateId, data: PreviewRequest, session: SessionDep, notifier: NotifierDep
 ) -> PreviewRead:
-    template = await template_ops.get_template(
-        repo=NotifierRepository(session), template_id=_clean(template_id) or "-"
-    )
+    template = await template_ops.get_template(repo=NotifierRepository(session), template_id=_clean(template_id) or "-")
     url = notifier.links.unsubscribe_url("preview", "preview", template.channel)
     rendered = template_ops.preview(
         renderer=notifier.renderer,
@@ -167,9 +155,7 @@ async def read_contact(customer_id: CustomerId, session: SessionDep) -> ContactR
 async def customer_messages(
     customer_id: CustomerId, session: SessionDep, limit: Limit = 50, offset: Offset = 0
 ) -> MessagePage:
-    items, total = await NotifierRepository(session).history(
-        _clean(customer_id) or "-", limit=limit, offset=offset
-    )
+    items, total = await NotifierRepository(session).history(_clean(customer_id) or "-", limit=limit, offset=offset)
     return MessagePage(items=[MessageRead.model_validate(m) for m in items], total=total)
 
 
@@ -184,8 +170,8 @@ async def read_message(message_id: CustomerId, session: SessionDep) -> MessageDe
     if message is None:
         raise MessageNotFound("no such message")
     detail = MessageDetail.model_validate(message)
-    detail.delivery_attempts = [a for a in map(_attempt, await repo.attempts_of(message.id))]
-    detail.events = [_event(e) for e in await repo.events_of(message.id)]
+    detail.delivery_attempts = [AttemptRead.model_validate(a) for a in await repo.attempts_of(message.id)]
+    detail.events = [EventRead.model_validate(e) for e in await repo.events_of(message.id)]
     return detail
 
 
@@ -213,9 +199,7 @@ async def send_message(
         expires_at=data.expires_at,
         source_service="ops",
     )
-    due = await accept_requests(
-        session=session, requests=[request], now=runtime.clock.now(), policy=notifier.policy
-    )
+    due = await accept_requests(session=session, requests=[request], now=runtime.clock.now(), policy=notifier.policy)
     if due:
         after_commit(session, notifier.dispatcher.wake)
     message = await NotifierRepository(session).get_message(request.id)
@@ -235,9 +219,7 @@ async def providers_status(session: SessionDep, notifier: NotifierDep) -> list[P
     waiting = await NotifierRepository(session).open_counts()
     out = []
     for status in notifier.providers.status():
-        status["waiting"] = {
-            state: n for (channel, state), n in waiting.items() if channel == status["channel"]
-        }
+        status["waiting"] = {state: n for (channel, state), n in waiting.items() if channel == status["channel"]}
         out.append(ProviderStatus.model_validate(status))
     return out
 
@@ -276,9 +258,7 @@ async def provider_callback(
             else str(exc)
         )
         raise InvalidInput("invalid callback body", details=details) from None
-    result = await apply_callback(
-        session=session, provider=provider, body=data.model_dump(), now=runtime.clock.now()
-    )
+    result = await apply_callback(session=session, provider=provider, body=data.model_dump(), now=runtime.clock.now())
     return CallbackRead.model_validate(result)
 
 
@@ -286,22 +266,14 @@ async def provider_callback(
 
 
 @public.get("/t/o/{token}", summary="Open pixel", response_class=Response)
-async def open_pixel(
-    token: Token, session: SessionDep, runtime: RuntimeDep, notifier: NotifierDep
-) -> Response:
+async def open_pixel(token: Token, session: SessionDep, runtime: RuntimeDep, notifier: NotifierDep) -> Response:
     await record_open(session=session, signer=notifier.signer, token=token, now=runtime.clock.now())
     return Response(PIXEL, media_type="image/gif", headers={"Cache-Control": "no-store"})
 
 
-@public.get(
-    "/t/c/{token}", summary="Click redirect", status_code=302, response_class=RedirectResponse
-)
-async def click(
-    token: Token, session: SessionDep, runtime: RuntimeDep, notifier: NotifierDep
-) -> RedirectResponse:
-    url = await record_click(
-        session=session, signer=notifier.signer, token=token, now=runtime.clock.now()
-    )
+@public.get("/t/c/{token}", summary="Click redirect", status_code=302, response_class=RedirectResponse)
+async def click(token: Token, session: SessionDep, runtime: RuntimeDep, notifier: NotifierDep) -> RedirectResponse:
+    url = await record_click(session=session, signer=notifier.signer, token=token, now=runtime.clock.now())
     return RedirectResponse(url, status_code=302)
 
 
@@ -321,18 +293,13 @@ async def unsubscribe_page(token: Token, notifier: NotifierDep) -> HTMLResponse:
     return HTMLResponse(html)
 
 
-@public.post(
-    "/unsubscribe/{token}", response_class=HTMLResponse, summary="One-click unsubscribe (RFC 8058)"
-)
+@public.post("/unsubscribe/{token}", response_class=HTMLResponse, summary="One-click unsubscribe (RFC 8058)")
 async def unsubscribe_now(
     token: Token, session: SessionDep, runtime: RuntimeDep, notifier: NotifierDep
 ) -> HTMLResponse:
-    result = await perform_unsubscribe(
-        session=session, signer=notifier.signer, token=token, now=runtime.clock.now()
-    )
+    result = await perform_unsubscribe(session=session, signer=notifier.signer, token=token, now=runtime.clock.now())
     return HTMLResponse(
-        "<!doctype html><html><body>"
-        f"<p>You are unsubscribed from {result['channel']} messages.</p></body></html>"
+        f"<!doctype html><html><body><p>You are unsubscribed from {result['channel']} messages.</p></body></html>"
     )
 
 
@@ -341,15 +308,3 @@ def _clean(value: str | None) -> str | None:
     if value is None:
         return None
     return value.replace("\x00", "")
-
-
-def _attempt(a):  # type: ignore[no-untyped-def]
-    from notifier.schemas import AttemptRead
-
-    return AttemptRead.model_validate(a)
-
-
-def _event(e):  # type: ignore[no-untyped-def]
-    from notifier.schemas import EventRead
-
-    return EventRead.model_validate(e)

@@ -7,12 +7,12 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-from crm_common.clock import Clock
-from crm_common.service import ServiceRuntime, create_service_app
-from crm_common.settings import TOPIC_EVENTS, TOPIC_MESSAGES
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from crm_common.clock import Clock
+from crm_common.service import ServiceRuntime, create_service_app
+from crm_common.settings import TOPIC_EVENTS, TOPIC_MESSAGES
 from notifier.api import public, router
 from notifier.consumers import make_handler
 from notifier.deliveries import delivery_event, emit
@@ -39,10 +39,7 @@ async def expire_messages(session: AsyncSession, now: datetime) -> int:
     rows = await NotifierRepository(session).expire_open(now)
     await emit(
         session,
-        [
-            delivery_event(message=_Expired(r), status="expired", at=now, reason="expired")
-            for r in rows
-        ],
+        [delivery_event(message=_Expired(r), status="expired", at=now, reason="expired") for r in rows],
     )
     return len(rows)
 
@@ -73,9 +70,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             policy=policy,
             on_recorded=runtime.wake_relays,
         )
-        holder["app"].state.notifier = Notifier(
-            settings, policy, renderer, signer, links, providers, dispatcher
-        )
+        holder["app"].state.notifier = Notifier(settings, policy, renderer, signer, links, providers, dispatcher)
         runtime.add_relay()
         runtime.add_consumer(
             "notifier",

@@ -5,16 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
+from pydantic import ValidationError
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from crm_common.clock import Clock
 from crm_common.consumer import PoisonMessage, Record
 from crm_common.contract.events import CustomerUpdatedProps, EventMessage
 from crm_common.contract.messages import MessageRequested
 from crm_common.contract.types import check_free_json
 from crm_common.settings import TOPIC_MESSAGES
-from pydantic import ValidationError
-from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from notifier.contacts import apply_customer_updates
 from notifier.messages import accept_requests
 from notifier.policy import Policy
@@ -37,9 +37,7 @@ def parse_request(rec: Record) -> MessageRequested:
     for name in ("id", "customer_id", "template", "campaign_id", "offer_id"):
         value = getattr(req, name)
         if value is not None and (not value or len(value) > MAX_ID or "\x00" in value):
-            raise PoisonMessage(
-                f"invalid message request: {name} must be 1-{MAX_ID} characters without NUL"
-            )
+            raise PoisonMessage(f"invalid message request: {name} must be 1-{MAX_ID} characters without NUL")
     return req
 
 
@@ -70,9 +68,7 @@ def make_handler(*, policy: Policy, clock: Clock, wake: Callable[[], None]):  # 
                 if parsed is not None:
                     updates.append(parsed)
         await apply_customer_updates(repo=NotifierRepository(session), updates=updates)
-        due = await accept_requests(
-            session=session, requests=requests, now=clock.now(), policy=policy
-        )
+        due = await accept_requests(session=session, requests=requests, now=clock.now(), policy=policy)
         if due:
             after_commit(session, wake)
 

@@ -6,7 +6,6 @@ from datetime import datetime
 from typing import Any
 
 from crm_common.contract.events import CustomerUpdatedProps
-
 from notifier.models import Contact
 from notifier.repository import NotifierRepository
 
@@ -68,9 +67,7 @@ async def apply_customer_updates(
     return len(updates)
 
 
-async def unsubscribe(
-    *, repo: NotifierRepository, customer_id: str, channel: str, now: datetime
-) -> Contact | None:
+async def unsubscribe(*, repo: NotifierRepository, customer_id: str, channel: str, now: datetime) -> Contact | None:
     """Withdraw consent on one channel now; later sends on it are suppressed."""
     contact = (await repo.lock_contacts([customer_id])).get(customer_id)
     if contact is None:

@@ -7,11 +7,11 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from crm_common.contract.messages import DeliveryEvent
 from crm_common.outbox import enqueue_many
 from crm_common.settings import TOPIC_DELIVERIES
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from notifier.repository import NotifierRepository
 
 
@@ -63,11 +63,7 @@ async def emit(session: AsyncSession, events: list[DeliveryEvent]) -> int:
             for e in {e.id: e for e in events}.values()
         ]
     )
-    out = [
-        (TOPIC_DELIVERIES, e.customer_id, e.model_dump(mode="json"))
-        for e in events
-        if e.id in fresh
-    ]
+    out = [(TOPIC_DELIVERIES, e.customer_id, e.model_dump(mode="json")) for e in events if e.id in fresh]
     seen: set[str] = set()
     unique = [m for m in out if not (m[2]["id"] in seen or seen.add(m[2]["id"]))]  # type: ignore[func-returns-value]
     await enqueue_many(session, unique)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from crm_common.service import RuntimeDep, SessionDep
 from fastapi import Depends, Request
 
+from crm_common.service import RuntimeDep, SessionDep
 from notifier.dispatcher import Dispatcher
 from notifier.policy import Policy
 from notifier.providers import Providers

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from crm_common.clock import Clock
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from crm_common.clock import Clock
 from notifier.deliveries import delivery_event, emit
 from notifier.errors import RenderFailed
 from notifier.messages import STATE_OF
@@ -165,10 +165,7 @@ class Dispatcher:
         by_key: dict[str, dict[str, list[Template]]] = defaultdict(lambda: defaultdict(list))
         for t in templates:
             by_key[t.key][t.channel].append(t)
-        plans = [
-            self._plan(m, contacts.get(m.customer_id), by_key.get(m.template, {}), now)
-            for m in messages
-        ]
+        plans = [self._plan(m, contacts.get(m.customer_id), by_key.get(m.template, {}), now) for m in messages]
         sending = [p for p in plans if p.outbound is not None]
         if sending:
             await asyncio.gather(*(self._send(p) for p in sending))
@@ -183,9 +180,7 @@ class Dispatcher:
         now: datetime,
     ) -> _Plan:
         plan = _Plan(m)
-        decision = decide(
-            msg=m, contact=contact, now=now, template_channels=set(templates), policy=self.policy
-        )
+        decision = decide(msg=m, contact=contact, now=now, template_channels=set(templates), policy=self.policy)
         if decision.action != "send":
             plan.update = {
                 "state": STATE_OF[decision.action],
@@ -201,7 +196,9 @@ class Dispatcher:
             [x for x in (m.locale, contact.locale, self.settings.default_locale) if x],
         )
         assert template is not None
-        unsubscribe_url = self.links.unsubscribe_url(m.id, m.customer_id, channel)
+        # Signing costs per message: only for e-mail (header) or templates showing the link.
+        needs_link = channel == "email" or "unsubscribe_url" in f"{template.subject}{template.body}"
+        unsubscribe_url = self.links.unsubscribe_url(m.id, m.customer_id, channel) if needs_link else ""
         implicit = {
             "customer": {
                 "customer_id": m.customer_id,
@@ -222,9 +219,7 @@ class Dispatcher:
             }
             return plan
         html = self.links.instrument_html(rendered.html, m.id) if rendered.html else None
-        to = {"email": contact.email, "sms": contact.phone}.get(channel) or (
-            contact.push_tokens or [""]
-        )[-1]
+        to = {"email": contact.email, "sms": contact.phone}.get(channel) or (contact.push_tokens or [""])[-1]
         plan.outbound = Outbound(
             message_id=m.id,
             customer_id=m.customer_id,
@@ -245,9 +240,7 @@ class Dispatcher:
                 plan.result = await provider.send(plan.outbound)
             except Exception as exc:  # a bug in a provider must not lose the message: park it
                 log.exception("provider %s raised", provider.name)
-                plan.result = SendResult(
-                    "transient", error=f"{type(exc).__name__}: {exc}"[:1000], tries=1
-                )
+                plan.result = SendResult("transient", error=f"{type(exc).__name__}: {exc}"[:1000], tries=1)
 
     def _park_delay(self, attempts: int) -> timedelta:
         s = self.settings

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from crm_common.contract.messages import MessageRequested
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from crm_common.contract.messages import MessageRequested
 from notifier.deliveries import delivery_event, emit
 from notifier.policy import Decision, Policy, decide
 from notifier.repository import NotifierRepository
@@ -58,6 +58,8 @@ async def accept_requests(
     if not requests:
         return []
     customer_ids = [r.customer_id for r in requests]
+    # Two writers for one customer (ops send, a consumer during a rebalance) must not both pass the cap.
+    await repo.lock_customers([r.customer_id for r in requests if r.kind == "marketing"])
     contacts = await repo.contacts_by_id(customer_ids)
     channels = template_channels(await repo.templates_for_keys([r.template for r in requests]))
     counts = defaultdict(int, await repo.marketing_counts(customer_ids, now - policy.cap_window))

@@ -6,7 +6,6 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from crm_common.db import make_base
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -22,6 +21,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
+
+from crm_common.db import make_base
 
 Base = make_base()
 
@@ -70,9 +71,7 @@ class Template(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    __table_args__ = (
-        UniqueConstraint("key", "channel", "locale", name="uq_templates_key_channel_locale"),
-    )
+    __table_args__ = (UniqueConstraint("key", "channel", "locale", name="uq_templates_key_channel_locale"),)
 
 
 class Message(Base):

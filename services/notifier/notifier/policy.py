@@ -65,9 +65,7 @@ def usable(contact: Any, channel: str, kind: str) -> bool:
     return reachable(contact, channel) and (kind == "transactional" or consented(contact, channel))
 
 
-def choose_channel(
-    *, contact: Any, kind: str, requested: str | None, template_channels: set[str]
-) -> Decision:
+def choose_channel(*, contact: Any, kind: str, requested: str | None, template_channels: set[str]) -> Decision:
     """Pick the channel: the requested one, else the preference, else the cheapest usable one."""
     if requested:
         if requested not in template_channels:
@@ -84,9 +82,7 @@ def choose_channel(
     for channel in order:
         if channel in template_channels and usable(contact, channel, kind):
             return Decision("send", channel)
-    return Decision(
-        "suppress", None, "no_consented_channel" if kind == "marketing" else "no_reachable_channel"
-    )
+    return Decision("suppress", None, "no_consented_channel" if kind == "marketing" else "no_reachable_channel")
 
 
 def zone(name: str | None, default: str) -> ZoneInfo:
@@ -116,9 +112,7 @@ def quiet_until(*, now: datetime, tz: ZoneInfo, start: time, end: time) -> datet
     return datetime.combine(day, end, tzinfo=tz).astimezone(UTC)
 
 
-def decide(
-    *, msg: Any, contact: Any, now: datetime, template_channels: set[str], policy: Policy
-) -> Decision:
+def decide(*, msg: Any, contact: Any, now: datetime, template_channels: set[str], policy: Policy) -> Decision:
     """What to do with a message now: send on a channel, defer, suppress, expire or fail."""
     if msg.expires_at is not None and msg.expires_at <= now:
         return Decision("expire", msg.channel, "expired")

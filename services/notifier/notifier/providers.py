@@ -144,9 +144,7 @@ class Provider:
     name = "provider"
     channel = "email"
 
-    def __init__(
-        self, *, rate_per_s: float, timeout_s: float, retry: RetryPolicy, breaker: Breaker
-    ) -> None:
+    def __init__(self, *, rate_per_s: float, timeout_s: float, retry: RetryPolicy, breaker: Breaker) -> None:
         self.limiter = RateLimiter(rate_per_s)
         self.timeout_s = timeout_s
         self.retry = retry
@@ -189,11 +187,7 @@ class Provider:
                 aiosmtplib.SMTPException,
                 OSError,
             ) as exc:
-                last = (
-                    exc
-                    if isinstance(exc, TransientError)
-                    else TransientError(f"{type(exc).__name__}: {exc}")
-                )
+                last = exc if isinstance(exc, TransientError) else TransientError(f"{type(exc).__name__}: {exc}")
                 self.breaker.failure()
                 self.stats.transient_failures += 1
                 self.stats.last_error = str(last)[:500]
@@ -311,9 +305,7 @@ class SmsProvider(Provider):
         classify_http(response)
         data = _json(response)
         pid = data.get("id") or data.get("message_id")
-        return (str(pid) if pid is not None else None), self.cost_per_message * sms_segments(
-            out.body
-        )
+        return (str(pid) if pid is not None else None), self.cost_per_message * sms_segments(out.body)
 
 
 class PushProvider(Provider):
@@ -345,9 +337,7 @@ class PushProvider(Provider):
                 "data": {"message_id": out.message_id, "customer_id": out.customer_id},
             }
         }
-        response = await self.client.post(
-            self.url, content=orjson.dumps(payload), headers=self.headers
-        )
+        response = await self.client.post(self.url, content=orjson.dumps(payload), headers=self.headers)
         classify_http(response)
         name = _json(response).get("name")
         return (str(name) if name else None), None

@@ -26,9 +26,7 @@ class Rendered:
 
 
 def _env(autoescape: bool) -> SandboxedEnvironment:
-    return SandboxedEnvironment(
-        undefined=StrictUndefined, autoescape=autoescape, auto_reload=False, cache_size=0
-    )
+    return SandboxedEnvironment(undefined=StrictUndefined, autoescape=autoescape, auto_reload=False, cache_size=0)
 
 
 _TEXT = _env(False)
@@ -40,20 +38,14 @@ def _parse(field: str, source: str) -> nodes.Template:
     try:
         return env.parse(source)
     except TemplateError as exc:
-        raise TemplateInvalid(
-            f"{field}: {exc}", details={"field": field, "error": str(exc)}
-        ) from None
+        raise TemplateInvalid(f"{field}: {exc}", details={"field": field, "error": str(exc)}) from None
 
 
-def check_template(
-    *, channel: str, subject: str | None, body: str, html: str | None, variables: list[str]
-) -> None:
+def check_template(*, channel: str, subject: str | None, body: str, html: str | None, variables: list[str]) -> None:
     """Refuse a template that does not parse or uses a variable it does not declare."""
     bad = [v for v in variables if not _IDENT.match(v)]
     if bad:
-        raise TemplateInvalid(
-            "variable names must be identifiers", details={"field": "variables", "invalid": bad}
-        )
+        raise TemplateInvalid("variable names must be identifiers", details={"field": "variables", "invalid": bad})
     if channel == "email" and not subject:
         raise TemplateInvalid("an e-mail template needs a subject", details={"field": "subject"})
     if channel != "email" and html:
@@ -92,15 +84,11 @@ class Renderer:
             self._cache[key] = compiled
         return compiled
 
-    def render(
-        self, template: Any, variables: dict[str, Any], implicit: dict[str, Any]
-    ) -> Rendered:
+    def render(self, template: Any, variables: dict[str, Any], implicit: dict[str, Any]) -> Rendered:
         """Render every part; a declared variable missing from `variables` fails the render."""
         missing = sorted(v for v in template.variables if v not in variables and v not in implicit)
         if missing:
-            raise RenderFailed(
-                f"missing variables: {', '.join(missing)}", details={"missing": missing}
-            )
+            raise RenderFailed(f"missing variables: {', '.join(missing)}", details={"missing": missing})
         context = {**variables, **implicit}
         out: dict[str, str | None] = {"subject": None, "body": "", "html": None}
         try:
@@ -114,9 +102,7 @@ class Renderer:
         except TemplateError as exc:
             raise RenderFailed(f"render failed: {exc}", details={"error": str(exc)}) from None
         except Exception as exc:  # anything a hostile template can provoke inside the sandbox
-            raise RenderFailed(
-                f"render failed: {type(exc).__name__}", details={"error": str(exc)[:500]}
-            ) from None
+            raise RenderFailed(f"render failed: {type(exc).__name__}", details={"error": str(exc)[:500]}) from None
         subject = out["subject"]
         if subject is not None:
             # A header never carries a line break, whatever the variables contain.

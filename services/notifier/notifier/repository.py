@@ -7,11 +7,11 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from crm_common import serde
 from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from crm_common import serde
 from notifier.models import OPEN_STATES, Contact, DeliveryAttempt, Message, MessageEvent, Template
 
 
@@ -27,9 +27,7 @@ class NotifierRepository:
     async def contacts_by_id(self, customer_ids: Sequence[str]) -> dict[str, Contact]:
         if not customer_ids:
             return {}
-        rows = await self.session.scalars(
-            select(Contact).where(Contact.customer_id.in_(set(customer_ids)))
-        )
+        rows = await self.session.scalars(select(Contact).where(Contact.customer_id.in_(set(customer_ids))))
         return {c.customer_id: c for c in rows}
 
     async def lock_contacts(self, customer_ids: Sequence[str]) -> dict[str, Contact]:
@@ -51,9 +49,7 @@ class NotifierRepository:
         return await self.session.get(Template, template_id)
 
     async def find_template(self, key: str, channel: str, locale: str) -> Template | None:
-        stmt = select(Template).where(
-            Template.key == key, Template.channel == channel, Template.locale == locale
-        )
+        stmt = select(Template).where(Template.key == key, Template.channel == channel, Template.locale == locale)
         return (await self.session.scalars(stmt)).first()
 
     async def list_templates(
@@ -66,13 +62,9 @@ class NotifierRepository:
             stmt = stmt.where(Template.channel == channel)
         if locale:
             stmt = stmt.where(Template.locale == locale)
-        total = int(
-            await self.session.scalar(select(func.count()).select_from(stmt.subquery())) or 0
-        )
+        total = int(await self.session.scalar(select(func.count()).select_from(stmt.subquery())) or 0)
         rows = await self.session.scalars(
-            stmt.order_by(Template.key, Template.channel, Template.locale)
-            .limit(limit)
-            .offset(offset)
+            stmt.order_by(Template.key, Template.channel, Template.locale).limit(limit).offset(offset)
         )
         return list(rows), total
 
@@ -90,13 +82,9 @@ class NotifierRepository:
         """Insert new messages; ids already present are left alone. Return the ids inserted."""
         if not rows:
             return set()
-        stmt = (
-            insert(Message)
-            .values(rows)
-            .on_conflict_do_nothing(index_elements=["id"])
-            .returning(Message.id)
-        )
-        return set((await self.session.scalars(stmt)).all())
+        # executemany form: one cached statement, batched by SQLAlchemy's insertmanyvalues.
+        stmt = insert(Message).on_conflict_do_nothing(index_elements=["id"]).returning(Message.id)
+        return set((await self.session.scalars(stmt, rows)).all())
 
     async def existing_message_ids(self, ids: Sequence[str]) -> set[str]:
         if not ids:
@@ -109,9 +97,7 @@ class NotifierRepository:
     async def get_message(self, message_id: str, *, for_update: bool = False) -> Message | None:
         return await self.session.get(Message, message_id, with_for_update=for_update)
 
-    async def message_by_provider_id(
-        self, provider: str, provider_message_id: str
-    ) -> Message | None:
+    async def message_by_provider_id(self, provider: str, provider_message_id: str) -> Message | None:
         stmt = (
             select(Message)
             .where(Message.provider == provider, Message.provider_message_id == provider_message_id)
@@ -119,37 +105,36 @@ class NotifierRepository:
         )
         return (await self.session.scalars(stmt)).first()
 
-    async def history(
-        self, customer_id: str, *, limit: int, offset: int
-    ) -> tuple[list[Message], int]:
+    async def history(self, customer_id: str, *, limit: int, offset: int) -> tuple[list[Message], int]:
         base = select(Message).where(Message.customer_id == customer_id)
-        total = int(
-            await self.session.scalar(select(func.count()).select_from(base.subquery())) or 0
-        )
+        total = int(await self.session.scalar(select(func.count()).select_from(base.subquery())) or 0)
         rows = await self.session.scalars(
             base.order_by(Message.created_at.desc(), Message.id).limit(limit).offset(offset)
         )
         return list(rows), total
 
     async def attempts_of(self, message_id: str) -> list[DeliveryAttempt]:
-        stmt = (
-            select(DeliveryAttempt)
-            .where(DeliveryAttempt.message_id == message_id)
-            .order_by(DeliveryAttempt.id)
-        )
+        stmt = select(DeliveryAttempt).where(DeliveryAttempt.message_id == message_id).order_by(DeliveryAttempt.id)
         return list(await self.session.scalars(stmt))
 
     async def events_of(self, message_id: str) -> list[MessageEvent]:
         stmt = (
-            select(MessageEvent)
-            .where(MessageEvent.message_id == message_id)
-            .order_by(MessageEvent.at, MessageEvent.id)
+            select(MessageEvent).where(MessageEvent.message_id == message_id).order_by(MessageEvent.at, MessageEvent.id)
         )
         return list(await self.session.scalars(stmt))
 
-    async def marketing_counts(
-        self, customer_ids: Sequence[str], since: datetime
-    ) -> dict[str, int]:
+    async def lock_customers(self, customer_ids: Sequence[str]) -> None:
+        """Serialise decisions per customer (cap counting) across replicas until the commit."""
+        if customer_ids:
+            await self.session.execute(
+                text(
+                    "SELECT pg_advisory_xact_lock(hashtext('notifier:' || c)) "
+                    "FROM unnest(CAST(:ids AS text[])) AS c ORDER BY c"
+                ),
+                {"ids": sorted(set(customer_ids))},
+            )
+
+    async def marketing_counts(self, customer_ids: Sequence[str], since: datetime) -> dict[str, int]:
         """Marketing messages per customer since a time, not suppressed, expired or failed."""
         if not customer_ids:
             return {}
@@ -233,11 +218,9 @@ class NotifierRepository:
 
     async def add_attempts(self, rows: list[dict[str, Any]]) -> None:
         if rows:
-            await self.session.execute(insert(DeliveryAttempt).values(rows))
+            await self.session.execute(insert(DeliveryAttempt), rows)
 
-    async def expire_open(
-        self, now: datetime
-    ) -> list[tuple[str, str, str | None, str | None, str | None]]:
+    async def expire_open(self, now: datetime) -> list[tuple[str, str, str | None, str | None, str | None]]:
         """Expire every open message past its expiry; return (id, customer, channel, campaign, "
         "offer)."""
         rows = await self.session.execute(
@@ -266,13 +249,8 @@ class NotifierRepository:
         """Record delivery events; return the ids that were new (repeats are dropped)."""
         if not rows:
             return set()
-        stmt = (
-            insert(MessageEvent)
-            .values(rows)
-            .on_conflict_do_nothing(index_elements=["id"])
-            .returning(MessageEvent.id)
-        )
-        return set((await self.session.scalars(stmt)).all())
+        stmt = insert(MessageEvent).on_conflict_do_nothing(index_elements=["id"]).returning(MessageEvent.id)
+        return set((await self.session.scalars(stmt, rows)).all())
 
 
 def money(value: Decimal | None) -> str | None:

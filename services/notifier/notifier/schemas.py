@@ -6,7 +6,6 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from crm_common.contract.types import FreeJson, Id, Locale, ShortText, _no_nul
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -16,6 +15,8 @@ from pydantic import (
     StringConstraints,
     model_validator,
 )
+
+from crm_common.contract.types import FreeJson, Id, Locale, ShortText, _no_nul
 
 Channel = Literal["email", "sms", "push"]
 Key = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
@@ -31,9 +32,7 @@ class Strict(BaseModel):
 class TemplateContent(Strict):
     subject: Subject | None = Field(None, description="E-mail subject or push title (Jinja2)")
     body: TemplateText = Field(description="Text body (Jinja2, sandboxed, strict undefined)")
-    html: TemplateText | None = Field(
-        None, description="Optional HTML part of an e-mail (autoescaped)"
-    )
+    html: TemplateText | None = Field(None, description="Optional HTML part of an e-mail (autoescaped)")
     variables: Annotated[list[VarName], Field(max_length=100)] = Field(
         default_factory=list, description="Variables the template may use"
     )
@@ -72,9 +71,7 @@ class TemplatePage(BaseModel):
 
 
 class PreviewRequest(Strict):
-    variables: FreeJson | None = Field(
-        None, description="Values to render with; the template's sample when absent"
-    )
+    variables: FreeJson | None = Field(None, description="Values to render with; the template's sample when absent")
     first_name: ShortText | None = None
 
 
@@ -182,8 +179,7 @@ class CallbackIn(Strict):
 
     message_id: Id | None = None
     provider_message_id: (
-        Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_no_nul)]
-        | None
+        Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_no_nul)] | None
     ) = None
     status: Literal["delivered", "failed"]
     reason: ShortText | None = None
@@ -212,9 +208,7 @@ class ProviderStatus(BaseModel):
     permanent_failures: int
     transient_failures: int
     parked: int
-    waiting: dict[str, int] = Field(
-        default_factory=dict, description="Messages on this channel waiting, by state"
-    )
+    waiting: dict[str, int] = Field(default_factory=dict, description="Messages on this channel waiting, by state")
     last_error: str | None
     last_success_at: float | None
     last_failure_at: float | None

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from crm_common.settings import BaseServiceSettings
 from pydantic_settings import SettingsConfigDict
+
+from crm_common.settings import BaseServiceSettings
 
 
 class Settings(BaseServiceSettings):

@@ -6,9 +6,9 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from crm_common.errors import Conflict
 from sqlalchemy.exc import IntegrityError
 
+from crm_common.errors import Conflict
 from notifier.errors import TemplateNotFound
 from notifier.models import Template
 from notifier.rendering import Rendered, Renderer, check_template
@@ -16,9 +16,7 @@ from notifier.repository import NotifierRepository
 from notifier.schemas import TemplateCreate, TemplateUpdate
 
 
-async def create_template(
-    *, repo: NotifierRepository, data: TemplateCreate, now: datetime
-) -> Template:
+async def create_template(*, repo: NotifierRepository, data: TemplateCreate, now: datetime) -> Template:
     """Save a new template; 422 when it uses an undeclared variable, 409 when the slot is taken."""
     check_template(
         channel=data.channel,
@@ -106,6 +104,4 @@ def preview(
         "message_id": "preview",
         "unsubscribe_url": unsubscribe_url,
     }
-    return renderer.render(
-        template, variables if variables is not None else dict(template.sample or {}), implicit
-    )
+    return renderer.render(template, variables if variables is not None else dict(template.sample or {}), implicit)

@@ -71,17 +71,13 @@ async def _message(repo: NotifierRepository, payload: dict[str, Any]) -> Message
     return message
 
 
-async def record_open(
-    *, session: AsyncSession, signer: TokenSigner, token: str, now: datetime
-) -> None:
+async def record_open(*, session: AsyncSession, signer: TokenSigner, token: str, now: datetime) -> None:
     """Record the first open of a message (later opens are repeats of the same event)."""
     message = await _message(NotifierRepository(session), signer.verify(OPEN, token))
     await emit(session, [delivery_event(message=message, status="opened", at=now)])
 
 
-async def record_click(
-    *, session: AsyncSession, signer: TokenSigner, token: str, now: datetime
-) -> str:
+async def record_click(*, session: AsyncSession, signer: TokenSigner, token: str, now: datetime) -> str:
     """Record a click and return where to send the reader."""
     payload = signer.verify(CLICK, token)
     url = _safe_redirect(payload.get("u"))

@@ -15,6 +15,7 @@ import httpx
 import pytest
 import pytest_asyncio
 from aiosmtpd.controller import Controller
+
 from crm_common.clock import ManualClock
 from crm_common.contract.events import CustomerUpdatedProps
 from crm_common.infra import free_port
@@ -101,9 +102,7 @@ def make_settings(
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def start_app(
-    make_database, broker, topic_prefix, smtp, provider, clock
-) -> Callable[..., Any]:
+async def start_app(make_database, broker, topic_prefix, smtp, provider, clock) -> Callable[..., Any]:
     """`async with start_app(**settings) as (client, app)`: the notifier on a fresh database."""
 
     @asynccontextmanager
@@ -117,17 +116,13 @@ async def start_app(
     return _start
 
 
-async def seed_contact(
-    app: Any, customer_id: str, at: datetime | None = None, **props: Any
-) -> None:
+async def seed_contact(app: Any, customer_id: str, at: datetime | None = None, **props: Any) -> None:
     """Apply a customer_updated the way the consumer does (for tests that do not need Kafka)."""
     runtime = app.state.runtime
     async with runtime.sessionmaker() as session:
         await apply_customer_updates(
             repo=NotifierRepository(session),
-            updates=[
-                (customer_id, CustomerUpdatedProps.model_validate(props), at or runtime.clock.now())
-            ],
+            updates=[(customer_id, CustomerUpdatedProps.model_validate(props), at or runtime.clock.now())],
         )
         await session.commit()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import orjson
+
 from crm_common.testing.helpers import eventually
 from notifier.tokens import callback_signature
 
@@ -13,49 +14,35 @@ async def test_signed_callback_marks_delivered_and_a_bad_signature_is_refused(st
     async with start_app(sms_callback_secret="s3cret") as (client, app):
         await seed_contact(app, "c1", phone="+14155550101")
         await add_template(client, "code", "sms", body="code")
-        await client.post(
-            "/v1/messages", json={"id": "cb-1", "customer_id": "c1", "template": "code"}
-        )
+        await client.post("/v1/messages", json={"id": "cb-1", "customer_id": "c1", "template": "code"})
 
         async def sent():
             m = await message_state(client, "cb-1")
             return m if m["state"] == "sent" else None
 
         msg = await eventually(sent, what="sent")
-        body = orjson.dumps(
-            {"provider_message_id": msg["provider_message_id"], "status": "delivered"}
-        )
+        body = orjson.dumps({"provider_message_id": msg["provider_message_id"], "status": "delivered"})
         url = "/v1/providers/sms/callbacks"
         assert (await client.post(url, content=body)).status_code == 401
         assert (
-            await client.post(
-                url, content=body, headers={"X-Signature": callback_signature("wrong", body)}
-            )
+            await client.post(url, content=body, headers={"X-Signature": callback_signature("wrong", body)})
         ).status_code == 403
         tampered = body.replace(b"delivered", b"failed\x20\x20\x20")
         assert (
-            await client.post(
-                url, content=tampered, headers={"X-Signature": callback_signature("s3cret", body)}
-            )
+            await client.post(url, content=tampered, headers={"X-Signature": callback_signature("s3cret", body)})
         ).status_code == 403
         assert (await message_state(client, "cb-1"))["state"] == "sent"
-        r = await client.post(
-            url, content=body, headers={"X-Signature": callback_signature("s3cret", body)}
-        )
+        r = await client.post(url, content=body, headers={"X-Signature": callback_signature("s3cret", body)})
         assert r.status_code == 200 and r.json() == {
             "message_id": "cb-1",
             "state": "delivered",
             "applied": True,
         }
-        r = await client.post(
-            url, content=body, headers={"X-Signature": callback_signature("s3cret", body)}
-        )
+        r = await client.post(url, content=body, headers={"X-Signature": callback_signature("s3cret", body)})
         assert r.json()["applied"] is False  # a repeated report changes nothing
         events = [e["status"] for e in (await message_state(client, "cb-1"))["events"]]
         assert sorted(events) == ["delivered", "sent"]
         bad = b'{"status": "delivered"}'
         assert (
-            await client.post(
-                url, content=bad, headers={"X-Signature": callback_signature("s3cret", bad)}
-            )
+            await client.post(url, content=bad, headers={"X-Signature": callback_signature("s3cret", bad)})
         ).status_code == 422

@@ -47,19 +47,13 @@ async def test_requests_from_kafka_deliver_once_respect_consent_and_publish_deli
             body="Hi {{ customer.first_name }}: {{ offer }}",
             variables=["offer"],
         )
-        await add_template(
-            client, "promo", "email", subject="Offer", body="{{ offer }}", variables=["offer"]
-        )
+        await add_template(client, "promo", "email", subject="Offer", body="{{ offer }}", variables=["offer"])
         await publish(
             broker.bootstrap,
             events_topic,
             [
-                customer_updated(
-                    "e1", "ann", now, phone="+14155550101", first_name="Ann", consents={"sms": True}
-                ),
-                customer_updated(
-                    "e2", "bob", now, email="bob@example.org", consents={"email": False}
-                ),
+                customer_updated("e1", "ann", now, phone="+14155550101", first_name="Ann", consents={"sms": True}),
+                customer_updated("e2", "bob", now, email="bob@example.org", consents={"email": False}),
                 {
                     "id": "ops:e3",
                     "source": "pos",
@@ -73,9 +67,7 @@ async def test_requests_from_kafka_deliver_once_respect_consent_and_publish_deli
             ],
         )
         # Contacts and requests travel on different topics; as in production, requests come later.
-        await eventually(
-            lambda: _granted(client, "bob", "email", False), timeout=30, what="contacts applied"
-        )
+        await eventually(lambda: _granted(client, "bob", "email", False), timeout=30, what="contacts applied")
         m_ann = request("req-ann", "ann", now, variables={"offer": "20% off"})
         await publish(
             broker.bootstrap,
@@ -95,9 +87,7 @@ async def test_requests_from_kafka_deliver_once_respect_consent_and_publish_deli
 
         _ann, bob = await eventually(settled, timeout=30, what="ann sent, bob suppressed")
         assert bob["reason"] == "no_consented_channel"
-        assert [b["text"] for b in provider.bodies("/v1/sms") if b["reference"] == "req-ann"] == [
-            "Hi Ann: 20% off"
-        ]
+        assert [b["text"] for b in provider.bodies("/v1/sms") if b["reference"] == "req-ann"] == ["Hi Ann: 20% off"]
         contact = (await client.get("/v1/customers/ann/contact")).json()
         assert contact["phone"] == "+14155550101" and contact["consents"]["sms"]["granted"] is True
 
@@ -119,14 +109,9 @@ async def test_requests_from_kafka_deliver_once_respect_consent_and_publish_deli
             return (await _state(client, "req-ann-2")).get("state") == "suppressed"
 
         await eventually(suppressed, timeout=20, what="second request suppressed")
-        assert (
-            len([b for b in provider.bodies("/v1/sms") if b["reference"].startswith("req-ann")])
-            == 1
-        )
+        assert len([b for b in provider.bodies("/v1/sms") if b["reference"].startswith("req-ann")]) == 1
 
-        deliveries = await read_topic(
-            broker.bootstrap, topic_prefix + "crm.deliveries.v1", min_count=3
-        )
+        deliveries = await read_topic(broker.bootstrap, topic_prefix + "crm.deliveries.v1", min_count=3)
         by_message = sorted((d["message_id"], d["status"]) for d in deliveries)
         assert by_message == [
             ("req-ann", "sent"),

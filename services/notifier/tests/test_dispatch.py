@@ -38,10 +38,7 @@ async def test_sms_answered_500_twice_then_200_is_delivered_once_with_its_cost(s
         sms = [b for b in provider.bodies("/v1/sms") if b.get("reference") == "m-500"]
         assert len(sms) == 1 and sms[0]["text"] == "Hi Ann" and sms[0]["to"] == "+14155550101"
         assert Decimal(msg["cost"]) == Decimal("0.07")
-        assert (
-            msg["delivery_attempts"][0]["tries"] == 3
-            and msg["delivery_attempts"][0]["outcome"] == "ok"
-        )
+        assert msg["delivery_attempts"][0]["tries"] == 3 and msg["delivery_attempts"][0]["outcome"] == "ok"
         assert [e["status"] for e in msg["events"]] == ["sent"]
 
 
@@ -50,20 +47,13 @@ async def test_permanent_provider_error_fails_without_retry(start_app, provider)
         await seed_contact(app, "c1", phone="+14155550101")
         await add_template(client, "code", "sms", body="Your code")
         provider.script([400, 200])
-        await client.post(
-            "/v1/messages", json={"id": "m-400", "customer_id": "c1", "template": "code"}
-        )
+        await client.post("/v1/messages", json={"id": "m-400", "customer_id": "c1", "template": "code"})
         [msg] = await _settled(client, ["m-400"], states=("failed",))
-        assert (
-            msg["reason"].startswith("provider_rejected")
-            and msg["delivery_attempts"][0]["tries"] == 1
-        )
+        assert msg["reason"].startswith("provider_rejected") and msg["delivery_attempts"][0]["tries"] == 1
         assert not [b for b in provider.bodies("/v1/sms") if b.get("reference") == "m-400"]
 
 
-async def test_provider_down_for_a_while_gets_every_parked_message_later(
-    start_app, provider, clock
-):
+async def test_provider_down_for_a_while_gets_every_parked_message_later(start_app, provider, clock):
     async with start_app() as (client, app):
         await add_template(client, "receipt", "sms", body="Receipt {{ n }}", variables=["n"])
         ids = [f"park-{i}" for i in range(8)]
@@ -96,22 +86,14 @@ async def test_provider_down_for_a_while_gets_every_parked_message_later(
         clock.advance(hours=1)
         wake(app)
         await _settled(client, ids)
-        refs = sorted(
-            b["reference"]
-            for b in provider.bodies("/v1/sms")
-            if b.get("reference", "").startswith("park-")
-        )
+        refs = sorted(b["reference"] for b in provider.bodies("/v1/sms") if b.get("reference", "").startswith("park-"))
         assert refs == sorted(ids)
 
 
-async def test_email_goes_over_smtp_with_one_click_unsubscribe_headers_and_tracking(
-    start_app, smtp, provider
-):
+async def test_email_goes_over_smtp_with_one_click_unsubscribe_headers_and_tracking(start_app, smtp, provider):
     box, _ = smtp
     async with start_app() as (client, app):
-        await seed_contact(
-            app, "e1", email="ann@example.org", consents={"email": True}, first_name="Ann"
-        )
+        await seed_contact(app, "e1", email="ann@example.org", consents={"email": True}, first_name="Ann")
         await add_template(
             client,
             "promo",
@@ -152,9 +134,7 @@ async def test_email_goes_over_smtp_with_one_click_unsubscribe_headers_and_track
         assert "Unsubscribe" in (await client.get(unsubscribe)).text
         contact = (await client.get("/v1/customers/e1/contact")).json()
         assert contact["consents"]["email"]["granted"] is True  # GET shows, never performs
-        assert (
-            await client.post(unsubscribe, data={"List-Unsubscribe": "One-Click"})
-        ).status_code == 200
+        assert (await client.post(unsubscribe, data={"List-Unsubscribe": "One-Click"})).status_code == 200
         contact = (await client.get("/v1/customers/e1/contact")).json()
         assert contact["consents"]["email"]["granted"] is False
 
@@ -178,9 +158,7 @@ async def test_tampered_tracking_and_unsubscribe_tokens_are_refused(start_app, p
         links = app.state.notifier.links
         good = links.unsubscribe_url("m1", "c1", "email").removeprefix("http://test")
         body, mac = good.rsplit("/", 1)[1].split(".")
-        forged = app.state.notifier.signer.sign(
-            "unsubscribe", {"m": "m1", "c": "victim", "ch": "email"}
-        ).split(".")[0]
+        forged = app.state.notifier.signer.sign("unsubscribe", {"m": "m1", "c": "victim", "ch": "email"}).split(".")[0]
         for bad in (
             f"{forged}.{mac}",
             f"{body}.{mac[:-2]}AA",
@@ -193,14 +171,10 @@ async def test_tampered_tracking_and_unsubscribe_tokens_are_refused(start_app, p
                 assert r.status_code == 403, (bad, r.text)
         click = links.click_url("m1", "https://shop.example/").removeprefix("http://test")
         body, mac = click.rsplit("/", 1)[1].split(".")
-        evil = app.state.notifier.signer.sign(
-            "click", {"m": "m1", "u": "https://evil.example/"}
-        ).split(".")[0]
+        evil = app.state.notifier.signer.sign("click", {"m": "m1", "u": "https://evil.example/"}).split(".")[0]
         assert (await client.get(f"/v1/t/c/{evil}.{mac}")).status_code == 403
         opened = links.open_url("m1").rsplit("/", 1)[1]
-        assert (
-            await client.get(f"/v1/t/c/{opened}")
-        ).status_code == 403  # an open token is not a click token
+        assert (await client.get(f"/v1/t/c/{opened}")).status_code == 403  # an open token is not a click token
         assert (await client.get(f"/v1/t/o/{opened[:-3]}xyz")).status_code == 403
 
 
@@ -213,12 +187,8 @@ async def test_push_uses_the_fcm_v1_shape(start_app, provider):
             consents={"push": True, "email": True},
             email="p1@example.org",
         )
-        await add_template(
-            client, "promo", "push", subject="Sale", body="{{ pct }}% off", variables=["pct"]
-        )
-        await add_template(
-            client, "promo", "email", subject="Sale", body="{{ pct }}% off", variables=["pct"]
-        )
+        await add_template(client, "promo", "push", subject="Sale", body="{{ pct }}% off", variables=["pct"])
+        await add_template(client, "promo", "email", subject="Sale", body="{{ pct }}% off", variables=["pct"])
         await client.post(
             "/v1/messages",
             json={
@@ -231,9 +201,7 @@ async def test_push_uses_the_fcm_v1_shape(start_app, provider):
         )
         [msg] = await _settled(client, ["push-1"])
         assert msg["channel"] == "push" and msg["provider_message_id"].startswith("projects/")
-        [body] = [
-            b for b in provider.bodies(":send") if b["message"]["data"]["message_id"] == "push-1"
-        ]
+        [body] = [b for b in provider.bodies(":send") if b["message"]["data"]["message_id"] == "push-1"]
         assert body["message"]["token"] == "tok-new" and body["message"]["notification"] == {
             "title": "Sale",
             "body": "20% off",
@@ -263,19 +231,13 @@ async def test_expired_waiting_message_is_swept_to_expired(start_app, provider, 
         assert msg["state"] == "expired" and [e["status"] for e in msg["events"]] == ["expired"]
 
 
-async def test_messages_leased_by_a_dispatcher_that_died_are_sent_after_the_lease(
-    start_app, provider, clock
-):
+async def test_messages_leased_by_a_dispatcher_that_died_are_sent_after_the_lease(start_app, provider, clock):
     async with start_app(dispatcher_enabled=False, dispatch_lease_s=60) as (client, app):
         await seed_contact(app, "d1", phone="+14155550101")
         await add_template(client, "t", "sms", body="x")
-        await client.post(
-            "/v1/messages", json={"id": "lease-1", "customer_id": "d1", "template": "t"}
-        )
+        await client.post("/v1/messages", json={"id": "lease-1", "customer_id": "d1", "template": "t"})
         runtime = app.state.runtime
-        async with (
-            runtime.sessionmaker() as session
-        ):  # a dispatcher claims, then dies before sending
+        async with runtime.sessionmaker() as session:  # a dispatcher claims, then dies before sending
             from notifier.repository import NotifierRepository
 
             claimed = await NotifierRepository(session).claim_due(

@@ -37,38 +37,19 @@ def test_policy_prefers_the_customers_channel_then_the_cheapest_consented():
         consent_sms=True,
         consent_push=True,
     )
-    assert (
-        choose_channel(contact=c, kind="marketing", requested=None, template_channels=ALL).channel
-        == "push"
-    )
+    assert choose_channel(contact=c, kind="marketing", requested=None, template_channels=ALL).channel == "push"
     c.preferred_channel = "sms"
-    assert (
-        choose_channel(contact=c, kind="marketing", requested=None, template_channels=ALL).channel
-        == "sms"
-    )
+    assert choose_channel(contact=c, kind="marketing", requested=None, template_channels=ALL).channel == "sms"
     c.consent_sms = False
-    assert (
-        choose_channel(contact=c, kind="marketing", requested=None, template_channels=ALL).channel
-        == "push"
-    )
+    assert choose_channel(contact=c, kind="marketing", requested=None, template_channels=ALL).channel == "push"
     c.consent_push = None
+    assert choose_channel(contact=c, kind="marketing", requested=None, template_channels=ALL).channel == "email"
     assert (
-        choose_channel(contact=c, kind="marketing", requested=None, template_channels=ALL).channel
-        == "email"
-    )
-    assert (
-        choose_channel(
-            contact=c, kind="marketing", requested=None, template_channels={"sms", "push"}
-        ).action
+        choose_channel(contact=c, kind="marketing", requested=None, template_channels={"sms", "push"}).action
         == "suppress"
     )
     # Transactional messages need an address, not marketing consent.
-    assert (
-        choose_channel(
-            contact=c, kind="transactional", requested=None, template_channels={"sms"}
-        ).channel
-        == "sms"
-    )
+    assert choose_channel(contact=c, kind="transactional", requested=None, template_channels={"sms"}).channel == "sms"
 
 
 def test_explicit_channel_without_consent_is_suppressed_with_the_reason():
@@ -83,32 +64,19 @@ def test_quiet_hours_end_at_the_local_morning_across_midnight_and_dst():
     ny = ZoneInfo("America/New_York")
     q = (time(21), time(9))
     at = datetime(2026, 1, 5, 2, 30, tzinfo=UTC)  # 21:30 in New York on the 4th
-    assert quiet_until(now=at, tz=ny, start=q[0], end=q[1]) == datetime(
-        2026, 1, 5, 14, 0, tzinfo=UTC
-    )
+    assert quiet_until(now=at, tz=ny, start=q[0], end=q[1]) == datetime(2026, 1, 5, 14, 0, tzinfo=UTC)
     at = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)  # 07:00 in New York
-    assert quiet_until(now=at, tz=ny, start=q[0], end=q[1]) == datetime(
-        2026, 1, 5, 14, 0, tzinfo=UTC
-    )
-    assert (
-        quiet_until(now=datetime(2026, 1, 5, 15, 0, tzinfo=UTC), tz=ny, start=q[0], end=q[1])
-        is None
-    )
+    assert quiet_until(now=at, tz=ny, start=q[0], end=q[1]) == datetime(2026, 1, 5, 14, 0, tzinfo=UTC)
+    assert quiet_until(now=datetime(2026, 1, 5, 15, 0, tzinfo=UTC), tz=ny, start=q[0], end=q[1]) is None
     # The night of the spring-forward change: 09:00 local is already EDT (UTC-4).
     at = datetime(2026, 3, 8, 5, 0, tzinfo=UTC)
-    assert quiet_until(now=at, tz=ny, start=q[0], end=q[1]) == datetime(
-        2026, 3, 8, 13, 0, tzinfo=UTC
-    )
+    assert quiet_until(now=at, tz=ny, start=q[0], end=q[1]) == datetime(2026, 3, 8, 13, 0, tzinfo=UTC)
 
 
-async def test_quiet_hours_defer_a_marketing_message_to_the_local_morning(
-    start_app, provider, clock
-):
+async def test_quiet_hours_defer_a_marketing_message_to_the_local_morning(start_app, provider, clock):
     async with start_app() as (client, app):
         # 12:00 UTC is 07:00 in New York: quiet until 09:00 local, 14:00 UTC.
-        await seed_contact(
-            app, "ny", phone="+12125550101", consents={"sms": True}, timezone="America/New_York"
-        )
+        await seed_contact(app, "ny", phone="+12125550101", consents={"sms": True}, timezone="America/New_York")
         await add_template(client, "sale", "sms", body="Sale")
         await client.post(
             "/v1/messages",
@@ -140,9 +108,7 @@ async def test_quiet_hours_defer_a_marketing_message_to_the_local_morning(
         assert len([b for b in provider.bodies("/v1/sms") if b["reference"] == "q-1"]) == 1
 
 
-async def test_the_cap_suppresses_the_fourth_marketing_message_in_seven_days(
-    start_app, provider, clock
-):
+async def test_the_cap_suppresses_the_fourth_marketing_message_in_seven_days(start_app, provider, clock):
     async with start_app() as (client, app):
         await seed_contact(app, "cap", phone="+14155550101", consents={"sms": True})
         await add_template(client, "promo", "sms", body="Promo")
@@ -190,9 +156,7 @@ async def test_the_cap_suppresses_the_fourth_marketing_message_in_seven_days(
         assert [(e["status"], e["reason"]) for e in events] == [("suppressed", "frequency_cap")]
 
 
-async def test_past_expiry_is_expired_and_unknown_contact_waits_then_is_suppressed(
-    start_app, provider, clock
-):
+async def test_past_expiry_is_expired_and_unknown_contact_waits_then_is_suppressed(start_app, provider, clock):
     async with start_app(contact_wait_s=60) as (client, app):
         await add_template(client, "t", "sms", body="x")
         r = await client.post(
@@ -205,9 +169,7 @@ async def test_past_expiry_is_expired_and_unknown_contact_waits_then_is_suppress
             },
         )
         assert r.json()["state"] == "expired"
-        r = await client.post(
-            "/v1/messages", json={"id": "early", "customer_id": "later", "template": "t"}
-        )
+        r = await client.post("/v1/messages", json={"id": "early", "customer_id": "later", "template": "t"})
         assert r.json()["state"] == "deferred" and r.json()["reason"] == "awaiting_contact"
         await seed_contact(app, "later", phone="+14155550199")
         clock.advance(seconds=31)
@@ -217,9 +179,7 @@ async def test_past_expiry_is_expired_and_unknown_contact_waits_then_is_suppress
             return (await message_state(client, "early"))["state"] == "sent"
 
         await eventually(sent, what="sent once the contact arrived")
-        r = await client.post(
-            "/v1/messages", json={"id": "ghost", "customer_id": "ghost", "template": "t"}
-        )
+        r = await client.post("/v1/messages", json={"id": "ghost", "customer_id": "ghost", "template": "t"})
         clock.advance(seconds=61)
         wake(app)
 
@@ -228,3 +188,19 @@ async def test_past_expiry_is_expired_and_unknown_contact_waits_then_is_suppress
             return m["state"] == "suppressed" and m["reason"] == "unknown_contact"
 
         await eventually(suppressed, what="unknown contact suppressed")
+
+
+async def test_consent_withdrawn_while_a_message_waits_suppresses_it_at_send_time(start_app, provider, clock):
+    async with start_app(dispatcher_enabled=False) as (client, app):
+        await seed_contact(app, "ny2", phone="+12125550102", consents={"sms": True}, timezone="America/New_York")
+        await add_template(client, "sale", "sms", body="Sale")
+        r = await client.post(
+            "/v1/messages", json={"id": "w-1", "customer_id": "ny2", "template": "sale", "kind": "marketing"}
+        )
+        assert r.json()["state"] == "deferred"  # 07:00 in New York
+        await seed_contact(app, "ny2", at=clock.now(), consents={"sms": False})
+        clock.advance(hours=2)
+        assert await app.state.notifier.dispatcher.run_once() == 1
+        msg = await message_state(client, "w-1")
+        assert (msg["state"], msg["reason"]) == ("suppressed", "no_consented_channel")
+        assert not [b for b in provider.bodies("/v1/sms") if b["reference"] == "w-1"]

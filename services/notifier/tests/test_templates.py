@@ -63,9 +63,7 @@ async def test_preview_renders_sample_data_and_refuses_missing_variables(start_a
         )
         assert r.status_code == 201, r.text
         tid = r.json()["id"]
-        preview = (
-            await client.post(f"/v1/templates/{tid}/preview", json={"first_name": "Ann"})
-        ).json()
+        preview = (await client.post(f"/v1/templates/{tid}/preview", json={"first_name": "Ann"})).json()
         assert preview == {
             "subject": "For Ann",
             "body": "Rioja <Reserva> -20%",
@@ -104,17 +102,11 @@ async def test_template_crud_versions_and_conflicts(start_app):
         }
         created = (await client.post("/v1/templates", json=body)).json()
         assert (await client.post("/v1/templates", json=body)).status_code == 409
-        r = await client.put(
-            f"/v1/templates/{created['id']}", json={"body": "v2 {{ b }}", "variables": ["a"]}
-        )
+        r = await client.put(f"/v1/templates/{created['id']}", json={"body": "v2 {{ b }}", "variables": ["a"]})
         assert r.status_code == 422
-        r = await client.put(
-            f"/v1/templates/{created['id']}", json={"body": "v2 {{ b }}", "variables": ["b"]}
-        )
+        r = await client.put(f"/v1/templates/{created['id']}", json={"body": "v2 {{ b }}", "variables": ["b"]})
         assert r.status_code == 200 and r.json()["version"] == 2
-        assert (await client.get("/v1/templates", params={"key": "k"})).json()["items"][0][
-            "body"
-        ] == "v2 {{ b }}"
+        assert (await client.get("/v1/templates", params={"key": "k"})).json()["items"][0]["body"] == "v2 {{ b }}"
         assert (await client.delete(f"/v1/templates/{created['id']}")).status_code == 204
         assert (await client.get(f"/v1/templates/{created['id']}")).status_code == 404
 
