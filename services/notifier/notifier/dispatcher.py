@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from crm_common.clock import Clock
+from notifier import metrics
 from notifier.deliveries import delivery_event, emit
 from notifier.errors import RenderFailed
 from notifier.messages import STATE_OF
@@ -323,6 +324,21 @@ class Dispatcher:
             await session.commit()
         if self.on_recorded is not None:
             self.on_recorded()
+        self._observe(plans)
+
+    def _observe(self, plans: list[_Plan]) -> None:
+        """Count what was recorded (after the commit, so the figures match the database)."""
+        for p in plans:
+            metrics.MESSAGES.labels(p.update.get("channel") or p.message.channel or "-", p.update["state"]).inc()
+            r = p.result
+            if r is None or p.outbound is None:
+                continue
+            provider = p.outbound.channel
+            metrics.PROVIDER_CALLS.labels(provider, r.outcome).inc()
+            if r.outcome != "unavailable":
+                metrics.PROVIDER_SECONDS.labels(provider).observe(r.duration_ms / 1000)
+            if r.cost is not None and r.outcome == "ok":
+                metrics.SMS_COST.labels(provider).inc(float(r.cost))
 
     def _count(self, state: str) -> None:
         st = self.stats

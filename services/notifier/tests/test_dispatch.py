@@ -40,6 +40,9 @@ async def test_sms_answered_500_twice_then_200_is_delivered_once_with_its_cost(s
         assert Decimal(msg["cost"]) == Decimal("0.07")
         assert msg["delivery_attempts"][0]["tries"] == 3 and msg["delivery_attempts"][0]["outcome"] == "ok"
         assert [e["status"] for e in msg["events"]] == ["sent"]
+        metrics = (await client.get("/metrics")).text
+        assert 'crm_notifier_provider_calls_total{outcome="ok",provider="sms"}' in metrics
+        assert 'crm_notifier_sms_cost_total{provider="sms"}' in metrics
 
 
 async def test_permanent_provider_error_fails_without_retry(start_app, provider):
