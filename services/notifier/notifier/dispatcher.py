@@ -254,6 +254,7 @@ class Dispatcher:
         updates: list[dict[str, Any]] = []
         attempts: list[dict[str, Any]] = []
         events = []
+        stale_tokens: list[tuple[str, str]] = []
         for p in plans:
             m = p.message
             if p.outbound is not None and p.result is not None:
@@ -269,6 +270,9 @@ class Dispatcher:
                     }
                 elif r.outcome == "permanent":
                     up |= {"state": "failed", "reason": f"provider_rejected: {r.error}"[:1000]}
+                    if channel == "push" and r.status_code == 404:
+                        # FCM answers 404 (UNREGISTERED) for a token that no longer exists.
+                        stale_tokens.append((m.customer_id, p.outbound.to))
                 elif m.attempts + 1 >= s.max_attempts:
                     up |= {"state": "failed", "reason": f"retries_exhausted: {r.error}"[:1000]}
                 elif r.outcome == "unavailable":
@@ -320,6 +324,7 @@ class Dispatcher:
             repo = NotifierRepository(session)
             await repo.settle(updates, now)
             await repo.add_attempts(attempts)
+            await repo.drop_push_tokens(stale_tokens)
             await emit(session, events)
             await session.commit()
         if self.on_recorded is not None:
