@@ -8,7 +8,6 @@ from typing import Any
 import orjson
 from crm_common.contract.events import EventMessage, Source
 from crm_common.errors import Forbidden, NotFound
-from crm_common.service import RuntimeDep
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -19,6 +18,7 @@ from ingest.deps import (
     KeysAdmin,
     RateLimiterDep,
     Replayer,
+    RuntimeDep,
     SettingsDep,
     rate_of,
     transaction,
@@ -47,11 +47,8 @@ EVENTS_BODY_SCHEMA = {
 
 async def read_body(request: Request, limit: int) -> bytes:
     """Read the body, refusing more than `limit` bytes by Content-Length or as it streams in."""
-    too_large = (
-        f"the request body exceeds the limit of 1 MiB ({limit} bytes)"
-        if limit == 1 << 20
-        else (f"the request body exceeds the limit of {limit} bytes")
-    )
+    size = f"1 MiB ({limit} bytes)" if limit == 1 << 20 else f"{limit} bytes"
+    too_large = f"the request body exceeds the limit of {size}"
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -119,8 +116,10 @@ async def post_events(
 async def get_event(source: Source, event_id: str, principal: EventsReader, runtime: RuntimeDep) -> dict[str, Any]:
     if principal.source not in (source, "ops"):
         raise Forbidden(f"a {principal.source} key reads only {principal.source} events")
-    async with transaction(runtime) as session:
-        found = await EventRepository(session).get(source=source, event_id=event_id)
+    found = None
+    if _storable_id(event_id):
+        async with transaction(runtime) as session:
+            found = await EventRepository(session).get(source=source, event_id=event_id)
     if found is None:
         raise NotFound(f"no archived event {event_id!r} from {source}")
     event, pending = found
@@ -133,6 +132,17 @@ async def get_event(source: Source, event_id: str, principal: EventsReader, runt
         "pending": pending,
         "message": EventMessage.model_validate_json(event.message),
     }
+
+
+def _storable_id(event_id: str) -> bool:
+    """False for ids no accepted event can have (so the database is not asked about them)."""
+    if not 1 <= len(event_id) <= 128 or "\x00" in event_id:
+        return False
+    try:
+        event_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @router.post(

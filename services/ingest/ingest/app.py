@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from crm_common.clock import Clock
@@ -30,6 +31,9 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     settings = settings or Settings()
 
     def configure(runtime: ServiceRuntime) -> None:
+        if settings.gc_gen0_threshold > 0:
+            _, gen1, gen2 = gc.get_threshold()
+            gc.set_threshold(settings.gc_gen0_threshold, gen1, gen2)
         runtime.add_relay(
             EventRelay(
                 name="ingest-events",

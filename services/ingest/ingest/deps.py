@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 from crm_common.errors import Forbidden, Unauthorized
-from crm_common.service import RuntimeDep, ServiceRuntime
+from crm_common.service import ServiceRuntime
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -21,15 +21,24 @@ _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: 
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def get_settings(runtime: RuntimeDep) -> Settings:
+# Async on purpose: FastAPI runs plain `def` dependencies in a thread pool, a hop per
+# dependency per request that costs more than what they do.
+async def get_runtime(request: Request) -> ServiceRuntime:
+    return request.app.state.runtime  # type: ignore[no-any-return]
+
+
+RuntimeDep = Annotated[ServiceRuntime, Depends(get_runtime)]
+
+
+async def get_settings(runtime: RuntimeDep) -> Settings:
     return runtime.settings  # type: ignore[return-value]
 
 
-def get_key_cache(request: Request) -> KeyCache:
+async def get_key_cache(request: Request) -> KeyCache:
     return request.app.state.key_cache  # type: ignore[no-any-return]
 
 
-def get_rate_limiter(request: Request) -> RateLimiter:
+async def get_rate_limiter(request: Request) -> RateLimiter:
     return request.app.state.rate_limiter  # type: ignore[no-any-return]
 
 

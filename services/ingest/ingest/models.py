@@ -54,8 +54,8 @@ class ArchivedEvent(Base):
     message: Mapped[bytes] = mapped_column(LargeBinary)
     __table_args__ = (
         UniqueConstraint("source", "event_id", name="uq_events_source_event_id"),
-        Index("ix_events_received_at", "received_at"),
-        Index("ix_events_occurred_at", "occurred_at"),
+        Index("ix_events_received_at", "received_at", postgresql_using="brin"),
+        Index("ix_events_occurred_at", "occurred_at", postgresql_using="brin"),
     )
 
 

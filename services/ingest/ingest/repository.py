@@ -77,21 +77,25 @@ class EventRepository:
         return None if row is None else (row[0], bool(row[1]))
 
     async def queue_range(self, *, by: str, start: datetime, end: datetime, types: Sequence[str] | None) -> int:
-        """Queue every archived event with `by` in [start, end) for publishing again."""
+        """Queue every archived event with `by` in [start, end) for publishing; return how many."""
         column = {"received_at": "received_at", "occurred_at": "occurred_at"}[by]
         result = await self.session.execute(
             text(
                 f"""
-                INSERT INTO event_pending (seq)
-                SELECT seq FROM events
-                WHERE {column} >= :start AND {column} < :end
-                  AND (CAST(:types AS text[]) IS NULL OR type = ANY(CAST(:types AS text[])))
-                ON CONFLICT (seq) DO NOTHING
+                WITH matched AS (
+                    SELECT seq FROM events
+                    WHERE {column} >= :start AND {column} < :end
+                      AND (CAST(:types AS text[]) IS NULL OR type = ANY(CAST(:types AS text[])))
+                ), queued AS (
+                    -- Events still waiting from before are already queued: they go out once.
+                    INSERT INTO event_pending (seq) SELECT seq FROM matched ON CONFLICT (seq) DO NOTHING
+                )
+                SELECT count(*) FROM matched
                 """
             ),
             {"start": start, "end": end, "types": list(types) if types else None},
         )
-        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+        return int(result.scalar_one())
 
 
 class KeyRepository:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from crm_common.auth import SCOPES
 from crm_common.contract.events import EventIn, EventMessage, EventType, Source
 from crm_common.contract.types import Name
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Scope = Literal["events:write", "events:read", "replay", "keys:admin"]
 assert set(Scope.__args__) == set(SCOPES)  # type: ignore[attr-defined]
@@ -42,6 +42,10 @@ class IngestResponse(BaseModel):
     results: list[EventResult]
 
 
+REPLAY_MIN = datetime(1970, 1, 1, tzinfo=UTC)
+REPLAY_MAX = datetime(3000, 1, 1, tzinfo=UTC)
+
+
 class ReplayIn(BaseModel):
     """Re-publish archived events whose `by` timestamp is in [from, to)."""
 
@@ -50,6 +54,17 @@ class ReplayIn(BaseModel):
     to: AwareDatetime
     types: Annotated[list[EventType], Field(min_length=1, max_length=8)] | None = None
     by: Literal["received_at", "occurred_at"] = "received_at"
+
+    @field_validator("from_", "to")
+    @classmethod
+    def _within_storable_time(cls, value: datetime) -> datetime:
+        # Archived times lie between these; clamping keeps "from the beginning" natural to say
+        # and keeps out-of-range datetimes away from the database driver.
+        try:
+            value = value.astimezone(UTC)
+        except OverflowError:
+            return REPLAY_MIN if value.year < 2000 else REPLAY_MAX
+        return min(max(value, REPLAY_MIN), REPLAY_MAX)
 
     @model_validator(mode="after")
     def _ordered(self) -> ReplayIn:

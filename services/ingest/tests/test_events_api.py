@@ -215,3 +215,10 @@ async def test_hostile_bodies_get_4xx_never_500(ingest):
         assert "error" in r.json() or r.status_code == 202
     r = await ingest.client.post("/v1/events", content=b"{not json", headers=h)
     assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_json"
+
+
+async def test_lookup_with_hostile_event_id_is_4xx(ingest):
+    for event_id in ("a%00b", "x" * 300, "%F0%9F%98%80/with/slashes", "%ED%A0%80"):
+        r = await ingest.client.get(f"/v1/events/pos/{event_id}", headers=ingest.auth)
+        assert r.status_code in (404, 422), (event_id, r.status_code, r.text[:200])
+    assert (await ingest.client.get("/v1/events/moon/x", headers=ingest.auth)).status_code == 422

@@ -185,3 +185,19 @@ async def test_database_lost_after_start_answers_503_and_accepts_again_when_back
         await admin.close()
     r = await ingest.post(purchase("during", occurred_at=now))
     assert r.status_code == 202 and r.json()["accepted"] == 1
+
+
+async def test_replay_with_extreme_or_malformed_ranges_is_4xx_or_empty(ingest):
+    cases = [
+        {"from": "0001-01-01T00:00:00+14:00", "to": "9999-12-31T23:59:59-14:00"},
+        {"from": "0001-01-01T00:00:00Z", "to": "0001-01-02T00:00:00Z"},
+        {"from": "2026-01-01T00:00:00", "to": "2026-01-02T00:00:00"},
+        {"from": "2026-01-01T00:00:00Z", "to": "2026-01-02T00:00:00Z", "types": ["teleport"]},
+        {"from": "2026-01-01T00:00:00Z", "to": "2026-01-02T00:00:00Z", "by": "seq"},
+        {"from": "yesterday", "to": "today"},
+    ]
+    for body in cases:
+        r = await ingest.client.post("/v1/replay", json=body, headers=ingest.auth)
+        assert r.status_code in (202, 422), (body, r.status_code, r.text[:200])
+    r = await ingest.client.post("/v1/replay", json=cases[0], headers=ingest.auth)
+    assert r.status_code == 202 and r.json()["replayed"] == 0

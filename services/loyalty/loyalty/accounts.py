@@ -27,9 +27,9 @@ async def get_account(*, session: AsyncSession, customer_id: str, now: datetime)
     if row is None:
         raise AccountNotFound(f"no loyalty account for customer {customer_id!r}")
     programme = await load_programme(session)
-    spend = (
-        await repo.spend_since([customer_id], now - timedelta(days=programme.tier_window_days))
-    ).get(customer_id, Decimal(0))
+    spend = (await repo.spend_since([customer_id], now - timedelta(days=programme.tier_window_days))).get(
+        customer_id, Decimal(0)
+    )
     lots = [
         LotRead(
             id=r[0],
@@ -71,9 +71,7 @@ async def get_account(*, session: AsyncSession, customer_id: str, now: datetime)
     )
 
 
-async def get_ledger(
-    *, session: AsyncSession, customer_id: str, before: int | None, limit: int
-) -> LedgerPage:
+async def get_ledger(*, session: AsyncSession, customer_id: str, before: int | None, limit: int) -> LedgerPage:
     """A page of the account's ledger, newest first."""
     repo = LoyaltyRepository(session)
     if await repo.get_account(customer_id) is None:
@@ -106,6 +104,4 @@ async def get_referral(*, session: AsyncSession, customer_id: str) -> ReferralRe
     row = await LoyaltyRepository(session).get_account(customer_id)
     if row is None:
         raise AccountNotFound(f"no loyalty account for customer {customer_id!r}")
-    return ReferralRead(
-        customer_id=row[0], referral_code=row[3], referred_by=row[4], referral_rewarded=row[5]
-    )
+    return ReferralRead(customer_id=row[0], referral_code=row[3], referred_by=row[4], referral_rewarded=row[5])

@@ -79,13 +79,11 @@ class EventApplier:
                     props = RefundProps.model_validate(e.properties)
                 parsed.append((e, props))
             except ValidationError as exc:
-                raise UnusableEvent(
-                    f"event {e.id}: invalid {e.type} properties: {exc.errors()[:3]}"
-                ) from exc
-        first_seen = {}
+                raise UnusableEvent(f"event {e.id}: invalid {e.type} properties: {exc.errors()[:3]}") from exc
+        first_seen: dict[str, datetime] = {}
         for e in events:
             first_seen.setdefault(e.customer_id, e.occurred_at)
-        await book.open(sorted(first_seen), create=True, at=min(first_seen.values()))
+        await book.open(sorted(first_seen), create=True, at=first_seen)
         keyed = [(e.customer_id, p.order_id) for e, p in parsed if p is not None]
         for row in await book.repo.purchases_for(set(keyed)):
             self.purchases[(row[0], row[1])] = PurchaseState(*row)
@@ -95,9 +93,7 @@ class EventApplier:
             spend = await book.repo.spend_since(buyers, since)
             for cid in buyers:
                 book.accounts[cid].spend = spend.get(cid, ZERO)
-        await book.load_redemptions(
-            [p.redemption_id for e, p in parsed if e.type == "purchase" and p.redemption_id]
-        )
+        await book.load_redemptions([p.redemption_id for e, p in parsed if e.type == "purchase" and p.redemption_id])
         if buyers:
             self.goals = {g.customer_id: g for g in await goals.load_active(book, buyers)}
         for e, props in parsed:
@@ -120,9 +116,7 @@ class EventApplier:
         money_from_points, redeemed, status = self.reconcile(acct, e, p)
         paid = max(p.total - money_from_points, ZERO)
         tier_rate = self.update_tier(acct, paid, cause=e.id, at=e.occurred_at)
-        points = floor_points(
-            paid * eligible_share(p, programme) * tier_rate / programme.point_value
-        )
+        points = floor_points(paid * eligible_share(p, programme) * tier_rate / programme.point_value)
         ref = f"accrual:{e.id}"
         if points > 0:
             book.credit(
@@ -163,9 +157,7 @@ class EventApplier:
         if acct.purchases_count == 1:
             await referrals.reward_first_purchase(book, acct, at=e.occurred_at)
 
-    def reconcile(
-        self, acct: AccountState, e: EventMessage, p: PurchaseProps
-    ) -> tuple[Decimal, Decimal, str | None]:
+    def reconcile(self, acct: AccountState, e: EventMessage, p: PurchaseProps) -> tuple[Decimal, Decimal, str | None]:
         """Match the purchase's redemption: (money paid with points, points redeemed, reconciliation status)."""
         pv = self.programme.point_value
         claimed = p.points_redeemed
@@ -188,9 +180,7 @@ class EventApplier:
         status = "matched" if claimed is None or claimed == r.points_applied else "points_mismatch"
         return r.money_applied, r.points_applied - r.points_returned, status
 
-    def update_tier(
-        self, acct: AccountState, spend_delta: Decimal, *, cause: str, at: datetime
-    ) -> Decimal:
+    def update_tier(self, acct: AccountState, spend_delta: Decimal, *, cause: str, at: datetime) -> Decimal:
         """Move the 12-month spend and the tier; publish a tier change; return the accrual rate."""
         programme = self.programme
         if not programme.tiers:
@@ -215,9 +205,7 @@ class EventApplier:
         """Reverse accrued points and return redeemed ones in proportion to the money refunded."""
         pur = self.purchases.get((acct.customer_id, r.order_id))
         if pur is None:
-            log.warning(
-                "refund %s for unknown order %s of %s ignored", e.id, r.order_id, acct.customer_id
-            )
+            log.warning("refund %s for unknown order %s of %s ignored", e.id, r.order_id, acct.customer_id)
             return
         amount = min(r.amount, pur.paid - pur.refunded)
         if amount <= 0:
@@ -227,9 +215,7 @@ class EventApplier:
         pur.dirty = True
         full = pur.refunded >= pur.paid
         share = Decimal(1) if full else pur.refunded / pur.paid
-        to_return = (
-            pur.points_redeemed if full else round_points(pur.points_redeemed * share)
-        ) - pur.points_returned
+        to_return = (pur.points_redeemed if full else round_points(pur.points_redeemed * share)) - pur.points_returned
         if to_return > 0 and pur.redemption_id:
             red = book.redemptions.get(pur.redemption_id)
             if red is None:
@@ -245,9 +231,7 @@ class EventApplier:
                     reason="refund",
                     order_id=r.order_id,
                 )
-        to_reverse = (
-            pur.points_accrued if full else round_points(pur.points_accrued * share)
-        ) - pur.points_reversed
+        to_reverse = (pur.points_accrued if full else round_points(pur.points_accrued * share)) - pur.points_reversed
         if to_reverse > 0:
             # Points already spent cannot be taken back below zero: what is missing is recorded, not owed.
             taken, _ = await book.debit(
@@ -291,6 +275,7 @@ class EventApplier:
 
     async def write(self) -> None:
         repo = self.book.repo
+        repo.defer()  # flushed with the book's writes as one statement
         await repo.insert_purchases(
             [
                 (

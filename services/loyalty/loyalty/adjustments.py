@@ -26,14 +26,8 @@ async def adjust(
     existing = await book.repo.ledger_by_ref(ref)
     if existing is not None:
         seq, _, cid, _, points, balance_after, data = existing
-        if (
-            cid != customer_id
-            or points != adjustment_in.points
-            or data.get("reason") != adjustment_in.reason
-        ):
-            raise IdempotencyConflict(
-                f"adjustment {adjustment_in.adjustment_id!r} exists with a different request"
-            )
+        if cid != customer_id or points != adjustment_in.points or data.get("reason") != adjustment_in.reason:
+            raise IdempotencyConflict(f"adjustment {adjustment_in.adjustment_id!r} exists with a different request")
         return AdjustmentRead(
             adjustment_id=adjustment_in.adjustment_id,
             customer_id=cid,

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import date
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from loyalty import accounts, adjustments, redemptions, reports
 from loyalty.deps import CustomerId, NowDep, ProgrammeDep, RedemptionId, SessionDep
@@ -26,8 +26,10 @@ from loyalty.schemas import (
 )
 
 router = APIRouter(prefix="/v1", tags=["loyalty"])
-CONFLICT = {409: {"description": "conflict (insufficient points, reused id with another body)"}}
-NOT_FOUND = {404: {"description": "not found"}}
+CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"description": "conflict (insufficient points, reused id with another body)"}
+}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "not found"}}
 
 
 @router.get("/programme", summary="The programme's rules")
@@ -37,14 +39,13 @@ async def get_programme(session: SessionDep, programme: ProgrammeDep) -> Program
 
 
 @router.put("/programme", summary="Replace the programme's rules")
-async def put_programme(config: ProgrammeConfig, session: SessionDep, now: NowDep) -> ProgrammeRead:
+async def put_programme(config: ProgrammeConfig, session: SessionDep, now: NowDep, request: Request) -> ProgrammeRead:
     await LoyaltyRepository(session).put_programme(config.model_dump(mode="json"), now)
+    request.app.state.programme_cache.put(config)
     return ProgrammeRead(config=config, updated_at=now)
 
 
-@router.get(
-    "/accounts/{customer_id}", summary="Balance, tier, lots with expiry, goals", responses=NOT_FOUND
-)
+@router.get("/accounts/{customer_id}", summary="Balance, tier, lots with expiry, goals", responses=NOT_FOUND)
 async def get_account(customer_id: CustomerId, session: SessionDep, now: NowDep) -> AccountRead:
     return await accounts.get_account(session=session, customer_id=customer_id, now=now)
 
@@ -60,14 +61,10 @@ async def get_ledger(
     before: Annotated[int | None, Query(ge=1, le=2**62)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> LedgerPage:
-    return await accounts.get_ledger(
-        session=session, customer_id=customer_id, before=before, limit=limit
-    )
+    return await accounts.get_ledger(session=session, customer_id=customer_id, before=before, limit=limit)
 
 
-@router.get(
-    "/accounts/{customer_id}/referral", summary="The customer's referral code", responses=NOT_FOUND
-)
+@router.get("/accounts/{customer_id}/referral", summary="The customer's referral code", responses=NOT_FOUND)
 async def get_referral(customer_id: CustomerId, session: SessionDep) -> ReferralRead:
     return await accounts.get_referral(session=session, customer_id=customer_id)
 
@@ -111,9 +108,7 @@ async def post_redemption(
     now: NowDep,
     response: Response,
 ) -> RedemptionRead:
-    result, created = await redemptions.redeem(
-        session=session, programme=programme, redemption_in=body, now=now
-    )
+    result, created = await redemptions.redeem(session=session, programme=programme, redemption_in=body, now=now)
     if not created:
         response.status_code = 200
     return result
@@ -138,14 +133,10 @@ async def get_redemption(
 async def cancel_redemption(
     redemption_id: RedemptionId, session: SessionDep, programme: ProgrammeDep, now: NowDep
 ) -> RedemptionRead:
-    return await redemptions.cancel(
-        session=session, programme=programme, redemption_id=redemption_id, now=now
-    )
+    return await redemptions.cancel(session=session, programme=programme, redemption_id=redemption_id, now=now)
 
 
-@router.get(
-    "/reports/points", summary="Points issued, redeemed, expired and liability by month; rates"
-)
+@router.get("/reports/points", summary="Points issued, redeemed, expired and liability by month; rates")
 async def get_points_report(
     session: SessionDep,
     since: Annotated[date | None, Query(alias="from")] = None,

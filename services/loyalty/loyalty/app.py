@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from loyalty import consumers, expiry
 from loyalty.api import router
+from loyalty.deps import ProgrammeCache
 from loyalty.settings import TOPIC_EVENTS, TOPIC_SEGMENTS, Settings
 
 
@@ -23,9 +24,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             [TOPIC_EVENTS],
             consumers.events_handler(runtime.clock, publish_accruals=settings.publish_accruals),
         )
-        runtime.add_consumer(
-            "loyalty-segments", [TOPIC_SEGMENTS], consumers.segments_handler(runtime.clock)
-        )
+        runtime.add_consumer("loyalty-segments", [TOPIC_SEGMENTS], consumers.segments_handler(runtime.clock))
         runtime.add_relay()
         runtime.add_sweep(
             "expiry",
@@ -33,7 +32,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             partial(expiry.run_sweep, batch=settings.expiry_sweep_batch),
         )
 
-    return create_service_app(
+    app = create_service_app(
         settings=settings,
         title="CRM loyalty",
         description="Bonus programme: accounts, point lots, an immutable ledger, redemptions at the POS, expiry "
@@ -42,3 +41,5 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         configure=configure,
         clock=clock,
     )
+    app.state.programme_cache = ProgrammeCache(ttl=settings.programme_cache_ttl_s)
+    return app

@@ -2,20 +2,42 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from typing import Annotated
 
 from crm_common.contract.types import Id
 from crm_common.errors import InvalidInput
 from crm_common.service import RuntimeDep, SessionDep
-from fastapi import Depends, Path
+from fastapi import Depends, Path, Request
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from loyalty.ledger import load_programme
 from loyalty.schemas import ProgrammeConfig
 
 
-async def get_programme(session: SessionDep) -> ProgrammeConfig:
-    return await load_programme(session)
+class ProgrammeCache:
+    """The programme's rules, re-read at most every `ttl` seconds: replicas see a change within that time."""
+
+    def __init__(self, ttl: float = 2.0) -> None:
+        self.ttl = ttl
+        self.value: ProgrammeConfig | None = None
+        self.loaded_at = 0.0
+
+    async def get(self, session: AsyncSession) -> ProgrammeConfig:
+        if self.value is None or time.monotonic() - self.loaded_at > self.ttl:
+            self.value = await load_programme(session)
+            self.loaded_at = time.monotonic()
+        return self.value
+
+    def put(self, value: ProgrammeConfig) -> None:
+        """Use rules just written by this process (the database has them once the request commits)."""
+        self.value = value
+        self.loaded_at = time.monotonic()
+
+
+async def get_programme(request: Request, session: SessionDep) -> ProgrammeConfig:
+    return await request.app.state.programme_cache.get(session)  # type: ignore[no-any-return]
 
 
 def get_now(runtime: RuntimeDep) -> datetime:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import calendar
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loyalty.ledger import load_programme
+from loyalty.schemas import ProgrammeConfig
 from loyalty.settings import TOPIC_LOYALTY, TOPIC_MESSAGES
 
 _ISO = '\'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"\''
@@ -99,8 +102,137 @@ RETURNING 1
 """
 
 
+BIRTHDAY_LOCK_SQL = """
+SELECT customer_id FROM accounts
+WHERE birth_date IS NOT NULL AND to_char(birth_date, 'MM-DD') = ANY(CAST(:days AS text[]))
+  AND (birthday_awarded_year IS NULL OR birthday_awarded_year < CAST(:year AS int))
+ORDER BY customer_id LIMIT :limit FOR UPDATE
+"""
+
+BIRTHDAY_SQL = f"""
+WITH acc AS (
+    UPDATE accounts SET balance = balance + CAST(:bonus AS numeric), birthday_awarded_year = CAST(:year AS int),
+           updated_at = :now
+    WHERE customer_id = ANY(CAST(:ids AS text[]))
+    RETURNING customer_id, balance
+), new_lots AS (
+    INSERT INTO lots (id, customer_id, kind, earned_at, expires_at, points, remaining)
+    SELECT 'birthday:' || customer_id || ':' || CAST(:year AS text), customer_id, 'birthday_bonus', :now, :expires,
+           CAST(:bonus AS numeric), CAST(:bonus AS numeric)
+    FROM acc
+), entries AS (
+    INSERT INTO ledger (ref, customer_id, kind, points, balance_after, occurred_at, recorded_at, lot_id, data)
+    SELECT 'birthday:' || customer_id || ':' || CAST(:year AS text), customer_id, 'birthday_bonus',
+           CAST(:bonus AS numeric), balance, :now, :now, 'birthday:' || customer_id || ':' || CAST(:year AS text),
+           jsonb_build_object('year', CAST(:year AS int))
+    FROM acc
+    RETURNING ref, customer_id, points, balance_after
+)
+INSERT INTO outbox (topic, key, value)
+SELECT '{TOPIC_LOYALTY}', customer_id, convert_to(json_build_object(
+    'id', 'loyalty:points.accrued:' || ref, 'type', 'points.accrued', 'customer_id', customer_id,
+    'occurred_at', CAST(:now_iso AS text), 'points', points::text, 'balance', balance_after::text,
+    'data', json_build_object('kind', 'birthday_bonus')
+)::text, 'UTF8')
+FROM entries
+RETURNING 1
+"""
+
+
+# The tier each account qualifies for by its spend in the window (accounts above base, or the given ones).
+_TIER_CTE = """
+WITH spend AS (
+    SELECT a.customer_id, a.tier, coalesce(sum(p.paid - p.refunded), 0) AS spend
+    FROM accounts a LEFT JOIN purchases p ON p.customer_id = a.customer_id AND p.occurred_at > :since
+    WHERE a.tier <> 'base' AND (CAST(:ids AS text[]) IS NULL OR a.customer_id = ANY(CAST(:ids AS text[])))
+    GROUP BY a.customer_id, a.tier
+), target AS (
+    SELECT customer_id, tier AS old_tier, spend, coalesce((
+        SELECT t.name FROM unnest(CAST(:names AS text[]), CAST(:mins AS numeric[])) AS t(name, min_spend)
+        WHERE t.min_spend <= spend ORDER BY t.min_spend DESC LIMIT 1), 'base') AS new_tier
+    FROM spend
+)
+"""
+
+TIER_CANDIDATES_SQL = (
+    _TIER_CTE
+    + """
+SELECT customer_id FROM target WHERE new_tier <> old_tier ORDER BY customer_id LIMIT :limit
+"""
+)
+
+TIER_LOCK_SQL = "SELECT customer_id FROM accounts WHERE customer_id = ANY(CAST(:ids AS text[])) ORDER BY 1 FOR UPDATE"
+
+TIER_UPDATE_SQL = (
+    _TIER_CTE
+    + f"""
+, changed AS (
+    UPDATE accounts a SET tier = target.new_tier, updated_at = :now
+    FROM target WHERE a.customer_id = target.customer_id AND target.new_tier <> target.old_tier
+    RETURNING a.customer_id, target.old_tier, target.new_tier, target.spend
+)
+INSERT INTO outbox (topic, key, value)
+SELECT '{TOPIC_LOYALTY}', customer_id, convert_to(json_build_object(
+    'id', 'loyalty:tier.changed:sweep:' || customer_id || ':' || CAST(:now_iso AS text), 'type', 'tier.changed',
+    'customer_id', customer_id, 'occurred_at', CAST(:now_iso AS text),
+    'data', json_build_object('from', old_tier, 'to', new_tier, 'spend_12m', spend::text, 'reason', 'window')
+)::text, 'UTF8')
+FROM changed
+RETURNING 1
+"""
+)
+
+
+async def recompute_tiers(session: AsyncSession, now: datetime, *, programme: ProgrammeConfig, batch: int) -> int:
+    """Move accounts down (or up) when purchases leave the 12-month window; publish each change."""
+    params = {
+        "since": now - timedelta(days=programme.tier_window_days),
+        "names": [t.name for t in programme.tiers],
+        "mins": [t.min_spend for t in programme.tiers],
+        "now": now,
+        "now_iso": now.isoformat(),
+        "limit": batch,
+    }
+    ids = [r[0] for r in await session.execute(text(TIER_CANDIDATES_SQL), {**params, "ids": None})]
+    if not ids:
+        return 0
+    # Lock, then recompute in a new statement: it sees purchases committed while it waited for the locks.
+    await session.execute(text(TIER_LOCK_SQL), {"ids": ids})
+    return len((await session.execute(text(TIER_UPDATE_SQL), {**params, "ids": ids})).all())
+
+
+def _birthday_keys(today: date) -> list[str]:
+    """Month-day keys celebrated today; 29 February is celebrated on the 28th in common years."""
+    keys = [today.strftime("%m-%d")]
+    if keys[0] == "02-28" and not calendar.isleap(today.year):
+        keys.append("02-29")
+    return keys
+
+
+async def award_birthdays(session: AsyncSession, now: datetime, *, bonus: Decimal, expiry_days: int, batch: int) -> int:
+    """Credit the birthday bonus, once a year, to accounts whose birthday is today (UTC)."""
+    today = now.astimezone(UTC).date()
+    ids = [
+        r[0]
+        for r in await session.execute(
+            text(BIRTHDAY_LOCK_SQL), {"days": _birthday_keys(today), "year": today.year, "limit": batch}
+        )
+    ]
+    if not ids:
+        return 0
+    params = {
+        "ids": ids,
+        "bonus": bonus,
+        "year": today.year,
+        "now": now,
+        "now_iso": now.isoformat(),
+        "expires": now + timedelta(days=expiry_days),
+    }
+    return len((await session.execute(text(BIRTHDAY_SQL), params)).all())
+
+
 async def run_sweep(session: AsyncSession, now: datetime, *, batch: int = 5000) -> dict[str, Any]:
-    """Remind, expire lots (oldest first, never below zero), expire unmet goals; return what it did."""
+    """Remind, expire lots (oldest first, never below zero), expire unmet goals, birthday bonuses."""
     programme = await load_programme(session)
     params = {"now": now, "now_iso": now.isoformat()}
     reminded = 0
@@ -115,7 +247,15 @@ async def run_sweep(session: AsyncSession, now: datetime, *, batch: int = 5000) 
     if ids:
         expired = len((await session.execute(text(EXPIRE_SQL), {**params, "ids": ids})).all())
     goals_expired = len((await session.execute(text(EXPIRE_GOALS_SQL), params)).all())
+    tiers_changed = await recompute_tiers(session, now, programme=programme, batch=batch)
+    birthdays = 0
+    if programme.birthday_bonus > 0:
+        birthdays = await award_birthdays(
+            session, now, bonus=programme.birthday_bonus, expiry_days=programme.expiry_days, batch=batch
+        )
     return {
+        "birthday_bonuses": birthdays,
+        "tiers_changed": tiers_changed,
         "reminders": reminded,
         "lots_expired": expired,
         "accounts_expired": len(ids),

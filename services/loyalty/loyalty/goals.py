@@ -51,9 +51,7 @@ def count_purchase(book: Book, acct: AccountState, goal: GoalState, *, at: datet
 
 
 async def write(book: Book, goals: list[GoalState]) -> None:
-    await book.repo.update_goals(
-        [(g.id, g.progress, g.status, g.closed_at) for g in goals if g.dirty]
-    )
+    await book.repo.update_goals([(g.id, g.progress, g.status, g.closed_at) for g in goals if g.dirty])
 
 
 async def assign(

@@ -19,7 +19,6 @@ from datetime import date, datetime, timedelta
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
 from typing import Any
 
-from crm_common import outbox
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loyalty.errors import InsufficientPoints
@@ -133,7 +132,7 @@ class Book:
     # -- accounts and lots -----------------------------------------------------------------------
 
     async def open(
-        self, customer_ids: list[str], *, create: bool, at: datetime | None = None
+        self, customer_ids: list[str], *, create: bool, at: datetime | dict[str, datetime] | None = None
     ) -> dict[str, AccountState]:
         """Lock and load accounts (creating missing ones when `create`); a new account gets the welcome bonus."""
         wanted = list(dict.fromkeys(customer_ids))
@@ -157,16 +156,14 @@ class Book:
                     kind="welcome_bonus",
                     points=bonus,
                     ref=f"welcome:{cid}",
-                    at=at or self.now,
+                    at=(at.get(cid) if isinstance(at, dict) else at) or self.now,
                 )
         return {cid: self.accounts[cid] for cid in wanted if cid in self.accounts}
 
     async def lots(self, acct: AccountState) -> dict[str, LotState]:
         """The account's open lots (loaded once per transaction), with the ones created in it."""
         if acct.lots is None:
-            acct.lots = {
-                r[0]: LotState(*r[:7]) for r in await self.repo.open_lots(acct.customer_id)
-            }
+            acct.lots = {r[0]: LotState(*r[:7]) for r in await self.repo.open_lots(acct.customer_id)}
             for lot in self.new_lots.values():
                 if lot.customer_id == acct.customer_id:
                     acct.lots[lot.id] = lot
@@ -175,11 +172,7 @@ class Book:
     async def spendable(self, acct: AccountState) -> Decimal:
         """Points that can be spent now: lots not yet past their expiry."""
         return sum(
-            (
-                lot.remaining
-                for lot in (await self.lots(acct)).values()
-                if lot.expires_at > self.now
-            ),
+            (lot.remaining for lot in (await self.lots(acct)).values() if lot.expires_at > self.now),
             ZERO,
         )
 
@@ -431,8 +424,7 @@ class Book:
     async def allocations_of(self, redemption_id: str) -> list[Allocation]:
         if redemption_id not in self.allocations:
             self.allocations[redemption_id] = [
-                Allocation(redemption_id, r[0], r[1], r[2])
-                for r in await self.repo.redemption_lots(redemption_id)
+                Allocation(redemption_id, r[0], r[1], r[2]) for r in await self.repo.redemption_lots(redemption_id)
             ]
         return self.allocations[redemption_id]
 
@@ -483,6 +475,7 @@ class Book:
     async def flush(self) -> None:
         """Write every change of this transaction with one bulk statement per table."""
         repo = self.repo
+        repo.defer()
         await repo.insert_lots(
             [
                 (
@@ -547,7 +540,8 @@ class Book:
                 if a.dirty
             ]
         )
-        await outbox.enqueue_many(self.session, self.messages)
+        await repo.insert_outbox(self.messages)
+        await repo.write_deferred()
         self.new_lots.clear()
         self.entries.clear()
         self.messages.clear()

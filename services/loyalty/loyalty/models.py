@@ -48,12 +48,8 @@ class Account(Base):
     referred_by: Mapped[str | None] = mapped_column(Text, nullable=True)
     referral_rewarded: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     purchases_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
-    first_purchase_at: Mapped[datetime | None] = mapped_column(
-        DateTime(timezone=True), nullable=True
-    )
-    last_purchase_at: Mapped[datetime | None] = mapped_column(
-        DateTime(timezone=True), nullable=True
-    )
+    first_purchase_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_purchase_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     birth_date: Mapped[date | None] = mapped_column(Date, nullable=True)
     birthday_awarded_year: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -100,10 +96,7 @@ class LedgerEntry(Base):
     order_id: Mapped[str | None] = mapped_column(Text, nullable=True)
     redemption_id: Mapped[str | None] = mapped_column(Text, nullable=True)
     data: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
-    __table_args__ = (
-        Index("ix_ledger_customer_seq", "customer_id", "seq"),
-        Index("ix_ledger_occurred_at", "occurred_at"),
-    )
+    __table_args__ = (Index("ix_ledger_customer_seq", "customer_id", "seq"),)
 
 
 class Purchase(Base):
@@ -123,7 +116,6 @@ class Purchase(Base):
     points_redeemed: Mapped[Decimal] = mapped_column(POINTS, server_default=text("0"))
     points_returned: Mapped[Decimal] = mapped_column(POINTS, server_default=text("0"))
     reconciliation: Mapped[str | None] = mapped_column(Text, nullable=True)
-    __table_args__ = (Index("ix_purchases_customer_occurred", "customer_id", "occurred_at"),)
 
 
 class Redemption(Base):

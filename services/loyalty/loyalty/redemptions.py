@@ -79,26 +79,20 @@ async def redeem(
     """Apply points to a check, at most `max_redeem_share` of it; return (result, created)."""
     digest = request_hash(redemption_in)
     rid = redemption_in.redemption_id
-    if (existing := await _existing(session, rid)) is not None:
-        return _replay(existing, digest), False
     book = Book(session, programme, now)
-    acct = (await book.open([redemption_in.customer_id], create=False)).get(
-        redemption_in.customer_id
-    )
+    acct = (await book.open([redemption_in.customer_id], create=False)).get(redemption_in.customer_id)
     if acct is None:
+        if (existing := await _existing(session, rid)) is not None:
+            return _replay(existing, digest), False
         raise AccountNotFound(f"no loyalty account for customer {redemption_in.customer_id!r}")
-    # A concurrent request with the same id may have committed while this one waited for the lock.
-    if (existing := await _existing(session, rid)) is not None:
-        return _replay(existing, digest), False
-    max_points = floor_points(
-        redemption_in.check_amount * programme.max_redeem_share / programme.point_value
-    )
-    wanted = (
-        min(redemption_in.points, max_points) if redemption_in.points is not None else max_points
-    )
+    max_points = floor_points(redemption_in.check_amount * programme.max_redeem_share / programme.point_value)
+    wanted = min(redemption_in.points, max_points) if redemption_in.points is not None else max_points
     available = await book.spendable(acct)
     applied = min(wanted, available)
     if applied <= 0:
+        # A retry of a redemption that emptied the account is a replay, not a refusal.
+        if (existing := await _existing(session, rid)) is not None:
+            return _replay(existing, digest), False
         raise InsufficientPoints(
             "no points can be applied to this check",
             details={"available": str(available), "max_points_for_check": str(max_points)},
@@ -134,7 +128,7 @@ async def redeem(
             "created_at": now,
         }
     ):
-        # Same id used concurrently for another customer: that one won.
+        # The id exists (a retry, or the same id used for another check): answer as the first time or 409.
         existing = await _existing(session, rid)
         assert existing is not None
         return _replay(existing, digest), False
@@ -149,9 +143,7 @@ async def redeem(
         data={"money": str(money), "check_amount": str(redemption_in.check_amount)},
         event_type="points.redeemed",
     )
-    book.allocations[rid] = [
-        Allocation(rid, lot_id, pts, Decimal(0), dirty=True) for lot_id, pts in taken
-    ]
+    book.allocations[rid] = [Allocation(rid, lot_id, pts, Decimal(0), dirty=True) for lot_id, pts in taken]
     await book.flush()
     state.balance_after = acct.balance
     return to_read(state), True

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from crm_common import serde
 import orjson
-from sqlalchemy import Row, text
+from crm_common import serde
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 _ACCOUNT_COLS = (
@@ -25,9 +26,10 @@ _REDEMPTION_COLS = (
     "r.redemption_id, r.customer_id, r.request_hash, r.check_amount, r.points_requested, r.points_applied, "
     "r.money_applied, r.points_returned, r.status, r.order_id, r.store_id, r.created_at, r.settled_at, r.cancelled_at"
 )
-_GOAL_COLS = (
-    "id, customer_id, segment_key, target, progress, reward, status, assigned_at, due_at, closed_at"
-)
+_GOAL_COLS = "id, customer_id, segment_key, target, progress, reward, status, assigned_at, due_at, closed_at"
+
+
+_BIND = re.compile(r"(?<![:\w]):(\w+)")
 
 
 def _col(rows: Sequence[Sequence[Any]], i: int) -> list[Any]:
@@ -45,13 +47,59 @@ class LoyaltyRepository:
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+        self._deferred: list[tuple[str, dict[str, Any]]] | None = None
 
     async def _exec(self, sql: str, params: dict[str, Any] | None = None) -> Any:
         return await self.session.execute(text(sql), params or {})
 
+    async def _write(self, sql: str, params: dict[str, Any]) -> None:
+        if self._deferred is not None:
+            self._deferred.append((sql, params))
+        else:
+            await self._exec(sql, params)
+
+    def defer(self) -> None:
+        """Collect the following writes and send them as one statement in `write_deferred`."""
+        if self._deferred is None:
+            self._deferred = []
+
+    async def write_deferred(self) -> None:
+        """Send the collected writes as one statement of data-modifying CTEs: one round trip, not one per table.
+
+        The writes touch disjoint rows (new vs existing lots and purchases, one row per account), which is
+        what PostgreSQL requires of data-modifying CTEs in one statement.
+        """
+        parts, self._deferred = self._deferred or [], None
+        if len(parts) <= 1:
+            for sql, params in parts:
+                await self._exec(sql, params)
+            return
+        ctes, merged = [], {}
+        for i, (sql, params) in enumerate(parts):
+            renamed = _BIND.sub(rf":w{i}_\1", sql)
+            ctes.append(f"w{i} AS ({renamed})")
+            merged.update({f"w{i}_{k}": v for k, v in params.items()})
+        await self._exec("WITH " + ", ".join(ctes) + " SELECT 1", merged)
+
+    async def insert_outbox(self, messages: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
+        """Outbox rows as crm_common.outbox.enqueue_many writes them, but joinable with the other writes."""
+        if not messages:
+            return
+        if not all(m[2].get("id") for m in messages):
+            raise ValueError("an outbox message needs a stable 'id'")
+        await self._write(
+            "INSERT INTO outbox (topic, key, value) SELECT * FROM unnest(CAST(:topics AS text[]), "
+            "CAST(:keys AS text[]), CAST(:values AS bytea[]))",
+            {
+                "topics": [m[0] for m in messages],
+                "keys": [m[1] for m in messages],
+                "values": [serde.dumps(m[2]) for m in messages],
+            },
+        )
+
     # -- programme -------------------------------------------------------------------------------
 
-    async def get_programme(self) -> Row[Any] | None:
+    async def get_programme(self) -> Any:
         return (await self._exec("SELECT config, updated_at FROM programme WHERE id = 1")).first()
 
     async def put_programme(self, config: dict[str, Any], now: datetime) -> None:
@@ -73,7 +121,7 @@ class LoyaltyRepository:
         )
         return {r[0] for r in result}
 
-    async def lock_accounts(self, ids: list[str]) -> list[Row[Any]]:
+    async def lock_accounts(self, ids: list[str]) -> list[Any]:
         """Lock the accounts in a fixed order (so concurrent lockers never deadlock) and read them."""
         result = await self._exec(
             f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE customer_id = ANY(CAST(:ids AS text[])) "
@@ -82,11 +130,9 @@ class LoyaltyRepository:
         )
         return list(result.all())
 
-    async def get_account(self, customer_id: str) -> Row[Any] | None:
+    async def get_account(self, customer_id: str) -> Any:
         return (
-            await self._exec(
-                f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE customer_id = :c", {"c": customer_id}
-            )
+            await self._exec(f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE customer_id = :c", {"c": customer_id})
         ).first()
 
     async def update_accounts(self, rows: list[tuple[Any, ...]], now: datetime) -> None:
@@ -95,20 +141,17 @@ class LoyaltyRepository:
         if not rows:
             return
         names = ("c", "bal", "tier", "ref", "rr", "pc", "fp", "lp", "bd")
-        await self._exec(
+        await self._write(
             "UPDATE accounts a SET balance = t.bal, tier = t.tier, referred_by = t.ref, referral_rewarded = t.rr, "
             "purchases_count = t.pc, first_purchase_at = t.fp, last_purchase_at = t.lp, birth_date = t.bd, "
             "updated_at = :now FROM json_to_recordset(CAST(:rows AS json)) AS t(c text, bal numeric, tier text, "
-            "ref text, rr boolean, pc int, fp timestamptz, lp timestamptz, bd date) WHERE a.customer_id = t.c",
-            {"rows": _json_rows(names, rows), "now": now},
+            "ref text, rr boolean, pc int, fp timestamptz, lp timestamptz, bd date) WHERE a.customer_id = t.c "
+            "AND a.customer_id = ANY(CAST(:ids AS text[]))",
+            {"rows": _json_rows(names, rows), "now": now, "ids": _col(rows, 0)},
         )
 
     async def customer_by_code(self, code: str) -> str | None:
-        return (
-            await self._exec(
-                "SELECT customer_id FROM accounts WHERE referral_code = :c", {"c": code}
-            )
-        ).scalar()
+        return (await self._exec("SELECT customer_id FROM accounts WHERE referral_code = :c", {"c": code})).scalar()
 
     async def referral_ancestors(self, customer_id: str, limit: int = 1000) -> list[str]:
         """Who referred this customer, who referred them, and so on (bounded)."""
@@ -134,20 +177,18 @@ class LoyaltyRepository:
 
     # -- lots ------------------------------------------------------------------------------------
 
-    async def open_lots(self, customer_id: str) -> list[Row[Any]]:
+    async def open_lots(self, customer_id: str) -> list[Any]:
         result = await self._exec(
             f"SELECT {_LOT_COLS} FROM lots WHERE customer_id = :c AND remaining > 0",
             {"c": customer_id},
         )
         return list(result.all())
 
-    async def lots_by_ids(self, ids: list[str]) -> list[Row[Any]]:
-        result = await self._exec(
-            f"SELECT {_LOT_COLS} FROM lots WHERE id = ANY(CAST(:ids AS text[]))", {"ids": ids}
-        )
+    async def lots_by_ids(self, ids: list[str]) -> list[Any]:
+        result = await self._exec(f"SELECT {_LOT_COLS} FROM lots WHERE id = ANY(CAST(:ids AS text[]))", {"ids": ids})
         return list(result.all())
 
-    async def list_lots(self, customer_id: str, *, open_only: bool) -> list[Row[Any]]:
+    async def list_lots(self, customer_id: str, *, open_only: bool) -> list[Any]:
         where = "AND remaining > 0" if open_only else ""
         result = await self._exec(
             f"SELECT {_LOT_COLS} FROM lots WHERE customer_id = :c {where} ORDER BY expires_at, earned_at, id",
@@ -159,7 +200,7 @@ class LoyaltyRepository:
         """rows: (id, customer_id, kind, earned_at, expires_at, points, remaining)."""
         if not rows:
             return
-        await self._exec(
+        await self._write(
             "INSERT INTO lots (id, customer_id, kind, earned_at, expires_at, points, remaining) "
             "SELECT * FROM json_to_recordset(CAST(:rows AS json)) AS t(i text, c text, k text, e timestamptz, "
             "x timestamptz, p numeric, r numeric)",
@@ -169,9 +210,9 @@ class LoyaltyRepository:
     async def update_lots(self, rows: list[tuple[str, Decimal]]) -> None:
         if not rows:
             return
-        await self._exec(
+        await self._write(
             "UPDATE lots SET remaining = t.r FROM unnest(CAST(:id AS text[]), CAST(:r AS numeric[])) AS t(id, r) "
-            "WHERE lots.id = t.id",
+            "WHERE lots.id = t.id AND lots.id = ANY(CAST(:id AS text[]))",
             {"id": _col(rows, 0), "r": _col(rows, 1)},
         )
 
@@ -183,7 +224,7 @@ class LoyaltyRepository:
         if not rows:
             return
         names = ("ref", "c", "k", "p", "b", "o", "r", "l", "oi", "ri", "d", "n")
-        await self._exec(
+        await self._write(
             "INSERT INTO ledger (ref, customer_id, kind, points, balance_after, occurred_at, recorded_at, lot_id, "
             "order_id, redemption_id, data) "
             "SELECT ref, c, k, p, b, o, r, l, oi, ri, CAST(d AS jsonb) FROM json_to_recordset(CAST(:rows AS json)) "
@@ -192,7 +233,7 @@ class LoyaltyRepository:
             {"rows": _json_rows(names, [(*r, i) for i, r in enumerate(rows)])},
         )
 
-    async def ledger_by_ref(self, ref: str) -> Row[Any] | None:
+    async def ledger_by_ref(self, ref: str) -> Any:
         return (
             await self._exec(
                 "SELECT seq, ref, customer_id, kind, points, balance_after, data FROM ledger WHERE ref = :r",
@@ -200,9 +241,7 @@ class LoyaltyRepository:
             )
         ).first()
 
-    async def ledger_page(
-        self, customer_id: str, *, before: int | None, limit: int
-    ) -> list[Row[Any]]:
+    async def ledger_page(self, customer_id: str, *, before: int | None, limit: int) -> list[Any]:
         result = await self._exec(
             "SELECT seq, ref, kind, points, balance_after, occurred_at, recorded_at, lot_id, order_id, redemption_id, "
             "data FROM ledger WHERE customer_id = :c AND (CAST(:before AS bigint) IS NULL OR seq < :before) "
@@ -213,12 +252,13 @@ class LoyaltyRepository:
 
     # -- purchases -------------------------------------------------------------------------------
 
-    async def purchases_for(self, keys: Iterable[tuple[str, str]]) -> list[Row[Any]]:
+    async def purchases_for(self, keys: Iterable[tuple[str, str]]) -> list[Any]:
         keys = list(keys)
         if not keys:
             return []
         result = await self._exec(
-            f"SELECT {_PURCHASE_COLS} FROM purchases WHERE (customer_id, order_id) IN "
+            f"SELECT {_PURCHASE_COLS} FROM purchases WHERE customer_id = ANY(CAST(:c AS text[])) "
+            "AND (customer_id, order_id) IN "
             "(SELECT * FROM unnest(CAST(:c AS text[]), CAST(:o AS text[])))",
             {"c": _col(keys, 0), "o": _col(keys, 1)},
         )
@@ -229,7 +269,7 @@ class LoyaltyRepository:
         if not rows:
             return
         names = ("c", "o", "m", "t", "tot", "paid", "ref", "acc", "rev", "rid", "red", "ret", "rec")
-        await self._exec(
+        await self._write(
             f"INSERT INTO purchases ({_PURCHASE_COLS}) SELECT * FROM json_to_recordset(CAST(:rows AS json)) AS "
             "t(c text, o text, m text, t timestamptz, tot numeric, paid numeric, ref numeric, acc numeric, "
             "rev numeric, rid text, red numeric, ret numeric, rec text)",
@@ -240,16 +280,17 @@ class LoyaltyRepository:
         """rows: (customer_id, order_id, refunded, points_reversed, points_returned)."""
         if not rows:
             return
-        await self._exec(
+        await self._write(
             "UPDATE purchases p SET refunded = t.ref, points_reversed = t.rev, points_returned = t.ret "
             "FROM unnest(CAST(:c AS text[]), CAST(:o AS text[]), CAST(:ref AS numeric[]), CAST(:rev AS numeric[]), "
-            "CAST(:ret AS numeric[])) AS t(c, o, ref, rev, ret) WHERE p.customer_id = t.c AND p.order_id = t.o",
+            "CAST(:ret AS numeric[])) AS t(c, o, ref, rev, ret) WHERE p.customer_id = t.c AND p.order_id = t.o "
+            "AND p.customer_id = ANY(CAST(:c AS text[]))",
             {n: _col(rows, i) for i, n in enumerate(("c", "o", "ref", "rev", "ret"))},
         )
 
     # -- redemptions -----------------------------------------------------------------------------
 
-    async def get_redemptions(self, ids: list[str]) -> list[Row[Any]]:
+    async def get_redemptions(self, ids: list[str]) -> list[Any]:
         if not ids:
             return []
         result = await self._exec(
@@ -275,15 +316,15 @@ class LoyaltyRepository:
         """rows: (redemption_id, status, points_returned, order_id, settled_at, cancelled_at)."""
         if not rows:
             return
-        await self._exec(
+        await self._write(
             "UPDATE redemptions r SET status = t.s, points_returned = t.ret, order_id = t.o, settled_at = t.sa, "
             "cancelled_at = t.ca FROM unnest(CAST(:id AS text[]), CAST(:s AS text[]), CAST(:ret AS numeric[]), "
             "CAST(:o AS text[]), CAST(:sa AS timestamptz[]), CAST(:ca AS timestamptz[])) AS t(id, s, ret, o, sa, ca) "
-            "WHERE r.redemption_id = t.id",
+            "WHERE r.redemption_id = t.id AND r.redemption_id = ANY(CAST(:id AS text[]))",
             {n: _col(rows, i) for i, n in enumerate(("id", "s", "ret", "o", "sa", "ca"))},
         )
 
-    async def redemption_lots(self, redemption_id: str) -> list[Row[Any]]:
+    async def redemption_lots(self, redemption_id: str) -> list[Any]:
         result = await self._exec(
             "SELECT rl.lot_id, rl.points, rl.returned FROM redemption_lots rl JOIN lots ON lots.id = rl.lot_id "
             "WHERE rl.redemption_id = :r ORDER BY lots.expires_at DESC, lots.id DESC",
@@ -295,7 +336,7 @@ class LoyaltyRepository:
         """rows: (redemption_id, lot_id, points, returned): the final state of each allocation."""
         if not rows:
             return
-        await self._exec(
+        await self._write(
             "INSERT INTO redemption_lots (redemption_id, lot_id, points, returned) "
             "SELECT * FROM unnest(CAST(:r AS text[]), CAST(:l AS text[]), CAST(:p AS numeric[]), CAST(:x AS numeric[])) "
             "ON CONFLICT (redemption_id, lot_id) DO UPDATE SET points = EXCLUDED.points, returned = EXCLUDED.returned",
@@ -304,14 +345,14 @@ class LoyaltyRepository:
 
     # -- goals -----------------------------------------------------------------------------------
 
-    async def active_goals(self, ids: list[str]) -> list[Row[Any]]:
+    async def active_goals(self, ids: list[str]) -> list[Any]:
         result = await self._exec(
             f"SELECT {_GOAL_COLS} FROM goals WHERE customer_id = ANY(CAST(:ids AS text[])) AND status = 'active'",
             {"ids": ids},
         )
         return list(result.all())
 
-    async def goals_of(self, customer_id: str) -> list[Row[Any]]:
+    async def goals_of(self, customer_id: str) -> list[Any]:
         result = await self._exec(
             f"SELECT {_GOAL_COLS} FROM goals WHERE customer_id = :c ORDER BY assigned_at DESC LIMIT 20",
             {"c": customer_id},
@@ -331,8 +372,9 @@ class LoyaltyRepository:
         """rows: (id, progress, status, closed_at)."""
         if not rows:
             return
-        await self._exec(
+        await self._write(
             "UPDATE goals g SET progress = t.p, status = t.s, closed_at = t.ca FROM unnest(CAST(:id AS text[]), "
-            "CAST(:p AS int[]), CAST(:s AS text[]), CAST(:ca AS timestamptz[])) AS t(id, p, s, ca) WHERE g.id = t.id",
+            "CAST(:p AS int[]), CAST(:s AS text[]), CAST(:ca AS timestamptz[])) AS t(id, p, s, ca) WHERE g.id = t.id "
+            "AND g.id = ANY(CAST(:id AS text[]))",
             {n: _col(rows, i) for i, n in enumerate(("id", "p", "s", "ca"))},
         )

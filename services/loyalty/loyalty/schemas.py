@@ -10,9 +10,7 @@ from crm_common.contract.types import Id, Money, Name, Points, ShortText
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Rate = Annotated[Decimal, Field(ge=0, le=1, max_digits=12, decimal_places=8, allow_inf_nan=False)]
-Multiplier = Annotated[
-    Decimal, Field(ge=0, le=100, max_digits=12, decimal_places=6, allow_inf_nan=False)
-]
+Multiplier = Annotated[Decimal, Field(ge=0, le=100, max_digits=12, decimal_places=6, allow_inf_nan=False)]
 PositivePoints = Annotated[
     Decimal, Field(gt=0, le=Decimal(10) ** 12, max_digits=18, decimal_places=2, allow_inf_nan=False)
 ]
@@ -26,9 +24,7 @@ SignedPoints = Annotated[
         allow_inf_nan=False,
     ),
 ]
-PointValue = Annotated[
-    Decimal, Field(gt=0, le=1_000_000, max_digits=14, decimal_places=6, allow_inf_nan=False)
-]
+PointValue = Annotated[Decimal, Field(gt=0, le=1_000_000, max_digits=14, decimal_places=6, allow_inf_nan=False)]
 
 
 class Strict(BaseModel):
@@ -44,9 +40,7 @@ class Tier(Strict):
 class GoalRule(Strict):
     """Assign a goal to customers entering one of these segments (e.g. `visits_dropped`)."""
 
-    segment_keys: Annotated[list[Id], Field(max_length=50)] = Field(
-        default_factory=lambda: ["visits_dropped"]
-    )
+    segment_keys: Annotated[list[Id], Field(max_length=50)] = Field(default_factory=lambda: ["visits_dropped"])
     purchases: int = Field(3, ge=1, le=1000)
     days: int = Field(30, ge=1, le=3650)
     reward: PositivePoints = Decimal(300)
@@ -59,9 +53,7 @@ class ProgrammeConfig(Strict):
     base_rate: Rate = Decimal("0.01")
     tiers: Annotated[list[Tier], Field(max_length=20)] = Field(default_factory=list)
     tier_window_days: int = Field(365, ge=1, le=3650)
-    category_multipliers: Annotated[dict[Id, Multiplier], Field(max_length=500)] = Field(
-        default_factory=dict
-    )
+    category_multipliers: Annotated[dict[Id, Multiplier], Field(max_length=500)] = Field(default_factory=dict)
     excluded_categories: Annotated[list[Id], Field(max_length=500)] = Field(default_factory=list)
     expiry_days: int = Field(180, ge=1, le=36500)
     reminder_days: int = Field(14, ge=0, le=3650)
@@ -165,9 +157,7 @@ class RedemptionCreate(Strict):
     redemption_id: Id
     customer_id: Id
     check_amount: Annotated[Money, Field(gt=0)]
-    points: PositivePoints | None = Field(
-        None, description="points asked for; the most allowed when absent"
-    )
+    points: PositivePoints | None = Field(None, description="points asked for; the most allowed when absent")
     order_id: Id | None = None
     store_id: Id | None = None
 
@@ -232,12 +222,8 @@ class ProgrammeReport(BaseModel):
     months: list[MonthReport]
     issued_total: Decimal
     redeemed_total: Decimal
-    redemption_rate: Decimal | None = Field(
-        description="points redeemed (net of returns) / points issued"
-    )
+    redemption_rate: Decimal | None = Field(description="points redeemed (net of returns) / points issued")
     members: int
     purchasing_members: int
     repeat_purchasing_members: int
-    repeat_purchase_rate: Decimal | None = Field(
-        description="members with 2+ purchases / members with 1+"
-    )
+    repeat_purchase_rate: Decimal | None = Field(description="members with 2+ purchases / members with 1+")

@@ -25,3 +25,5 @@ class Settings(BaseServiceSettings):
     expiry_sweep_batch: int = 5000
     # Publish `points.accrued` for every accrual (offers and analytics listen; off halves outbox traffic).
     publish_accruals: bool = True
+    # Routes re-read the programme's rules at most this often (a change reaches every replica within it).
+    programme_cache_ttl_s: float = 2.0

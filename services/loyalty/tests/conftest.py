@@ -6,14 +6,13 @@ from decimal import Decimal
 from typing import Any
 
 import pytest_asyncio
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
 from crm_common.db import create_engine, create_sessionmaker
 from loyalty.accrual import apply_events
 from loyalty.ledger import load_programme
 from loyalty.repository import LoyaltyRepository
 from loyalty.schemas import ProgrammeConfig
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from .factories import messages
 
@@ -44,7 +43,9 @@ async def apply(sm: async_sessionmaker[AsyncSession], now: datetime, *events: di
 
 async def balance(sm: async_sessionmaker[AsyncSession], customer_id: str) -> Decimal | None:
     async with sm() as s:
-        return (await s.execute(text("SELECT balance FROM accounts WHERE customer_id = :c"), {"c": customer_id})).scalar()
+        return (
+            await s.execute(text("SELECT balance FROM accounts WHERE customer_id = :c"), {"c": customer_id})
+        ).scalar()
 
 
 async def ledger(sm: async_sessionmaker[AsyncSession], customer_id: str) -> list[tuple[str, Decimal, str]]:

@@ -9,7 +9,6 @@ from decimal import Decimal
 
 import httpx
 import pytest_asyncio
-
 from crm_common.testing.helpers import run_app
 from loyalty.app import create_app
 from loyalty.settings import Settings
@@ -24,8 +23,13 @@ D = Decimal
 async def api(db, broker, topic_prefix, clock) -> AsyncIterator[tuple[httpx.AsyncClient, object]]:
     url, sm = db
     settings = Settings(
-        database_url=url, kafka_bootstrap_servers=broker.bootstrap, topic_prefix=topic_prefix,
-        consumers_enabled=False, sweeps_enabled=False, log_json=False, db_pool_size=10,
+        database_url=url,
+        kafka_bootstrap_servers=broker.bootstrap,
+        topic_prefix=topic_prefix,
+        consumers_enabled=False,
+        sweeps_enabled=False,
+        log_json=False,
+        db_pool_size=10,
     )
     async with run_app(create_app(settings, clock=clock)) as client:
         r = await client.put("/v1/programme", json=f.SCENARIO4_PROGRAMME)
@@ -35,12 +39,14 @@ async def api(db, broker, topic_prefix, clock) -> AsyncIterator[tuple[httpx.Asyn
 
 async def test_fifty_concurrent_redemptions_on_one_account_never_overspend(api):
     client, sm = api
-    r = await client.post("/v1/accounts/c1/adjustments", json={"adjustment_id": "a1", "points": "1000",
-                                                                 "reason": "opening balance"})
+    r = await client.post(
+        "/v1/accounts/c1/adjustments", json={"adjustment_id": "a1", "points": "1000", "reason": "opening balance"}
+    )
     assert r.status_code == 201, r.text
     # 25 distinct ids, each sent twice at once: 50 requests asking 100 points each on a 1,000-point account
-    bodies = [{"redemption_id": f"r{i % 25}", "customer_id": "c1", "check_amount": "1000", "points": "100"}
-              for i in range(50)]
+    bodies = [
+        {"redemption_id": f"r{i % 25}", "customer_id": "c1", "check_amount": "1000", "points": "100"} for i in range(50)
+    ]
     responses = await asyncio.gather(*(client.post("/v1/redemptions", json=b) for b in bodies))
     assert Counter(r.status_code for r in responses) <= Counter({201: 10, 200: 10, 409: 40})
     ok = {r.json()["redemption_id"]: r.json() for r in responses if r.status_code in (200, 201)}
@@ -91,8 +97,7 @@ async def test_hostile_inputs_get_a_structured_4xx_naming_the_field(api):
         ("post", "/v1/redemptions", {"redemption_id": "a", "customer_id": "c", "check_amount": "NaN"}),
         ("post", "/v1/redemptions", {"redemption_id": "a", "customer_id": "c", "check_amount": "1", "x": 1}),
         ("post", "/v1/redemptions", {"redemption_id": "a" * 129, "customer_id": "c", "check_amount": "1"}),
-        ("post", "/v1/redemptions", {"redemption_id": "a", "customer_id": "c", "check_amount": "1",
-                                     "points": "0"}),
+        ("post", "/v1/redemptions", {"redemption_id": "a", "customer_id": "c", "check_amount": "1", "points": "0"}),
         ("post", "/v1/accounts/c9/adjustments", {"adjustment_id": "z", "points": "0", "reason": "r"}),
         ("post", "/v1/accounts/c9/adjustments", {"adjustment_id": "z", "points": "1", "reason": "   "}),
         ("post", "/v1/accounts/c9/adjustments", {"adjustment_id": "z", "points": "99999999999999999", "reason": "r"}),
@@ -112,3 +117,21 @@ async def test_hostile_inputs_get_a_structured_4xx_naming_the_field(api):
     # nothing was half-applied
     assert (await client.get("/v1/accounts/c9")).status_code == 404
     assert (await client.get("/v1/programme")).json()["config"]["base_rate"] == "0.01"
+
+
+async def test_lone_surrogates_and_odd_unicode_are_refused_or_stored_never_a_500(api):
+    client, _ = api
+    raw = b'{"redemption_id": "r\\ud800", "customer_id": "c\\udfff", "check_amount": "1"}'
+    r = await client.post("/v1/redemptions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    raw = b'{"adjustment_id": "a\\ud800", "points": "1", "reason": "x"}'
+    r = await client.post("/v1/accounts/u1/adjustments", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    r = await client.post(
+        "/v1/accounts/%F0%9F%98%80%E2%80%AE/adjustments",
+        json={"adjustment_id": "\u202e\U0001f600", "points": "1", "reason": "\u00e9\u0301"},
+    )
+    assert r.status_code == 201, r.text
+    assert (await client.get("/v1/accounts/%F0%9F%98%80%E2%80%AE")).json()["balance"] == "1.00"
+    r = await client.get("/v1/accounts/%ED%A0%80")  # a surrogate encoded in the path: invalid UTF-8
+    assert r.status_code in (404, 422)

@@ -9,7 +9,6 @@ from typing import Any
 
 import httpx
 import pytest_asyncio
-
 from crm_common.testing.helpers import eventually, publish, read_topic, run_app
 from loyalty.app import create_app
 from loyalty.settings import Settings
@@ -24,8 +23,12 @@ D = Decimal
 async def app(db, broker, topic_prefix, clock) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
     url, sm = db
     settings = Settings(
-        database_url=url, kafka_bootstrap_servers=broker.bootstrap, topic_prefix=topic_prefix,
-        sweeps_enabled=False, log_json=False, kafka_consumer_batch_timeout_ms=50,
+        database_url=url,
+        kafka_bootstrap_servers=broker.bootstrap,
+        topic_prefix=topic_prefix,
+        sweeps_enabled=False,
+        log_json=False,
+        kafka_consumer_batch_timeout_ms=50,
     )
     async with run_app(create_app(settings, clock=clock)) as client:
         assert (await client.put("/v1/programme", json=f.SCENARIO4_PROGRAMME)).status_code == 200
@@ -37,8 +40,9 @@ async def balance_is(client: httpx.AsyncClient, customer_id: str, expected: str)
     return r.status_code == 200 and D(r.json()["balance"]) == D(expected)
 
 
-async def test_duplicated_purchase_event_accrues_once_and_a_broken_one_goes_to_the_dlq(app, broker, topic_prefix,
-                                                                                        clock):
+async def test_duplicated_purchase_event_accrues_once_and_a_broken_one_goes_to_the_dlq(
+    app, broker, topic_prefix, clock
+):
     client, sm = app
     events = topic_prefix + "crm.events.v1"
     p = f.purchase("dup", "o1", "100", clock.now(), event_id="e1")
@@ -52,23 +56,30 @@ async def test_duplicated_purchase_event_accrues_once_and_a_broken_one_goes_to_t
     assert [m["message_id"] for m in dlq] == ["pos:e2"]
     ledger = (await client.get("/v1/accounts/dup/ledger")).json()["entries"]
     assert sorted(e["order_id"] for e in ledger) == ["o1", "o3"]
-    accrued = [m for m in await read_topic(broker.bootstrap, topic_prefix + "crm.loyalty.v1", min_count=2)
-               if m["type"] == "points.accrued"]
+    accrued = [
+        m
+        for m in await read_topic(broker.bootstrap, topic_prefix + "crm.loyalty.v1", min_count=2)
+        if m["type"] == "points.accrued"
+    ]
     assert len(accrued) == 2
     await check_invariants(sm, "dup")
 
 
-async def test_scenario_4_base_rate_tiers_goals_redemption_refund_reminder_and_expiry(app, broker, topic_prefix,
-                                                                                      clock):
+async def test_scenario_4_base_rate_tiers_goals_redemption_refund_reminder_and_expiry(app, broker, topic_prefix, clock):
     client, sm = app
     t0 = clock.now()
     events, segments = topic_prefix + "crm.events.v1", topic_prefix + "crm.segments.v1"
 
     # Base accrual 1% of the paid amount; the top tier (12-month spend >= 1000) earns 3%.
-    await publish(broker.bootstrap, events, [
-        f.purchase("ann", "a1", "100", t0), f.purchase("vip", "v1", "800", t0),
-        f.purchase("vip", "v2", "400", t0 + timedelta(minutes=1)),
-    ])
+    await publish(
+        broker.bootstrap,
+        events,
+        [
+            f.purchase("ann", "a1", "100", t0),
+            f.purchase("vip", "v1", "800", t0),
+            f.purchase("vip", "v2", "400", t0 + timedelta(minutes=1)),
+        ],
+    )
     await eventually(lambda: balance_is(client, "ann", "100"), timeout=40, what="ann's accrual")
     await eventually(lambda: balance_is(client, "vip", "2000"), what="vip: 800 at 1% + 400 at 3%")
     assert (await client.get("/v1/accounts/vip")).json()["tier"] == "top"
@@ -98,9 +109,13 @@ async def test_scenario_4_base_rate_tiers_goals_redemption_refund_reminder_and_e
     assert big.json()["points_applied"] == "240.00"  # capped by the balance (the 30% cap here is 1500)
     assert (await client.post("/v1/redemptions/pos-2/cancel")).json()["status"] == "cancelled"
     # The purchase reconciles the redemption; 48 of 50 paid in money accrues 48 points.
-    await publish(broker.bootstrap, events, [
-        f.purchase("ann", "r1", "50", clock.now(), redemption_id="pos-1", points_redeemed="200"),
-    ])
+    await publish(
+        broker.bootstrap,
+        events,
+        [
+            f.purchase("ann", "r1", "50", clock.now(), redemption_id="pos-1", points_redeemed="200"),
+        ],
+    )
     await eventually(lambda: balance_is(client, "ann", str(240 + 48)), what="accrual on the paid amount")
     # A refund returns the redeemed points and reverses the accrued ones.
     await publish(broker.bootstrap, events, [f.refund("ann", "r1", "48", clock.now())])
@@ -136,6 +151,14 @@ async def test_scenario_4_base_rate_tiers_goals_redemption_refund_reminder_and_e
     await check_invariants(sm, "ann")
     loyalty = await read_topic(broker.bootstrap, topic_prefix + "crm.loyalty.v1", min_count=10)
     types = {m["type"] for m in loyalty if m["customer_id"] in ("ann", "vip")}
-    assert {"points.accrued", "tier.changed", "goal.assigned", "goal.completed", "points.redeemed",
-            "points.reversed", "points.expired", "redemption.cancelled"} <= types
+    assert {
+        "points.accrued",
+        "tier.changed",
+        "goal.assigned",
+        "goal.completed",
+        "points.redeemed",
+        "points.reversed",
+        "points.expired",
+        "redemption.cancelled",
+    } <= types
     assert len([m for m in loyalty if m["type"] == "goal.completed"]) == 1

@@ -6,13 +6,12 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
-
 from loyalty import adjustments, expiry, redemptions, reports
 from loyalty.errors import IdempotencyConflict, InsufficientPoints, RedemptionNotCancellable
 from loyalty.ledger import Book, load_programme
 from loyalty.schemas import AdjustmentCreate, RedemptionCreate
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from . import factories as f
 from .conftest import apply, balance, check_invariants, ledger, outbox, set_programme
@@ -33,7 +32,10 @@ async def redeem(sm, now, **body):
 async def adjust(sm, now, customer_id, adjustment_id, points, reason="goodwill"):
     async with sm() as s:
         result = await adjustments.adjust(
-            session=s, programme=await load_programme(s), customer_id=customer_id, now=now,
+            session=s,
+            programme=await load_programme(s),
+            customer_id=customer_id,
+            now=now,
             adjustment_in=AdjustmentCreate(adjustment_id=adjustment_id, points=D(points), reason=reason),
         )
         await s.commit()
@@ -135,8 +137,9 @@ async def test_spending_takes_the_oldest_lot_first(db):
     await set_programme(sm, f.SCENARIO4_PROGRAMME, T0)
     await apply(sm, T0, f.purchase("c1", "old", "100", T0))
     await apply(sm, T0, f.purchase("c1", "new", "100", T0 + timedelta(days=10)))
-    await redeem(sm, T0 + timedelta(days=11), redemption_id="r1", customer_id="c1", check_amount=D("100"),
-                 points=D("150"))
+    await redeem(
+        sm, T0 + timedelta(days=11), redemption_id="r1", customer_id="c1", check_amount=D("100"), points=D("150")
+    )
     async with sm() as s:
         rows = dict((await s.execute(text("SELECT id, remaining FROM lots WHERE customer_id = 'c1'"))).all())
     assert sorted(rows.values()) == [D("0"), D("50")]
@@ -163,8 +166,13 @@ async def test_refund_reverses_accrual_and_returns_redeemed_points_proportionall
     assert await balance(sm, "c1") == D("1000")
     kinds = [(k, p) for k, p, _ in await ledger(sm, "c1")]
     assert kinds == [
-        ("adjustment", D("1000")), ("redemption", D("-1000")), ("accrual", D("90")),
-        ("reversal", D("500")), ("reversal", D("-45")), ("reversal", D("500")), ("reversal", D("-45")),
+        ("adjustment", D("1000")),
+        ("redemption", D("-1000")),
+        ("accrual", D("90")),
+        ("reversal", D("500")),
+        ("reversal", D("-45")),
+        ("reversal", D("500")),
+        ("reversal", D("-45")),
     ]
     async with sm() as s:
         rec = (await s.execute(text("SELECT reconciliation FROM purchases WHERE order_id = 'o1'"))).scalar()
@@ -292,8 +300,14 @@ async def test_goal_assigned_on_segment_entry_awards_once_and_unmet_goals_expire
         async with sm() as s:
             book = Book(s, programme, T0)
             for _ in range(2):  # entering twice assigns one goal
-                await goals.assign(book=book, programme=programme, customer_id=cid, segment_key="visits_dropped",
-                                   cause_id=f"seg-{cid}-{_}", at=T0)
+                await goals.assign(
+                    book=book,
+                    programme=programme,
+                    customer_id=cid,
+                    segment_key="visits_dropped",
+                    cause_id=f"seg-{cid}-{_}",
+                    at=T0,
+                )
             await book.flush()
             await s.commit()
     offers = await outbox(sm, "crm.messages.v1")
@@ -316,8 +330,9 @@ async def test_report_shows_issued_redeemed_expired_and_liability_by_month(db):
     await set_programme(sm, f.SCENARIO4_PROGRAMME, T0)
     await apply(sm, T0, f.purchase("c1", "o1", "100", T0), f.purchase("c2", "o2", "100", T0))
     await apply(sm, T0, f.purchase("c1", "o3", "100", T0 + timedelta(days=31)))
-    await redeem(sm, T0 + timedelta(days=32), redemption_id="r1", customer_id="c1", check_amount=D("100"),
-                 points=D("50"))
+    await redeem(
+        sm, T0 + timedelta(days=32), redemption_id="r1", customer_id="c1", check_amount=D("100"), points=D("50")
+    )
     await sweep(sm, T0 + timedelta(days=200))
     async with sm() as s:
         report = await reports.programme_report(session=s)
@@ -328,3 +343,47 @@ async def test_report_shows_issued_redeemed_expired_and_liability_by_month(db):
     assert report.redemption_rate == D("0.1667")
     assert report.repeat_purchase_rate == D("0.5000")
     assert report.months[-1].liability_points >= 0
+
+
+async def test_birthday_bonus_is_credited_once_a_year_on_the_birthday(db):
+    _, sm = db
+    await set_programme(sm, {**f.SCENARIO4_PROGRAMME, "birthday_bonus": "250"}, T0)
+    await apply(sm, T0, f.customer_updated("c1", T0, birth_date="1990-03-10"))
+    await apply(sm, T0, f.customer_updated("leap", T0, birth_date="1992-02-29"))
+    assert (await sweep(sm, datetime(2026, 3, 9, 23, tzinfo=UTC)))["birthday_bonuses"] == 0
+    assert (await sweep(sm, datetime(2026, 3, 10, 8, tzinfo=UTC)))["birthday_bonuses"] == 1
+    assert (await sweep(sm, datetime(2026, 3, 10, 9, tzinfo=UTC)))["birthday_bonuses"] == 0
+    assert await balance(sm, "c1") == D("250")
+    assert (await sweep(sm, datetime(2027, 2, 28, 9, tzinfo=UTC)))["birthday_bonuses"] == 1  # leap day, common year
+    assert (await sweep(sm, datetime(2027, 3, 10, 9, tzinfo=UTC)))["birthday_bonuses"] == 1
+    kinds = [k for k, _, _ in await ledger(sm, "c1")]
+    assert kinds == ["birthday_bonus", "expiry", "birthday_bonus"]  # last year's bonus expired after 180 days
+    assert await balance(sm, "c1") == D("250")
+    await check_invariants(sm, "c1")
+    await check_invariants(sm, "leap")
+
+
+async def test_tier_drops_when_purchases_leave_the_12_month_window(db):
+    _, sm = db
+    await set_programme(sm, f.SCENARIO4_PROGRAMME, T0)
+    await apply(sm, T0, f.purchase("c1", "o1", "1200", T0))
+    async with sm() as s:
+        tier = (await s.execute(text("SELECT tier FROM accounts WHERE customer_id = 'c1'"))).scalar()
+    assert tier == "top"
+    assert (await sweep(sm, T0 + timedelta(days=300)))["tiers_changed"] == 0
+    assert (await sweep(sm, T0 + timedelta(days=366)))["tiers_changed"] == 1
+    assert (await sweep(sm, T0 + timedelta(days=367)))["tiers_changed"] == 0
+    async with sm() as s:
+        tier = (await s.execute(text("SELECT tier FROM accounts WHERE customer_id = 'c1'"))).scalar()
+    assert tier == "base"
+    changes = [m["data"] for m in await outbox(sm, "crm.loyalty.v1") if m["type"] == "tier.changed"]
+    assert [(c["from"], c["to"]) for c in changes] == [("base", "top"), ("top", "base")]
+
+
+async def test_welcome_bonus_is_credited_once_when_the_account_is_created(db):
+    _, sm = db
+    await set_programme(sm, {**f.SCENARIO4_PROGRAMME, "welcome_bonus": "150"}, T0)
+    await apply(sm, T0, f.customer_updated("c1", T0), f.customer_updated("c1", T0))
+    await apply(sm, T0, f.purchase("c1", "o1", "10", T0))
+    assert [k for k, _, _ in await ledger(sm, "c1")] == ["welcome_bonus", "accrual"]
+    assert await check_invariants(sm, "c1") == D("160")

@@ -13,12 +13,11 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import text
-
 from loyalty import adjustments, expiry, redemptions
 from loyalty.errors import IdempotencyConflict, InsufficientPoints, RedemptionNotCancellable
 from loyalty.ledger import load_programme
 from loyalty.schemas import AdjustmentCreate, RedemptionCreate
+from sqlalchemy import text
 
 from . import factories as f
 from .conftest import apply, check_invariants, set_programme
@@ -43,40 +42,51 @@ _run = itertools.count()
 
 async def _check_exactly_once(sm: Any, customer_id: str, orders: list, redeemed: list, adjusted: list) -> None:
     async with sm() as s:
+
         def q(sql: str, **kw: Any) -> Any:
             return s.execute(text(sql), {"c": customer_id, **kw})
 
-        accruals = dict((await q(
-            "SELECT order_id, count(*) FROM ledger WHERE customer_id = :c AND kind = 'accrual' GROUP BY order_id"
-        )).all())
+        accruals = dict(
+            (
+                await q(
+                    "SELECT order_id, count(*) FROM ledger WHERE customer_id = :c AND kind = 'accrual' GROUP BY order_id"
+                )
+            ).all()
+        )
         assert all(n == 1 for n in accruals.values())
         assert (await q("SELECT count(*) FROM purchases WHERE customer_id = :c")).scalar() == len(orders)
         accrued = (await q("SELECT coalesce(sum(points_accrued), 0) FROM purchases WHERE customer_id = :c")).scalar()
-        ledger_accrued = (await q(
-            "SELECT coalesce(sum(points), 0) FROM ledger WHERE customer_id = :c AND kind = 'accrual'"
-        )).scalar()
+        ledger_accrued = (
+            await q("SELECT coalesce(sum(points), 0) FROM ledger WHERE customer_id = :c AND kind = 'accrual'")
+        ).scalar()
         assert accrued == ledger_accrued
-        applied, returned = (await q(
-            "SELECT coalesce(sum(points_applied), 0), coalesce(sum(points_returned), 0) FROM redemptions "
-            "WHERE customer_id = :c"
-        )).one()
-        ledger_redeemed = (await q(
-            "SELECT coalesce(sum(points), 0) FROM ledger WHERE customer_id = :c AND kind = 'redemption'"
-        )).scalar()
-        ledger_returned = (await q(
-            "SELECT coalesce(sum(points), 0) FROM ledger WHERE customer_id = :c AND kind = 'reversal' "
-            "AND data->>'reverses' = 'redemption'"
-        )).scalar()
+        applied, returned = (
+            await q(
+                "SELECT coalesce(sum(points_applied), 0), coalesce(sum(points_returned), 0) FROM redemptions "
+                "WHERE customer_id = :c"
+            )
+        ).one()
+        ledger_redeemed = (
+            await q("SELECT coalesce(sum(points), 0) FROM ledger WHERE customer_id = :c AND kind = 'redemption'")
+        ).scalar()
+        ledger_returned = (
+            await q(
+                "SELECT coalesce(sum(points), 0) FROM ledger WHERE customer_id = :c AND kind = 'reversal' "
+                "AND data->>'reverses' = 'redemption'"
+            )
+        ).scalar()
         assert -ledger_redeemed == applied and ledger_returned == returned and returned <= applied
         for rid, _, _ in redeemed:
             n = (await q("SELECT count(*) FROM ledger WHERE ref = :r", r=f"redemption:{rid}")).scalar()
             assert n == 1, rid
         for aid in adjusted:
             assert (await q("SELECT count(*) FROM ledger WHERE ref = :r", r=f"adjustment:{aid}")).scalar() == 1
-        allocated = (await q(
-            "SELECT coalesce(sum(rl.points - rl.returned), 0) FROM redemption_lots rl JOIN redemptions r "
-            "USING (redemption_id) WHERE r.customer_id = :c"
-        )).scalar()
+        allocated = (
+            await q(
+                "SELECT coalesce(sum(rl.points - rl.returned), 0) FROM redemption_lots rl JOIN redemptions r "
+                "USING (redemption_id) WHERE r.customer_id = :c"
+            )
+        ).scalar()
         assert allocated == applied - returned
 
 
@@ -115,8 +125,9 @@ async def test_random_sequences_keep_the_ledger_consistent(db, steps):
             body = {"redemption_id": f"{cid}-r{n}", "customer_id": cid, "check_amount": step[1], "points": step[2]}
             try:
                 async with sm() as s:
-                    await redemptions.redeem(session=s, programme=await load_programme(s),
-                                             redemption_in=RedemptionCreate(**body), now=now)
+                    await redemptions.redeem(
+                        session=s, programme=await load_programme(s), redemption_in=RedemptionCreate(**body), now=now
+                    )
                     await s.commit()
                 redeemed.append((body["redemption_id"], body, "open"))
             except InsufficientPoints:
@@ -127,8 +138,9 @@ async def test_random_sequences_keep_the_ledger_consistent(db, steps):
                 body = {**body, "check_amount": body["check_amount"] + 1}
             async with sm() as s:
                 try:
-                    _, created = await redemptions.redeem(session=s, programme=await load_programme(s),
-                                                          redemption_in=RedemptionCreate(**body), now=now)
+                    _, created = await redemptions.redeem(
+                        session=s, programme=await load_programme(s), redemption_in=RedemptionCreate(**body), now=now
+                    )
                     assert kind == "retry_redeem" and not created
                 except IdempotencyConflict:
                     assert kind == "conflicting_redeem"
@@ -138,8 +150,7 @@ async def test_random_sequences_keep_the_ledger_consistent(db, steps):
             rid, body, state = redeemed[i]
             async with sm() as s:
                 try:
-                    await redemptions.cancel(session=s, programme=await load_programme(s), redemption_id=rid,
-                                             now=now)
+                    await redemptions.cancel(session=s, programme=await load_programme(s), redemption_id=rid, now=now)
                     await s.commit()
                     assert state != "used"
                     redeemed[i] = (rid, body, "cancelled")
@@ -154,9 +165,13 @@ async def test_random_sequences_keep_the_ledger_consistent(db, steps):
             aid = f"{cid}-a{n}"
             try:
                 async with sm() as s:
-                    await adjustments.adjust(session=s, programme=await load_programme(s), customer_id=cid, now=now,
-                                             adjustment_in=AdjustmentCreate(adjustment_id=aid, points=step[1],
-                                                                            reason="test"))
+                    await adjustments.adjust(
+                        session=s,
+                        programme=await load_programme(s),
+                        customer_id=cid,
+                        now=now,
+                        adjustment_in=AdjustmentCreate(adjustment_id=aid, points=step[1], reason="test"),
+                    )
                     await s.commit()
                 adjusted.append(aid)
             except InsufficientPoints:

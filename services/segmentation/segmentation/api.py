@@ -24,7 +24,6 @@ from segmentation.schemas import (
 )
 
 router = APIRouter(prefix="/v1", tags=["segmentation"])
-CustomerId = Annotated[str, Query(min_length=1, max_length=128)]
 
 
 def _no_nul(value: str, what: str) -> str:

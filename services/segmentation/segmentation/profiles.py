@@ -10,8 +10,8 @@ from typing import Any
 from crm_common import serde
 from crm_common.consumer import PoisonMessage, Record
 from crm_common.contract.events import (
+    EVENT_TYPES,
     CustomerUpdatedProps,
-    EventMessage,
     FeedbackProps,
     PurchaseProps,
     RefundProps,
@@ -44,7 +44,6 @@ class FactBatch:
     purchases: dict[tuple[str, str], PurchaseFact] = field(default_factory=dict)
     refunds: list[RefundFact] = field(default_factory=list)
     identities: dict[str, tuple[str, str, datetime]] = field(default_factory=dict)
-    pending_anonymous: list[tuple[str, EventMessage, str]] = field(default_factory=list)
     touched: set[str] = field(default_factory=set)
 
     def trait(self, fact: TraitFact, *, first_wins: bool = False) -> None:
@@ -65,7 +64,7 @@ def _json(value: Any) -> str:
 
 
 def _purchase_fact(
-    customer_id: str, msg: EventMessage, props: PurchaseProps, message_id: str
+    customer_id: str, msg: Envelope, props: PurchaseProps, message_id: str
 ) -> PurchaseFact:
     items = []
     gross = Decimal(0)
@@ -110,7 +109,7 @@ def _purchase_fact(
     )
 
 
-def collect_event(batch: FactBatch, record: Record, msg: EventMessage, customer_id: str) -> None:
+def collect_event(batch: FactBatch, record: Record, msg: Envelope, customer_id: str) -> None:
     """Add the facts of one event to the batch."""
     t, mid, at = msg.type, record.id, msg.occurred_at
     if t == "customer_updated":
@@ -165,6 +164,48 @@ def collect_event(batch: FactBatch, record: Record, msg: EventMessage, customer_
             )
 
 
+class Envelope:
+    """The fields of an EventMessage this service reads (a light parse on the hot path)."""
+
+    __slots__ = ("anonymous_id", "customer_id", "occurred_at", "properties", "type")
+
+    def __init__(
+        self,
+        type_: str,
+        customer_id: str | None,
+        anonymous_id: str | None,
+        occurred_at: datetime,
+        properties: dict[str, Any],
+    ) -> None:
+        self.type = type_
+        self.customer_id = customer_id
+        self.anonymous_id = anonymous_id
+        self.occurred_at = occurred_at
+        self.properties = properties
+
+
+def parse_envelope(value: dict[str, Any]) -> Envelope:
+    """Read the envelope of an event message; properties are validated per type later."""
+    type_ = value.get("type")
+    customer_id = value.get("customer_id")
+    anonymous_id = value.get("anonymous_id")
+    properties = value.get("properties") or {}
+    try:
+        if type_ not in EVENT_TYPES:
+            raise ValueError(f"unknown type {type_!r}")
+        for name, v in (("customer_id", customer_id), ("anonymous_id", anonymous_id)):
+            if v is not None and (not isinstance(v, str) or not 0 < len(v) <= 128 or "\x00" in v):
+                raise ValueError(f"{name} must be a string of 1-128 characters without NUL")
+        if not isinstance(properties, dict):
+            raise ValueError("properties must be an object")
+        occurred_at = datetime.fromisoformat(value["occurred_at"])
+        if occurred_at.tzinfo is None:
+            raise ValueError("occurred_at needs a UTC offset")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PoisonMessage(f"not an event message: {exc}") from exc
+    return Envelope(type_, customer_id, anonymous_id, occurred_at, properties)
+
+
 def value_is_null_consents(raw: dict[str, Any]) -> bool:
     """`"consents": null` clears every consent."""
     return "consents" in raw and raw["consents"] is None
@@ -176,17 +217,14 @@ async def apply_events(
     """Store the facts of a batch of events, recompute touched profiles and their segments."""
     batch = FactBatch()
     facts = FactRepository(session)
-    parsed: list[tuple[Record, EventMessage]] = []
+    parsed: list[tuple[Record, Envelope]] = []
     for rec in records:
-        try:
-            msg = EventMessage.model_validate(rec.value)
-        except ValidationError as exc:
-            raise PoisonMessage(f"not an event message: {exc.errors()[:3]}") from exc
+        msg = parse_envelope(rec.value)
         if msg.type in PASSIVE_TYPES:
             continue
         parsed.append((rec, msg))
     # customer_updated events carry identity links first, so that anonymous events of the same batch resolve.
-    for rec, msg in parsed:
+    for _, msg in parsed:
         if msg.type == "customer_updated" and msg.customer_id and msg.anonymous_id:
             batch.identities[msg.anonymous_id] = (
                 msg.anonymous_id,

@@ -326,8 +326,8 @@ it AS (
            (i.quantity - i.refunded_qty)
              * exp(-extract(epoch FROM a.last_at - i.occurred_at) / 86400.0 / CAST(:decay AS float8)) AS w
     FROM purchase_items i JOIN agg a USING (customer_id)
-    JOIN purchases p ON p.customer_id = i.customer_id AND p.order_id = i.order_id
-    WHERE i.quantity > i.refunded_qty AND NOT (p.total > 0 AND p.refunded_amount >= p.total)
+    -- lines of fully refunded orders have refunded_qty = quantity (apply_refunds)
+    WHERE i.quantity > i.refunded_qty
 ),
 cats AS (
     SELECT customer_id, category, row_number() OVER (PARTITION BY customer_id ORDER BY round(sum(w)::numeric, 6) DESC, category) AS rn

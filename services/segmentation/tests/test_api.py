@@ -127,6 +127,7 @@ async def test_hostile_inputs_get_4xx_not_500(db, broker, topic_prefix):
                 '{"rule": {"attr": "orders", "op": ">", "value": 1e999}}',
             ),
             ("POST", "/v1/segments/dry-run", '{"rule": ' + '{"not": ' * 5000 + "{}" + "}" * 5001),
+            ("POST", "/v1/segments/dry-run", '{"rule": ' + '{"not": ' * 100_000 + "{}" + "}" * 100_001),
             (
                 "POST",
                 "/v1/segments/dry-run",

@@ -348,3 +348,19 @@ async def test_shuffled_and_duplicated_histories_give_identical_profiles(db, mak
     for a, b in zip(first, again, strict=True):
         a.pop("updated_at"), b.pop("updated_at")
         assert a == b
+
+
+async def test_malformed_events_are_poison_not_half_applied(db):
+    import pytest
+
+    from crm_common.consumer import PoisonMessage
+
+    _, sm = db
+    good = purchase("p1", NOW, [item("x", "misc", "1.00")])
+    no_time = dict(good, id="pos:bad1")
+    no_time.pop("occurred_at")
+    bad_props = event("purchase", "p1", NOW, {"order_id": "o", "items": [], "total": "-1", "currency": "EUR"})
+    for bad in (no_time, bad_props, dict(good, id="pos:bad3", type="teleport")):
+        with pytest.raises(PoisonMessage):
+            await apply(sm, [good, bad])
+    assert await profile(sm, "p1") is None  # the batch rolled back as a whole

@@ -42,8 +42,10 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("seq", name="pk_events"),
         sa.UniqueConstraint("source", "event_id", name="uq_events_source_event_id"),
     )
-    op.create_index("ix_events_received_at", "events", ["received_at"])
-    op.create_index("ix_events_occurred_at", "events", ["occurred_at"])
+    # BRIN: both times grow with the insert order, so block ranges answer replay's range scans
+    # at a fraction of a btree's cost on the hot insert path.
+    op.create_index("ix_events_received_at", "events", ["received_at"], postgresql_using="brin")
+    op.create_index("ix_events_occurred_at", "events", ["occurred_at"], postgresql_using="brin")
     op.create_table(
         "event_pending",
         sa.Column("seq", sa.BigInteger, nullable=False),

@@ -77,9 +77,6 @@ STATEMENTS = [
     CREATE INDEX ix_ledger_customer_seq ON ledger (customer_id, seq)
     """,
     """
-    CREATE INDEX ix_ledger_occurred_at ON ledger (occurred_at)
-    """,
-    """
     CREATE FUNCTION ledger_is_immutable() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
         RAISE EXCEPTION 'the loyalty ledger is append-only (% refused)', TG_OP USING ERRCODE = 'restrict_violation';
@@ -110,9 +107,6 @@ STATEMENTS = [
         reconciliation text,
         CONSTRAINT pk_purchases PRIMARY KEY (customer_id, order_id)
     )
-    """,
-    """
-    CREATE INDEX ix_purchases_customer_occurred ON purchases (customer_id, occurred_at)
     """,
     """
     CREATE TABLE redemptions (
