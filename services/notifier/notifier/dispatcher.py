@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from crm_common.clock import Clock
+from notifier import metrics
 from notifier.deliveries import delivery_event, emit
 from notifier.errors import RenderFailed
 from notifier.messages import STATE_OF
@@ -253,6 +254,7 @@ class Dispatcher:
         updates: list[dict[str, Any]] = []
         attempts: list[dict[str, Any]] = []
         events = []
+        stale_tokens: list[tuple[str, str]] = []
         for p in plans:
             m = p.message
             if p.outbound is not None and p.result is not None:
@@ -268,6 +270,9 @@ class Dispatcher:
                     }
                 elif r.outcome == "permanent":
                     up |= {"state": "failed", "reason": f"provider_rejected: {r.error}"[:1000]}
+                    if channel == "push" and r.status_code == 404:
+                        # FCM answers 404 (UNREGISTERED) for a token that no longer exists.
+                        stale_tokens.append((m.customer_id, p.outbound.to))
                 elif m.attempts + 1 >= s.max_attempts:
                     up |= {"state": "failed", "reason": f"retries_exhausted: {r.error}"[:1000]}
                 elif r.outcome == "unavailable":
@@ -319,10 +324,26 @@ class Dispatcher:
             repo = NotifierRepository(session)
             await repo.settle(updates, now)
             await repo.add_attempts(attempts)
+            await repo.drop_push_tokens(stale_tokens)
             await emit(session, events)
             await session.commit()
         if self.on_recorded is not None:
             self.on_recorded()
+        self._observe(plans)
+
+    def _observe(self, plans: list[_Plan]) -> None:
+        """Count what was recorded (after the commit, so the figures match the database)."""
+        for p in plans:
+            metrics.MESSAGES.labels(p.update.get("channel") or p.message.channel or "-", p.update["state"]).inc()
+            r = p.result
+            if r is None or p.outbound is None:
+                continue
+            provider = p.outbound.channel
+            metrics.PROVIDER_CALLS.labels(provider, r.outcome).inc()
+            if r.outcome != "unavailable":
+                metrics.PROVIDER_SECONDS.labels(provider).observe(r.duration_ms / 1000)
+            if r.cost is not None and r.outcome == "ok":
+                metrics.SMS_COST.labels(provider).inc(float(r.cost))
 
     def _count(self, state: str) -> None:
         st = self.stats

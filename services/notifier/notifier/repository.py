@@ -37,6 +37,18 @@ class NotifierRepository:
         stmt = select(Contact).where(Contact.customer_id.in_(set(customer_ids))).with_for_update()
         return {c.customer_id: c for c in await self.session.scalars(stmt)}
 
+    async def drop_push_tokens(self, pairs: list[tuple[str, str]]) -> None:
+        """Forget push tokens the provider reported as unregistered."""
+        if pairs:
+            await self.session.execute(
+                text(
+                    "UPDATE contacts c SET push_tokens = c.push_tokens - u.token "
+                    "FROM unnest(CAST(:ids AS text[]), CAST(:tokens AS text[])) AS u(id, token) "
+                    "WHERE c.customer_id = u.id"
+                ),
+                {"ids": [p[0] for p in pairs], "tokens": [p[1] for p in pairs]},
+            )
+
     def add(self, obj: Any) -> None:
         self.session.add(obj)
 

@@ -40,6 +40,9 @@ async def test_sms_answered_500_twice_then_200_is_delivered_once_with_its_cost(s
         assert Decimal(msg["cost"]) == Decimal("0.07")
         assert msg["delivery_attempts"][0]["tries"] == 3 and msg["delivery_attempts"][0]["outcome"] == "ok"
         assert [e["status"] for e in msg["events"]] == ["sent"]
+        metrics = (await client.get("/metrics")).text
+        assert 'crm_notifier_provider_calls_total{outcome="ok",provider="sms"}' in metrics
+        assert 'crm_notifier_sms_cost_total{provider="sms"}' in metrics
 
 
 async def test_permanent_provider_error_fails_without_retry(start_app, provider):
@@ -252,3 +255,24 @@ async def test_messages_leased_by_a_dispatcher_that_died_are_sent_after_the_leas
         assert await app.state.notifier.dispatcher.run_once() == 1
         assert (await message_state(client, "lease-1"))["state"] == "sent"
         assert len([b for b in provider.bodies("/v1/sms") if b["reference"] == "lease-1"]) == 1
+
+
+async def test_push_token_reported_unregistered_is_dropped_and_the_next_message_uses_email(start_app, provider):
+    async with start_app() as (client, app):
+        await seed_contact(
+            app, "p2", push_tokens=["dead"], email="p2@example.org", consents={"push": True, "email": True}
+        )
+        await add_template(client, "promo", "push", subject="Sale", body="Sale")
+        await add_template(client, "promo", "email", subject="Sale", body="Sale")
+        provider.script([404])
+        await client.post(
+            "/v1/messages", json={"id": "pt-1", "customer_id": "p2", "template": "promo", "kind": "marketing"}
+        )
+        [msg] = await _settled(client, ["pt-1"], states=("failed",))
+        assert msg["channel"] == "push" and msg["reason"].startswith("provider_rejected")
+        assert (await client.get("/v1/customers/p2/contact")).json()["push_tokens"] == 0
+        await client.post(
+            "/v1/messages", json={"id": "pt-2", "customer_id": "p2", "template": "promo", "kind": "marketing"}
+        )
+        [after] = await _settled(client, ["pt-2"])
+        assert after["channel"] == "email"
