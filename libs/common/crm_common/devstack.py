@@ -65,6 +65,34 @@ async def _drain(timeout: float = 30) -> None:
     _say("pipeline not fully drained within the bound; ingest replay can re-publish what is left")
 
 
+def _start_sinks(env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
+    """Local provider sinks so messages really leave the notifier: an SMTP server writing a
+    Maildir under .local/mail, and loopback SMS and push providers. Off with CRM_LOCAL_SINKS=0;
+    skipped for any provider the environment already points elsewhere."""
+    if os.environ.get("CRM_LOCAL_SINKS", "1") == "0":
+        return []
+    procs = []
+    if "NOTIFIER_SMTP_HOST" not in env and "NOTIFIER_SMTP_PORT" not in env:
+        port = 1025 + PORT_OFFSET
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{port}", "-c", "aiosmtpd.handlers.Mailbox", str(LOCAL / "mail")],
+            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))
+        env["NOTIFIER_SMTP_HOST"], env["NOTIFIER_SMTP_PORT"] = "127.0.0.1", str(port)
+        _say(f"local SMTP sink on 127.0.0.1:{port}: e-mails land in {LOCAL / 'mail' / 'new'}")
+    for setting, port, path in (("NOTIFIER_SMS_URL", 8091, "/v1/sms"), ("NOTIFIER_PUSH_BASE_URL", 8092, "")):
+        if setting in env:
+            continue
+        port += PORT_OFFSET
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "notifier.fakes", "--port", str(port)],
+            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))
+        env[setting] = f"http://127.0.0.1:{port}{path}"
+        _say(f"local {'SMS' if 'SMS' in setting else 'push'} provider sink on 127.0.0.1:{port}")
+    return procs
+
+
 def run() -> None:
     LOCAL.mkdir(parents=True, exist_ok=True)
     os.chmod(LOCAL, 0o755)
@@ -101,6 +129,7 @@ def run() -> None:
     except ImportError:
         _say("ingest has no key store yet; no bootstrap key created")
 
+    sinks = _start_sinks(env)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     for service, port in PORTS.items():
         procs[service] = subprocess.Popen(
@@ -144,10 +173,10 @@ def run() -> None:
             asyncio.run(_drain())
         except Exception as exc:
             _say(f"drain failed: {exc!r}")
-        for proc in procs.values():
+        for proc in [*procs.values(), *sinks]:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in procs.values():
+        for proc in [*procs.values(), *sinks]:
             try:
                 proc.wait(35)
             except subprocess.TimeoutExpired:

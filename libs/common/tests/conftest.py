@@ -4,9 +4,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest_asyncio
-from crm_common.db import create_engine, create_sessionmaker, make_base
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from crm_common.db import create_engine, create_sessionmaker, make_base
 
 Base = make_base()
 

@@ -11,11 +11,12 @@ import textwrap
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from crm_common.consumer import ConsumerRunner, PoisonMessage, Record
 from crm_common.kafka import make_producer
 from crm_common.testing.helpers import eventually, publish, read_topic
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from .conftest import effect_counts
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import text
+
 from crm_common.kafka import make_producer
 from crm_common.outbox import OutboxRelay, enqueue_many
 from crm_common.testing.helpers import read_topic
-from sqlalchemy import text
 
 
 async def test_relay_publishes_committed_messages_in_order_and_skips_rolled_back(broker, topic_prefix, db):

@@ -43,7 +43,8 @@ async def test_a_template_using_an_undeclared_variable_is_refused_at_save(start_
             json={"key": "promo", "channel": "email", "locale": "en", "body": "no subject"},
         )
         assert r.status_code == 422
-        assert (await client.get("/v1/templates")).json()["total"] == 0
+        listed = (await client.get("/v1/templates")).json()["items"]
+        assert not [t for t in listed if t["key"] == "promo"], "a refused template must not be saved"
 
 
 async def test_preview_renders_sample_data_and_refuses_missing_variables(start_app):
