@@ -195,8 +195,8 @@ async def redemption_latency(
     latencies: list[float] = []
     statuses: dict[Any, int] = {}
     try:
-        limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
-        async with httpx.AsyncClient(base_url=proc.url, timeout=60, limits=limits) as client:
+        limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
+        async with httpx.AsyncClient(base_url=proc.url, timeout=5, limits=limits) as client:
             for _ in range(50):  # warm up connections and the statement cache
                 await client.get("/healthz")
             for i in range(20):
@@ -222,7 +222,9 @@ async def redemption_latency(
                     r = await client.post("/v1/redemptions", json=body)
                     status = r.status_code
                 except httpx.HTTPError as exc:
-                    status = type(exc).__name__  # counted, and its time still goes into the latencies
+                    # Counted, and its time (up to the 5 s timeout) still goes into the latencies, so an
+                    # overloaded run ends in bounded time and still reports a p99 above the target.
+                    status = type(exc).__name__
                 latencies.append(time.perf_counter() - t)
                 statuses[status] = statuses.get(status, 0) + 1
 

@@ -40,7 +40,10 @@ class Tier(Strict):
 class GoalRule(Strict):
     """Assign a goal to customers entering one of these segments (e.g. `visits_dropped`)."""
 
-    segment_keys: Annotated[list[Id], Field(max_length=50)] = Field(default_factory=lambda: ["visits_dropped"])
+    segment_keys: Annotated[list[Id], Field(max_length=50)] = Field(
+        default_factory=lambda: ["visits_dropped", "at_risk"],
+        description="segments meaning 'visits fell below their usual' (segmentation's built-in `at_risk`)",
+    )
     purchases: int = Field(3, ge=1, le=1000)
     days: int = Field(30, ge=1, le=3650)
     reward: PositivePoints = Decimal(300)
@@ -63,7 +66,7 @@ class ProgrammeConfig(Strict):
     birthday_bonus: Points = Decimal(0)
     referral_bonus_referrer: Points = Decimal(0)
     referral_bonus_referred: Points = Decimal(0)
-    goals: GoalRule | None = None
+    goals: GoalRule | None = Field(default_factory=GoalRule, description="null disables personal goals")
 
     @model_validator(mode="after")
     def _tiers_distinct(self) -> ProgrammeConfig:
