@@ -71,7 +71,11 @@ def create_engine(database_url: str, *, pool_size: int = 10, echo: bool = False)
         database_url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        # No pre-ping: it costs a round trip per checkout. A connection that died with the server
+        # fails its statement instead; callers treat that as transient (consumers retry the batch,
+        # routes answer 503) and the pool discards the connection.
+        pool_pre_ping=False,
+        pool_recycle=1800,
         pool_timeout=10,
         echo=echo,
         connect_args={"timeout": 5, "command_timeout": 60, "server_settings": {"application_name": "crm"}},

@@ -18,6 +18,11 @@ from crm_common.kafka import send_many
 log = logging.getLogger(__name__)
 
 
+def mark_outbox_written(session: AsyncSession) -> None:
+    """Note that this transaction wrote outbox rows, so the relay is woken right after its commit."""
+    session.info["outbox_written"] = True
+
+
 async def enqueue(session: AsyncSession, topic: str, key: str, value: dict[str, Any]) -> None:
     """Add one message to the outbox in the caller's transaction; `value` must carry a stable `id`."""
     await enqueue_many(session, [(topic, key, value)])
@@ -27,6 +32,7 @@ async def enqueue_many(session: AsyncSession, messages: Sequence[tuple[str, str,
     """Add messages to the outbox in the caller's transaction with one statement."""
     if not messages:
         return
+    mark_outbox_written(session)
     for _, _, value in messages:
         if not value.get("id"):
             raise ValueError("an outbox message needs a stable 'id'")

@@ -196,7 +196,9 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
             yield session
             if session.in_transaction():
                 await session.commit()
-                runtime.wake_relays()
+                # Relays poll anyway; waking them after commits without outbox rows only adds queries.
+                if session.info.pop("outbox_written", False):
+                    runtime.wake_relays()
         except BaseException:
             await session.rollback()
             raise

@@ -9,9 +9,11 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
-from crm_common import serde
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
+
+from crm_common import serde
+from crm_common.outbox import mark_outbox_written
 
 _ACCOUNT_COLS = (
     "customer_id, balance, tier, referral_code, referred_by, referral_rewarded, purchases_count, "
@@ -87,6 +89,7 @@ class LoyaltyRepository:
             return
         if not all(m[2].get("id") for m in messages):
             raise ValueError("an outbox message needs a stable 'id'")
+        mark_outbox_written(self.session)
         await self._write(
             "INSERT INTO outbox (topic, key, value) SELECT * FROM unnest(CAST(:topics AS text[]), "
             "CAST(:keys AS text[]), CAST(:values AS bytea[]))",

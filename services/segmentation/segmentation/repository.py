@@ -8,10 +8,12 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from crm_common import serde
-from crm_common.settings import TOPIC_SEGMENTS
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
+
+from crm_common import serde
+from crm_common.outbox import mark_outbox_written
+from crm_common.settings import TOPIC_SEGMENTS
 
 
 @dataclass(slots=True)
@@ -751,6 +753,7 @@ class SegmentRepository:
         keys = {r.id: r.key for r in rules}
         for row in await self.session.execute(text(statement), bind):
             out[keys[row[0]]][row[1]] = int(row[2])
+            mark_outbox_written(self.session)
         return out
 
     async def count_matching(
