@@ -22,11 +22,12 @@ import logging
 import time
 from collections.abc import Callable
 
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from crm_common.kafka import ensure_topics
 from crm_common.migrations import upgrade
 from crm_common.settings import ALL_TOPICS, SERVICE_PORTS, BaseServiceSettings
-from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 log = logging.getLogger("crm.init")
 
