@@ -66,7 +66,9 @@ def make_base() -> type[DeclarativeBase]:
     return ServiceBase
 
 
-def create_engine(database_url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:
+def create_engine(
+    database_url: str, *, pool_size: int = 10, echo: bool = False, command_timeout_s: float = 600
+) -> AsyncEngine:
     return create_async_engine(
         database_url,
         pool_size=pool_size,
@@ -78,7 +80,7 @@ def create_engine(database_url: str, *, pool_size: int = 10, echo: bool = False)
         pool_recycle=1800,
         pool_timeout=10,
         echo=echo,
-        connect_args={"timeout": 5, "command_timeout": 60, "server_settings": {"application_name": "crm"}},
+        connect_args={"timeout": 5, "command_timeout": command_timeout_s, "server_settings": {"application_name": "crm"}},
     )
 
 

@@ -40,7 +40,9 @@ class ServiceRuntime:
     def __init__(self, settings: BaseServiceSettings, *, clock: Clock | None = None) -> None:
         self.settings = settings
         self.clock: Clock = clock or SystemClock()
-        self.engine: AsyncEngine = create_engine(settings.database_url, pool_size=settings.db_pool_size)
+        self.engine: AsyncEngine = create_engine(
+            settings.database_url, pool_size=settings.db_pool_size, command_timeout_s=settings.db_command_timeout_s
+        )
         self.sessionmaker: async_sessionmaker[AsyncSession] = create_sessionmaker(self.engine)
         self.producer: AIOKafkaProducer = make_producer(
             settings.kafka_bootstrap_servers,

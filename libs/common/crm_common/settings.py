@@ -31,6 +31,8 @@ class BaseServiceSettings(BaseSettings):
     service_name: str = "service"
     database_url: str = "postgresql+asyncpg://crm:crm@127.0.0.1:55432/crm"
     db_pool_size: int = 10
+    # Client-side limit for one statement; set-based sweeps over millions of rows need minutes.
+    db_command_timeout_s: float = 600
     kafka_bootstrap_servers: str = shared("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
     kafka_enable_idempotence: bool = shared("KAFKA_ENABLE_IDEMPOTENCE", False)
     kafka_topic_partitions: int = shared("KAFKA_TOPIC_PARTITIONS", 12)
