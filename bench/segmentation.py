@@ -30,6 +30,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
 from crm_common import serde
 from crm_common.clock import ManualClock
 from crm_common.consumer import ConsumerRunner
@@ -41,8 +44,6 @@ from segmentation.builtin import install_builtin_segments
 from segmentation.consumers import events_handler
 from segmentation.segments import create_segment, recompute_all
 from segmentation.settings import Settings
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 NOW = datetime(2026, 6, 5, 18, 0, tzinfo=UTC)
 EXTRA_SEGMENTS: list[tuple[str, dict[str, Any]]] = [
@@ -250,7 +251,7 @@ async def service_rate(bootstrap: str, prefix: str, url: str, total: int) -> flo
     )
     await runner.start()
     try:
-        while runner.stats.applied + runner.stats.duplicates + runner.stats.dead_lettered < total:
+        while runner.stats.applied + runner.stats.duplicates + runner.stats.dead_lettered < total:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         elapsed = time.perf_counter() - first[0]
         print(f"  {runner.stats.batches} batches, {total / max(1, runner.stats.batches):.0f} events per batch on average")

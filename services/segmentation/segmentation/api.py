@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from crm_common.errors import InvalidInput
 from fastapi import APIRouter, Query, Response
 
+from crm_common.errors import InvalidInput
 from segmentation import segments as seg_domain
 from segmentation.deps import RuntimeDep, SessionDep
 from segmentation.errors import ProfileNotFound

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from fastapi import FastAPI
+
 from crm_common.clock import Clock
 from crm_common.db import session_scope
 from crm_common.service import ServiceRuntime, create_service_app
 from crm_common.settings import TOPIC_DELIVERIES, TOPIC_EVENTS
-from fastapi import FastAPI
-
 from segmentation.api import router
 from segmentation.builtin import install_builtin_segments
 from segmentation.consumers import deliveries_handler, events_handler

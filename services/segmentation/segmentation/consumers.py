@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from crm_common.clock import Clock
-from crm_common.consumer import Record
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from crm_common.clock import Clock
+from crm_common.consumer import Record
 from segmentation.profiles import apply_deliveries, apply_events
 from segmentation.settings import Settings
 

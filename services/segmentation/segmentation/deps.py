@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from crm_common.service import RuntimeDep, ServiceRuntime, SessionDep
 from fastapi import Depends
 
+from crm_common.service import RuntimeDep, ServiceRuntime, SessionDep
 from segmentation.settings import Settings
 
 

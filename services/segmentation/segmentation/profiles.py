@@ -7,6 +7,9 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from crm_common import serde
 from crm_common.consumer import PoisonMessage, Record
 from crm_common.contract.events import (
@@ -18,9 +21,6 @@ from crm_common.contract.events import (
     SiteVisitProps,
 )
 from crm_common.contract.messages import DeliveryEvent
-from pydantic import ValidationError
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from segmentation.repository import (
     DeliveryFact,
     FactRepository,

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from crm_common import serde
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from crm_common import serde
 from segmentation.errors import SegmentKeyTaken, SegmentNotFound
 from segmentation.repository import ProfileRepository, SegmentRepository, SegmentRule
 from segmentation.rules import compile_rule

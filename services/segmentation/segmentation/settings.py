@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from crm_common.settings import BaseServiceSettings
 from pydantic_settings import SettingsConfigDict
+
+from crm_common.settings import BaseServiceSettings
 
 
 class Settings(BaseServiceSettings):

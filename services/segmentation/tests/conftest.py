@@ -4,9 +4,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest_asyncio
-from crm_common.db import create_engine, create_sessionmaker
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from crm_common.db import create_engine, create_sessionmaker
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -157,7 +157,7 @@ async def test_hostile_inputs_get_4xx_not_500(db, broker, topic_prefix):
 
 
 async def test_builtin_segments_install_once_and_stay_edited(db, broker, topic_prefix):
-    url, sm = db
+    url, _sm = db
     app = create_app(settings(url, broker, topic_prefix), clock=ManualClock(NOW))
     async with run_app(app) as client:
         keys = [s["key"] for s in (await client.get("/v1/segments")).json()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+
 from crm_common.db import session_scope
 from segmentation.errors import InvalidRule
 from segmentation.profiles import apply_events

@@ -6,6 +6,8 @@ import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import text
+
 from crm_common.clock import ManualClock
 from crm_common.contract.messages import SegmentMembershipChanged
 from crm_common.kafka import ensure_topics
@@ -13,7 +15,6 @@ from crm_common.settings import ALL_TOPICS
 from crm_common.testing.helpers import eventually, publish, read_topic, run_app, unique
 from segmentation.app import create_app
 from segmentation.settings import Settings
-from sqlalchemy import text
 
 from .conftest import fetch_all
 from .factories import event, item, purchase
