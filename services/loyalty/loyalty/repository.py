@@ -315,6 +315,17 @@ class LoyaltyRepository:
         )
         return result.first() is not None
 
+    async def redeem_new(self, values: dict[str, Any]) -> Any:
+        """A new redemption in one statement (migration 0003's `loyalty_redeem`): the row
+        (points_applied, money_applied, balance_after), or None when the general path must answer."""
+        mark_outbox_written(self.session)
+        result = await self._exec(
+            "SELECT * FROM loyalty_redeem(:redemption_id, :customer_id, :request_hash, :check_amount, "
+            ":points_requested, :wanted, :point_value, :order_id, :store_id, :now, :now_iso, :check_text, :topic)",
+            values,
+        )
+        return result.first()
+
     async def update_redemptions(self, rows: list[tuple[Any, ...]]) -> None:
         """rows: (redemption_id, status, points_returned, order_id, settled_at, cancelled_at)."""
         if not rows:
