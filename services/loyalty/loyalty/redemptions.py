@@ -86,21 +86,21 @@ async def redeem(
         # The common case in one round trip; anything else (replay, 409, unknown account, nothing spendable)
         # changes nothing there and is answered below.
         row = await LoyaltyRepository(session).redeem_new(
-            {
-                "redemption_id": rid,
-                "customer_id": redemption_in.customer_id,
-                "request_hash": digest,
-                "check_amount": redemption_in.check_amount,
-                "points_requested": redemption_in.points,
-                "wanted": wanted,
-                "point_value": programme.point_value,
-                "order_id": redemption_in.order_id,
-                "store_id": redemption_in.store_id,
-                "now": now,
-                "now_iso": now.isoformat(),
-                "check_text": str(redemption_in.check_amount),
-                "topic": TOPIC_LOYALTY,
-            }
+            (
+                rid,
+                redemption_in.customer_id,
+                digest,
+                redemption_in.check_amount,
+                redemption_in.points,
+                wanted,
+                programme.point_value,
+                redemption_in.order_id,
+                redemption_in.store_id,
+                now,
+                now.isoformat(),
+                str(redemption_in.check_amount),
+                TOPIC_LOYALTY,
+            )
         )
         if row is not None:
             applied, money, balance = row
