@@ -19,6 +19,7 @@ from loyalty.errors import (
 from loyalty.ledger import Allocation, Book, RedemptionState, floor_points
 from loyalty.repository import LoyaltyRepository
 from loyalty.schemas import ProgrammeConfig, RedemptionCreate, RedemptionRead
+from loyalty.settings import TOPIC_LOYALTY
 
 MONEY_CENT = Decimal("0.01")
 
@@ -79,14 +80,54 @@ async def redeem(
     """Apply points to a check, at most `max_redeem_share` of it; return (result, created)."""
     digest = request_hash(redemption_in)
     rid = redemption_in.redemption_id
+    max_points = floor_points(redemption_in.check_amount * programme.max_redeem_share / programme.point_value)
+    wanted = min(redemption_in.points, max_points) if redemption_in.points is not None else max_points
+    if wanted > 0:
+        # The common case in one round trip; anything else (replay, 409, unknown account, nothing spendable)
+        # changes nothing there and is answered below.
+        row = await LoyaltyRepository(session).redeem_new(
+            (
+                rid,
+                redemption_in.customer_id,
+                digest,
+                redemption_in.check_amount,
+                redemption_in.points,
+                wanted,
+                programme.point_value,
+                redemption_in.order_id,
+                redemption_in.store_id,
+                now,
+                now.isoformat(),
+                str(redemption_in.check_amount),
+                TOPIC_LOYALTY,
+            )
+        )
+        if row is not None:
+            applied, money, balance = row
+            state = RedemptionState(
+                rid,
+                redemption_in.customer_id,
+                digest,
+                redemption_in.check_amount,
+                redemption_in.points,
+                applied,
+                money,
+                Decimal(0),
+                "applied",
+                redemption_in.order_id,
+                redemption_in.store_id,
+                now,
+                None,
+                None,
+                balance_after=balance,
+            )
+            return to_read(state), True
     book = Book(session, programme, now)
     acct = (await book.open([redemption_in.customer_id], create=False)).get(redemption_in.customer_id)
     if acct is None:
         if (existing := await _existing(session, rid)) is not None:
             return _replay(existing, digest), False
         raise AccountNotFound(f"no loyalty account for customer {redemption_in.customer_id!r}")
-    max_points = floor_points(redemption_in.check_amount * programme.max_redeem_share / programme.point_value)
-    wanted = min(redemption_in.points, max_points) if redemption_in.points is not None else max_points
     available = await book.spendable(acct)
     applied = min(wanted, available)
     if applied <= 0:

@@ -44,6 +44,9 @@ def _json_rows(names: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return orjson.dumps([dict(zip(names, r, strict=True)) for r in rows], default=str).decode()
 
 
+_REDEEM_SQL = "SELECT * FROM loyalty_redeem($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+
+
 class LoyaltyRepository:
     """The loyalty service's SQL, over the caller's session (the caller's boundary commits)."""
 
@@ -314,6 +317,19 @@ class LoyaltyRepository:
             values,
         )
         return result.first() is not None
+
+    async def redeem_new(self, values: tuple[Any, ...]) -> Any:
+        """A new redemption in one statement (migration 0003's `loyalty_redeem`): the row
+        (points_applied, money_applied, balance_after), or None when the general path must answer.
+
+        Sent on the session's own asyncpg connection as a prepared statement: the hot path skips SQLAlchemy's
+        statement handling. The call is one statement, so it is atomic on its own; inside the session's
+        transaction when one is open. Its outbox row is published at the relay's next poll (at most
+        poll_interval later): not waking the relay per request lets it publish in batches under load.
+        """
+        conn = await self.session.connection()
+        raw = (await conn.get_raw_connection()).driver_connection
+        return await raw.fetchrow(_REDEEM_SQL, *values)
 
     async def update_redemptions(self, rows: list[tuple[Any, ...]]) -> None:
         """rows: (redemption_id, status, points_returned, order_id, settled_at, cancelled_at)."""

@@ -6,12 +6,14 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import pytest_asyncio
-from crm_common.testing.helpers import run_app
+from sqlalchemy import text
+from crm_common.testing.helpers import eventually, read_topic, run_app
 from loyalty.app import create_app
-from loyalty.settings import Settings
+from loyalty.settings import TOPIC_LOYALTY, Settings
 
 from . import factories as f
 from .conftest import check_invariants
@@ -135,3 +137,66 @@ async def test_lone_surrogates_and_odd_unicode_are_refused_or_stored_never_a_500
     assert (await client.get("/v1/accounts/%F0%9F%98%80%E2%80%AE")).json()["balance"] == "1.00"
     r = await client.get("/v1/accounts/%ED%A0%80")  # a surrogate encoded in the path: invalid UTF-8
     assert r.status_code in (404, 422)
+
+
+async def test_one_statement_redemption_takes_oldest_lots_first_and_writes_ledger_lots_and_outbox(
+    api, clock, broker, topic_prefix
+):
+    """The common case runs in migration 0003's SQL function: it must do what the Python ledger does."""
+    client, sm = api
+    # The older lot has the larger id, so id order and age order disagree.
+    r = await client.post(
+        "/v1/accounts/c7/adjustments", json={"adjustment_id": "zz-old", "points": "30", "reason": "x"}
+    )
+    assert r.status_code == 201, r.text
+    clock.advance(days=1)
+    r = await client.post(
+        "/v1/accounts/c7/adjustments", json={"adjustment_id": "aa-new", "points": "50", "reason": "x"}
+    )
+    assert r.status_code == 201, r.text
+    body = {"redemption_id": "rf", "customer_id": "c7", "check_amount": "1000", "points": "40", "order_id": "o7"}
+    first = await client.post("/v1/redemptions", json=body)
+    assert first.status_code == 201, first.text
+    assert first.json()["points_applied"] == "40.00" and first.json()["money_applied"] == "0.40"
+    assert first.json()["balance"] == "40.00" and first.json()["status"] == "applied"
+    again = await client.post("/v1/redemptions", json=body)
+    assert again.status_code == 200 and again.json() == first.json()
+    clash = await client.post("/v1/redemptions", json={**body, "points": "41"})
+    assert clash.status_code == 409
+    async with sm() as s:
+        lots = dict((await s.execute(text("SELECT id, remaining FROM lots WHERE customer_id = 'c7'"))).all())
+        taken = dict(
+            (await s.execute(text("SELECT lot_id, points FROM redemption_lots WHERE redemption_id = 'rf'"))).all()
+        )
+        entry = (
+            await s.execute(
+                text("SELECT kind, points, balance_after, order_id, data FROM ledger WHERE ref = 'redemption:rf'")
+            )
+        ).one()
+    assert lots == {"adjustment:zz-old": D("0.00"), "adjustment:aa-new": D("40.00")}
+    assert taken == {"adjustment:zz-old": D("30.00"), "adjustment:aa-new": D("10.00")}
+    assert entry[:4] == ("redemption", D("-40.00"), D("40.00"), "o7")
+    assert entry[4] == {
+        "money": "0.40",
+        "check_amount": "1000",
+        "lots": {"adjustment:zz-old": "30.00", "adjustment:aa-new": "10.00"},
+    }
+
+    # The outbox row went out through the relay (published, then deleted): read it on the topic.
+    async def redeemed_messages() -> list[dict[str, Any]]:
+        published = await read_topic(broker.bootstrap, topic_prefix + TOPIC_LOYALTY, timeout=2)
+        return [m for m in published if m["type"] == "points.redeemed" and m["customer_id"] == "c7"]
+
+    redeemed = await eventually(redeemed_messages, what="points.redeemed for c7 on the topic")
+    assert len(redeemed) == 1
+    assert redeemed[0]["id"] == "loyalty:points.redeemed:redemption:rf"
+    assert (redeemed[0]["points"], redeemed[0]["balance"], redeemed[0]["data"]) == (
+        "-40",
+        "40.00",
+        entry[4],
+    )  # as the Python ledger writes it
+    # Cancelling (the general path) gives the points back to the lots the function took them from.
+    cancelled = await client.post("/v1/redemptions/rf/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["points_returned"] == "40.00"
+    assert D((await client.get("/v1/accounts/c7")).json()["balance"]) == D("80")
+    assert await check_invariants(sm, "c7") == D("80")
