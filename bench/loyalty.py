@@ -35,6 +35,8 @@ from typing import Any
 import asyncpg
 import httpx
 from aiokafka import AIOKafkaProducer
+from sqlalchemy import text
+
 from crm_common import serde
 from crm_common.clock import SystemClock
 from crm_common.consumer import ConsumerRunner, Record
@@ -45,7 +47,6 @@ from crm_common.migrations import upgrade_async
 from crm_common.outbox import OutboxRelay
 from crm_common.settings import ALL_TOPICS
 from crm_common.testing.helpers import ServiceProcess
-from sqlalchemy import text
 
 PARTITIONS = 6
 PROGRAMME = {

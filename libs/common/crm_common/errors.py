@@ -78,6 +78,18 @@ def _clean_errors(errors: list[Any]) -> list[dict[str, Any]]:
     return out
 
 
+def dependency_down(exc: BaseException) -> bool:
+    import asyncpg
+
+    from crm_common.consumer import is_transient
+
+    if isinstance(exc, asyncpg.exceptions.PostgresConnectionError | asyncpg.exceptions.InterfaceError):
+        return True
+    if isinstance(exc, asyncpg.exceptions.CannotConnectNowError | asyncpg.exceptions.AdminShutdownError):
+        return True
+    return is_transient(exc)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Render every error as JSON; unexpected ones as a 500 without a stack trace."""
 
@@ -106,5 +118,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> ORJSONResponse:
+        if dependency_down(exc):
+            # The database (or broker) is away: a retryable 503, never a 500 for the client's input.
+            log.warning("dependency unavailable: %r", exc)
+            return ORJSONResponse(
+                error_body("unavailable", "a dependency is unavailable; retry later"),
+                status_code=503,
+                headers={"Retry-After": "5"},
+            )
         log.exception("unhandled error", exc_info=exc)
         return ORJSONResponse(error_body("internal_error", "internal error"), status_code=500)

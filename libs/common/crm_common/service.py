@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import httpx
+import orjson
 from aiokafka import AIOKafkaProducer
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import ORJSONResponse, Response
@@ -23,7 +24,7 @@ from crm_common import metrics
 from crm_common.clock import Clock, SystemClock
 from crm_common.consumer import BatchHandler, ConsumerRunner
 from crm_common.db import create_engine, create_sessionmaker
-from crm_common.errors import NotFound, install_error_handlers
+from crm_common.errors import NotFound, dependency_down, error_body, install_error_handlers
 from crm_common.kafka import make_producer
 from crm_common.logging import configure_logging
 from crm_common.outbox import OutboxRelay
@@ -277,15 +278,27 @@ class _MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = {"code": 500}
+        status: dict[str, int] = {"code": 500}
 
         async def _send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                status["started"] = 1
             await send(message)
 
         try:
             await self.app(scope, receive, _send)
+        except Exception as exc:
+            # Answer a retryable 503 when the database or broker is away, instead of a 500 with a
+            # logged stack trace; anything else goes on to the generic handler.
+            if status.get("started") or not dependency_down(exc):
+                raise
+            log.warning("dependency unavailable: %r", exc)
+            status["code"] = 503
+            body = orjson.dumps(error_body("unavailable", "a dependency is unavailable; retry later"))
+            await send({"type": "http.response.start", "status": 503, "headers": [
+                (b"content-type", b"application/json"), (b"retry-after", b"5"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
         finally:
             method = scope.get("method", "GET")
             metrics.HTTP_REQUESTS.labels(self.service, method, str(status["code"])).inc()

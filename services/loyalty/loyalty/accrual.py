@@ -8,10 +8,10 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from crm_common.contract.events import EventMessage, PurchaseProps, RefundProps
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from crm_common.contract.events import EventMessage, PurchaseProps, RefundProps
 from loyalty import goals, referrals
 from loyalty.ledger import ZERO, AccountState, Book, floor_points, round_points
 from loyalty.schemas import ProgrammeConfig

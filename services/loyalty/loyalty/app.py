@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from functools import partial
 
-from crm_common.clock import Clock
-from crm_common.service import ServiceRuntime, create_service_app
 from fastapi import FastAPI
 
+from crm_common.clock import Clock
+from crm_common.service import ServiceRuntime, create_service_app
 from loyalty import consumers, expiry
 from loyalty.api import router
 from loyalty.deps import ProgrammeCache

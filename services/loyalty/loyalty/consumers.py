@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from crm_common.clock import Clock
 from crm_common.consumer import PoisonMessage, Record
 from crm_common.contract.events import EventMessage
 from crm_common.contract.messages import SegmentMembershipChanged
-from pydantic import ValidationError
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from loyalty import goals
 from loyalty.accrual import UnusableEvent, apply_events
 from loyalty.ledger import Book, load_programme

@@ -6,12 +6,12 @@ import time
 from datetime import datetime
 from typing import Annotated
 
-from crm_common.contract.types import Id
-from crm_common.errors import InvalidInput
-from crm_common.service import RuntimeDep, SessionDep
 from fastapi import Depends, Path, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from crm_common.contract.types import Id
+from crm_common.errors import InvalidInput
+from crm_common.service import RuntimeDep, SessionDep
 from loyalty.ledger import load_programme
 from loyalty.schemas import ProgrammeConfig
 

@@ -6,7 +6,6 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from crm_common.db import make_base
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -21,6 +20,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
+
+from crm_common.db import make_base
 
 Base = make_base()
 

@@ -6,9 +6,9 @@ import hashlib
 from datetime import datetime
 from decimal import ROUND_DOWN, Decimal
 
-from crm_common import serde
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from crm_common import serde
 from loyalty.errors import (
     AccountNotFound,
     IdempotencyConflict,

@@ -6,8 +6,9 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
-from crm_common.contract.types import Id, Money, Name, Points, ShortText
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from crm_common.contract.types import Id, Money, Name, Points, ShortText
 
 Rate = Annotated[Decimal, Field(ge=0, le=1, max_digits=12, decimal_places=8, allow_inf_nan=False)]
 Multiplier = Annotated[Decimal, Field(ge=0, le=100, max_digits=12, decimal_places=6, allow_inf_nan=False)]

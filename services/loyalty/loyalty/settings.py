@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic_settings import SettingsConfigDict
+
 from crm_common.settings import (
     TOPIC_EVENTS,
     TOPIC_LOYALTY,
@@ -9,7 +11,6 @@ from crm_common.settings import (
     TOPIC_SEGMENTS,
     BaseServiceSettings,
 )
-from pydantic_settings import SettingsConfigDict
 
 __all__ = ["TOPIC_EVENTS", "TOPIC_LOYALTY", "TOPIC_MESSAGES", "TOPIC_SEGMENTS", "Settings"]
 

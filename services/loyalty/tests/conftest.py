@@ -6,13 +6,14 @@ from decimal import Decimal
 from typing import Any
 
 import pytest_asyncio
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
 from crm_common.db import create_engine, create_sessionmaker
 from loyalty.accrual import apply_events
 from loyalty.ledger import load_programme
 from loyalty.repository import LoyaltyRepository
 from loyalty.schemas import ProgrammeConfig
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from .factories import messages
 

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest_asyncio
 from sqlalchemy import text
+
 from crm_common.testing.helpers import eventually, read_topic, run_app
 from loyalty.app import create_app
 from loyalty.settings import TOPIC_LOYALTY, Settings

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest_asyncio
+
 from crm_common.testing.helpers import eventually, publish, read_topic, run_app
 from loyalty.app import create_app
 from loyalty.settings import Settings

@@ -6,12 +6,13 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
 from loyalty import adjustments, expiry, redemptions, reports
 from loyalty.errors import IdempotencyConflict, InsufficientPoints, RedemptionNotCancellable
 from loyalty.ledger import Book, load_programme
 from loyalty.schemas import AdjustmentCreate, RedemptionCreate
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
 
 from . import factories as f
 from .conftest import apply, balance, check_invariants, ledger, outbox, set_programme

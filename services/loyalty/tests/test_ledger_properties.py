@@ -13,11 +13,12 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import text
+
 from loyalty import adjustments, expiry, redemptions
 from loyalty.errors import IdempotencyConflict, InsufficientPoints, RedemptionNotCancellable
 from loyalty.ledger import load_programme
 from loyalty.schemas import AdjustmentCreate, RedemptionCreate
-from sqlalchemy import text
 
 from . import factories as f
 from .conftest import apply, check_invariants, set_programme
