@@ -118,13 +118,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> ORJSONResponse:
-        if dependency_down(exc):
-            # The database (or broker) is away: a retryable 503, never a 500 for the client's input.
-            log.warning("dependency unavailable: %r", exc)
-            return ORJSONResponse(
-                error_body("unavailable", "a dependency is unavailable; retry later"),
-                status_code=503,
-                headers={"Retry-After": "5"},
-            )
         log.exception("unhandled error", exc_info=exc)
         return ORJSONResponse(error_body("internal_error", "internal error"), status_code=500)

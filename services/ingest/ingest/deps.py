@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from crm_common.errors import Forbidden, Unauthorized
-from crm_common.service import ServiceRuntime
+from crm_common.service import RuntimeDep, ServiceRuntime
 from ingest.errors import TooManyRequests, database_guard
 from ingest.keys import KeyCache, Principal, authenticate
 from ingest.ratelimit import RateLimiter
@@ -21,13 +21,6 @@ _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: 
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-# Async on purpose: FastAPI runs plain `def` dependencies in a thread pool, a hop per
-# dependency per request that costs more than what they do.
-async def get_runtime(request: Request) -> ServiceRuntime:
-    return request.app.state.runtime  # type: ignore[no-any-return]
-
-
-RuntimeDep = Annotated[ServiceRuntime, Depends(get_runtime)]
 
 
 async def get_settings(runtime: RuntimeDep) -> Settings:
