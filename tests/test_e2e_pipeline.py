@@ -4,17 +4,14 @@ through a real SMTP server, once, with the amount and the date. One shared clock
 
 from __future__ import annotations
 
-import threading
 from datetime import timedelta
-from email import message_from_bytes
-from email import policy as email_policy
 from typing import Any
 
 import pytest_asyncio
 from aiosmtpd.controller import Controller
 
 from crm_common.infra import free_port
-from crm_common.testing.helpers import eventually, run_app
+from crm_common.testing.helpers import Mailbox, eventually, run_app
 from ingest.app import create_app as ingest_app
 from ingest.keys import ensure_bootstrap_key
 from ingest.settings import Settings as IngestSettings
@@ -22,17 +19,6 @@ from loyalty.app import create_app as loyalty_app
 from loyalty.settings import Settings as LoyaltySettings
 from notifier.app import create_app as notifier_app
 from notifier.settings import Settings as NotifierSettings
-
-
-class Mailbox:
-    def __init__(self) -> None:
-        self.messages: list[Any] = []
-        self.lock = threading.Lock()
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        with self.lock:
-            self.messages.append(message_from_bytes(envelope.content, policy=email_policy.default))
-        return "250 OK"
 
 
 @pytest_asyncio.fixture(loop_scope="session")

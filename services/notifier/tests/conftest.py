@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import datetime
-from email import message_from_bytes
-from email import policy as email_policy
-from email.message import Message as MimeMessage
 from typing import Any
 
 import httpx
@@ -19,28 +15,12 @@ from aiosmtpd.controller import Controller
 from crm_common.clock import ManualClock
 from crm_common.contract.events import CustomerUpdatedProps
 from crm_common.infra import free_port
-from crm_common.testing.helpers import run_app
+from crm_common.testing.helpers import Mailbox, run_app
 from notifier.app import create_app
 from notifier.contacts import apply_customer_updates
 from notifier.fakes import FakeHttpProvider
 from notifier.repository import NotifierRepository
 from notifier.settings import Settings
-
-
-class Mailbox:
-    """An aiosmtpd handler that keeps every accepted message."""
-
-    def __init__(self) -> None:
-        self.messages: list[MimeMessage] = []
-        self.lock = threading.Lock()
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        with self.lock:
-            self.messages.append(message_from_bytes(envelope.content, policy=email_policy.default))
-        return "250 OK"
-
-    def to(self, address: str) -> list[MimeMessage]:
-        return [m for m in list(self.messages) if address in str(m["To"])]
 
 
 @pytest.fixture(scope="session")

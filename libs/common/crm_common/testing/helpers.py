@@ -7,10 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from email import message_from_bytes
+from email import policy as email_policy
 from typing import Any
 
 import httpx
@@ -86,6 +89,22 @@ async def publish(bootstrap: str, topic: str, messages: list[dict[str, Any]], ke
         await asyncio.gather(*futs)
     finally:
         await producer.stop()
+
+
+class Mailbox:
+    """An aiosmtpd handler that keeps every accepted message (the SMTP server of e-mail tests)."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.lock:
+            self.messages.append(message_from_bytes(envelope.content, policy=email_policy.default))
+        return "250 OK"
+
+    def to(self, address: str) -> list[Any]:
+        return [m for m in list(self.messages) if address in str(m["To"])]
 
 
 def unique(prefix: str = "t") -> str:
