@@ -7,10 +7,12 @@ from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     DateTime,
     Float,
     Identity,
     Index,
+    Integer,
     LargeBinary,
     String,
     Text,
@@ -60,12 +62,16 @@ class ArchivedEvent(Base):
     )
 
 
-class PendingEvent(Base):
-    """An archived event waiting to be published (new, or asked for again by a replay).
+class PendingBatch(Base):
+    """Archived events waiting to be published: the events of one accepted batch (or one chunk of a
+    replay), by their `seq`, in one row.
 
-    No foreign key to events.seq: rows are only ever written from events' own rows, and a per-row
-    RI trigger would cost the hot insert path.
+    No foreign key to events.seq: rows are only ever written from events' own rows, and checking
+    every element of the array would cost the hot insert path.
     """
 
-    __tablename__ = "event_pending"
-    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    __tablename__ = "event_pending_batches"
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=False), primary_key=True)
+    n: Mapped[int] = mapped_column(Integer)
+    seqs: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
+    __table_args__ = (CheckConstraint("n = cardinality(seqs) AND n > 0", name="ck_event_pending_batches_n"),)

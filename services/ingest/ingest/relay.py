@@ -56,12 +56,19 @@ class EventRelay(OutboxRelay):
     `<source>:<event_id>`, so a replay or a crash between send and ack is deduplicated downstream.
     """
 
-    fetch_sql = (
-        "SELECT p.seq, e.customer_key, e.message "
-        "FROM event_pending p JOIN events e ON e.seq = p.seq ORDER BY p.seq LIMIT :limit"
+    # The oldest queued batches holding up to :limit events (at least one batch), and their events.
+    batches_sql = (
+        "SELECT id FROM (SELECT id, sum(n) OVER (ORDER BY id) - n AS before"
+        " FROM (SELECT id, n FROM event_pending_batches ORDER BY id LIMIT :limit) head) b"
+        " WHERE before < :limit ORDER BY id"
     )
-    ack_sql = "DELETE FROM event_pending WHERE seq = ANY(CAST(:ids AS bigint[]))"
-    backlog_sql = "SELECT count(*) FROM event_pending"
+    fetch_sql = (
+        "SELECT e.customer_key, e.message FROM event_pending_batches b"
+        " CROSS JOIN LATERAL unnest(b.seqs) AS p(seq) JOIN events e ON e.seq = p.seq"
+        " WHERE b.id = ANY(CAST(:ids AS bigint[])) ORDER BY p.seq"
+    )
+    ack_sql = "DELETE FROM event_pending_batches WHERE id = ANY(CAST(:ids AS bigint[]))"
+    backlog_sql = "SELECT coalesce(sum(n), 0) FROM event_pending_batches"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -92,16 +99,17 @@ class EventRelay(OutboxRelay):
             ).scalar()
             if not locked:
                 return 0
-            rows = (await session.execute(text(self.fetch_sql), {"limit": self.batch_size})).all()
-            if not rows:
+            ids = (await session.execute(text(self.batches_sql), {"limit": self.batch_size})).scalars().all()
+            if not ids:
                 await session.rollback()
                 return 0
+            rows = (await session.execute(text(self.fetch_sql), {"ids": ids})).all()
             # Sent before the delete commits: a crash in between republishes, and consumers dedupe by id.
             await asyncio.wait_for(
-                send_batched(self.producer, self.topic, [(r[1].encode(), bytes(r[2])) for r in rows]),
+                send_batched(self.producer, self.topic, [(r[0].encode(), bytes(r[1])) for r in rows]),
                 self.send_timeout_s,
             )
-            await session.execute(text(self.ack_sql), {"ids": [r[0] for r in rows]})
+            await session.execute(text(self.ack_sql), {"ids": ids})
             await session.commit()
         self.published += len(rows)
         metrics.OUTBOX_PUBLISHED.labels(self.name).inc(len(rows))

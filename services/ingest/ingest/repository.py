@@ -7,13 +7,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select, text, update
+from sqlalchemy import BigInteger, cast, exists, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ingest.models import ApiKey, ArchivedEvent, PendingEvent
+from ingest.models import ApiKey, ArchivedEvent, PendingBatch
 
 # One statement per batch: archive the new events, skip the ones seen before (same source and
-# event_id, whatever their body), queue the new ones for the relay, answer which were new.
+# event_id, whatever their body), queue the new ones for the relay as one row, answer which were new.
 _INSERT_BATCH = text(
     """
     WITH ins AS (
@@ -27,11 +28,15 @@ _INSERT_BATCH = text(
         ON CONFLICT (source, event_id) DO NOTHING
         RETURNING seq, event_id
     ), queued AS (
-        INSERT INTO event_pending (seq) SELECT seq FROM ins
+        INSERT INTO event_pending_batches (n, seqs)
+        SELECT count(*), array_agg(seq ORDER BY seq) FROM ins HAVING count(*) > 0
     )
     SELECT event_id FROM ins
     """
 )
+
+# A replay queues its events in rows of this many.
+REPLAY_CHUNK = 1000
 
 
 @dataclass(slots=True)
@@ -69,12 +74,20 @@ class EventRepository:
         """One archived event and whether it is waiting to be published."""
         row = (
             await self.session.execute(
-                select(ArchivedEvent, PendingEvent.seq.is_not(None))
-                .outerjoin(PendingEvent, PendingEvent.seq == ArchivedEvent.seq)
-                .where(ArchivedEvent.source == source, ArchivedEvent.event_id == event_id)
+                select(ArchivedEvent).where(ArchivedEvent.source == source, ArchivedEvent.event_id == event_id)
             )
-        ).first()
-        return None if row is None else (row[0], bool(row[1]))
+        ).scalar_one_or_none()
+        if row is None:
+            return None
+        # The queue holds only what is waiting (normally a few rows), so scanning it is cheap.
+        pending = (
+            await self.session.execute(
+                select(
+                    exists().where(PendingBatch.seqs.contains(cast([row.seq], ARRAY(BigInteger))))
+                )
+            )
+        ).scalar_one()
+        return row, bool(pending)
 
     async def queue_range(self, *, by: str, start: datetime, end: datetime, types: Sequence[str] | None) -> int:
         """Queue every archived event with `by` in [start, end) for publishing; return how many."""
@@ -86,14 +99,19 @@ class EventRepository:
                     SELECT seq FROM events
                     WHERE {column} >= :start AND {column} < :end
                       AND (CAST(:types AS text[]) IS NULL OR type = ANY(CAST(:types AS text[])))
-                ), queued AS (
+                ), fresh AS (
                     -- Events still waiting from before are already queued: they go out once.
-                    INSERT INTO event_pending (seq) SELECT seq FROM matched ON CONFLICT (seq) DO NOTHING
+                    SELECT seq FROM matched EXCEPT SELECT unnest(seqs) FROM event_pending_batches
+                ), queued AS (
+                    INSERT INTO event_pending_batches (n, seqs)
+                    SELECT count(*), array_agg(seq ORDER BY seq)
+                    FROM (SELECT seq, (row_number() OVER (ORDER BY seq) - 1) / :chunk AS chunk FROM fresh) f
+                    GROUP BY chunk ORDER BY chunk
                 )
                 SELECT count(*) FROM matched
                 """
             ),
-            {"start": start, "end": end, "types": list(types) if types else None},
+            {"start": start, "end": end, "types": list(types) if types else None, "chunk": REPLAY_CHUNK},
         )
         return int(result.scalar_one())
 

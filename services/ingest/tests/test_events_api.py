@@ -16,7 +16,7 @@ from .factories import custom, purchase
 
 async def relay_idle(ingest) -> bool:
     async with ingest.sessionmaker() as s:
-        return (await s.execute(text("SELECT count(*) FROM event_pending"))).scalar() == 0
+        return (await s.execute(text("SELECT count(*) FROM event_pending_batches"))).scalar() == 0
 
 
 async def test_purchase_is_accepted_archived_and_published_keyed_by_customer(ingest):

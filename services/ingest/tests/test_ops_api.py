@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -11,9 +11,11 @@ from crm_common.consumer import ConsumerRunner, Record
 from crm_common.db import create_engine, create_sessionmaker, make_base
 from crm_common.infra import free_port
 from crm_common.kafka import make_producer
+from crm_common.migrations import upgrade_async
 from crm_common.testing.helpers import eventually, read_topic, run_app
 from ingest.app import create_app
 from ingest.keys import ensure_bootstrap_key
+from ingest.repository import EventRepository, EventRow
 
 from .conftest import ingest_settings
 from .factories import custom, purchase
@@ -202,3 +204,55 @@ async def test_replay_with_extreme_or_malformed_ranges_is_4xx_or_empty(ingest):
         assert r.status_code in (202, 422), (body, r.status_code, r.text[:200])
     r = await ingest.client.post("/v1/replay", json=cases[0], headers=ingest.auth)
     assert r.status_code == 202 and r.json()["replayed"] == 0
+
+
+async def test_publish_queue_migration_carries_waiting_events_over(make_database):
+    # A database at 0002 with events waiting in the per-event queue keeps them queued at head.
+    url = await make_database()
+    await upgrade_async("ingest", url, "0002")
+    engine = create_engine(url, pool_size=1)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO events (source, event_id, customer_key, type, occurred_at, received_at, message) "
+                    "SELECT 'pos', 'm-' || i, 'c', 'purchase', now(), now(), '{}' FROM generate_series(1, 2500) i"
+                )
+            )
+            await conn.execute(text("INSERT INTO event_pending (seq) SELECT seq FROM events WHERE seq % 2 = 0"))
+        await upgrade_async("ingest", url)
+        async with engine.connect() as conn:
+            rows = (await conn.execute(text("SELECT n, seqs FROM event_pending_batches ORDER BY id"))).all()
+        assert [n for n, _ in rows] == [1000, 250]
+        queued = [seq for _, seqs in rows for seq in seqs]
+        assert queued == list(range(2, 2501, 2))
+    finally:
+        await engine.dispose()
+
+
+async def test_replay_of_events_still_queued_queues_each_once(make_database):
+    url = await make_database("ingest")
+    engine = create_engine(url, pool_size=1)
+    sm = create_sessionmaker(engine)
+    try:
+        now = datetime(2026, 5, 1, 12, tzinfo=UTC)
+        rows = [EventRow(f"q-{i}", f"c{i}", "purchase", now, b"{}") for i in range(1500)]
+        async with sm() as s:
+            repo = EventRepository(s)
+            assert len(await repo.insert_new(source="pos", received_at=now, rows=rows[:700])) == 700
+            assert len(await repo.insert_new(source="pos", received_at=now, rows=rows[700:])) == 800
+            await s.commit()
+            # Nothing published yet: the replay matches all 1,500 and queues none of them again.
+            assert await repo.queue_range(by="received_at", start=now, end=now + timedelta(seconds=1), types=None) == 1500
+            await s.commit()
+            queued = (await s.execute(text("SELECT n, seqs FROM event_pending_batches ORDER BY id"))).all()
+            assert [n for n, _ in queued] == [700, 800]
+            # Once published (queue empty), the same replay queues them again, in chunks, in order.
+            await s.execute(text("DELETE FROM event_pending_batches"))
+            assert await repo.queue_range(by="received_at", start=now, end=now + timedelta(seconds=1), types=None) == 1500
+            queued = (await s.execute(text("SELECT n, seqs FROM event_pending_batches ORDER BY id"))).all()
+            assert [n for n, _ in queued] == [1000, 500]
+            seqs = [seq for _, chunk in queued for seq in chunk]
+            assert seqs == sorted(seqs) and len(set(seqs)) == 1500
+    finally:
+        await engine.dispose()
