@@ -21,8 +21,6 @@ _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: 
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-
-
 async def get_settings(runtime: RuntimeDep) -> Settings:
     return runtime.settings  # type: ignore[return-value]
 

@@ -82,9 +82,7 @@ class EventRepository:
         # The queue holds only what is waiting (normally a few rows), so scanning it is cheap.
         pending = (
             await self.session.execute(
-                select(
-                    exists().where(PendingBatch.seqs.contains(cast([row.seq], ARRAY(BigInteger))))
-                )
+                select(exists().where(PendingBatch.seqs.contains(cast([row.seq], ARRAY(BigInteger)))))
             )
         ).scalar_one()
         return row, bool(pending)

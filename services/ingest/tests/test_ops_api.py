@@ -243,13 +243,17 @@ async def test_replay_of_events_still_queued_queues_each_once(make_database):
             assert len(await repo.insert_new(source="pos", received_at=now, rows=rows[700:])) == 800
             await s.commit()
             # Nothing published yet: the replay matches all 1,500 and queues none of them again.
-            assert await repo.queue_range(by="received_at", start=now, end=now + timedelta(seconds=1), types=None) == 1500
+            assert (
+                await repo.queue_range(by="received_at", start=now, end=now + timedelta(seconds=1), types=None) == 1500
+            )
             await s.commit()
             queued = (await s.execute(text("SELECT n, seqs FROM event_pending_batches ORDER BY id"))).all()
             assert [n for n, _ in queued] == [700, 800]
             # Once published (queue empty), the same replay queues them again, in chunks, in order.
             await s.execute(text("DELETE FROM event_pending_batches"))
-            assert await repo.queue_range(by="received_at", start=now, end=now + timedelta(seconds=1), types=None) == 1500
+            assert (
+                await repo.queue_range(by="received_at", start=now, end=now + timedelta(seconds=1), types=None) == 1500
+            )
             queued = (await s.execute(text("SELECT n, seqs FROM event_pending_batches ORDER BY id"))).all()
             assert [n for n, _ in queued] == [1000, 500]
             seqs = [seq for _, chunk in queued for seq in chunk]

@@ -47,7 +47,5 @@ def downgrade() -> None:
         sa.Column("seq", sa.BigInteger, nullable=False),
         sa.PrimaryKeyConstraint("seq", name="pk_event_pending"),
     )
-    op.execute(
-        "INSERT INTO event_pending (seq) SELECT DISTINCT unnest(seqs) FROM event_pending_batches"
-    )
+    op.execute("INSERT INTO event_pending (seq) SELECT DISTINCT unnest(seqs) FROM event_pending_batches")
     op.drop_table("event_pending_batches")
