@@ -73,6 +73,14 @@ def _field_errors(exc: ValidationError) -> list[dict[str, Any]]:
     return out
 
 
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array"}.get(
+        type(value), type(value).__name__
+    )
+
+
 @dataclass(slots=True)
 class IngestOutcome:
     accepted: int
@@ -96,7 +104,12 @@ async def ingest_events(*, session: AsyncSession, source: str, events: list[Any]
     row_index: dict[str, int] = {}
     rejected = 0
     for index, data in enumerate(events):
-        raw_id = data.get("event_id") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            errors = [{"loc": [], "msg": f"an event must be a JSON object, not {_json_type(data)}"}]
+            results.append({"index": index, "event_id": None, "status": "rejected", "errors": errors})
+            rejected += 1
+            continue
+        raw_id = data.get("event_id")
         event_id = raw_id if isinstance(raw_id, str) else None
         try:
             event = validate_event(data, source=source, now=now)

@@ -91,6 +91,18 @@ async def test_batch_of_ten_with_three_invalid_accepts_seven_and_names_the_faili
     assert sorted(m["event_id"] for m in got) == sorted(f"b-{i}" for i in range(10) if i not in (2, 5, 8))
 
 
+async def test_batch_entries_that_are_not_objects_are_rejected_by_index(ingest):
+    now = ingest.clock.now()
+    r = await ingest.post({"events": [None, 7, "x", [], purchase("obj-ok", occurred_at=now)]})
+    assert r.status_code == 202
+    body = r.json()
+    assert (body["accepted"], body["rejected"]) == (1, 4)
+    assert [x["status"] for x in body["results"]] == ["rejected"] * 4 + ["accepted"]
+    first = body["results"][0]["errors"][0]
+    assert first["loc"] == [] and "JSON object" in first["msg"] and "null" in first["msg"]
+    assert "an array" in body["results"][3]["errors"][0]["msg"]
+
+
 async def test_single_invalid_event_is_422_with_field_errors(ingest):
     now = ingest.clock.now()
     bad = purchase("bad-1", occurred_at=now)
