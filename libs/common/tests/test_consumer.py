@@ -23,7 +23,9 @@ from .conftest import effect_counts
 
 async def record_effects(session: AsyncSession, records: list[Record]) -> None:
     await session.execute(
-        text("INSERT INTO effects (message_id, value) SELECT unnest(CAST(:ids AS text[])), unnest(CAST(:vals AS int[]))"),
+        text(
+            "INSERT INTO effects (message_id, value) SELECT unnest(CAST(:ids AS text[])), unnest(CAST(:vals AS int[]))"
+        ),
         {"ids": [r.id for r in records], "vals": [int(r.value["n"]) for r in records]},
     )
 
@@ -32,7 +34,9 @@ def messages(n: int, start: int = 0) -> list[dict[str, Any]]:
     return [{"id": f"m{i}", "customer_id": f"c{i % 7}", "n": i} for i in range(start, start + n)]
 
 
-async def _runner(broker, topic_prefix, sm, handler, name="test-consumer", producer=None, **kw) -> tuple[ConsumerRunner, AIOKafkaProducer]:
+async def _runner(
+    broker, topic_prefix, sm, handler, name="test-consumer", producer=None, **kw
+) -> tuple[ConsumerRunner, AIOKafkaProducer]:
     producer = producer or make_producer(broker.bootstrap)
     await producer.start()
     runner = ConsumerRunner(
@@ -203,7 +207,11 @@ async def test_consumer_killed_mid_batch_loses_and_doubles_nothing(broker, topic
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     # A last, clean run finishes the job.
-    proc = subprocess.Popen([sys.executable, str(script), url, broker.bootstrap, topic_prefix], stdout=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), url, broker.bootstrap, topic_prefix],
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         await eventually(lambda: _count_distinct(sm, 200), timeout=60, what="all 200 applied")
     finally:
@@ -225,18 +233,27 @@ async def test_rebalance_during_processing_loses_and_doubles_nothing(broker, top
         await record_effects(session, records)
         await asyncio.sleep(0.05)
 
-    await publish(broker.bootstrap, topic_prefix + "crm.events.v1", messages(600))
+    # Enough work (at least 60 batches of 50 ms) that the first member is still busy when the
+    # second one joins, even on a slow machine; the join is seen on the assignment, not on a batch
+    # (the second member may get only partitions the first has drained).
+    total = 1200
+    await publish(broker.bootstrap, topic_prefix + "crm.events.v1", messages(total))
     first, p1 = await _runner(broker, topic_prefix, sm, slowish, name="group", batch_max=20)
     await eventually(lambda: first.stats.applied > 40, what="first member busy")
     second, p2 = await _runner(broker, topic_prefix, sm, slowish, name="group", batch_max=20)
-    await eventually(lambda: second.stats.batches > 0, timeout=40, what="second member got partitions")
+    await eventually(
+        lambda: second.consumer is not None and bool(second.consumer.assignment()),
+        timeout=60,
+        what="second member got partitions",
+    )
+    assert first.stats.applied < total, "the first member finished before the rebalance: nothing was tested"
     third, p3 = await _runner(broker, topic_prefix, sm, slowish, name="group", batch_max=20)
     await asyncio.sleep(1)
     await second.stop()  # leave during processing: another rebalance
     try:
-        await eventually(lambda: _count_distinct(sm, 600), timeout=90, what="all 600 applied")
+        await eventually(lambda: _count_distinct(sm, total), timeout=120, what=f"all {total} applied")
         counts = await effect_counts(sm)
-        assert len(counts) == 600 and set(counts.values()) == {1}
+        assert len(counts) == total and set(counts.values()) == {1}
     finally:
         for r in (first, third):
             await r.stop()

@@ -13,7 +13,9 @@ from crm_common.testing.helpers import read_topic
 async def test_relay_publishes_committed_messages_in_order_and_skips_rolled_back(broker, topic_prefix, db):
     _, sm = db
     async with sm() as s:
-        await enqueue_many(s, [("crm.segments.v1", "c1", {"id": f"ok{i}", "customer_id": "c1", "n": i}) for i in range(10)])
+        await enqueue_many(
+            s, [("crm.segments.v1", "c1", {"id": f"ok{i}", "customer_id": "c1", "n": i}) for i in range(10)]
+        )
         await s.commit()
     async with sm() as s:
         await enqueue_many(s, [("crm.segments.v1", "c1", {"id": "rolled-back", "customer_id": "c1"})])
