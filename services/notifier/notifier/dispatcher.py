@@ -13,7 +13,7 @@ import asyncio
 import logging
 import random
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -167,9 +167,9 @@ class Dispatcher:
         for t in templates:
             by_key[t.key][t.channel].append(t)
         plans = [self._plan(m, contacts.get(m.customer_id), by_key.get(m.template, {}), now) for m in messages]
-        sending = [p for p in plans if p.outbound is not None]
-        if sending:
-            await asyncio.gather(*(self._send(p) for p in sending))
+        sending = iter([p for p in plans if p.outbound is not None])
+        senders = min(len(messages), s.dispatch_concurrency)
+        await asyncio.gather(*(self._send_each(sending) for _ in range(senders)))
         await self._record(plans)
         return len(messages)
 
@@ -232,6 +232,11 @@ class Dispatcher:
             unsubscribe_url=unsubscribe_url if channel == "email" else None,
         )
         return plan
+
+    async def _send_each(self, plans: Iterator[_Plan]) -> None:
+        """Send plans one after another; a few of these share a batch (not one task per message)."""
+        for plan in plans:
+            await self._send(plan)
 
     async def _send(self, plan: _Plan) -> None:
         assert plan.outbound is not None
