@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -306,11 +307,13 @@ GSM_SINGLE = 160
 GSM_PART = 153
 UCS_SINGLE = 70
 UCS_PART = 67
+# Printable ASCII and line breaks: what is sent as GSM-7 here.
+_GSM_TEXT = re.compile(r"[ -~\n\r]*")
 
 
 def sms_segments(text: str) -> int:
     """How many SMS parts a text needs (GSM-7 for plain ASCII, UCS-2 otherwise)."""
-    gsm = all(32 <= ord(c) < 127 or c in "\n\r" for c in text)
+    gsm = _GSM_TEXT.fullmatch(text) is not None
     single, part = (GSM_SINGLE, GSM_PART) if gsm else (UCS_SINGLE, UCS_PART)
     n = len(text)
     return 1 if n <= single else -(-n // part)
