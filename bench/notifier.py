@@ -4,11 +4,13 @@ Starts its own PostgreSQL and a fake SMS provider in a separate process (so the 
 compete for this process's interpreter), records N pending messages through the same domain
 function the consumer uses, then measures:
 
-* bare: a plain httpx loop posting the same JSON to the same provider with the same concurrency;
+* bare: a plain httpx loop posting the same JSON to the same provider with the same concurrency
+  (the reference of the ratio); the same loop on aiohttp, the notifier's own HTTP client, is
+  printed for information;
 * notifier: the dispatcher claiming (FOR UPDATE SKIP LOCKED), rendering, sending, and recording
   states, attempts and delivery events (outbox) until every message is `sent`.
 
-The two alternate over three rounds (the machine is shared, its load moves) and the medians count.
+They alternate over three rounds (the machine is shared, its load moves) and the medians count.
 
 Last line: `BENCH notifier_messages_per_s <v> ratio=<notifier/bare>`.
 """
@@ -29,6 +31,7 @@ from pathlib import Path
 # This file is named like the service package; keep its directory off the import path.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+import aiohttp  # noqa: E402
 import httpx  # noqa: E402
 import orjson  # noqa: E402
 from sqlalchemy import text  # noqa: E402
@@ -108,25 +111,42 @@ async def seed_messages(sessionmaker, now: datetime, policy: Policy, first: int,
             await session.commit()
 
 
+HEADERS = {"Authorization": "Bearer k", "Content-Type": "application/json"}
+
+
+def bare_body(i: int) -> bytes:
+    """The JSON the SMS provider would post for message i."""
+    return orjson.dumps(
+        {"to": f"+1415{i % CUSTOMERS:07d}", "from": "CRM", "text": f"Hi N{i}, order {i}: 19.90", "reference": f"b{i}"}
+    )
+
+
 async def bare_loop(client: httpx.AsyncClient, url: str, first: int, count: int) -> float:
     """A plain httpx loop with the same concurrency and JSON as the SMS provider; requests/s."""
-    headers = {"Authorization": "Bearer k", "Content-Type": "application/json"}
     todo = iter(range(first, first + count))
 
     async def worker() -> None:
         # CONCURRENCY workers each sending one request after another: the leanest loop httpx allows.
         for i in todo:
-            body = orjson.dumps(
-                {
-                    "to": f"+1415{i % CUSTOMERS:07d}",
-                    "from": "CRM",
-                    "text": f"Hi N{i}, order {i}: 19.90",
-                    "reference": f"b{i}",
-                }
-            )
-            r = await client.post(url, content=body, headers={**headers, "Idempotency-Key": f"b{i}"})
+            r = await client.post(url, content=bare_body(i), headers={**HEADERS, "Idempotency-Key": f"b{i}"})
             r.raise_for_status()
             orjson.loads(r.content)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return count / (time.perf_counter() - started)
+
+
+async def bare_aiohttp_loop(session: aiohttp.ClientSession, url: str, first: int, count: int) -> float:
+    """The same loop on aiohttp (the client the providers use), for information; requests/s."""
+    todo = iter(range(first, first + count))
+
+    async def worker() -> None:
+        for i in todo:
+            headers = {**HEADERS, "Idempotency-Key": f"a{i}"}
+            async with session.post(url, data=bare_body(i), headers=headers) as r:
+                r.raise_for_status()
+                orjson.loads(await r.read())
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
@@ -179,21 +199,29 @@ async def run(pg: PostgresServer, provider_url: str) -> tuple[float, float, dict
         )
 
     limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
+    sms_url = provider_url + "/v1/sms"
     bare_rates: list[float] = []
+    aiohttp_rates: list[float] = []
     rates: list[float] = []
     per_round = N // ROUNDS
-    async with httpx.AsyncClient(limits=limits, timeout=10) as client:
-        await bare_loop(client, provider_url + "/v1/sms", -200, 200)  # warm the pool
+    async with (
+        httpx.AsyncClient(limits=limits, timeout=10) as client,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CONCURRENCY)) as session,
+    ):
+        await bare_loop(client, sms_url, -200, 200)  # warm the pools
+        await bare_aiohttp_loop(session, sms_url, -200, 200)
         passes = 0
-        # Alternate the two so both see the same load of this shared machine.
+        # Alternate them so all see the same load of this shared machine.
         for r in range(ROUNDS):
             await seed_messages(sessionmaker, clock.now(), policy, r * per_round, per_round)
-            bare_rates.append(await bare_loop(client, provider_url + "/v1/sms", r * per_round, per_round))
+            bare_rates.append(await bare_loop(client, sms_url, r * per_round, per_round))
+            aiohttp_rates.append(await bare_aiohttp_loop(session, sms_url, r * per_round, per_round))
             rate, n = await dispatch_all(make, per_round)
             rates.append(rate)
             passes += n
             print(
-                f"round {r + 1}: bare {bare_rates[-1]:,.0f}/s, notifier {rates[-1]:,.0f}/s",
+                f"round {r + 1}: bare httpx {bare_rates[-1]:,.0f}/s, bare aiohttp {aiohttp_rates[-1]:,.0f}/s, "
+                f"notifier {rates[-1]:,.0f}/s",
                 flush=True,
             )
     await providers.aclose()
@@ -204,7 +232,12 @@ async def run(pg: PostgresServer, provider_url: str) -> tuple[float, float, dict
     return (
         statistics.median(rates),
         statistics.median(bare_rates),
-        {"states": states, "outbox_events": outbox, "passes": passes},
+        {
+            "states": states,
+            "outbox_events": outbox,
+            "passes": passes,
+            "aiohttp": statistics.median(aiohttp_rates),
+        },
     )
 
 
@@ -233,7 +266,11 @@ def main() -> None:
             fake.wait(10)
             pg.stop()
     print(f"messages: {N}, concurrency: {CONCURRENCY}, cores: {os.cpu_count()} (shared machine, other work running)")
-    print(f"bare httpx loop: {bare:,.0f} requests/s (median of {ROUNDS} rounds)")
+    print(f"bare httpx loop: {bare:,.0f} requests/s (median of {ROUNDS} rounds; the ratio's reference)")
+    print(
+        f"bare aiohttp loop: {info['aiohttp']:,.0f} requests/s (median of {ROUNDS} rounds; "
+        f"for information, notifier/aiohttp = {rate / info['aiohttp']:.2f})"
+    )
     print(
         f"notifier dispatcher: {rate:,.0f} messages/s, median of {ROUNDS} rounds "
         "(claim, render, send, record state + attempt + outbox event)"

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections import defaultdict
-from collections.abc import Callable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -167,9 +167,9 @@ class Dispatcher:
         for t in templates:
             by_key[t.key][t.channel].append(t)
         plans = [self._plan(m, contacts.get(m.customer_id), by_key.get(m.template, {}), now) for m in messages]
-        sending = [p for p in plans if p.outbound is not None]
-        if sending:
-            await asyncio.gather(*(self._send(p) for p in sending))
+        sending = iter([p for p in plans if p.outbound is not None])
+        senders = min(len(messages), s.dispatch_concurrency)
+        await asyncio.gather(*(self._send_each(sending) for _ in range(senders)))
         await self._record(plans)
         return len(messages)
 
@@ -232,6 +232,11 @@ class Dispatcher:
             unsubscribe_url=unsubscribe_url if channel == "email" else None,
         )
         return plan
+
+    async def _send_each(self, plans: Iterator[_Plan]) -> None:
+        """Send plans one after another; a few of these share a batch (not one task per message)."""
+        for plan in plans:
+            await self._send(plan)
 
     async def _send(self, plan: _Plan) -> None:
         assert plan.outbound is not None
@@ -332,18 +337,30 @@ class Dispatcher:
         self._observe(plans)
 
     def _observe(self, plans: list[_Plan]) -> None:
-        """Count what was recorded (after the commit, so the figures match the database)."""
+        """Count what was recorded (after the commit, so the figures match the database).
+
+        Counters are added up per label set first: one increment per label set and batch.
+        """
+        states: Counter[tuple[str, str]] = Counter()
+        calls: Counter[tuple[str, str]] = Counter()
+        costs: defaultdict[str, float] = defaultdict(float)
         for p in plans:
-            metrics.MESSAGES.labels(p.update.get("channel") or p.message.channel or "-", p.update["state"]).inc()
+            states[(p.update.get("channel") or p.message.channel or "-", p.update["state"])] += 1
             r = p.result
             if r is None or p.outbound is None:
                 continue
             provider = p.outbound.channel
-            metrics.PROVIDER_CALLS.labels(provider, r.outcome).inc()
+            calls[(provider, r.outcome)] += 1
             if r.outcome != "unavailable":
                 metrics.PROVIDER_SECONDS.labels(provider).observe(r.duration_ms / 1000)
             if r.cost is not None and r.outcome == "ok":
-                metrics.SMS_COST.labels(provider).inc(float(r.cost))
+                costs[provider] += float(r.cost)
+        for (channel, state), n in states.items():
+            metrics.MESSAGES.labels(channel, state).inc(n)
+        for (provider, outcome), n in calls.items():
+            metrics.PROVIDER_CALLS.labels(provider, outcome).inc(n)
+        for provider, cost in costs.items():
+            metrics.SMS_COST.labels(provider).inc(cost)
 
     def _count(self, state: str) -> None:
         st = self.stats

@@ -81,6 +81,11 @@ class FakeHttpProvider:
         self._loop.run_until_complete(self._open())
         self._ready.set()
         self._loop.run_forever()
+        # Answers still in progress (a scripted delay) are cancelled here, not destroyed pending.
+        pending = asyncio.all_tasks(self._loop)
+        for task in pending:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self._loop.close()
 
     def _call(self, coro: Any) -> Any:

@@ -36,7 +36,7 @@ class Settings(BaseServiceSettings):
     dispatcher_enabled: bool = True
     dispatch_batch_size: int = 200
     dispatch_workers: int = 2
-    # Sends in flight per process; httpx scans its whole pool per request, so more is not faster.
+    # Sends in flight per process (the HTTP providers keep as many pooled connections, at least 10).
     dispatch_concurrency: int = 32
     dispatch_poll_interval_s: float = 0.5
     dispatch_lease_s: float = 300

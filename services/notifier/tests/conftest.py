@@ -46,6 +46,7 @@ def provider(provider_server: FakeHttpProvider) -> FakeHttpProvider:
     provider_server.received.clear()
     provider_server._script.clear()
     provider_server.default_status = 200
+    provider_server.delay_s = 0.0
     return provider_server
 
 

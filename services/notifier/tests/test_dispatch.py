@@ -45,6 +45,56 @@ async def test_sms_answered_500_twice_then_200_is_delivered_once_with_its_cost(s
         assert 'crm_notifier_sms_cost_total{provider="sms"}' in metrics
 
 
+async def test_sms_and_push_requests_follow_the_provider_contracts(start_app, provider):
+    async with start_app(sms_api_key="sms-key", push_access_token="push-token", push_project_id="proj") as (
+        client,
+        app,
+    ):
+        await seed_contact(app, "c1", phone="+14155550101")
+        await seed_contact(app, "c2", push_tokens=["old", "tok-2"])
+        await add_template(client, "code", "sms", body="Your code {{ code }}", variables=["code"])
+        await add_template(client, "code", "push", subject="Code", body="Your code {{ code }}", variables=["code"])
+        for mid, customer in (("m-sms", "c1"), ("m-push", "c2")):
+            body = {"id": mid, "customer_id": customer, "template": "code", "variables": {"code": "42"}}
+            assert (await client.post("/v1/messages", json=body)).status_code == 202
+        sms_msg, push_msg = await _settled(client, ["m-sms", "m-push"])
+        [sms] = [r for r in provider.received if r.body.get("reference") == "m-sms"]
+        assert sms.method == "POST" and sms.path == "/v1/sms"
+        assert sms.headers["authorization"] == "Bearer sms-key" and sms.headers["idempotency-key"] == "m-sms"
+        assert sms.headers["content-type"] == "application/json"
+        assert sms.body == {
+            "to": "+14155550101",
+            "from": "CRM",
+            "text": "Your code 42",
+            "reference": "m-sms",
+            "callback_url": "http://test/v1/providers/sms/callbacks",
+        }
+        assert sms_msg["provider_message_id"].startswith("p-")
+        [push] = [r for r in provider.received if r.body.get("message", {}).get("data", {}).get("message_id") == "m-push"]
+        assert push.method == "POST" and push.path == "/v1/projects/proj/messages:send"
+        assert push.headers["authorization"] == "Bearer push-token"
+        assert push.body == {
+            "message": {
+                "token": "tok-2",
+                "notification": {"title": "Code", "body": "Your code 42"},
+                "data": {"message_id": "m-push", "customer_id": "c2"},
+            }
+        }
+        assert push_msg["provider_message_id"].startswith("projects/fake/messages/")
+
+
+async def test_a_provider_slower_than_its_timeout_is_retried_then_parked(start_app, provider):
+    async with start_app(sms_timeout_s=0.1) as (client, app):
+        await seed_contact(app, "c1", phone="+14155550101")
+        await add_template(client, "code", "sms", body="Your code")
+        provider.delay_s = 0.5
+        await client.post("/v1/messages", json={"id": "m-slow", "customer_id": "c1", "template": "code"})
+        [msg] = await _settled(client, ["m-slow"], states=("retrying",))
+        [attempt] = msg["delivery_attempts"]
+        assert attempt["outcome"] == "transient" and attempt["tries"] == 3
+        assert attempt["error"].startswith("TimeoutError") and msg["next_attempt_at"] and msg["sent_at"] is None
+
+
 async def test_permanent_provider_error_fails_without_retry(start_app, provider):
     async with start_app() as (client, app):
         await seed_contact(app, "c1", phone="+14155550101")
