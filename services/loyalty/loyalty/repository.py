@@ -34,6 +34,11 @@ _GOAL_COLS = "id, customer_id, segment_key, target, progress, reward, status, as
 _BIND = re.compile(r"(?<![:\w]):(\w+)")
 
 
+def _prefixed(alias: str, cols: str) -> str:
+    """A column list qualified with a table alias (for joins)."""
+    return ", ".join(f"{alias}.{c.strip()}" for c in cols.split(","))
+
+
 def _col(rows: Sequence[Sequence[Any]], i: int) -> list[Any]:
     return [r[i] for r in rows]
 
@@ -129,9 +134,10 @@ class LoyaltyRepository:
 
     async def lock_accounts(self, ids: list[str]) -> list[Any]:
         """Lock the accounts in a fixed order (so concurrent lockers never deadlock) and read them."""
+        # A join with unnest, not `= ANY(:ids)`: a generic plan would compare every row with the whole array.
         result = await self._exec(
-            f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE customer_id = ANY(CAST(:ids AS text[])) "
-            "ORDER BY customer_id FOR UPDATE",
+            f"SELECT {_prefixed('a', _ACCOUNT_COLS)} FROM unnest(CAST(:ids AS text[])) AS t(c) "
+            "JOIN accounts a ON a.customer_id = t.c ORDER BY a.customer_id FOR UPDATE OF a",
             {"ids": ids},
         )
         return list(result.all())
@@ -262,10 +268,10 @@ class LoyaltyRepository:
         keys = list(keys)
         if not keys:
             return []
+        # A join with unnest: a generic plan of the `IN (...)` form scanned the customers' whole history.
         result = await self._exec(
-            f"SELECT {_PURCHASE_COLS} FROM purchases WHERE customer_id = ANY(CAST(:c AS text[])) "
-            "AND (customer_id, order_id) IN "
-            "(SELECT * FROM unnest(CAST(:c AS text[]), CAST(:o AS text[])))",
+            f"SELECT {_prefixed('p', _PURCHASE_COLS)} FROM unnest(CAST(:c AS text[]), CAST(:o AS text[])) AS t(c, o) "
+            "JOIN purchases p ON p.customer_id = t.c AND p.order_id = t.o",
             {"c": _col(keys, 0), "o": _col(keys, 1)},
         )
         return list(result.all())
