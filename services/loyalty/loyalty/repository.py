@@ -399,8 +399,10 @@ class LoyaltyRepository:
     # -- goals -----------------------------------------------------------------------------------
 
     async def active_goals(self, ids: list[str]) -> list[Any]:
+        # A join with unnest, not `= ANY(:ids)`: a generic plan would compare every row with the whole array.
         result = await self._exec(
-            f"SELECT {_GOAL_COLS} FROM goals WHERE customer_id = ANY(CAST(:ids AS text[])) AND status = 'active'",
+            f"SELECT {_prefixed('g', _GOAL_COLS)} FROM unnest(CAST(:ids AS text[])) AS t(c) "
+            "JOIN goals g ON g.customer_id = t.c AND g.status = 'active'",
             {"ids": ids},
         )
         return list(result.all())
