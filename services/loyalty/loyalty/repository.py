@@ -296,7 +296,8 @@ class LoyaltyRepository:
         keys = list(keys)
         if not keys:
             return []
-        # A join with unnest: a generic plan of the `IN (...)` form scanned the customers' whole history.
+        # A join with unnest: the generic plan of `customer_id = ANY(:c) AND (...) IN (...)` scanned the whole
+        # purchases table and compared every row with the array, so each batch cost more as history grew.
         result = await self._exec(
             f"SELECT {_prefixed('p', _PURCHASE_COLS)} FROM unnest(CAST(:c AS text[]), CAST(:o AS text[])) AS t(c, o) "
             "JOIN purchases p ON p.customer_id = t.c AND p.order_id = t.o",
