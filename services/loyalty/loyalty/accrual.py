@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from crm_common.contract.events import EventMessage, PurchaseProps, RefundProps
 from loyalty import goals, referrals
 from loyalty.ledger import ZERO, AccountState, Book, floor_points, round_points
+from loyalty.repository import utc_month
 from loyalty.schemas import ProgrammeConfig
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class EventApplier:
         self.programme = book.programme
         self.purchases: dict[tuple[str, str], PurchaseState] = {}
         self.goals: dict[str, goals.GoalState] = {}
+        self.spend_by_month: dict[tuple[str, date], Decimal] = {}
 
     async def apply(self, events: list[EventMessage]) -> None:
         events = [e for e in events if e.customer_id]
@@ -115,6 +117,7 @@ class EventApplier:
         book, programme = self.book, self.programme
         money_from_points, redeemed, status = self.reconcile(acct, e, p)
         paid = max(p.total - money_from_points, ZERO)
+        self.add_spend(acct.customer_id, e.occurred_at, paid)
         tier_rate = self.update_tier(acct, paid, cause=e.id, at=e.occurred_at)
         points = floor_points(paid * eligible_share(p, programme) * tier_rate / programme.point_value)
         ref = f"accrual:{e.id}"
@@ -179,6 +182,11 @@ class EventApplier:
         r.dirty = True
         status = "matched" if claimed is None or claimed == r.points_applied else "points_mismatch"
         return r.money_applied, r.points_applied - r.points_returned, status
+
+    def add_spend(self, customer_id: str, occurred_at: datetime, amount: Decimal) -> None:
+        """Count money paid (or refunded, negative) in the month of its purchase, for spend_months."""
+        key = (customer_id, utc_month(occurred_at))
+        self.spend_by_month[key] = self.spend_by_month.get(key, ZERO) + amount
 
     def update_tier(self, acct: AccountState, spend_delta: Decimal, *, cause: str, at: datetime) -> Decimal:
         """Move the 12-month spend and the tier; publish a tier change; return the accrual rate."""
@@ -254,6 +262,7 @@ class EventApplier:
                     to_reverse,
                 )
             pur.points_reversed += to_reverse
+        self.add_spend(acct.customer_id, pur.occurred_at, -amount)
         self.update_tier(acct, -amount, cause=e.id, at=e.occurred_at)
 
     # -- profile facts ---------------------------------------------------------------------------
@@ -304,6 +313,7 @@ class EventApplier:
                 if p.dirty and not p.is_new
             ]
         )
+        await repo.add_monthly_spend([(c, m, amount) for (c, m), amount in self.spend_by_month.items() if amount])
         await goals.write(self.book, list(self.goals.values()))
         await self.book.flush()
 

@@ -1,4 +1,5 @@
-"""Tables owned by the loyalty service: programme, accounts, point lots, the immutable ledger, redemptions, goals."""
+"""Tables owned by the loyalty service: programme, accounts, point lots, the immutable ledger, purchases and their
+monthly spend, redemptions, goals."""
 
 from __future__ import annotations
 
@@ -117,6 +118,16 @@ class Purchase(Base):
     points_redeemed: Mapped[Decimal] = mapped_column(POINTS, server_default=text("0"))
     points_returned: Mapped[Decimal] = mapped_column(POINTS, server_default=text("0"))
     reconciliation: Mapped[str | None] = mapped_column(Text, nullable=True)
+    __table_args__ = (Index("ix_purchases_customer_occurred", "customer_id", "occurred_at"),)
+
+
+class SpendMonth(Base):
+    """A customer's spend (paid - refunded) over the purchases of one UTC month, kept by accrual for the tier."""
+
+    __tablename__ = "spend_months"
+    customer_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    month: Mapped[date] = mapped_column(Date, primary_key=True)
+    spend: Mapped[Decimal] = mapped_column(MONEY)
 
 
 class Redemption(Base):

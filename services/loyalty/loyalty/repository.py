@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -32,6 +32,17 @@ _GOAL_COLS = "id, customer_id, segment_key, target, progress, reward, status, as
 
 
 _BIND = re.compile(r"(?<![:\w]):(\w+)")
+
+
+def utc_month(at: datetime) -> date:
+    """The first day of the UTC month `at` falls in (a naive time is taken as UTC, as the driver sends it)."""
+    at = at.astimezone(UTC) if at.tzinfo else at
+    return date(at.year, at.month, 1)
+
+
+def _prefixed(alias: str, cols: str) -> str:
+    """A column list qualified with a table alias (for joins)."""
+    return ", ".join(f"{alias}.{c.strip()}" for c in cols.split(","))
 
 
 def _col(rows: Sequence[Sequence[Any]], i: int) -> list[Any]:
@@ -129,9 +140,10 @@ class LoyaltyRepository:
 
     async def lock_accounts(self, ids: list[str]) -> list[Any]:
         """Lock the accounts in a fixed order (so concurrent lockers never deadlock) and read them."""
+        # A join with unnest, not `= ANY(:ids)`: a generic plan would compare every row with the whole array.
         result = await self._exec(
-            f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE customer_id = ANY(CAST(:ids AS text[])) "
-            "ORDER BY customer_id FOR UPDATE",
+            f"SELECT {_prefixed('a', _ACCOUNT_COLS)} FROM unnest(CAST(:ids AS text[])) AS t(c) "
+            "JOIN accounts a ON a.customer_id = t.c ORDER BY a.customer_id FOR UPDATE OF a",
             {"ids": ids},
         )
         return list(result.all())
@@ -173,13 +185,35 @@ class LoyaltyRepository:
         return [r[0] for r in result]
 
     async def spend_since(self, ids: list[str], since: datetime) -> dict[str, Decimal]:
+        """Each customer's spend (paid - refunded) over purchases after `since`: the months of spend_months after
+        the one `since` falls in, plus that month's purchases after `since` (an index range, not the history)."""
+        first_month = utc_month(since)
+        second_month = (first_month + timedelta(days=32)).replace(day=1)
         # A join with unnest, not `= ANY(:ids)`: a generic plan would compare every row with the whole array.
         result = await self._exec(
-            "SELECT p.customer_id, sum(p.paid - p.refunded) FROM unnest(CAST(:ids AS text[])) AS t(cid) "
-            "JOIN purchases p ON p.customer_id = t.cid AND p.occurred_at > :since GROUP BY p.customer_id",
-            {"ids": ids, "since": since},
+            "SELECT t.cid, coalesce((SELECT sum(m.spend) FROM spend_months m WHERE m.customer_id = t.cid "
+            "AND m.month > :first_month), 0) + coalesce((SELECT sum(p.paid - p.refunded) FROM purchases p "
+            "WHERE p.customer_id = t.cid AND p.occurred_at > :since AND p.occurred_at < :next_month), 0) "
+            "FROM unnest(CAST(:ids AS text[])) AS t(cid)",
+            {
+                "ids": ids,
+                "since": since,
+                "first_month": first_month,
+                "next_month": datetime(second_month.year, second_month.month, 1, tzinfo=UTC),
+            },
         )
         return {r[0]: r[1] for r in result}
+
+    async def add_monthly_spend(self, rows: list[tuple[str, date, Decimal]]) -> None:
+        """rows: (customer_id, month, spend change), at most one per (customer_id, month)."""
+        if not rows:
+            return
+        await self._write(
+            "INSERT INTO spend_months (customer_id, month, spend) SELECT * FROM unnest(CAST(:c AS text[]), "
+            "CAST(:m AS date[]), CAST(:s AS numeric[])) ON CONFLICT (customer_id, month) "
+            "DO UPDATE SET spend = spend_months.spend + EXCLUDED.spend",
+            {n: _col(rows, i) for i, n in enumerate(("c", "m", "s"))},
+        )
 
     # -- lots ------------------------------------------------------------------------------------
 
@@ -262,10 +296,11 @@ class LoyaltyRepository:
         keys = list(keys)
         if not keys:
             return []
+        # A join with unnest: the generic plan of `customer_id = ANY(:c) AND (...) IN (...)` scanned the whole
+        # purchases table and compared every row with the array, so each batch cost more as history grew.
         result = await self._exec(
-            f"SELECT {_PURCHASE_COLS} FROM purchases WHERE customer_id = ANY(CAST(:c AS text[])) "
-            "AND (customer_id, order_id) IN "
-            "(SELECT * FROM unnest(CAST(:c AS text[]), CAST(:o AS text[])))",
+            f"SELECT {_prefixed('p', _PURCHASE_COLS)} FROM unnest(CAST(:c AS text[]), CAST(:o AS text[])) AS t(c, o) "
+            "JOIN purchases p ON p.customer_id = t.c AND p.order_id = t.o",
             {"c": _col(keys, 0), "o": _col(keys, 1)},
         )
         return list(result.all())
@@ -365,8 +400,10 @@ class LoyaltyRepository:
     # -- goals -----------------------------------------------------------------------------------
 
     async def active_goals(self, ids: list[str]) -> list[Any]:
+        # A join with unnest, not `= ANY(:ids)`: a generic plan would compare every row with the whole array.
         result = await self._exec(
-            f"SELECT {_GOAL_COLS} FROM goals WHERE customer_id = ANY(CAST(:ids AS text[])) AND status = 'active'",
+            f"SELECT {_prefixed('g', _GOAL_COLS)} FROM unnest(CAST(:ids AS text[])) AS t(c) "
+            "JOIN goals g ON g.customer_id = t.c AND g.status = 'active'",
             {"ids": ids},
         )
         return list(result.all())

@@ -87,4 +87,21 @@ async def check_invariants(sm: async_sessionmaker[AsyncSession], customer_id: st
     assert bal == ledger_sum, f"balance {bal} != ledger sum {ledger_sum}"
     assert bal == lots_sum, f"balance {bal} != lots remaining {lots_sum}"
     assert bad_lots == 0 and negative_after == 0
+    await check_monthly_spend(sm, customer_id)
     return bal
+
+
+async def check_monthly_spend(sm: async_sessionmaker[AsyncSession], customer_id: str) -> None:
+    """spend_months holds, per UTC month, exactly the customer's paid - refunded over purchases of that month."""
+    async with sm() as s:
+        rows = await s.execute(
+            text(
+                "SELECT coalesce(p.month, m.month), p.spend, m.spend FROM (SELECT CAST(date_trunc('month', "
+                "occurred_at AT TIME ZONE 'UTC') AS date) AS month, sum(paid - refunded) AS spend FROM purchases "
+                "WHERE customer_id = :c GROUP BY 1) p FULL JOIN (SELECT month, spend FROM spend_months "
+                "WHERE customer_id = :c) m ON m.month = p.month"
+            ),
+            {"c": customer_id},
+        )
+        for month, from_purchases, kept in rows:
+            assert (from_purchases or 0) == (kept or 0), f"{month}: purchases {from_purchases}, spend_months {kept}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
@@ -12,6 +12,7 @@ from sqlalchemy.exc import DBAPIError
 from loyalty import adjustments, expiry, redemptions, reports
 from loyalty.errors import IdempotencyConflict, InsufficientPoints, RedemptionNotCancellable
 from loyalty.ledger import Book, load_programme
+from loyalty.repository import LoyaltyRepository
 from loyalty.schemas import AdjustmentCreate, RedemptionCreate
 
 from . import factories as f
@@ -388,3 +389,39 @@ async def test_welcome_bonus_is_credited_once_when_the_account_is_created(db):
     await apply(sm, T0, f.purchase("c1", "o1", "10", T0))
     assert [k for k, _, _ in await ledger(sm, "c1")] == ["welcome_bonus", "accrual"]
     assert await check_invariants(sm, "c1") == D("160")
+
+
+async def test_window_spend_from_monthly_totals_equals_the_sum_over_purchases(db):
+    _, sm = db
+    await set_programme(sm, f.SCENARIO4_PROGRAMME, T0)
+    plus2 = timezone(timedelta(hours=2))
+    bought = [
+        ("o1", "100", datetime(2025, 3, 1, tzinfo=UTC)),
+        ("o2", "200", datetime(2025, 3, 20, 8, tzinfo=UTC)),
+        ("o3", "300", datetime(2025, 4, 1, 1, tzinfo=plus2)),  # 31 March in UTC
+        ("o4", "400", datetime(2025, 12, 31, 23, 59, 59, tzinfo=UTC)),
+        ("o5", "500", T0),
+    ]
+    await apply(sm, T0, *(f.purchase("c1", o, total, at) for o, total, at in bought))
+    await apply(sm, T0, f.refund("c1", "o2", "50", T0), f.refund("c1", "o3", "300", T0))
+    await apply(sm, T0, f.refund("c1", "o4", "1", T0))
+    await check_invariants(sm, "c1")
+    sinces = [at for _, _, at in bought] + [
+        datetime(2025, 3, 10, tzinfo=UTC),
+        datetime(2025, 3, 31, 23, 30, tzinfo=UTC),
+        datetime(2025, 4, 30, tzinfo=UTC),
+        datetime(2025, 2, 1, tzinfo=UTC),
+    ]
+    async with sm() as s:
+        repo = LoyaltyRepository(s)
+        for since in sinces:
+            expected = (
+                await s.execute(
+                    text(
+                        "SELECT coalesce(sum(paid - refunded), 0) FROM purchases WHERE customer_id = 'c1' "
+                        "AND occurred_at > :since"
+                    ),
+                    {"since": since},
+                )
+            ).scalar()
+            assert (await repo.spend_since(["c1", "nobody"], since)) == {"c1": expected, "nobody": 0}, since
