@@ -183,6 +183,27 @@ async def test_rate_limit_answers_429_with_retry_after(ingest):
     assert (await ingest.post(custom("r-6", occurred_at=now))).status_code == 202
 
 
+async def test_a_key_limited_below_one_event_per_second_is_not_refused_forever(ingest):
+    now = ingest.clock.now()
+    await ingest.add_key("trickle-key", rate=0.5)
+    first = await ingest.post(custom("t-0", occurred_at=now), key="trickle-key")
+    assert first.status_code == 202, first.text
+    limited = await ingest.post(custom("t-1", occurred_at=now), key="trickle-key")
+    assert limited.status_code == 429
+    assert int(limited.headers["Retry-After"]) == 2
+
+
+def test_rate_limiter_lets_a_sub_one_rate_through_when_its_bucket_is_full():
+    import uuid
+
+    from ingest.ratelimit import RateLimiter
+
+    limiter, key = RateLimiter(), uuid.uuid4()
+    assert limiter.exhausted(key, 0.25) is None
+    assert limiter.retry_after(key, 0.25, cost=1) is None
+    assert limiter.exhausted(key, 0.25) == 4
+
+
 async def test_hostile_bodies_get_4xx_never_500(ingest):
     now = ingest.clock.now()
     h = {**ingest.auth, "Content-Type": "application/json"}
