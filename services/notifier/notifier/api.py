@@ -16,7 +16,7 @@ from notifier import templates as template_ops
 from notifier.consumers import after_commit
 from notifier.contacts import contact_view
 from notifier.deps import NotifierDep, RuntimeDep, SessionDep
-from notifier.errors import ContactNotFound, MessageNotFound, UnknownProvider
+from notifier.errors import ContactNotFound, MessageNotFound, TemplateNotFound, UnknownProvider
 from notifier.messages import accept_requests
 from notifier.repository import NotifierRepository
 from notifier.schemas import (
@@ -80,8 +80,10 @@ async def list_templates(
     limit: Limit = 100,
     offset: Offset = 0,
 ) -> TemplatePage:
+    if (key is not None and _clean(key) is None) or (locale is not None and _clean(locale) is None):
+        return TemplatePage(items=[], total=0)
     items, total = await NotifierRepository(session).list_templates(
-        key=_clean(key), channel=channel, locale=_clean(locale), limit=limit, offset=offset
+        key=key, channel=channel, locale=locale, limit=limit, offset=offset
     )
     return TemplatePage(items=[TemplateRead.model_validate(t) for t in items], total=total)
 
@@ -89,7 +91,7 @@ async def list_templates(
 @router.get("/templates/{template_id}", response_model=TemplateRead, summary="Read a template")
 async def read_template(template_id: TemplateId, session: SessionDep) -> TemplateRead:
     return TemplateRead.model_validate(
-        await template_ops.get_template(repo=NotifierRepository(session), template_id=_clean(template_id) or "-")
+        await template_ops.get_template(repo=NotifierRepository(session), template_id=_template_id(template_id))
     )
 
 
@@ -99,7 +101,7 @@ async def update_template(
 ) -> TemplateRead:
     template = await template_ops.update_template(
         repo=NotifierRepository(session),
-        template_id=_clean(template_id) or "-",
+        template_id=_template_id(template_id),
         data=data,
         now=runtime.clock.now(),
     )
@@ -108,7 +110,7 @@ async def update_template(
 
 @router.delete("/templates/{template_id}", status_code=204, summary="Delete a template")
 async def delete_template(template_id: TemplateId, session: SessionDep) -> Response:
-    await template_ops.delete_template(repo=NotifierRepository(session), template_id=_clean(template_id) or "-")
+    await template_ops.delete_template(repo=NotifierRepository(session), template_id=_template_id(template_id))
     return Response(status_code=204)
 
 
@@ -120,7 +122,7 @@ async def delete_template(template_id: TemplateId, session: SessionDep) -> Respo
 async def preview_template(
     template_id: TemplateId, data: PreviewRequest, session: SessionDep, notifier: NotifierDep
 ) -> PreviewRead:
-    template = await template_ops.get_template(repo=NotifierRepository(session), template_id=_clean(template_id) or "-")
+    template = await template_ops.get_template(repo=NotifierRepository(session), template_id=_template_id(template_id))
     url = notifier.links.unsubscribe_url("preview", "preview", template.channel)
     rendered = template_ops.preview(
         renderer=notifier.renderer,
@@ -141,7 +143,8 @@ async def preview_template(
     summary="A customer's contact data and consents",
 )
 async def read_contact(customer_id: CustomerId, session: SessionDep) -> ContactRead:
-    contact = await NotifierRepository(session).get_contact(_clean(customer_id) or "-")
+    not_found = ContactNotFound("no contact data for this customer")
+    contact = await NotifierRepository(session).get_contact(_path_id(customer_id, not_found))
     if contact is None:
         raise ContactNotFound("no contact data for this customer")
     return ContactRead.model_validate(contact_view(contact))
@@ -155,7 +158,10 @@ async def read_contact(customer_id: CustomerId, session: SessionDep) -> ContactR
 async def customer_messages(
     customer_id: CustomerId, session: SessionDep, limit: Limit = 50, offset: Offset = 0
 ) -> MessagePage:
-    items, total = await NotifierRepository(session).history(_clean(customer_id) or "-", limit=limit, offset=offset)
+    cleaned = _clean(customer_id)
+    if cleaned is None:
+        return MessagePage(items=[], total=0)
+    items, total = await NotifierRepository(session).history(cleaned, limit=limit, offset=offset)
     return MessagePage(items=[MessageRead.model_validate(m) for m in items], total=total)
 
 
@@ -166,7 +172,7 @@ async def customer_messages(
 )
 async def read_message(message_id: CustomerId, session: SessionDep) -> MessageDetail:
     repo = NotifierRepository(session)
-    message = await repo.get_message(_clean(message_id) or "-")
+    message = await repo.get_message(_path_id(message_id, MessageNotFound("no such message")))
     if message is None:
         raise MessageNotFound("no such message")
     detail = MessageDetail.model_validate(message)
@@ -304,7 +310,22 @@ async def unsubscribe_now(
 
 
 def _clean(value: str | None) -> str | None:
-    # Path and query values reach SQL as text; PostgreSQL refuses NUL, so it can never match.
-    if value is None:
+    """A path or query value as stored ids are, or None when no stored id can equal it.
+
+    Stored ids never hold NUL (PostgreSQL text refuses it), so a value with one matches nothing;
+    stripping it instead made `/v1/templates/<id>%00` read, replace or delete template <id>.
+    """
+    if value is None or "\x00" in value:
         return None
-    return value.replace("\x00", "")
+    return value
+
+
+def _path_id(value: str, not_found: Exception) -> str:
+    cleaned = _clean(value)
+    if cleaned is None:
+        raise not_found
+    return cleaned
+
+
+def _template_id(value: str) -> str:
+    return _path_id(value, TemplateNotFound(f"no template {value!r}"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -13,6 +13,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    field_validator,
     model_validator,
 )
 
@@ -23,6 +24,16 @@ Key = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^
 TemplateText = Annotated[str, StringConstraints(max_length=100_000), AfterValidator(_no_nul)]
 Subject = Annotated[str, StringConstraints(max_length=998), AfterValidator(_no_nul)]
 VarName = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_no_nul)]
+
+
+def storable_time(value: datetime) -> bool:
+    """False for an aware datetime that has no UTC equivalent in years 1-9999 (the database driver
+    cannot store it): year 1 at +14:00 is before year 1 in UTC, 9999-12-31 at -14:00 after 9999."""
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        return False
+    return True
 
 
 class Strict(BaseModel):
@@ -95,6 +106,13 @@ class MessageCreate(Strict):
     offer_id: Id | None = None
     not_before: AwareDatetime | None = None
     expires_at: AwareDatetime | None = None
+
+    @field_validator("not_before", "expires_at")
+    @classmethod
+    def _storable(cls, value: datetime | None) -> datetime | None:
+        if value is not None and not storable_time(value):
+            raise ValueError("out of range: in UTC it must fall within years 1-9999")
+        return value
 
 
 class AttemptRead(BaseModel):

@@ -1,0 +1,71 @@
+"""Ids with NUL match nothing; message times outside what can be stored are a 422, not a 500."""
+
+from __future__ import annotations
+
+import pytest
+
+from crm_common.consumer import PoisonMessage, Record
+from notifier.consumers import parse_request
+
+from .conftest import add_template, seed_contact
+
+
+async def test_an_id_with_nul_matches_nothing_instead_of_the_id_without_it(start_app):
+    async with start_app() as (client, app):
+        await seed_contact(app, "c1", phone="+14155550101")
+        created = await add_template(client, "code", "sms", body="code")
+        tid = created["id"]
+        for method in ("GET", "DELETE"):
+            r = await client.request(method, f"/v1/templates/{tid}%00")
+            assert r.status_code == 404, (method, r.text)
+        r = await client.put(f"/v1/templates/{tid}%00", json={"body": "replaced"})
+        assert r.status_code == 404
+        r = await client.post(f"/v1/templates/%00{tid}/preview", json={})
+        assert r.status_code == 404
+        assert (await client.get(f"/v1/templates/{tid}")).json()["body"] == "code"
+        assert (await client.get("/v1/templates", params={"key": "code\x00"})).json() == {"items": [], "total": 0}
+        assert (await client.get("/v1/templates", params={"key": "code"})).json()["total"] == 1
+        assert (await client.get("/v1/customers/c1%00/contact")).status_code == 404
+        assert (await client.get("/v1/customers/c1/contact")).status_code == 200
+        await client.post("/v1/messages", json={"id": "m-1", "customer_id": "c1", "template": "code"})
+        assert (await client.get("/v1/messages/m-1%00")).status_code == 404
+        assert (await client.get("/v1/customers/c1%00/messages")).json() == {"items": [], "total": 0}
+        assert (await client.get("/v1/customers/c1/messages")).json()["total"] == 1
+
+
+async def test_message_times_without_a_utc_equivalent_are_refused_with_422(start_app):
+    async with start_app() as (client, app):
+        await seed_contact(app, "c1", phone="+14155550101")
+        await add_template(client, "code", "sms", body="code")
+        for field, value in (
+            ("not_before", "0001-01-01T00:00:00+14:00"),
+            ("expires_at", "0001-01-01T05:00:00+06:00"),
+            ("expires_at", "9999-12-31T23:59:59-14:00"),
+            ("not_before", "9999-12-31T20:00:00-05:00"),
+        ):
+            r = await client.post("/v1/messages", json={"customer_id": "c1", "template": "code", field: value})
+            assert r.status_code == 422, (field, value, r.status_code, r.text[:200])
+            assert r.json()["detail"][0]["loc"] == ["body", field]
+        r = await client.post(
+            "/v1/messages",
+            json={"customer_id": "c1", "template": "code", "expires_at": "9999-12-31T23:59:59+00:00"},
+        )
+        assert r.status_code == 202, r.text
+        assert (await client.get("/v1/customers/c1/messages")).json()["total"] == 1
+
+
+def test_a_requested_message_with_an_unstorable_time_is_a_poison_message():
+    value = {
+        "id": "loyalty:1",
+        "customer_id": "c1",
+        "occurred_at": "2026-01-01T00:00:00Z",
+        "kind": "transactional",
+        "template": "code",
+        "source_service": "loyalty",
+        "not_before": "0001-01-01T00:00:00+14:00",
+    }
+    rec = Record(topic="crm.messages.v1", partition=0, offset=0, key="c1", id="loyalty:1", value=value)
+    with pytest.raises(PoisonMessage, match="not_before"):
+        parse_request(rec)
+    value["not_before"] = "2026-01-02T00:00:00+14:00"
+    assert parse_request(rec).not_before is not None
