@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import ValidationError
 
 from crm_common.contract.messages import MessageRequested
-from crm_common.errors import InvalidInput
+from crm_common.errors import InvalidInput, PayloadTooLarge
 from notifier import templates as template_ops
 from notifier.consumers import after_commit
 from notifier.contacts import contact_view
@@ -54,6 +54,7 @@ CustomerId = Annotated[str, Path(min_length=1, max_length=128)]
 Token = Annotated[str, Path(min_length=1, max_length=4096)]
 Limit = Annotated[int, Query(ge=1, le=500)]
 Offset = Annotated[int, Query(ge=0, le=1_000_000)]
+MAX_CALLBACK_BYTES = 64_000
 PIXEL = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
 
 
@@ -251,9 +252,7 @@ async def provider_callback(
     }.get(provider)
     if secret is None:
         raise UnknownProvider(f"no provider {provider!r}")
-    body = await request.body()
-    if len(body) > 64_000:
-        raise InvalidInput("callback body too large")
+    body = await _read_limited(request, MAX_CALLBACK_BYTES)
     verify_callback(secret, body, x_signature)
     try:
         data = CallbackIn.model_validate(orjson.loads(body))
@@ -329,3 +328,20 @@ def _path_id(value: str, not_found: Exception) -> str:
 
 def _template_id(value: str) -> str:
     return _path_id(value, TemplateNotFound(f"no template {value!r}"))
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """The body, refused (413) by Content-Length or as soon as it streams past `limit` bytes.
+
+    The callback route is public, so it must not buffer whatever an unsigned sender posts.
+    """
+    too_large = PayloadTooLarge(f"a callback body is at most {limit} bytes", details={"max_bytes": limit})
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
