@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Header, Path, Query, Request
@@ -16,7 +16,13 @@ from notifier import templates as template_ops
 from notifier.consumers import after_commit
 from notifier.contacts import contact_view
 from notifier.deps import NotifierDep, RuntimeDep, SessionDep
-from notifier.errors import ContactNotFound, MessageNotFound, TemplateNotFound, UnknownProvider
+from notifier.errors import (
+    ContactNotFound,
+    IdempotencyConflict,
+    MessageNotFound,
+    TemplateNotFound,
+    UnknownProvider,
+)
 from notifier.messages import accept_requests
 from notifier.repository import NotifierRepository
 from notifier.schemas import (
@@ -206,12 +212,40 @@ async def send_message(
         expires_at=data.expires_at,
         source_service="ops",
     )
+    if data.id is not None:
+        earlier = await NotifierRepository(session).get_message(data.id)
+        if earlier is not None:
+            # A retry answers the message it made; the same id for another message is a client bug.
+            differing = _differing_fields(earlier, request)
+            if differing:
+                raise IdempotencyConflict(
+                    f"message {data.id!r} exists with a different request",
+                    details={"id": data.id, "fields": differing},
+                )
+            return MessageRead.model_validate(earlier)
     due = await accept_requests(session=session, requests=[request], now=runtime.clock.now(), policy=notifier.policy)
     if due:
         after_commit(session, notifier.dispatcher.wake)
     message = await NotifierRepository(session).get_message(request.id)
     assert message is not None
     return MessageRead.model_validate(message)
+
+
+def _differing_fields(message: Any, request: MessageRequested) -> list[str]:
+    pairs = {
+        "customer_id": (message.customer_id, request.customer_id),
+        "kind": (message.kind, request.kind),
+        "template": (message.template, request.template),
+        "channel": (message.requested_channel, request.channel),
+        "locale": (message.locale, request.locale),
+        "variables": (message.variables or {}, request.variables or {}),
+        "campaign_id": (message.campaign_id, request.campaign_id),
+        "offer_id": (message.offer_id, request.offer_id),
+        "not_before": (message.not_before, request.not_before),
+        "expires_at": (message.expires_at, request.expires_at),
+        "source": (message.source_service, request.source_service),
+    }
+    return [name for name, (stored, asked) in pairs.items() if stored != asked]
 
 
 # -- providers ---------------------------------------------------------------------------------

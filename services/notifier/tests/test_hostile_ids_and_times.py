@@ -69,3 +69,29 @@ def test_a_requested_message_with_an_unstorable_time_is_a_poison_message():
         parse_request(rec)
     value["not_before"] = "2026-01-02T00:00:00+14:00"
     assert parse_request(rec).not_before is not None
+
+
+async def test_a_direct_send_retried_is_the_same_message_and_the_same_id_with_another_body_is_409(start_app):
+    async with start_app() as (client, app):
+        await seed_contact(app, "c1", phone="+14155550101")
+        await add_template(client, "code", "sms", body="code {{ n }}", variables=["n"])
+        await add_template(client, "other", "sms", body="other")
+        body = {
+            "id": "ops-7",
+            "customer_id": "c1",
+            "template": "code",
+            "variables": {"n": 1},
+            "expires_at": "2030-01-01T01:00:00+01:00",
+        }
+        first = await client.post("/v1/messages", json=body)
+        assert first.status_code == 202, first.text
+        retry = await client.post("/v1/messages", json={**body, "expires_at": "2030-01-01T00:00:00Z"})
+        assert retry.status_code == 202 and retry.json()["id"] == "ops-7"
+        for change in ({"template": "other"}, {"variables": {"n": 2}}, {"customer_id": "c2"}, {"kind": "marketing"}):
+            r = await client.post("/v1/messages", json={**body, **change})
+            assert r.status_code == 409, (change, r.text)
+            err = r.json()["error"]
+            assert err["code"] == "idempotency_conflict" and err["details"]["fields"] == [next(iter(change))]
+        detail = (await client.get("/v1/messages/ops-7")).json()
+        assert detail["template"] == "code" and detail["variables"] == {"n": 1}
+        assert (await client.get("/v1/customers/c1/messages")).json()["total"] == 1
