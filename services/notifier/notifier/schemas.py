@@ -36,6 +36,27 @@ def storable_time(value: datetime) -> bool:
     return True
 
 
+def _encodable(value: Any) -> Any:
+    """Refuse lone surrogates (JSON allows a "\\ud800" escape; PostgreSQL and UTF-8 do not)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("strings must be valid Unicode: lone surrogates (\\ud800-\\udfff) are not allowed") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _encodable(k)
+            _encodable(v)
+    elif isinstance(value, list):
+        for v in value:
+            _encodable(v)
+    return value
+
+
+# Free JSON as the contract bounds it (depth, size, NUL), and storable: no lone surrogates.
+Json = Annotated[FreeJson, AfterValidator(_encodable)]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -47,7 +68,7 @@ class TemplateContent(Strict):
     variables: Annotated[list[VarName], Field(max_length=100)] = Field(
         default_factory=list, description="Variables the template may use"
     )
-    sample: FreeJson = Field(default_factory=dict, description="Sample values for the preview")
+    sample: Json = Field(default_factory=dict, description="Sample values for the preview")
 
 
 class TemplateCreate(TemplateContent):
@@ -82,7 +103,7 @@ class TemplatePage(BaseModel):
 
 
 class PreviewRequest(Strict):
-    variables: FreeJson | None = Field(None, description="Values to render with; the template's sample when absent")
+    variables: Json | None = Field(None, description="Values to render with; the template's sample when absent")
     first_name: ShortText | None = None
 
 
@@ -101,7 +122,7 @@ class MessageCreate(Strict):
     template: Key
     channel: Channel | None = None
     locale: Locale | None = None
-    variables: FreeJson = Field(default_factory=dict)
+    variables: Json = Field(default_factory=dict)
     campaign_id: Id | None = None
     offer_id: Id | None = None
     not_before: AwareDatetime | None = None

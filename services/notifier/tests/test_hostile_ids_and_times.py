@@ -95,3 +95,27 @@ async def test_a_direct_send_retried_is_the_same_message_and_the_same_id_with_an
         detail = (await client.get("/v1/messages/ops-7")).json()
         assert detail["template"] == "code" and detail["variables"] == {"n": 1}
         assert (await client.get("/v1/customers/c1/messages")).json()["total"] == 1
+
+
+async def test_lone_surrogates_in_free_json_are_a_422_naming_the_field(start_app):
+    async with start_app() as (client, app):
+        await seed_contact(app, "c1", phone="+14155550101")
+        created = await add_template(client, "code", "sms", body="code {{ x }}", variables=["x"])
+        h = {"Content-Type": "application/json"}
+        cases = [
+            ("/v1/templates", '{"key": "s", "channel": "sms", "locale": "en", "body": "a", "sample": {"a": "\\ud800"}}', "sample"),
+            ("/v1/templates", '{"key": "s", "channel": "sms", "locale": "en", "body": "a", "sample": {"\\udfff": 1}}', "sample"),
+            ("/v1/messages", '{"customer_id": "c1", "template": "code", "variables": {"x": ["\\ud800"]}}', "variables"),
+            (f"/v1/templates/{created['id']}/preview", '{"variables": {"x": "a\\udc00b"}}', "variables"),
+        ]
+        for url, raw, field in cases:
+            r = await client.post(url, content=raw.encode(), headers=h)
+            assert r.status_code == 422, (url, raw, r.status_code, r.text[:200])
+            assert r.json()["detail"][0]["loc"] == ["body", field]
+        r = await client.post(
+            "/v1/messages",
+            content=b'{"customer_id": "c1", "template": "code", "variables": {"x": "\\ud83d\\ude00"}}',
+            headers=h,
+        )
+        assert r.status_code == 202, r.text
+        assert (await client.get("/v1/customers/c1/messages")).json()["total"] == 1
