@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -73,6 +74,22 @@ def _field_errors(exc: ValidationError) -> list[dict[str, Any]]:
     return out
 
 
+_NUMERIC = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
+NUMERIC_TIME_ERROR: dict[str, Any] = {
+    "loc": ["occurred_at"],
+    "msg": "must be an RFC 3339 timestamp with an offset, such as 2026-01-05T11:58:00+01:00, not a number",
+}
+
+
+def _numeric_time(value: Any) -> bool:
+    """A number, or a string of one: the model would take it as Unix seconds (or milliseconds,
+    when large) in UTC, but the contract asks for RFC 3339 with an explicit offset, as it does of
+    strings (a timestamp without an offset is refused)."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int | float) or (isinstance(value, str) and _NUMERIC.match(value) is not None)
+
+
 def _json_type(value: Any) -> str:
     if value is None:
         return "null"
@@ -111,10 +128,15 @@ async def ingest_events(*, session: AsyncSession, source: str, events: list[Any]
             continue
         raw_id = data.get("event_id")
         event_id = raw_id if isinstance(raw_id, str) else None
+        errors: list[dict[str, Any]] = []
         try:
             event = validate_event(data, source=source, now=now)
         except ValidationError as exc:
-            results.append({"index": index, "event_id": event_id, "status": "rejected", "errors": _field_errors(exc)})
+            errors = _field_errors(exc)
+        if _numeric_time(data.get("occurred_at")):
+            errors = [e for e in errors if e["loc"][:1] != ["occurred_at"]] + [NUMERIC_TIME_ERROR]
+        if errors:
+            results.append({"index": index, "event_id": event_id, "status": "rejected", "errors": errors})
             rejected += 1
             continue
         event_id = event.event_id

@@ -36,6 +36,9 @@ class RateLimiter:
         """Seconds to wait if the bucket is empty (checked before reading a body), else None."""
         now = time.monotonic()
         tokens = self._level(key_id, rate, now)
-        if tokens < 1:
-            return max(1, math.ceil((1 - tokens) / rate))
+        # A bucket holds one second's worth, so below one event per second it never holds a whole
+        # token: a full bucket is enough then (as in `retry_after`), or such a key is refused forever.
+        need = min(1.0, rate)
+        if tokens < need:
+            return max(1, math.ceil((need - tokens) / rate))
         return None

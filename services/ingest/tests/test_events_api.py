@@ -183,6 +183,49 @@ async def test_rate_limit_answers_429_with_retry_after(ingest):
     assert (await ingest.post(custom("r-6", occurred_at=now))).status_code == 202
 
 
+async def test_a_key_limited_below_one_event_per_second_is_not_refused_forever(ingest):
+    now = ingest.clock.now()
+    await ingest.add_key("trickle-key", rate=0.5)
+    first = await ingest.post(custom("t-0", occurred_at=now), key="trickle-key")
+    assert first.status_code == 202, first.text
+    limited = await ingest.post(custom("t-1", occurred_at=now), key="trickle-key")
+    assert limited.status_code == 429
+    assert int(limited.headers["Retry-After"]) == 2
+
+
+def test_rate_limiter_lets_a_sub_one_rate_through_when_its_bucket_is_full():
+    import uuid
+
+    from ingest.ratelimit import RateLimiter
+
+    limiter, key = RateLimiter(), uuid.uuid4()
+    assert limiter.exhausted(key, 0.25) is None
+    assert limiter.retry_after(key, 0.25, cost=1) is None
+    assert limiter.exhausted(key, 0.25) == 4
+
+
+async def test_a_numeric_occurred_at_is_refused_like_a_timestamp_without_offset(ingest):
+    now = ingest.clock.now()
+    valid = custom("n-ok", occurred_at=now)
+    numbers = [0, 1_764_612_000, "1764612000", 1_764_612_000_000, 1.5e9, "1.5e9"]
+    batch = [valid] + [{**custom(f"n-{i}", occurred_at=now), "occurred_at": v} for i, v in enumerate(numbers)]
+    r = await ingest.post({"events": batch})
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert (body["accepted"], body["rejected"]) == (1, len(numbers))
+    for result in body["results"][1:]:
+        assert result["status"] == "rejected"
+        assert result["errors"] == [
+            {
+                "loc": ["occurred_at"],
+                "msg": "must be an RFC 3339 timestamp with an offset, such as 2026-01-05T11:58:00+01:00, not a number",
+            }
+        ]
+    single = await ingest.post({**custom("n-single", occurred_at=now), "occurred_at": 0, "customer_id": ""})
+    assert single.status_code == 422
+    assert [e["loc"] for e in single.json()["error"]["details"]] == [["customer_id"], ["occurred_at"]]
+
+
 async def test_hostile_bodies_get_4xx_never_500(ingest):
     now = ingest.clock.now()
     h = {**ingest.auth, "Content-Type": "application/json"}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Header, Path, Query, Request
@@ -11,12 +11,18 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import ValidationError
 
 from crm_common.contract.messages import MessageRequested
-from crm_common.errors import InvalidInput
+from crm_common.errors import InvalidInput, PayloadTooLarge
 from notifier import templates as template_ops
 from notifier.consumers import after_commit
 from notifier.contacts import contact_view
 from notifier.deps import NotifierDep, RuntimeDep, SessionDep
-from notifier.errors import ContactNotFound, MessageNotFound, UnknownProvider
+from notifier.errors import (
+    ContactNotFound,
+    IdempotencyConflict,
+    MessageNotFound,
+    TemplateNotFound,
+    UnknownProvider,
+)
 from notifier.messages import accept_requests
 from notifier.repository import NotifierRepository
 from notifier.schemas import (
@@ -54,6 +60,7 @@ CustomerId = Annotated[str, Path(min_length=1, max_length=128)]
 Token = Annotated[str, Path(min_length=1, max_length=4096)]
 Limit = Annotated[int, Query(ge=1, le=500)]
 Offset = Annotated[int, Query(ge=0, le=1_000_000)]
+MAX_CALLBACK_BYTES = 64_000
 PIXEL = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
 
 
@@ -80,8 +87,10 @@ async def list_templates(
     limit: Limit = 100,
     offset: Offset = 0,
 ) -> TemplatePage:
+    if (key is not None and _clean(key) is None) or (locale is not None and _clean(locale) is None):
+        return TemplatePage(items=[], total=0)
     items, total = await NotifierRepository(session).list_templates(
-        key=_clean(key), channel=channel, locale=_clean(locale), limit=limit, offset=offset
+        key=key, channel=channel, locale=locale, limit=limit, offset=offset
     )
     return TemplatePage(items=[TemplateRead.model_validate(t) for t in items], total=total)
 
@@ -89,7 +98,7 @@ async def list_templates(
 @router.get("/templates/{template_id}", response_model=TemplateRead, summary="Read a template")
 async def read_template(template_id: TemplateId, session: SessionDep) -> TemplateRead:
     return TemplateRead.model_validate(
-        await template_ops.get_template(repo=NotifierRepository(session), template_id=_clean(template_id) or "-")
+        await template_ops.get_template(repo=NotifierRepository(session), template_id=_template_id(template_id))
     )
 
 
@@ -99,7 +108,7 @@ async def update_template(
 ) -> TemplateRead:
     template = await template_ops.update_template(
         repo=NotifierRepository(session),
-        template_id=_clean(template_id) or "-",
+        template_id=_template_id(template_id),
         data=data,
         now=runtime.clock.now(),
     )
@@ -108,7 +117,7 @@ async def update_template(
 
 @router.delete("/templates/{template_id}", status_code=204, summary="Delete a template")
 async def delete_template(template_id: TemplateId, session: SessionDep) -> Response:
-    await template_ops.delete_template(repo=NotifierRepository(session), template_id=_clean(template_id) or "-")
+    await template_ops.delete_template(repo=NotifierRepository(session), template_id=_template_id(template_id))
     return Response(status_code=204)
 
 
@@ -120,7 +129,7 @@ async def delete_template(template_id: TemplateId, session: SessionDep) -> Respo
 async def preview_template(
     template_id: TemplateId, data: PreviewRequest, session: SessionDep, notifier: NotifierDep
 ) -> PreviewRead:
-    template = await template_ops.get_template(repo=NotifierRepository(session), template_id=_clean(template_id) or "-")
+    template = await template_ops.get_template(repo=NotifierRepository(session), template_id=_template_id(template_id))
     url = notifier.links.unsubscribe_url("preview", "preview", template.channel)
     rendered = template_ops.preview(
         renderer=notifier.renderer,
@@ -141,7 +150,8 @@ async def preview_template(
     summary="A customer's contact data and consents",
 )
 async def read_contact(customer_id: CustomerId, session: SessionDep) -> ContactRead:
-    contact = await NotifierRepository(session).get_contact(_clean(customer_id) or "-")
+    not_found = ContactNotFound("no contact data for this customer")
+    contact = await NotifierRepository(session).get_contact(_path_id(customer_id, not_found))
     if contact is None:
         raise ContactNotFound("no contact data for this customer")
     return ContactRead.model_validate(contact_view(contact))
@@ -155,7 +165,10 @@ async def read_contact(customer_id: CustomerId, session: SessionDep) -> ContactR
 async def customer_messages(
     customer_id: CustomerId, session: SessionDep, limit: Limit = 50, offset: Offset = 0
 ) -> MessagePage:
-    items, total = await NotifierRepository(session).history(_clean(customer_id) or "-", limit=limit, offset=offset)
+    cleaned = _clean(customer_id)
+    if cleaned is None:
+        return MessagePage(items=[], total=0)
+    items, total = await NotifierRepository(session).history(cleaned, limit=limit, offset=offset)
     return MessagePage(items=[MessageRead.model_validate(m) for m in items], total=total)
 
 
@@ -166,7 +179,7 @@ async def customer_messages(
 )
 async def read_message(message_id: CustomerId, session: SessionDep) -> MessageDetail:
     repo = NotifierRepository(session)
-    message = await repo.get_message(_clean(message_id) or "-")
+    message = await repo.get_message(_path_id(message_id, MessageNotFound("no such message")))
     if message is None:
         raise MessageNotFound("no such message")
     detail = MessageDetail.model_validate(message)
@@ -199,12 +212,40 @@ async def send_message(
         expires_at=data.expires_at,
         source_service="ops",
     )
+    if data.id is not None:
+        earlier = await NotifierRepository(session).get_message(data.id)
+        if earlier is not None:
+            # A retry answers the message it made; the same id for another message is a client bug.
+            differing = _differing_fields(earlier, request)
+            if differing:
+                raise IdempotencyConflict(
+                    f"message {data.id!r} exists with a different request",
+                    details={"id": data.id, "fields": differing},
+                )
+            return MessageRead.model_validate(earlier)
     due = await accept_requests(session=session, requests=[request], now=runtime.clock.now(), policy=notifier.policy)
     if due:
         after_commit(session, notifier.dispatcher.wake)
     message = await NotifierRepository(session).get_message(request.id)
     assert message is not None
     return MessageRead.model_validate(message)
+
+
+def _differing_fields(message: Any, request: MessageRequested) -> list[str]:
+    pairs = {
+        "customer_id": (message.customer_id, request.customer_id),
+        "kind": (message.kind, request.kind),
+        "template": (message.template, request.template),
+        "channel": (message.requested_channel, request.channel),
+        "locale": (message.locale, request.locale),
+        "variables": (message.variables or {}, request.variables or {}),
+        "campaign_id": (message.campaign_id, request.campaign_id),
+        "offer_id": (message.offer_id, request.offer_id),
+        "not_before": (message.not_before, request.not_before),
+        "expires_at": (message.expires_at, request.expires_at),
+        "source": (message.source_service, request.source_service),
+    }
+    return [name for name, (stored, asked) in pairs.items() if stored != asked]
 
 
 # -- providers ---------------------------------------------------------------------------------
@@ -245,9 +286,7 @@ async def provider_callback(
     }.get(provider)
     if secret is None:
         raise UnknownProvider(f"no provider {provider!r}")
-    body = await request.body()
-    if len(body) > 64_000:
-        raise InvalidInput("callback body too large")
+    body = await _read_limited(request, MAX_CALLBACK_BYTES)
     verify_callback(secret, body, x_signature)
     try:
         data = CallbackIn.model_validate(orjson.loads(body))
@@ -304,7 +343,39 @@ async def unsubscribe_now(
 
 
 def _clean(value: str | None) -> str | None:
-    # Path and query values reach SQL as text; PostgreSQL refuses NUL, so it can never match.
-    if value is None:
+    """A path or query value as stored ids are, or None when no stored id can equal it.
+
+    Stored ids never hold NUL (PostgreSQL text refuses it), so a value with one matches nothing;
+    stripping it instead made `/v1/templates/<id>%00` read, replace or delete template <id>.
+    """
+    if value is None or "\x00" in value:
         return None
-    return value.replace("\x00", "")
+    return value
+
+
+def _path_id(value: str, not_found: Exception) -> str:
+    cleaned = _clean(value)
+    if cleaned is None:
+        raise not_found
+    return cleaned
+
+
+def _template_id(value: str) -> str:
+    return _path_id(value, TemplateNotFound(f"no template {value!r}"))
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """The body, refused (413) by Content-Length or as soon as it streams past `limit` bytes.
+
+    The callback route is public, so it must not buffer whatever an unsigned sender posts.
+    """
+    too_large = PayloadTooLarge(f"a callback body is at most {limit} bytes", details={"max_bytes": limit})
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)

@@ -19,6 +19,7 @@ from notifier.contacts import apply_customer_updates
 from notifier.messages import accept_requests
 from notifier.policy import Policy
 from notifier.repository import NotifierRepository
+from notifier.schemas import storable_time
 
 MAX_ID = 128
 
@@ -38,6 +39,10 @@ def parse_request(rec: Record) -> MessageRequested:
         value = getattr(req, name)
         if value is not None and (not value or len(value) > MAX_ID or "\x00" in value):
             raise PoisonMessage(f"invalid message request: {name} must be 1-{MAX_ID} characters without NUL")
+    for name in ("not_before", "expires_at"):
+        value = getattr(req, name)
+        if value is not None and value.tzinfo is not None and not storable_time(value):
+            raise PoisonMessage(f"invalid message request: {name} must fall within years 1-9999 in UTC")
     return req
 
 

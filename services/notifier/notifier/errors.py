@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from crm_common.errors import CRMError, Forbidden, InvalidInput, NotFound, Unauthorized
+from crm_common.errors import Conflict, CRMError, Forbidden, InvalidInput, NotFound, Unauthorized
 
 
 class TemplateInvalid(InvalidInput):
@@ -41,11 +41,16 @@ class UnknownProvider(NotFound):
     code = "unknown_provider"
 
 
+class IdempotencyConflict(Conflict):
+    code = "idempotency_conflict"
+
+
 __all__ = [
     "BadSignature",
     "BadToken",
     "CRMError",
     "ContactNotFound",
+    "IdempotencyConflict",
     "MessageNotFound",
     "MissingSignature",
     "RenderFailed",

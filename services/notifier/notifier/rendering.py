@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateError, meta, nodes
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
 from notifier.errors import RenderFailed, TemplateInvalid
@@ -16,6 +17,8 @@ IMPLICIT_VARIABLES = frozenset({"customer", "message_id", "unsubscribe_url"})
 FIELDS = ("subject", "body", "html")
 MAX_OUTPUT = 200_000
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+# The largest integer `**` or `*` may produce, in bits (about 30,000 decimal digits).
+MAX_INT_BITS = 100_000
 
 
 @dataclass(slots=True)
@@ -25,20 +28,63 @@ class Rendered:
     html: str | None
 
 
+class _BoundedSandbox(SandboxedEnvironment):
+    """The sandbox with `*` and `**` bounded.
+
+    Unintercepted, Jinja folds constant expressions while compiling, so saving `{{ 'x' * 10**10 }}`
+    or `{{ 9**9**9 }}` would allocate gigabytes or compute for hours inside the request; at render
+    `{{ name * 10**9 }}` would build the whole string before the output limit is checked.
+    Intercepted operators are never folded and go through `call_binop`, which refuses oversized
+    results before computing them.
+    """
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, str | list | tuple) and isinstance(n, int) and len(seq) * n > MAX_OUTPUT:
+                    raise SecurityError(f"the result of '*' would exceed {MAX_OUTPUT} items")
+            if _is_int(left) and _is_int(right) and left.bit_length() + right.bit_length() > MAX_INT_BITS:
+                raise SecurityError("the result of '*' would be too large a number")
+        elif operator == "**" and _is_int(left) and _is_int(right) and right > 0 and abs(left) > 1:
+            if right * left.bit_length() > MAX_INT_BITS:
+                raise SecurityError("the result of '**' would be too large a number")
+        return super().call_binop(context, operator, left, right)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _env(autoescape: bool) -> SandboxedEnvironment:
-    return SandboxedEnvironment(undefined=StrictUndefined, autoescape=autoescape, auto_reload=False, cache_size=0)
+    return _BoundedSandbox(undefined=StrictUndefined, autoescape=autoescape, auto_reload=False, cache_size=0)
 
 
 _TEXT = _env(False)
 _HTML = _env(True)
 
 
-def _parse(field: str, source: str) -> nodes.Template:
+def _invalid(field: str, error: str) -> TemplateInvalid:
+    return TemplateInvalid(f"{field}: {error}", details={"field": field, "error": error})
+
+
+def _used_names(field: str, source: str) -> set[str]:
+    """Parse and compile one part; the names it reads from the context. TemplateInvalid if it cannot be."""
     env = _HTML if field == "html" else _TEXT
     try:
-        return env.parse(source)
+        ast = env.parse(source)
+        # Compiling (inside find_undeclared_variables) is what finds unknown filters.
+        used = meta.find_undeclared_variables(ast)
     except TemplateError as exc:
-        raise TemplateInvalid(f"{field}: {exc}", details={"field": field, "error": str(exc)}) from None
+        raise _invalid(field, getattr(exc, "message", None) or str(exc)) from None
+    except RecursionError:
+        raise _invalid(field, "the template is nested too deeply") from None
+    unknown_tests = sorted({t.name for t in ast.find_all(nodes.Test) if t.name not in env.tests})
+    if unknown_tests:
+        # Jinja only finds these when the test runs; refuse them at save like unknown filters.
+        raise _invalid(field, f"no test named {', '.join(map(repr, unknown_tests))}")
+    return used
 
 
 def check_template(*, channel: str, subject: str | None, body: str, html: str | None, variables: list[str]) -> None:
@@ -54,7 +100,7 @@ def check_template(*, channel: str, subject: str | None, body: str, html: str | 
     for field, source in (("subject", subject), ("body", body), ("html", html)):
         if source is None:
             continue
-        used = meta.find_undeclared_variables(_parse(field, source))
+        used = _used_names(field, source)
         undeclared = sorted(used - declared)
         if undeclared:
             raise TemplateInvalid(

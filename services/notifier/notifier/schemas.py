@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -13,6 +13,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    field_validator,
     model_validator,
 )
 
@@ -23,6 +24,37 @@ Key = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^
 TemplateText = Annotated[str, StringConstraints(max_length=100_000), AfterValidator(_no_nul)]
 Subject = Annotated[str, StringConstraints(max_length=998), AfterValidator(_no_nul)]
 VarName = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_no_nul)]
+
+
+def storable_time(value: datetime) -> bool:
+    """False for an aware datetime that has no UTC equivalent in years 1-9999 (the database driver
+    cannot store it): year 1 at +14:00 is before year 1 in UTC, 9999-12-31 at -14:00 after 9999."""
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        return False
+    return True
+
+
+def _encodable(value: Any) -> Any:
+    """Refuse lone surrogates (JSON allows a "\\ud800" escape; PostgreSQL and UTF-8 do not)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("strings must be valid Unicode: lone surrogates (\\ud800-\\udfff) are not allowed") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _encodable(k)
+            _encodable(v)
+    elif isinstance(value, list):
+        for v in value:
+            _encodable(v)
+    return value
+
+
+# Free JSON as the contract bounds it (depth, size, NUL), and storable: no lone surrogates.
+Json = Annotated[FreeJson, AfterValidator(_encodable)]
 
 
 class Strict(BaseModel):
@@ -36,7 +68,7 @@ class TemplateContent(Strict):
     variables: Annotated[list[VarName], Field(max_length=100)] = Field(
         default_factory=list, description="Variables the template may use"
     )
-    sample: FreeJson = Field(default_factory=dict, description="Sample values for the preview")
+    sample: Json = Field(default_factory=dict, description="Sample values for the preview")
 
 
 class TemplateCreate(TemplateContent):
@@ -71,7 +103,7 @@ class TemplatePage(BaseModel):
 
 
 class PreviewRequest(Strict):
-    variables: FreeJson | None = Field(None, description="Values to render with; the template's sample when absent")
+    variables: Json | None = Field(None, description="Values to render with; the template's sample when absent")
     first_name: ShortText | None = None
 
 
@@ -90,11 +122,18 @@ class MessageCreate(Strict):
     template: Key
     channel: Channel | None = None
     locale: Locale | None = None
-    variables: FreeJson = Field(default_factory=dict)
+    variables: Json = Field(default_factory=dict)
     campaign_id: Id | None = None
     offer_id: Id | None = None
     not_before: AwareDatetime | None = None
     expires_at: AwareDatetime | None = None
+
+    @field_validator("not_before", "expires_at")
+    @classmethod
+    def _storable(cls, value: datetime | None) -> datetime | None:
+        if value is not None and not storable_time(value):
+            raise ValueError("out of range: in UTC it must fall within years 1-9999")
+        return value
 
 
 class AttemptRead(BaseModel):

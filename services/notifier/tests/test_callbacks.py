@@ -46,3 +46,23 @@ async def test_signed_callback_marks_delivered_and_a_bad_signature_is_refused(st
         assert (
             await client.post(url, content=bad, headers={"X-Signature": callback_signature("s3cret", bad)})
         ).status_code == 422
+
+
+async def test_an_oversized_callback_is_413_and_is_not_buffered_whole(start_app):
+    async with start_app() as (client, _):
+        url = "/v1/providers/sms/callbacks"
+        big = b'{"message_id": "x", "status": "delivered", "reason": "' + b"x" * 70_000 + b'"}'
+        r = await client.post(url, content=big, headers={"X-Signature": "sha256=00"})
+        assert r.status_code == 413 and r.json()["error"]["details"] == {"max_bytes": 64_000}
+        sent = 0
+
+        async def endless():
+            nonlocal sent
+            while sent < 50_000_000:
+                sent += 1 << 16
+                yield b"x" * (1 << 16)
+
+        # No Content-Length (chunked): refused once the limit is passed, not after reading it all.
+        r = await client.post(url, content=endless())
+        assert r.status_code == 413
+        assert sent < 1_000_000, sent

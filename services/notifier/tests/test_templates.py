@@ -143,3 +143,79 @@ async def test_hostile_inputs_get_structured_4xx(start_app):
             },
         )
         assert r.status_code == 422
+
+
+async def test_templates_that_cannot_compile_are_refused_at_save_with_422_not_500(start_app):
+    async with start_app() as (client, _):
+        cases = {
+            "{{ x|nosuchfilter }}": "No filter named 'nosuchfilter'.",
+            "{% if x is nosuchtest %}y{% endif %}": "no test named 'nosuchtest'",
+            "{{" + "(" * 500 + "x" + ")" * 500 + "}}": "the template is nested too deeply",
+            "{% if x %}" * 300 + "{% endif %}" * 300: "the template is nested too deeply",
+        }
+        for body, error in cases.items():
+            r = await client.post(
+                "/v1/templates",
+                json={"key": "deep", "channel": "sms", "locale": "en", "body": body, "variables": ["x"]},
+            )
+            assert r.status_code == 422, (body[:40], r.status_code, r.text[:200])
+            err = r.json()["error"]
+            assert err["code"] == "template_invalid" and err["details"] == {"field": "body", "error": error}
+        assert (await client.get("/v1/templates", params={"key": "deep"})).json()["total"] == 0
+
+
+async def test_multiplication_and_power_are_bounded_at_save_and_at_render(start_app):
+    async with start_app() as (client, _):
+        # Unbounded, saving this folds the constant (Jinja's optimizer computes it in the request:
+        # with 10**10 that is 10 GB) and rendering builds the whole string before checking its size.
+        # Sizes here are kept small enough to be harmless without the bound.
+        r = await client.post(
+            "/v1/templates",
+            json={
+                "key": "big",
+                "channel": "sms",
+                "locale": "en",
+                "body": "{{ 'x' * 10**7 }}{{ x * 10**6 }}",
+                "variables": ["x"],
+                "sample": {"x": "ab"},
+            },
+        )
+        assert r.status_code == 201, r.text
+        preview = await client.post(f"/v1/templates/{r.json()['id']}/preview", json={})
+        assert preview.status_code == 422
+        assert preview.json()["error"]["code"] == "render_failed"
+        assert "would exceed 200000 items" in preview.json()["error"]["message"]
+        ok = await client.post(
+            "/v1/templates",
+            json={
+                "key": "small",
+                "channel": "sms",
+                "locale": "en",
+                "body": "{{ x * 3 }} {{ 2 ** 10 }} {{ [0] * 2 }} {{ 1.5 * 2 }}",
+                "variables": ["x"],
+                "sample": {"x": "ab"},
+            },
+        )
+        rendered = await client.post(f"/v1/templates/{ok.json()['id']}/preview", json={})
+        assert rendered.json()["body"] == "ababab 1024 [0, 0] 3.0"
+
+
+def test_power_and_product_of_huge_integers_are_refused_before_computing():
+    import time
+
+    import pytest
+
+    from notifier.errors import RenderFailed
+    from notifier.rendering import Renderer
+
+    class Tpl:
+        id, version, subject, html, variables = "t", 1, None, None, []
+        body = "{{ 3 ** 200000 }}"
+
+    start = time.monotonic()
+    with pytest.raises(RenderFailed, match="too large a number"):
+        Renderer().render(Tpl, {}, {})
+    Tpl.body, Tpl.version = "{{ (2 ** 60000) * (2 ** 60000) }}", 2
+    with pytest.raises(RenderFailed, match="too large a number"):
+        Renderer().render(Tpl, {}, {})
+    assert time.monotonic() - start < 1
