@@ -19,6 +19,7 @@ from fastapi.responses import ORJSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from crm_common import metrics
 from crm_common.clock import Clock, SystemClock
@@ -266,6 +267,40 @@ def _ops_router(service: str) -> APIRouter:
     return router
 
 
+class _BodyLimitMiddleware:
+    """Refuse a request body over `limit` bytes: by Content-Length at once, else as it streams in.
+
+    The refusal is an HTTPException raised from `receive`, so the route that reads the body stops
+    there and the JSON error handler answers 413 (nothing is buffered beyond the limit).
+    """
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.message = f"the request body exceeds the limit of {limit} bytes"
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        too_large = declared.isdigit() and int(declared) > self.limit
+        received = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal received
+            if too_large:
+                raise StarletteHTTPException(413, self.message)
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise StarletteHTTPException(413, self.message)
+            return message  # type: ignore[no-any-return]
+
+        await self.app(scope, limited, send)
+
+
 class _MetricsMiddleware:
     """Count requests and their latency (pure ASGI, cheap on the hot path)."""
 
@@ -332,10 +367,19 @@ def create_service_app(
         finally:
             await runtime.stop()
 
-    app = FastAPI(title=title, description=description, version=version, lifespan=lifespan, default_response_class=ORJSONResponse)
+    app = FastAPI(
+        title=title,
+        description=description,
+        version=version,
+        lifespan=lifespan,
+        default_response_class=ORJSONResponse,
+        # A path with a trailing slash is a 404, not a redirect built from the Host header.
+        redirect_slashes=False,
+    )
     install_error_handlers(app)
     app.include_router(_ops_router(settings.service_name))
     for router in routers:
         app.include_router(router)
+    app.add_middleware(_BodyLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(_MetricsMiddleware, service=settings.service_name)
     return app

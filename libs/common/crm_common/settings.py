@@ -48,3 +48,6 @@ class BaseServiceSettings(BaseSettings):
     outbox_batch_size: int = 1000
     log_level: str = shared("CRM_LOG_LEVEL", "INFO")
     log_json: bool = shared("CRM_LOG_JSON", True)
+    # Largest request body any route reads (413 beyond it, counted as it streams in). Ingest's
+    # own, lower limit for event bodies (1 MiB, CONTRACT.md) applies first on its routes.
+    max_request_bytes: int = 2 << 20
