@@ -70,7 +70,9 @@ def is_transient(exc: BaseException) -> bool:
         orig = getattr(exc, "orig", None)
         sqlstate = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
         # Serialization failures, deadlocks, admin shutdown and connection classes are retryable.
-        if sqlstate and (sqlstate in {"40001", "40P01", "55P03", "57P01", "57P02", "57P03"} or sqlstate.startswith("08")):
+        if sqlstate and (
+            sqlstate in {"40001", "40P01", "55P03", "57P01", "57P02", "57P03"} or sqlstate.startswith("08")
+        ):
             return True
     return isinstance(exc, OSError | ConnectionError | TimeoutError | asyncio.TimeoutError | KafkaError)
 
@@ -243,12 +245,16 @@ class ConsumerRunner:
         self.stats.batches += 1
         metrics.CONSUMER_BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - started)
 
-    async def _rewind(self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[Any]], exc: BaseException) -> None:
+    async def _rewind(
+        self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[Any]], exc: BaseException
+    ) -> None:
         """Seek every partition of the batch back so the same messages come again."""
         self.stats.retries += 1
         self._transient_streak += 1
         metrics.CONSUMER_RETRIES.labels(self.name).inc()
-        delay = min(10.0, self.retry_backoff_ms / 1000 * 2 ** min(self._transient_streak, 6)) * (0.5 + random.random() / 2)
+        delay = min(10.0, self.retry_backoff_ms / 1000 * 2 ** min(self._transient_streak, 6)) * (
+            0.5 + random.random() / 2
+        )
         log.warning("consumer %s: transient failure (%r); retrying the batch in %.2f s", self.name, exc, delay)
         for tp, msgs in batch.items():
             if tp in consumer.assignment():

@@ -80,7 +80,11 @@ def create_engine(
         pool_recycle=1800,
         pool_timeout=10,
         echo=echo,
-        connect_args={"timeout": 5, "command_timeout": command_timeout_s, "server_settings": {"application_name": "crm"}},
+        connect_args={
+            "timeout": 5,
+            "command_timeout": command_timeout_s,
+            "server_settings": {"application_name": "crm"},
+        },
     )
 
 

@@ -74,20 +74,40 @@ def _start_sinks(env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
     procs = []
     if "NOTIFIER_SMTP_HOST" not in env and "NOTIFIER_SMTP_PORT" not in env:
         port = 1025 + PORT_OFFSET
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{port}", "-c", "aiosmtpd.handlers.Mailbox", str(LOCAL / "mail")],
-            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "aiosmtpd",
+                    "-n",
+                    "-l",
+                    f"127.0.0.1:{port}",
+                    "-c",
+                    "aiosmtpd.handlers.Mailbox",
+                    str(LOCAL / "mail"),
+                ],
+                env=env,
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         env["NOTIFIER_SMTP_HOST"], env["NOTIFIER_SMTP_PORT"] = "127.0.0.1", str(port)
         _say(f"local SMTP sink on 127.0.0.1:{port}: e-mails land in {LOCAL / 'mail' / 'new'}")
     for setting, port, path in (("NOTIFIER_SMS_URL", 8091, "/v1/sms"), ("NOTIFIER_PUSH_BASE_URL", 8092, "")):
         if setting in env:
             continue
         port += PORT_OFFSET
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "notifier.fakes", "--port", str(port)],
-            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "notifier.fakes", "--port", str(port)],
+                env=env,
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         env[setting] = f"http://127.0.0.1:{port}{path}"
         _say(f"local {'SMS' if 'SMS' in setting else 'push'} provider sink on 127.0.0.1:{port}")
     return procs
@@ -157,8 +177,12 @@ def run() -> None:
         _say(f"  {service:<13} http://127.0.0.1:{port}   docs: http://127.0.0.1:{port}/docs")
     _say(f"  PostgreSQL    127.0.0.1:{pg.port}   broker: {bootstrap}")
     _say(f"  bootstrap API key (source pos, all scopes): {api_key}")
-    _say(f"try:  curl -s -X POST http://127.0.0.1:{PORTS['ingest']}/v1/events -H 'Authorization: Bearer " + api_key + "' "
-         "-H 'Content-Type: application/json' -d @docs/examples/purchase.json")
+    _say(
+        f"try:  curl -s -X POST http://127.0.0.1:{PORTS['ingest']}/v1/events -H 'Authorization: Bearer "
+        + api_key
+        + "' "
+        "-H 'Content-Type: application/json' -d @docs/examples/purchase.json"
+    )
     _say("Ctrl-C or `make stop` stops everything")
     try:
         while not stop["now"]:

@@ -103,7 +103,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> ORJSONResponse:
         details = _clean_errors(list(exc.errors()))
         return ORJSONResponse(
-            {"detail": details, "error": {"code": "validation_error", "message": "invalid request", "details": details}},
+            {
+                "detail": details,
+                "error": {"code": "validation_error", "message": "invalid request", "details": details},
+            },
             status_code=422,
         )
 
@@ -115,9 +118,7 @@ def install_error_handlers(app: FastAPI) -> None:
             401: "unauthorized",
             403: "forbidden",
             413: "payload_too_large",
-        }.get(
-            exc.status_code, "http_error"
-        )
+        }.get(exc.status_code, "http_error")
         return ORJSONResponse(
             error_body(code, str(exc.detail)), status_code=exc.status_code, headers=getattr(exc, "headers", None)
         )

@@ -90,7 +90,17 @@ class PostgresServer:
         self._own(self.data_dir)
         os.chmod(self.data_dir, 0o700)
         subprocess.run(
-            self._cmd(str(self.bin / "initdb"), "-D", str(self.data_dir), "-U", PG_USER, "--auth=trust", "-E", "UTF8", "--no-locale"),
+            self._cmd(
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                PG_USER,
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-locale",
+            ),
             check=True,
             stdout=subprocess.DEVNULL,
             cwd="/",
@@ -112,7 +122,19 @@ class PostgresServer:
             opts += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
         log = self.data_dir / "server.log"
         subprocess.run(
-            self._cmd(str(self.bin / "pg_ctl"), "-D", str(self.data_dir), "-o", " ".join(opts), "-l", str(log), "-w", "-t", "60", "start"),
+            self._cmd(
+                str(self.bin / "pg_ctl"),
+                "-D",
+                str(self.data_dir),
+                "-o",
+                " ".join(opts),
+                "-l",
+                str(log),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ),
             check=True,
             stdout=subprocess.DEVNULL,
             cwd="/",
@@ -163,7 +185,16 @@ class BrokerServer:
         url = f"tcp://127.0.0.1:{self.port}"
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
-            [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+            [
+                str(tansu_binary()),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
             stdout=out,
             stderr=out,
             start_new_session=True,

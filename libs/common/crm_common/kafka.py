@@ -17,7 +17,9 @@ from crm_common.settings import ALL_TOPICS
 log = logging.getLogger(__name__)
 
 
-def make_producer(bootstrap_servers: str, *, enable_idempotence: bool = False, client_id: str = "crm") -> AIOKafkaProducer:
+def make_producer(
+    bootstrap_servers: str, *, enable_idempotence: bool = False, client_id: str = "crm"
+) -> AIOKafkaProducer:
     """Build a producer that waits for all in-sync replicas; idempotence only where the broker has it."""
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap_servers,
@@ -53,7 +55,9 @@ async def ensure_topics(
         try:
             await admin.start()
             existing = set(await admin.list_topics())
-            missing = [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics if t not in existing]
+            missing = [
+                NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics if t not in existing
+            ]
             if missing:
                 await admin.create_topics(missing)
             return

@@ -5,7 +5,9 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 CONSUMER_MESSAGES = Counter("crm_consumer_messages_total", "Messages handled by a consumer", ["consumer", "outcome"])
-CONSUMER_RETRIES = Counter("crm_consumer_batch_retries_total", "Batches rewound after a transient failure", ["consumer"])
+CONSUMER_RETRIES = Counter(
+    "crm_consumer_batch_retries_total", "Batches rewound after a transient failure", ["consumer"]
+)
 CONSUMER_BATCH_SECONDS = Histogram("crm_consumer_batch_seconds", "Time to apply one batch", ["consumer"])
 CONSUMER_LAG = Gauge("crm_consumer_lag", "High-water mark minus committed offset", ["consumer", "topic", "partition"])
 OUTBOX_PUBLISHED = Counter("crm_outbox_published_total", "Messages published by an outbox relay", ["relay"])

@@ -127,7 +127,9 @@ class OutboxRelay:
     async def run_once(self) -> int:
         """Publish one batch; return how many messages went out."""
         async with self.sessionmaker() as session:
-            locked = (await session.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": self.lock_key})).scalar()
+            locked = (
+                await session.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": self.lock_key})
+            ).scalar()
             if not locked:
                 return 0
             rows = (await session.execute(text(self.fetch_sql), {"limit": self.batch_size})).all()

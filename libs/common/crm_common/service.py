@@ -63,7 +63,9 @@ class ServiceRuntime:
         """The physical topic name (a prefix isolates tests and tenants sharing one broker)."""
         return self.settings.topic_prefix + name
 
-    def add_consumer(self, name: str, topics: Sequence[str], handler: BatchHandler, *, group_id: str | None = None) -> ConsumerRunner:
+    def add_consumer(
+        self, name: str, topics: Sequence[str], handler: BatchHandler, *, group_id: str | None = None
+    ) -> ConsumerRunner:
         s = self.settings
         runner = ConsumerRunner(
             name=name,
@@ -223,7 +225,9 @@ def _ops_router(service: str) -> APIRouter:
     async def readyz(runtime: RuntimeDep) -> ORJSONResponse:
         checks = await runtime.check_ready()
         ok = all(v == "ok" for v in checks.values())
-        return ORJSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+        return ORJSONResponse(
+            {"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503
+        )
 
     @router.get("/v1/ops/pipeline", summary="Consumers (lag, applied, dead-lettered) and outbox backlog")
     async def pipeline(runtime: RuntimeDep) -> dict[str, Any]:
@@ -258,7 +262,11 @@ def _ops_router(service: str) -> APIRouter:
         if name not in runtime.sweeps:
             raise NotFound(f"no sweep named {name!r}", details={"sweeps": sorted(runtime.sweeps)})
         result = await runtime.run_sweep(name)
-        return {"sweep": name, "ran": result is not None, "result": result if isinstance(result, dict | int | str | list) else None}
+        return {
+            "sweep": name,
+            "ran": result is not None,
+            "result": result if isinstance(result, dict | int | str | list) else None,
+        }
 
     @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus_metrics() -> Response:
@@ -331,8 +339,17 @@ class _MetricsMiddleware:
             log.warning("dependency unavailable: %r", exc)
             status["code"] = 503
             body = orjson.dumps(error_body("unavailable", "a dependency is unavailable; retry later"))
-            await send({"type": "http.response.start", "status": 503, "headers": [
-                (b"content-type", b"application/json"), (b"retry-after", b"5"), (b"content-length", str(len(body)).encode())]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 503,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"retry-after", b"5"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
         finally:
             method = scope.get("method", "GET")

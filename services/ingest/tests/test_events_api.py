@@ -278,3 +278,23 @@ async def test_lookup_with_hostile_event_id_is_4xx(ingest):
         r = await ingest.client.get(f"/v1/events/pos/{event_id}", headers=ingest.auth)
         assert r.status_code in (404, 422), (event_id, r.status_code, r.text[:200])
     assert (await ingest.client.get("/v1/events/moon/x", headers=ingest.auth)).status_code == 422
+
+
+async def test_blank_ids_and_non_boolean_consents_are_refused_by_field(ingest):
+    now = ingest.clock.now()
+    blank_customer = await ingest.post(purchase("blank-1", customer_id="   ", occurred_at=now))
+    assert blank_customer.status_code == 422
+    assert blank_customer.json()["error"]["details"][0] == {"loc": ["customer_id"], "msg": "must not be blank"}
+    blank_event = await ingest.post(purchase(" ", occurred_at=now))
+    assert blank_event.status_code == 422 and blank_event.json()["error"]["details"][0]["loc"] == ["event_id"]
+    yes = {
+        "event_id": "consent-yes",
+        "type": "customer_updated",
+        "customer_id": "c-consent",
+        "occurred_at": now.isoformat(),
+        "properties": {"consents": {"email": "yes", "sms": 1, "push": True}},
+    }
+    r = await ingest.post(yes)
+    assert r.status_code == 422
+    locs = {tuple(e["loc"]) for e in r.json()["error"]["details"]}
+    assert locs == {("properties", "consents", "email"), ("properties", "consents", "sms")}

@@ -11,6 +11,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -47,9 +48,11 @@ class Strict(BaseModel):
 
 
 class Consents(Strict):
-    email: bool | None = None
-    sms: bool | None = None
-    push: bool | None = None
+    """A consent is a JSON boolean: "yes", 1 or "on" are refused, not read as true."""
+
+    email: StrictBool | None = None
+    sms: StrictBool | None = None
+    push: StrictBool | None = None
 
 
 class CustomerUpdatedProps(Strict):
@@ -57,7 +60,9 @@ class CustomerUpdatedProps(Strict):
 
     email: Email | None = None
     phone: Phone | None = None
-    push_tokens: Annotated[list[Annotated[str, Field(min_length=1, max_length=4096)]], Field(max_length=20)] | None = None
+    push_tokens: Annotated[list[Annotated[str, Field(min_length=1, max_length=4096)]], Field(max_length=20)] | None = (
+        None
+    )
     first_name: ShortText | None = None
     last_name: ShortText | None = None
     birth_date: date | None = None

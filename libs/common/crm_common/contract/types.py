@@ -18,18 +18,25 @@ def _no_nul(value: str) -> str:
     return value
 
 
-def _strip_optional(value: str) -> str:
+def _identifier(value: str) -> str:
+    # An id of only spaces would name a customer, order or event nobody can tell from another.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    if value.isspace():
+        raise ValueError("must not be blank")
     return value
 
 
-Id = Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(_no_nul)]
+Id = Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(_identifier)]
 ShortText = Annotated[str, StringConstraints(max_length=256), AfterValidator(_no_nul)]
 LongText = Annotated[str, StringConstraints(max_length=5000), AfterValidator(_no_nul)]
-Name = Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_no_nul)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_identifier)]
 
 MAX_AMOUNT = Decimal("1000000000000")
 Money = Annotated[Decimal, Field(ge=0, le=MAX_AMOUNT, max_digits=18, decimal_places=4, allow_inf_nan=False)]
-SignedMoney = Annotated[Decimal, Field(ge=-MAX_AMOUNT, le=MAX_AMOUNT, max_digits=18, decimal_places=4, allow_inf_nan=False)]
+SignedMoney = Annotated[
+    Decimal, Field(ge=-MAX_AMOUNT, le=MAX_AMOUNT, max_digits=18, decimal_places=4, allow_inf_nan=False)
+]
 Quantity = Annotated[Decimal, Field(gt=0, le=Decimal(1_000_000), max_digits=14, decimal_places=4, allow_inf_nan=False)]
 Points = Annotated[Decimal, Field(ge=0, le=MAX_AMOUNT, max_digits=18, decimal_places=2, allow_inf_nan=False)]
 

@@ -33,7 +33,9 @@ async def run_app(app: FastAPI, base_url: str = "http://test") -> AsyncIterator[
             yield client
 
 
-async def eventually(check: Callable[[], Any], *, timeout: float = 20, interval: float = 0.1, what: str = "condition") -> Any:
+async def eventually(
+    check: Callable[[], Any], *, timeout: float = 20, interval: float = 0.1, what: str = "condition"
+) -> Any:
     """Await `check()` (sync or async) until it returns a truthy value; fail after `timeout` s."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -48,9 +50,13 @@ async def eventually(check: Callable[[], Any], *, timeout: float = 20, interval:
         await asyncio.sleep(interval)
 
 
-async def read_topic(bootstrap: str, topic: str, *, min_count: int = 0, timeout: float = 15, idle: float = 0.5) -> list[dict[str, Any]]:
+async def read_topic(
+    bootstrap: str, topic: str, *, min_count: int = 0, timeout: float = 15, idle: float = 0.5
+) -> list[dict[str, Any]]:
     """Read a topic from the beginning; stop once `min_count` messages arrived and it is idle."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, auto_offset_reset="earliest"
+    )
     await consumer.start()
     try:
         parts = consumer.partitions_for_topic(topic)

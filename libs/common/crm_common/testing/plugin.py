@@ -68,6 +68,7 @@ def _reap_stale_runs() -> None:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     _reap_stale_runs()
+
     # A SIGTERM (e.g. from `timeout`) becomes an exception so fixtures still stop their servers.
     def _term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt("SIGTERM")
