@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from asyncpg.exceptions import DataError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import ORJSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -90,8 +92,39 @@ def dependency_down(exc: BaseException) -> bool:
     return is_transient(exc)
 
 
+def unencodable_text(exc: BaseException) -> bool:
+    """True when `exc` is the refusal of text that is not valid Unicode on its way out of the
+    process: a lone surrogate, which JSON can carry as a `\\ud800` escape but UTF-8 cannot encode
+    (the database driver's codec, or orjson serialising it for a JSONB column or a message)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        # The codec's UnicodeEncodeError, asyncpg's DataError quoting it, orjson's TypeError.
+        if isinstance(current, TypeError | ValueError | DataError) and "surrogates not allowed" in str(current):
+            return True
+        current = current.__cause__ or current.__context__ or getattr(current, "orig", None)
+    return False
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Render every error as JSON; unexpected ones as a 500 without a stack trace."""
+
+    async def _driver_refused(_: Request, exc: Exception) -> ORJSONResponse:
+        # Raised before the statement ran (or before the message was queued): the transaction rolls back.
+        if unencodable_text(exc):
+            return ORJSONResponse(
+                error_body(
+                    "invalid_text",
+                    "text must be valid Unicode: lone surrogates (\\ud800-\\udfff escapes) are not allowed",
+                ),
+                status_code=422,
+            )
+        raise exc  # a database that is down becomes a 503 in the middleware, anything else a 500
+
+    app.add_exception_handler(DBAPIError, _driver_refused)
+    app.add_exception_handler(DataError, _driver_refused)
+    app.add_exception_handler(TypeError, _driver_refused)
 
     @app.exception_handler(CRMError)
     async def _crm(_: Request, exc: CRMError) -> ORJSONResponse:
