@@ -9,8 +9,8 @@ Invariants kept here (and by CHECK constraints in the database):
 * every entry has a `ref` derived from its cause (unique), so a retried cause cannot apply twice;
 * a reversal takes what is spendable and books the rest as the account's points debt (`debt_change` of the
   entry), so the debt equals the ledger's sum of `debt_change` and is never negative; every credit while in debt
-  is followed by a `debt_settlement` entry that takes the debt (or as much of it as the credit's spendable points
-  cover) from the lots just credited. So while the debt is above zero nothing is spendable, and oldest-first
+  is followed by a `debt_settlement` entry that takes the debt (or as much of it as the credit covers) from the
+  lots just credited. So while the debt is above zero nothing is spendable, and oldest-first
   spending and expiry of the lots are untouched.
 """
 
@@ -456,18 +456,17 @@ class Book:
     ) -> Decimal:
         """Net the points debt against points just credited to lots, before they can be spent; return the points.
 
-        Only the credited points of lots not past expiry count: points that will expire are worth nothing to
-        the customer, so netting against them would forgive the debt. The debt being above zero means nothing
-        else was spendable (every earlier credit was netted first), so these lots are the oldest spendable ones
-        and taking from them is oldest-first spending.
+        Every credited point counts, also one returned to a lot past its expiry: returned redeemed points are often
+        the very points the debt stands for (the reversal could not take them because a redemption held them),
+        and that they came back late does not make the debt any larger. The debt being above zero means nothing
+        was spendable before this credit (every earlier credit was netted first), so taking from the credited
+        lots is spending oldest first.
         """
         left = acct.points_debt
         taken: list[tuple[str, Decimal]] = []
         for lot, credited_points in sorted(credited, key=lambda c: (c[0].expires_at, c[0].earned_at, c[0].id)):
             if left <= 0:
                 break
-            if lot.expires_at <= self.now:
-                continue
             take = min(lot.remaining, credited_points, left)
             if take <= 0:
                 continue

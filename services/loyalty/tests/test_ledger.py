@@ -551,6 +551,23 @@ async def test_points_debt_is_netted_against_redeemed_points_returned_by_a_cance
     await check_invariants(sm, "c1")
 
 
+async def test_redeemed_points_returned_after_their_lot_expired_still_pay_the_debt_they_stand_for(db):
+    _, sm = db
+    await set_programme(sm, f.SCENARIO4_PROGRAMME, T0)
+    await apply(sm, T0, f.purchase("c1", "o1", "800", T0))  # the lot expires 180 days later
+    await redeem(sm, T0, redemption_id="r1", customer_id="c1", check_amount=D("5000"), points=D("600"))
+    await apply(sm, T0, f.refund("c1", "o1", "800", T0 + timedelta(days=1)))
+    assert await debt(sm, "c1") == D("600")
+    late = T0 + timedelta(days=200)
+    async with sm() as s:
+        await redemptions.cancel(session=s, programme=await load_programme(s), redemption_id="r1", now=late)
+        await s.commit()
+    # The 600 points that came back are the 600 the reversal could not take: nothing is owed, nothing expires.
+    assert (await balance(sm, "c1"), await debt(sm, "c1")) == (D("0"), D("0"))
+    assert (await sweep(sm, late))["lots_expired"] == 0
+    await check_invariants(sm, "c1")
+
+
 async def test_points_debt_is_netted_against_bonuses_and_adjustments(db):
     _, sm = db
     await set_programme(sm, {**f.SCENARIO4_PROGRAMME, "birthday_bonus": "250"}, T0)
