@@ -60,6 +60,7 @@ async def get_account(*, session: AsyncSession, customer_id: str, now: datetime)
         customer_id=row[0],
         balance=row[1],
         balance_value=(row[1] * programme.point_value).quantize(Decimal("0.01")),
+        points_debt=row[11],
         tier=row[2],
         spend_12m=spend,
         referral_code=row[3],
@@ -90,6 +91,7 @@ async def get_ledger(*, session: AsyncSession, customer_id: str, before: int | N
             order_id=r[8],
             redemption_id=r[9],
             data=r[10],
+            debt_change=r[11],
         )
         for r in rows
     ]

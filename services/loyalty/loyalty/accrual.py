@@ -241,26 +241,20 @@ class EventApplier:
                 )
         to_reverse = (pur.points_accrued if full else round_points(pur.points_accrued * share)) - pur.points_reversed
         if to_reverse > 0:
-            # Points already spent cannot be taken back below zero: what is missing is recorded, not owed.
-            taken, _ = await book.debit(
+            # Points already spent cannot be taken below zero: what is missing becomes the account's debt,
+            # netted against its next credits.
+            await book.debit(
                 acct,
                 kind="reversal",
                 points=to_reverse,
                 ref=f"reversal:{e.id}",
                 at=e.occurred_at,
                 prefer_lot=f"accrual:{pur.message_id}",
-                allow_partial=True,
+                owe_shortfall=True,
                 order_id=r.order_id,
                 data={"reverses": "accrual", "requested": str(to_reverse)},
                 event_type="points.reversed",
             )
-            if taken < to_reverse:
-                log.info(
-                    "refund %s: %s of %s points could not be reversed",
-                    e.id,
-                    to_reverse - taken,
-                    to_reverse,
-                )
             pur.points_reversed += to_reverse
         self.add_spend(acct.customer_id, pur.occurred_at, -amount)
         self.update_tier(acct, -amount, cause=e.id, at=e.occurred_at)

@@ -19,7 +19,8 @@ async def adjust(
     adjustment_in: AdjustmentCreate,
     now: datetime,
 ) -> tuple[AdjustmentRead, bool]:
-    """Credit (new lot) or debit (oldest lots first, never below zero) an account; return (result, created)."""
+    """Credit (new lot, netted against a points debt) or debit (oldest lots first, never below zero) an account;
+    return (result, created)."""
     ref = f"adjustment:{adjustment_in.adjustment_id}"
     book = Book(session, programme, now)
     acct = (await book.open([customer_id], create=True, at=now))[customer_id]
@@ -28,6 +29,9 @@ async def adjust(
         seq, _, cid, _, points, balance_after, data = existing
         if cid != customer_id or points != adjustment_in.points or data.get("reason") != adjustment_in.reason:
             raise IdempotencyConflict(f"adjustment {adjustment_in.adjustment_id!r} exists with a different request")
+        # A credit netted against a points debt answered with the balance after its settlement: so does the replay.
+        if (settled := await book.repo.ledger_by_ref(f"debt:{ref}")) is not None:
+            balance_after = settled[5]
         return AdjustmentRead(
             adjustment_id=adjustment_in.adjustment_id,
             customer_id=cid,

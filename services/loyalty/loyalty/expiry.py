@@ -109,32 +109,49 @@ WHERE birth_date IS NOT NULL AND to_char(birth_date, 'MM-DD') = ANY(CAST(:days A
 ORDER BY customer_id LIMIT :limit FOR UPDATE
 """
 
+# The bonus is netted against a points debt as Book.credit does: the bonus entry, then a debt_settlement entry
+# taking min(debt, bonus) from the new lot. The accounts are locked (BIRTHDAY_LOCK_SQL), so `pre` reads
+# the values this statement updates.
 BIRTHDAY_SQL = f"""
-WITH acc AS (
-    UPDATE accounts SET balance = balance + CAST(:bonus AS numeric), birthday_awarded_year = CAST(:year AS int),
-           updated_at = :now
-    WHERE customer_id = ANY(CAST(:ids AS text[]))
-    RETURNING customer_id, balance
+WITH pre AS (
+    SELECT customer_id, balance, least(points_debt, CAST(:bonus AS numeric)) AS settled,
+           'birthday:' || customer_id || ':' || CAST(CAST(:year AS int) AS text) AS ref
+    FROM accounts WHERE customer_id = ANY(CAST(:ids AS text[]))
+), acc AS (
+    UPDATE accounts a SET balance = a.balance + CAST(:bonus AS numeric) - b.settled,
+           points_debt = a.points_debt - b.settled, birthday_awarded_year = CAST(:year AS int), updated_at = :now
+    FROM pre b WHERE a.customer_id = b.customer_id
+    RETURNING a.customer_id, b.ref, b.balance + CAST(:bonus AS numeric) AS credited_balance, b.settled,
+              a.balance, a.points_debt
 ), new_lots AS (
     INSERT INTO lots (id, customer_id, kind, earned_at, expires_at, points, remaining)
-    SELECT 'birthday:' || customer_id || ':' || CAST(:year AS text), customer_id, 'birthday_bonus', :now, :expires,
-           CAST(:bonus AS numeric), CAST(:bonus AS numeric)
+    SELECT ref, customer_id, 'birthday_bonus', :now, :expires, CAST(:bonus AS numeric),
+           CAST(:bonus AS numeric) - settled
     FROM acc
 ), entries AS (
-    INSERT INTO ledger (ref, customer_id, kind, points, balance_after, occurred_at, recorded_at, lot_id, data)
-    SELECT 'birthday:' || customer_id || ':' || CAST(:year AS text), customer_id, 'birthday_bonus',
-           CAST(:bonus AS numeric), balance, :now, :now, 'birthday:' || customer_id || ':' || CAST(:year AS text),
-           jsonb_build_object('year', CAST(:year AS int))
-    FROM acc
-    RETURNING ref, customer_id, points, balance_after
+    INSERT INTO ledger (ref, customer_id, kind, points, debt_change, balance_after, occurred_at, recorded_at, lot_id,
+                        data)
+    SELECT ref, customer_id, kind, points, debt_change, balance_after, :now, :now, lot_id, data FROM (
+        SELECT ref, customer_id, 'birthday_bonus' AS kind, CAST(:bonus AS numeric) AS points, 0 AS debt_change,
+               credited_balance AS balance_after, ref AS lot_id, jsonb_build_object('year', CAST(:year AS int)) AS data,
+               1 AS n
+        FROM acc
+        UNION ALL
+        SELECT 'debt:' || ref, customer_id, 'debt_settlement', -settled, -settled, balance, NULL,
+               jsonb_build_object('reverses', 'debt', 'settles', ref, 'lots', jsonb_build_object(ref, settled::text),
+                                  'debt_after', points_debt::text), 2
+        FROM acc WHERE settled > 0
+    ) e ORDER BY customer_id, n
+    RETURNING ref, customer_id, kind, points, balance_after, data
 )
 INSERT INTO outbox (topic, key, value)
 SELECT '{TOPIC_LOYALTY}', customer_id, convert_to(json_build_object(
-    'id', 'loyalty:points.accrued:' || ref, 'type', 'points.accrued', 'customer_id', customer_id,
+    'id', 'loyalty:' || t.type || ':' || ref, 'type', t.type, 'customer_id', customer_id,
     'occurred_at', CAST(:now_iso AS text), 'points', points::text, 'balance', balance_after::text,
-    'data', json_build_object('kind', 'birthday_bonus')
+    'data', CASE WHEN kind = 'birthday_bonus' THEN jsonb_build_object('kind', 'birthday_bonus') ELSE data END
 )::text, 'UTF8')
-FROM entries
+FROM entries, LATERAL (SELECT CASE WHEN kind = 'birthday_bonus' THEN 'points.accrued'
+                                   ELSE 'points.reversed' END AS type) t
 RETURNING 1
 """
 
@@ -228,7 +245,8 @@ async def award_birthdays(session: AsyncSession, now: datetime, *, bonus: Decima
         "now_iso": now.isoformat(),
         "expires": now + timedelta(days=expiry_days),
     }
-    return len((await session.execute(text(BIRTHDAY_SQL), params)).all())
+    await session.execute(text(BIRTHDAY_SQL), params)
+    return len(ids)
 
 
 async def run_sweep(session: AsyncSession, now: datetime, *, batch: int = 5000) -> dict[str, Any]:

@@ -6,7 +6,12 @@ Invariants kept here (and by CHECK constraints in the database):
   of the lots' remaining points and is never negative;
 * an account is changed only while its row is locked (`SELECT ... FOR UPDATE`, in id order), so
   concurrent requests on one account are serialised and cannot overspend;
-* every entry has a `ref` derived from its cause (unique), so a retried cause cannot apply twice.
+* every entry has a `ref` derived from its cause (unique), so a retried cause cannot apply twice;
+* a reversal takes what is spendable and books the rest as the account's points debt (`debt_change` of the
+  entry), so the debt equals the ledger's sum of `debt_change` and is never negative; every credit while in debt
+  is followed by a `debt_settlement` entry that takes the debt (or as much of it as the credit covers) from the
+  lots just credited. So while the debt is above zero nothing is spendable, and oldest-first
+  spending and expiry of the lots are untouched.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class AccountState:
     last_purchase_at: datetime | None
     birth_date: date | None
     created_at: datetime
+    points_debt: Decimal
     spend: Decimal | None = None
     lots: dict[str, LotState] | None = None
     dirty: bool = False
@@ -186,6 +192,7 @@ class Book:
         points: Decimal,
         ref: str,
         at: datetime,
+        debt_change: Decimal = ZERO,
         lot_id: str | None = None,
         order_id: str | None = None,
         redemption_id: str | None = None,
@@ -193,8 +200,9 @@ class Book:
         event_type: str | None = None,
     ) -> None:
         acct.balance += points
-        if acct.balance < 0:  # a bug, not a business case: the callers check before moving points
-            raise AssertionError(f"balance of {acct.customer_id} would become negative")
+        acct.points_debt += debt_change
+        if acct.balance < 0 or acct.points_debt < 0:  # a bug, not a business case: the callers check first
+            raise AssertionError(f"balance or debt of {acct.customer_id} would become negative")
         acct.dirty = True
         data = data or {}
         self.entries.append(
@@ -210,6 +218,7 @@ class Book:
                 order_id,
                 redemption_id,
                 data,
+                debt_change,
             )
         )
         if event_type:
@@ -318,6 +327,8 @@ class Book:
             data=data,
             event_type=event_type,
         )
+        if acct.points_debt > 0:
+            self.settle_debt(acct, [(lot, points)], cause=ref, at=at, order_id=order_id)
 
     async def debit(
         self,
@@ -328,13 +339,17 @@ class Book:
         ref: str,
         at: datetime,
         prefer_lot: str | None = None,
-        allow_partial: bool = False,
+        owe_shortfall: bool = False,
         order_id: str | None = None,
         redemption_id: str | None = None,
         data: dict[str, Any] | None = None,
         event_type: str | None = None,
     ) -> tuple[Decimal, list[tuple[str, Decimal]]]:
-        """Take points from the oldest spendable lots first; return (points taken, [(lot id, points)])."""
+        """Take points from the oldest spendable lots first; return (points taken, [(lot id, points)]).
+
+        More than is spendable is refused, unless `owe_shortfall`: then all that is spendable is taken and the
+        rest becomes the account's points debt, in the same entry.
+        """
         lots = await self.lots(acct)
         order = sorted(
             (lot for lot in lots.values() if lot.remaining > 0 and lot.expires_at > self.now),
@@ -343,14 +358,16 @@ class Book:
         if prefer_lot is not None:
             order.sort(key=lambda lot: lot.id != prefer_lot)
         available = sum((lot.remaining for lot in order), ZERO)
+        shortfall = ZERO
         if points > available:
-            if not allow_partial:
+            if not owe_shortfall:
                 raise InsufficientPoints(
                     f"{points} points asked, {available} available",
                     details={"requested": str(points), "available": str(available)},
                 )
+            shortfall = points - available
             points = available
-        if points <= 0:
+        if points <= 0 and shortfall <= 0:
             return ZERO, []
         taken: list[tuple[str, Decimal]] = []
         left = points
@@ -362,15 +379,19 @@ class Book:
             lot.dirty = True
             left -= take
             taken.append((lot.id, take))
+        data = {**(data or {}), "lots": {lid: str(p) for lid, p in taken}}
+        if shortfall > 0:
+            data |= {"shortfall": str(shortfall), "debt_after": str(acct.points_debt + shortfall)}
         self._entry(
             acct,
             kind=kind,
-            points=-points,
+            points=-points if points > 0 else ZERO,
+            debt_change=shortfall,
             ref=ref,
             at=at,
             order_id=order_id,
             redemption_id=redemption_id,
-            data={**(data or {}), "lots": {lid: str(p) for lid, p in taken}},
+            data=data,
             event_type=event_type,
         )
         return points, taken
@@ -412,7 +433,68 @@ class Book:
             data={**(data or {}), "lots": {lid: str(p) for lid, p in parts}},
             event_type=event_type,
         )
+        if acct.points_debt > 0:
+            self.settle_debt(
+                acct,
+                [(lots[lid], p) for lid, p in parts],
+                cause=ref,
+                at=at,
+                order_id=order_id,
+                redemption_id=redemption_id,
+            )
         return total
+
+    def settle_debt(
+        self,
+        acct: AccountState,
+        credited: list[tuple[LotState, Decimal]],
+        *,
+        cause: str,
+        at: datetime,
+        order_id: str | None = None,
+        redemption_id: str | None = None,
+    ) -> Decimal:
+        """Net the points debt against points just credited to lots, before they can be spent; return the points.
+
+        Every credited point counts, also one returned to a lot past its expiry: returned redeemed points are often
+        the very points the debt stands for (the reversal could not take them because a redemption held them),
+        and that they came back late does not make the debt any larger. The debt being above zero means nothing
+        was spendable before this credit (every earlier credit was netted first), so taking from the credited
+        lots is spending oldest first.
+        """
+        left = acct.points_debt
+        taken: list[tuple[str, Decimal]] = []
+        for lot, credited_points in sorted(credited, key=lambda c: (c[0].expires_at, c[0].earned_at, c[0].id)):
+            if left <= 0:
+                break
+            take = min(lot.remaining, credited_points, left)
+            if take <= 0:
+                continue
+            lot.remaining -= take
+            lot.dirty = True
+            left -= take
+            taken.append((lot.id, take))
+        settled = acct.points_debt - left
+        if settled <= 0:
+            return ZERO
+        self._entry(
+            acct,
+            kind="debt_settlement",
+            points=-settled,
+            debt_change=-settled,
+            ref=f"debt:{cause}",
+            at=at,
+            order_id=order_id,
+            redemption_id=redemption_id,
+            data={
+                "reverses": "debt",
+                "settles": cause,
+                "lots": {lid: str(p) for lid, p in taken},
+                "debt_after": str(left),
+            },
+            event_type="points.reversed",
+        )
+        return settled
 
     # -- redemptions -----------------------------------------------------------------------------
 
@@ -505,6 +587,7 @@ class Book:
                 (
                     a.customer_id,
                     a.balance,
+                    a.points_debt,
                     a.tier,
                     a.referred_by,
                     a.referral_rewarded,

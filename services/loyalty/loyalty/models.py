@@ -40,11 +40,15 @@ class Programme(Base):
 
 
 class Account(Base):
-    """A customer's loyalty account; `balance` always equals the sum of its ledger and of its lots."""
+    """A customer's loyalty account; `balance` always equals the sum of its ledger and of its lots.
+
+    `points_debt` is what refunds could not reverse because the points were spent; it equals the ledger's sum of
+    `debt_change` and is netted against the next credits. While it is above zero nothing is spendable."""
 
     __tablename__ = "accounts"
     customer_id: Mapped[str] = mapped_column(Text, primary_key=True)
     balance: Mapped[Decimal] = mapped_column(POINTS, server_default=text("0"))
+    points_debt: Mapped[Decimal] = mapped_column(POINTS, server_default=text("0"))
     tier: Mapped[str] = mapped_column(Text, server_default=text("'base'"))
     referral_code: Mapped[str] = mapped_column(Text, unique=True)
     referred_by: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -83,7 +87,7 @@ class Lot(Base):
 
 
 class LedgerEntry(Base):
-    """One immutable movement of points (a trigger refuses UPDATE and DELETE)."""
+    """One immutable movement of points and/or of the points debt (a trigger refuses UPDATE and DELETE)."""
 
     __tablename__ = "ledger"
     seq: Mapped[int] = mapped_column(BigInteger, Identity(always=False), primary_key=True)
@@ -92,6 +96,7 @@ class LedgerEntry(Base):
     kind: Mapped[str] = mapped_column(Text)
     points: Mapped[Decimal] = mapped_column(POINTS)
     balance_after: Mapped[Decimal] = mapped_column(POINTS)
+    debt_change: Mapped[Decimal] = mapped_column(POINTS, server_default=text("0"))
     occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     lot_id: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -16,7 +16,8 @@ WITH m AS (
     SELECT date_trunc('month', occurred_at AT TIME ZONE 'UTC')::date AS month,
            coalesce(sum(points) FILTER (WHERE kind IN ('accrual', 'goal_bonus', 'referral_bonus', 'welcome_bonus',
                                                        'birthday_bonus')), 0) AS issued,
-           coalesce(-sum(points) FILTER (WHERE kind = 'reversal' AND data->>'reverses' = 'accrual'), 0) AS reversed,
+           coalesce(-sum(points) FILTER (WHERE (kind = 'reversal' AND data->>'reverses' = 'accrual')
+                                               OR kind = 'debt_settlement'), 0) AS reversed,
            coalesce(-sum(points) FILTER (WHERE kind = 'redemption'), 0)
              - coalesce(sum(points) FILTER (WHERE kind = 'reversal' AND data->>'reverses' = 'redemption'), 0)
              AS redeemed,

@@ -17,7 +17,7 @@ from crm_common.outbox import mark_outbox_written
 
 _ACCOUNT_COLS = (
     "customer_id, balance, tier, referral_code, referred_by, referral_rewarded, purchases_count, "
-    "first_purchase_at, last_purchase_at, birth_date, created_at"
+    "first_purchase_at, last_purchase_at, birth_date, created_at, points_debt"
 )
 _LOT_COLS = "id, customer_id, kind, earned_at, expires_at, points, remaining, expired_points"
 _PURCHASE_COLS = (
@@ -154,16 +154,17 @@ class LoyaltyRepository:
         ).first()
 
     async def update_accounts(self, rows: list[tuple[Any, ...]], now: datetime) -> None:
-        """rows: (customer_id, balance, tier, referred_by, referral_rewarded, purchases_count,
+        """rows: (customer_id, balance, points_debt, tier, referred_by, referral_rewarded, purchases_count,
         first_purchase_at, last_purchase_at, birth_date)."""
         if not rows:
             return
-        names = ("c", "bal", "tier", "ref", "rr", "pc", "fp", "lp", "bd")
+        names = ("c", "bal", "debt", "tier", "ref", "rr", "pc", "fp", "lp", "bd")
         await self._write(
-            "UPDATE accounts a SET balance = t.bal, tier = t.tier, referred_by = t.ref, referral_rewarded = t.rr, "
-            "purchases_count = t.pc, first_purchase_at = t.fp, last_purchase_at = t.lp, birth_date = t.bd, "
-            "updated_at = :now FROM json_to_recordset(CAST(:rows AS json)) AS t(c text, bal numeric, tier text, "
-            "ref text, rr boolean, pc int, fp timestamptz, lp timestamptz, bd date) WHERE a.customer_id = t.c "
+            "UPDATE accounts a SET balance = t.bal, points_debt = t.debt, tier = t.tier, referred_by = t.ref, "
+            "referral_rewarded = t.rr, purchases_count = t.pc, first_purchase_at = t.fp, last_purchase_at = t.lp, "
+            "birth_date = t.bd, updated_at = :now FROM json_to_recordset(CAST(:rows AS json)) AS t(c text, "
+            "bal numeric, debt numeric, tier text, ref text, rr boolean, pc int, fp timestamptz, lp timestamptz, "
+            "bd date) WHERE a.customer_id = t.c "
             "AND a.customer_id = ANY(CAST(:ids AS text[]))",
             {"rows": _json_rows(names, rows), "now": now, "ids": _col(rows, 0)},
         )
@@ -260,16 +261,16 @@ class LoyaltyRepository:
 
     async def insert_ledger(self, rows: list[tuple[Any, ...]]) -> None:
         """rows: (ref, customer_id, kind, points, balance_after, occurred_at, recorded_at, lot_id, order_id,
-        redemption_id, data), in the order they happened."""
+        redemption_id, data, debt_change), in the order they happened."""
         if not rows:
             return
-        names = ("ref", "c", "k", "p", "b", "o", "r", "l", "oi", "ri", "d", "n")
+        names = ("ref", "c", "k", "p", "b", "o", "r", "l", "oi", "ri", "d", "dc", "n")
         await self._write(
             "INSERT INTO ledger (ref, customer_id, kind, points, balance_after, occurred_at, recorded_at, lot_id, "
-            "order_id, redemption_id, data) "
-            "SELECT ref, c, k, p, b, o, r, l, oi, ri, CAST(d AS jsonb) FROM json_to_recordset(CAST(:rows AS json)) "
+            "order_id, redemption_id, data, debt_change) "
+            "SELECT ref, c, k, p, b, o, r, l, oi, ri, CAST(d AS jsonb), dc FROM json_to_recordset(CAST(:rows AS json)) "
             "AS t(ref text, c text, k text, p numeric, b numeric, o timestamptz, r timestamptz, l text, oi text, "
-            "ri text, d json, n int) ORDER BY n",
+            "ri text, d json, dc numeric, n int) ORDER BY n",
             {"rows": _json_rows(names, [(*r, i) for i, r in enumerate(rows)])},
         )
 
@@ -284,7 +285,7 @@ class LoyaltyRepository:
     async def ledger_page(self, customer_id: str, *, before: int | None, limit: int) -> list[Any]:
         result = await self._exec(
             "SELECT seq, ref, kind, points, balance_after, occurred_at, recorded_at, lot_id, order_id, redemption_id, "
-            "data FROM ledger WHERE customer_id = :c AND (CAST(:before AS bigint) IS NULL OR seq < :before) "
+            "data, debt_change FROM ledger WHERE customer_id = :c AND (CAST(:before AS bigint) IS NULL OR seq < :before) "
             "ORDER BY seq DESC LIMIT :limit",
             {"c": customer_id, "before": before, "limit": limit},
         )

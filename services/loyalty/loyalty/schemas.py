@@ -117,6 +117,7 @@ class LedgerEntryRead(BaseModel):
     kind: str
     points: Decimal
     balance_after: Decimal
+    debt_change: Decimal = Field(description="change of the account's points debt by this entry")
     occurred_at: datetime
     recorded_at: datetime
     lot_id: str | None
@@ -141,6 +142,9 @@ class AccountRead(BaseModel):
     customer_id: str
     balance: Decimal
     balance_value: Decimal = Field(description="money value of the balance")
+    points_debt: Decimal = Field(
+        description="points a refund could not reverse because they were spent; netted against the next credits"
+    )
     tier: str
     spend_12m: Decimal
     referral_code: str

@@ -16,6 +16,7 @@ from loyalty.repository import LoyaltyRepository
 from loyalty.schemas import ProgrammeConfig
 
 from .factories import messages
+from .invariants import check_points_debt
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -87,6 +88,7 @@ async def check_invariants(sm: async_sessionmaker[AsyncSession], customer_id: st
     assert bal == ledger_sum, f"balance {bal} != ledger sum {ledger_sum}"
     assert bal == lots_sum, f"balance {bal} != lots remaining {lots_sum}"
     assert bad_lots == 0 and negative_after == 0
+    await check_points_debt(sm, customer_id)
     await check_monthly_spend(sm, customer_id)
     return bal
 

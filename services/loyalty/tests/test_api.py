@@ -17,7 +17,7 @@ from loyalty.app import create_app
 from loyalty.settings import TOPIC_LOYALTY, Settings
 
 from . import factories as f
-from .conftest import check_invariants
+from .conftest import apply, check_invariants
 
 D = Decimal
 
@@ -201,3 +201,37 @@ async def test_one_statement_redemption_takes_oldest_lots_first_and_writes_ledge
     assert cancelled.status_code == 200 and cancelled.json()["points_returned"] == "40.00"
     assert D((await client.get("/v1/accounts/c7")).json()["balance"]) == D("80")
     assert await check_invariants(sm, "c7") == D("80")
+
+
+async def test_points_debt_of_a_refund_beyond_the_balance_is_shown_and_netted_over_http(api, clock):
+    """QA's repro through the API: redeem, refund the order whose points were spent, then the other one."""
+    client, sm = api
+    r = await client.put("/v1/programme", json={**f.SCENARIO4_PROGRAMME, "tiers": []})  # 1% for everyone
+    assert r.status_code == 200, r.text
+    now = clock.now()
+    await apply(sm, now, f.purchase("q1", "A", "1000.00", now, category="wine"))
+    r = await client.post(
+        "/v1/redemptions", json={"redemption_id": "R", "customer_id": "q1", "check_amount": "100.00", "points": "500"}
+    )
+    assert r.status_code == 201 and (r.json()["points_applied"], r.json()["balance"]) == ("500.00", "500.00")
+    await apply(
+        sm,
+        now,
+        f.purchase("q1", "B", "100.00", now, category="wine", redemption_id="R", points_redeemed="500.00"),
+    )
+    await apply(sm, now, f.refund("q1", "A", "1000.00", now))
+    account = (await client.get("/v1/accounts/q1")).json()
+    assert (account["balance"], account["points_debt"]) == ("0.00", "405.00")
+    newest = (await client.get("/v1/accounts/q1/ledger", params={"limit": 1})).json()["entries"][0]
+    assert (newest["kind"], newest["points"], newest["debt_change"]) == ("reversal", "-595.00", "405.00")
+    await apply(sm, now, f.refund("q1", "B", "100.00", now))
+    account = (await client.get("/v1/accounts/q1")).json()
+    assert (account["balance"], account["points_debt"], account["lots"]) == ("0.00", "0.00", [])
+    ledger = (await client.get("/v1/accounts/q1/ledger")).json()["entries"]
+    assert [(e["kind"], e["points"], e["debt_change"], e["balance_after"]) for e in reversed(ledger)][3:] == [
+        ("reversal", "-595.00", "405.00", "0.00"),
+        ("reversal", "500.00", "0.00", "500.00"),
+        ("debt_settlement", "-405.00", "-405.00", "95.00"),
+        ("reversal", "-95.00", "0.00", "0.00"),
+    ]
+    assert await check_invariants(sm, "q1") == 0

@@ -425,3 +425,178 @@ async def test_window_spend_from_monthly_totals_equals_the_sum_over_purchases(db
                 )
             ).scalar()
             assert (await repo.spend_since(["c1", "nobody"], since)) == {"c1": expected, "nobody": 0}, since
+
+
+async def debt(sm, customer_id):
+    async with sm() as s:
+        return (
+            await s.execute(text("SELECT points_debt FROM accounts WHERE customer_id = :c"), {"c": customer_id})
+        ).scalar()
+
+
+async def entries(sm, customer_id):
+    async with sm() as s:
+        rows = await s.execute(
+            text(
+                "SELECT kind, points, debt_change, balance_after, data FROM ledger WHERE customer_id = :c ORDER BY seq"
+            ),
+            {"c": customer_id},
+        )
+        return [tuple(r) for r in rows]
+
+
+async def test_refunding_every_order_after_spending_their_points_ends_at_zero_with_no_debt(db):
+    """QA's repro: the reversal beyond the balance was forgotten and the customer kept 405 points."""
+    _, sm = db  # the default programme: 1%, no tiers, 0.01 per point, up to 30% of a check
+    wine = [{"sku": "w", "name": "wine", "category": "wine", "quantity": "1", "unit_price": "1000.00"}]
+    await apply(sm, T0, f.purchase("c1", "A", "1000.00", T0, items=wine))
+    assert await balance(sm, "c1") == D("1000")
+    r, _ = await redeem(sm, T0, redemption_id="R", customer_id="c1", check_amount=D("100.00"), points=D("500"))
+    assert (r.points_applied, r.balance) == (D("500"), D("500"))
+    await apply(
+        sm,
+        T0,
+        f.purchase(
+            "c1",
+            "B",
+            "100.00",
+            T0,
+            items=[{**wine[0], "unit_price": "100.00"}],
+            redemption_id="R",
+            points_redeemed="500.00",
+        ),
+    )
+    assert await balance(sm, "c1") == D("595")  # 95.00 paid: +95
+    await apply(sm, T0, f.refund("c1", "A", "1000.00", T0 + timedelta(hours=1)))
+    # 595 taken, the other 405 owed, not forgotten
+    assert (await balance(sm, "c1"), await debt(sm, "c1")) == (D("0"), D("405"))
+    await check_invariants(sm, "c1")
+    await apply(sm, T0, f.refund("c1", "B", "100.00", T0 + timedelta(hours=2)))
+    assert (await balance(sm, "c1"), await debt(sm, "c1")) == (D("0"), D("0"))
+    assert [(k, p, dc, b) for k, p, dc, b, _ in await entries(sm, "c1")] == [
+        ("accrual", D("1000"), D("0"), D("1000")),
+        ("redemption", D("-500"), D("0"), D("500")),
+        ("accrual", D("95"), D("0"), D("595")),
+        ("reversal", D("-595"), D("405"), D("0")),  # refund A: what was taken, and the debt
+        ("reversal", D("500"), D("0"), D("500")),  # refund B: the redeemed points come back...
+        ("debt_settlement", D("-405"), D("-405"), D("95")),  # ...and pay the debt first
+        ("reversal", D("-95"), D("0"), D("0")),  # then B's accrual is reversed
+    ]
+    reversal_a = (await entries(sm, "c1"))[3][4]
+    assert (reversal_a["requested"], reversal_a["shortfall"], reversal_a["debt_after"]) == (
+        "1000.00",
+        "405.00",
+        "405.00",
+    )
+    async with sm() as s:
+        lots = dict((await s.execute(text("SELECT id, remaining FROM lots WHERE customer_id = 'c1'"))).all())
+    assert set(lots.values()) == {D("0")}
+    assert await check_invariants(sm, "c1") == 0
+
+
+async def test_points_debt_is_netted_against_the_next_accruals_before_they_can_be_spent(db):
+    _, sm = db
+    await set_programme(sm, f.SCENARIO4_PROGRAMME, T0)
+    await apply(sm, T0, f.purchase("c1", "o1", "500", T0))  # 500 points
+    await redeem(sm, T0, redemption_id="r1", customer_id="c1", check_amount=D("5000"), points=D("500"))
+    await apply(sm, T0, f.refund("c1", "o1", "500", T0))
+    # Nothing to take: the reversal moves only the debt.
+    assert (await entries(sm, "c1"))[-1][:4] == ("reversal", D("0"), D("500"), D("0"))
+    assert (await balance(sm, "c1"), await debt(sm, "c1")) == (D("0"), D("500"))
+    await apply(sm, T0, f.purchase("c1", "o2", "300", T0 + timedelta(days=1)))
+    assert (await balance(sm, "c1"), await debt(sm, "c1")) == (D("0"), D("200"))
+    with pytest.raises(InsufficientPoints):
+        await redeem(sm, T0 + timedelta(days=1), redemption_id="r2", customer_id="c1", check_amount=D("100"))
+    await apply(sm, T0, f.purchase("c1", "o3", "500", T0 + timedelta(days=2)))
+    assert (await balance(sm, "c1"), await debt(sm, "c1")) == (D("300"), D("0"))
+    kinds = [(k, p, dc) for k, p, dc, _, _ in await entries(sm, "c1")][-4:]
+    assert kinds == [
+        ("accrual", D("300"), D("0")),
+        ("debt_settlement", D("-300"), D("-300")),
+        ("accrual", D("500"), D("0")),
+        ("debt_settlement", D("-200"), D("-200")),
+    ]
+    async with sm() as s:
+        lots = (
+            await s.execute(text("SELECT points, remaining FROM lots WHERE customer_id = 'c1' ORDER BY earned_at"))
+        ).all()
+    # The settled points left the lots they were credited to; the rest of the last one is spendable.
+    assert [tuple(lot) for lot in lots] == [(D("500"), D("0")), (D("300"), D("0")), (D("500"), D("300"))]
+    r, _ = await redeem(sm, T0 + timedelta(days=2), redemption_id="r3", customer_id="c1", check_amount=D("1000"))
+    assert r.points_applied == D("300")
+    settled = [m for m in await outbox(sm, "crm.loyalty.v1") if m["data"].get("reverses") == "debt"]
+    assert [(m["type"], D(m["points"]), D(m["data"]["debt_after"])) for m in settled] == [
+        ("points.reversed", D("-300"), D("200")),
+        ("points.reversed", D("-200"), D("0")),
+    ]
+    await check_invariants(sm, "c1")
+
+
+async def test_points_debt_is_netted_against_redeemed_points_returned_by_a_cancel(db):
+    _, sm = db
+    await set_programme(sm, f.SCENARIO4_PROGRAMME, T0)
+    await apply(sm, T0, f.purchase("c1", "o1", "800", T0))  # 800 points
+    await redeem(sm, T0, redemption_id="r1", customer_id="c1", check_amount=D("5000"), points=D("600"))
+    await apply(sm, T0, f.refund("c1", "o1", "800", T0))  # 200 taken, 600 owed
+    assert (await balance(sm, "c1"), await debt(sm, "c1")) == (D("0"), D("600"))
+    async with sm() as s:
+        out = await redemptions.cancel(session=s, programme=await load_programme(s), redemption_id="r1", now=T0)
+        await s.commit()
+    assert out.points_returned == D("600")
+    assert (await balance(sm, "c1"), await debt(sm, "c1")) == (D("0"), D("0"))
+    assert [(k, p, dc) for k, p, dc, _, _ in await entries(sm, "c1")][-2:] == [
+        ("reversal", D("600"), D("0")),
+        ("debt_settlement", D("-600"), D("-600")),
+    ]
+    await check_invariants(sm, "c1")
+
+
+async def test_redeemed_points_returned_after_their_lot_expired_still_pay_the_debt_they_stand_for(db):
+    _, sm = db
+    await set_programme(sm, f.SCENARIO4_PROGRAMME, T0)
+    await apply(sm, T0, f.purchase("c1", "o1", "800", T0))  # the lot expires 180 days later
+    await redeem(sm, T0, redemption_id="r1", customer_id="c1", check_amount=D("5000"), points=D("600"))
+    await apply(sm, T0, f.refund("c1", "o1", "800", T0 + timedelta(days=1)))
+    assert await debt(sm, "c1") == D("600")
+    late = T0 + timedelta(days=200)
+    async with sm() as s:
+        await redemptions.cancel(session=s, programme=await load_programme(s), redemption_id="r1", now=late)
+        await s.commit()
+    # The 600 points that came back are the 600 the reversal could not take: nothing is owed, nothing expires.
+    assert (await balance(sm, "c1"), await debt(sm, "c1")) == (D("0"), D("0"))
+    assert (await sweep(sm, late))["lots_expired"] == 0
+    await check_invariants(sm, "c1")
+
+
+async def test_points_debt_is_netted_against_bonuses_and_adjustments(db):
+    _, sm = db
+    await set_programme(sm, {**f.SCENARIO4_PROGRAMME, "birthday_bonus": "250"}, T0)
+    await apply(sm, T0, f.customer_updated("c1", T0, birth_date="1990-03-10"))
+    await apply(sm, T0, f.purchase("c1", "o1", "700", T0))
+    await redeem(sm, T0, redemption_id="r1", customer_id="c1", check_amount=D("5000"), points=D("700"))
+    await apply(sm, T0, f.refund("c1", "o1", "700", T0))
+    assert await debt(sm, "c1") == D("700")
+    birthday = datetime(2026, 3, 10, 8, tzinfo=UTC)
+    assert (await sweep(sm, birthday))["birthday_bonuses"] == 1
+    assert (await balance(sm, "c1"), await debt(sm, "c1")) == (D("0"), D("450"))
+    out, created = await adjust(sm, birthday, "c1", "a1", "600", reason="goodwill")
+    assert created and out.balance == D("150")
+    again, created = await adjust(sm, birthday, "c1", "a1", "600", reason="goodwill")
+    assert not created and again == out  # the replay answers the same balance, after the settlement
+    assert (await balance(sm, "c1"), await debt(sm, "c1")) == (D("150"), D("0"))
+    assert [(k, p, dc, b) for k, p, dc, b, _ in await entries(sm, "c1")][-4:] == [
+        ("birthday_bonus", D("250"), D("0"), D("250")),
+        ("debt_settlement", D("-250"), D("-250"), D("0")),
+        ("adjustment", D("600"), D("0"), D("600")),
+        ("debt_settlement", D("-450"), D("-450"), D("150")),
+    ]
+    events = [m for m in await outbox(sm, "crm.loyalty.v1") if m["data"].get("reverses") == "debt"]
+    assert [(m["id"], D(m["points"]), D(m["balance"])) for m in events] == [
+        ("loyalty:points.reversed:debt:birthday:c1:2026", D("-250"), D("0")),
+        ("loyalty:points.reversed:debt:adjustment:a1", D("-450"), D("150")),
+    ]
+    async with sm() as s:
+        report = await reports.programme_report(session=s)
+    # Settled debt counts as reversed: what was issued net of reversals is what remains earned.
+    assert report.issued_total == D("700") + D("250") - D("700")
+    await check_invariants(sm, "c1")

@@ -1,7 +1,9 @@
 """Property test: random sequences of purchases, refunds, redemptions (with retries), sweeps and adjustments.
 
-After every step: balance == ledger sum == open lots, never negative, lots within bounds, and every effect
-(accrual per order, redemption per id, adjustment per id, returns per redemption) applied exactly once.
+After every step: balance == ledger sum == open lots, never negative, lots within bounds and matching the
+ledger's movements of each lot, the points debt >= 0 and == the ledger's debt changes, nothing spendable while in
+debt, credits - debits reconciling with balance - debt, and every effect (accrual per order, redemption per id,
+adjustment per id, returns per redemption) applied exactly once.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from loyalty.schemas import AdjustmentCreate, RedemptionCreate
 
 from . import factories as f
 from .conftest import apply, check_invariants, set_programme
+from .invariants import check_points_debt
 
 T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 money = st.decimals(min_value=Decimal("0.01"), max_value=Decimal("400"), places=2)
@@ -31,6 +34,8 @@ ops = st.one_of(
     st.tuples(st.just("purchase"), money, st.booleans()),
     st.tuples(st.just("resend_purchase"), st.integers(0, 20)),
     st.tuples(st.just("refund"), st.integers(0, 20), money),
+    st.tuples(st.just("refund_in_full"), st.integers(0, 20)),
+    st.tuples(st.just("spend_then_refund"), money, money),
     st.tuples(st.just("redeem"), money, st.none() | points),
     st.tuples(st.just("retry_redeem"), st.integers(0, 20)),
     st.tuples(st.just("conflicting_redeem"), st.integers(0, 20)),
@@ -91,7 +96,7 @@ async def _check_exactly_once(sm: Any, customer_id: str, orders: list, redeemed:
         assert allocated == applied - returned
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @given(steps=st.lists(ops, min_size=1, max_size=25))
 async def test_random_sequences_keep_the_ledger_consistent(db, steps):
     _, sm = db
@@ -103,6 +108,19 @@ async def test_random_sequences_keep_the_ledger_consistent(db, steps):
     redeemed: list[tuple[str, dict[str, Any], str]] = []  # (id, body, state: open/used/cancelled)
     adjusted: list[str] = []
     await apply(sm, now, f.customer_updated(cid, now))
+
+    async def redeem(n: int, check_amount: Decimal, points: Decimal | None) -> None:
+        body = {"redemption_id": f"{cid}-r{n}", "customer_id": cid, "check_amount": check_amount, "points": points}
+        try:
+            async with sm() as s:
+                await redemptions.redeem(
+                    session=s, programme=await load_programme(s), redemption_in=RedemptionCreate(**body), now=now
+                )
+                await s.commit()
+            redeemed.append((body["redemption_id"], body, "open"))
+        except InsufficientPoints:
+            pass
+
     for n, step in enumerate(steps):
         kind = step[0]
         if kind == "purchase":
@@ -122,17 +140,19 @@ async def test_random_sequences_keep_the_ledger_consistent(db, steps):
         elif kind == "refund" and orders:
             order = orders[step[1] % len(orders)]
             await apply(sm, now, f.refund(cid, order["properties"]["order_id"], step[2], now))
+        elif kind == "refund_in_full" and orders:
+            # After its points were spent, a full refund is what makes the reversal exceed the balance.
+            order = orders[step[1] % len(orders)]
+            await apply(sm, now, f.refund(cid, order["properties"]["order_id"], order["properties"]["total"], now))
+        elif kind == "spend_then_refund":
+            # The points of a purchase spent, then the purchase refunded: the reversal exceeds the balance.
+            event = f.purchase(cid, f"o{n}", step[1], now)
+            orders.append(event)
+            await apply(sm, now, event)
+            await redeem(n, step[2], None)
+            await apply(sm, now, f.refund(cid, f"o{n}", step[1], now))
         elif kind == "redeem":
-            body = {"redemption_id": f"{cid}-r{n}", "customer_id": cid, "check_amount": step[1], "points": step[2]}
-            try:
-                async with sm() as s:
-                    await redemptions.redeem(
-                        session=s, programme=await load_programme(s), redemption_in=RedemptionCreate(**body), now=now
-                    )
-                    await s.commit()
-                redeemed.append((body["redemption_id"], body, "open"))
-            except InsufficientPoints:
-                pass
+            await redeem(n, step[1], step[2])
         elif kind in ("retry_redeem", "conflicting_redeem") and redeemed:
             rid, body, _ = redeemed[step[1] % len(redeemed)]
             if kind == "conflicting_redeem":
@@ -178,4 +198,5 @@ async def test_random_sequences_keep_the_ledger_consistent(db, steps):
             except InsufficientPoints:
                 assert step[1] < 0
         await check_invariants(sm, cid)
+        await check_points_debt(sm, cid, now=now)
         await _check_exactly_once(sm, cid, orders, redeemed, adjusted)
