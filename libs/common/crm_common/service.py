@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from crm_common import metrics
+from crm_common.auth import ApiKeys, api_key_dependency
 from crm_common.clock import Clock, SystemClock
 from crm_common.consumer import BatchHandler, ConsumerRunner
 from crm_common.db import create_engine, create_sessionmaker
@@ -214,7 +215,8 @@ RuntimeDep = Annotated[ServiceRuntime, Depends(get_runtime)]
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
-def _ops_router(service: str) -> APIRouter:
+def _health_router(service: str) -> APIRouter:
+    """Probes and metrics: open, for the orchestrator and the scraper."""
     router = APIRouter(tags=["ops"])
 
     @router.get("/healthz", summary="Process is alive")
@@ -228,6 +230,17 @@ def _ops_router(service: str) -> APIRouter:
         return ORJSONResponse(
             {"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503
         )
+
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+def _ops_router() -> APIRouter:
+    """Pipeline state and sweeps on demand: under /v1, so behind the API key like the service's routes."""
+    router = APIRouter(tags=["ops"])
 
     @router.get("/v1/ops/pipeline", summary="Consumers (lag, applied, dead-lettered) and outbox backlog")
     async def pipeline(runtime: RuntimeDep) -> dict[str, Any]:
@@ -267,10 +280,6 @@ def _ops_router(service: str) -> APIRouter:
             "ran": result is not None,
             "result": result if isinstance(result, dict | int | str | list) else None,
         }
-
-    @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-    async def prometheus_metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return router
 
@@ -363,15 +372,27 @@ def create_service_app(
     title: str,
     description: str,
     routers: Sequence[APIRouter] = (),
+    public_routers: Sequence[APIRouter] = (),
+    require_api_key: bool = True,
     configure: Callable[[ServiceRuntime], Awaitable[None] | None] | None = None,
     clock: Clock | None = None,
     version: str = "0.1.0",
 ) -> FastAPI:
-    """Build a service's FastAPI app with the runtime in its lifespan and the ops routes mounted."""
+    """Build a service's FastAPI app with the runtime in its lifespan and the ops routes mounted.
+
+    With `require_api_key` (the default), `routers` and the /v1/ops routes need
+    `Authorization: Bearer <key>` with a key of CRM_API_KEYS (`settings.api_keys`).
+    `public_routers` are never behind it: only routes that authenticate their caller otherwise
+    (signed callbacks, signed links) belong there. A service that checks keys itself (ingest)
+    passes `require_api_key=False`, and its routes carry their own dependencies.
+    """
     configure_logging(settings.log_level, settings.log_json)
+    keys = ApiKeys(settings.api_keys.get_secret_value()) if require_api_key else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if keys is not None and not keys:
+            log.warning("no API keys configured: every /v1 route except public ones answers 401 until CRM_API_KEYS is set")
         runtime = ServiceRuntime(settings, clock=clock)
         app.state.runtime = runtime
         if configure is not None:
@@ -394,8 +415,19 @@ def create_service_app(
         redirect_slashes=False,
     )
     install_error_handlers(app)
-    app.include_router(_ops_router(settings.service_name))
+    # Read by the test helpers: a client of this app sends the test key.
+    app.state.api_keys = keys
+    protected: dict[str, Any] = {}
+    if keys is not None:
+        protected = {
+            "dependencies": [Depends(api_key_dependency(keys))],
+            "responses": {401: {"description": "missing or unknown API key"}},
+        }
+    app.include_router(_health_router(settings.service_name))
+    app.include_router(_ops_router(), **protected)
     for router in routers:
+        app.include_router(router, **protected)
+    for router in public_routers:
         app.include_router(router)
     app.add_middleware(_BodyLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(_MetricsMiddleware, service=settings.service_name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SERVICE_PORTS = {"ingest": 8001, "segmentation": 8002, "loyalty": 8003, "offers": 8004, "notifier": 8005}
@@ -51,3 +51,6 @@ class BaseServiceSettings(BaseSettings):
     # Largest request body any route reads (413 beyond it, counted as it streams in). Ingest's
     # own, lower limit for event bodies (1 MiB, CONTRACT.md) applies first on its routes.
     max_request_bytes: int = 2 << 20
+    # Keys for the /v1 routes (comma-separated; plaintext or sha256:<hex>). Empty: they all answer 401.
+    # Ingest ignores it: it checks the keys kept in its own database.
+    api_keys: SecretStr = shared("CRM_API_KEYS", SecretStr(""))

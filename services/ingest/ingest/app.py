@@ -51,6 +51,8 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         title="CRM ingest",
         description=DESCRIPTION,
         routers=[router],
+        # Ingest's routes check the keys of its own database (sources and scopes), not CRM_API_KEYS.
+        require_api_key=False,
         configure=configure,
         clock=clock,
     )

@@ -86,7 +86,9 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         settings=settings,
         title="CRM notifier",
         description="Contacts and consents, templates, and delivery of e-mail, SMS and push.",
-        routers=[router, public],
+        routers=[router],
+        # Provider callbacks are HMAC-signed, tracking and unsubscribe links carry signed tokens.
+        public_routers=[public],
         configure=configure,
         clock=clock,
     )

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from email import message_from_bytes
 from email import policy as email_policy
@@ -24,12 +24,25 @@ from crm_common import serde
 from crm_common.infra import port_open
 
 
+# The ops API key of the test harness: the plugin puts it in CRM_API_KEYS for the whole run.
+TEST_API_KEY = "crm-test-api-key"
+TEST_AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
+
+
 @asynccontextmanager
-async def run_app(app: FastAPI, base_url: str = "http://test") -> AsyncIterator[httpx.AsyncClient]:
-    """Run the app's lifespan and give an httpx client talking to it in-process."""
+async def run_app(
+    app: FastAPI, base_url: str = "http://test", *, headers: Mapping[str, str] | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """Run the app's lifespan and give an httpx client talking to it in-process.
+
+    The client sends `headers` with every request; by default the test API key when the app
+    requires one (every service but ingest), nothing otherwise. `headers={}` sends no key.
+    """
+    if headers is None:
+        headers = TEST_AUTH if getattr(app.state, "api_keys", None) is not None else {}
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url=base_url, timeout=30) as client:
+        async with httpx.AsyncClient(transport=transport, base_url=base_url, timeout=30, headers=headers) as client:
             yield client
 
 

@@ -8,6 +8,9 @@ Fixtures:
 * `topic_prefix`: a unique topic prefix for this test, with every crm topic created under it.
 * `clock`: a ManualClock starting 2026-01-05 12:00 UTC.
 
+CRM_API_KEYS is set to `helpers.TEST_API_KEY` for the run, so every service's settings (in-process
+or a `ServiceProcess`) accept it, and `run_app` clients send it.
+
 Set CRM_TEST_KEEP=1 to keep the temp directory after the run.
 """
 
@@ -31,7 +34,7 @@ from crm_common.infra import BrokerServer, PostgresServer, free_port
 from crm_common.kafka import ensure_topics
 from crm_common.migrations import upgrade_async
 from crm_common.settings import ALL_TOPICS
-from crm_common.testing.helpers import unique
+from crm_common.testing.helpers import TEST_API_KEY, unique
 
 TEST_PARTITIONS = 3
 
@@ -68,6 +71,8 @@ def _reap_stale_runs() -> None:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     _reap_stale_runs()
+    # Set, not defaulted: a developer's own CRM_API_KEYS must not change what the tests see.
+    os.environ["CRM_API_KEYS"] = TEST_API_KEY
 
     # A SIGTERM (e.g. from `timeout`) becomes an exception so fixtures still stop their servers.
     def _term(signum: int, frame: object) -> None:
@@ -159,4 +164,9 @@ def clock() -> ManualClock:
 @pytest.fixture
 def service_env(broker: BrokerServer, topic_prefix: str) -> dict[str, str]:
     """Environment for a service process or settings object on the test stack."""
-    return {"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "CRM_TOPIC_PREFIX": topic_prefix, "CRM_LOG_JSON": "false"}
+    return {
+        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+        "CRM_TOPIC_PREFIX": topic_prefix,
+        "CRM_LOG_JSON": "false",
+        "CRM_API_KEYS": TEST_API_KEY,
+    }
