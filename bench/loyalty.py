@@ -46,7 +46,7 @@ from crm_common.kafka import ensure_topics, make_producer
 from crm_common.migrations import upgrade_async
 from crm_common.outbox import OutboxRelay
 from crm_common.settings import ALL_TOPICS
-from crm_common.testing.helpers import ServiceProcess
+from crm_common.testing.helpers import TEST_API_KEY, TEST_AUTH, ServiceProcess
 
 PARTITIONS = 6
 PROGRAMME = {
@@ -195,7 +195,7 @@ class RawHttpPool:
     def encode_post(self, path: str, body: bytes) -> bytes:
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
+            f"Authorization: {TEST_AUTH['Authorization']}\r\nContent-Length: {len(body)}\r\n\r\n"
         )
         return head.encode() + body
 
@@ -244,6 +244,7 @@ async def redemption_latency(
         "LOYALTY_SWEEPS_ENABLED": "false",
         "CRM_LOG_LEVEL": "WARNING",
         "LOYALTY_DB_POOL_SIZE": "10",
+        "CRM_API_KEYS": TEST_API_KEY,  # the service requires a key; every request sends it
     }
     proc = ServiceProcess("loyalty", port, env)
     proc.start()
@@ -269,7 +270,7 @@ async def redemption_latency(
             flush=True,
         )
         limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
-        async with httpx.AsyncClient(base_url=proc.url, timeout=5, limits=limits) as client:
+        async with httpx.AsyncClient(base_url=proc.url, timeout=5, limits=limits, headers=TEST_AUTH) as client:
             for _ in range(50):  # warm up connections and the statement cache
                 await client.get("/healthz")
             for i in range(20):

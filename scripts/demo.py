@@ -32,6 +32,8 @@ SEGMENTATION = os.environ.get("CRM_DEMO_SEGMENTATION", "http://127.0.0.1:8002")
 LOYALTY = os.environ.get("CRM_DEMO_LOYALTY", "http://127.0.0.1:8003")
 NOTIFIER = os.environ.get("CRM_DEMO_NOTIFIER", "http://127.0.0.1:8005")
 KEY = os.environ.get("CRM_BOOTSTRAP_API_KEY", "dev-pos-key")
+# The other services take a key of CRM_API_KEYS; `make run` makes the bootstrap key one of them.
+OPS_KEY = os.environ.get("CRM_DEMO_API_KEY", KEY)
 WINES = ["Rioja Crianza", "Chianti Classico", "Sancerre", "Malbec Reserva", "Riesling Kabinett"]
 
 
@@ -124,9 +126,12 @@ def wait_drained(client: httpx.Client, timeout: float = 120) -> None:
         pending = 0
         for base in (INGEST, SEGMENTATION, LOYALTY, NOTIFIER):
             try:
-                doc = client.get(f"{base}/v1/ops/pipeline").json()
-            except Exception:
+                r = client.get(f"{base}/v1/ops/pipeline")
+            except httpx.HTTPError:
                 continue
+            if r.status_code == 401:
+                raise SystemExit(f"{base} refused the API key (401): set CRM_DEMO_API_KEY to a key of CRM_API_KEYS")
+            doc = r.json()
             pending += max(0, doc.get("outbox_backlog") or 0)
             pending += sum(max(0, c.get("lag") or 0) for c in doc.get("consumers", []))
         if pending == 0:
@@ -167,7 +172,7 @@ def main() -> None:
     prefix = f"demo{args.seed}"
     stack = maybe_start_stack()
     try:
-        with httpx.Client(timeout=30) as client:
+        with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {OPS_KEY}"}) as client:
             say("== generating history")
             events = grocery_history(rng, args.grocery, now, prefix) + cleaning_history(rng, args.cleaning, now, prefix)
             started = time.monotonic()

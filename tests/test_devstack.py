@@ -1,5 +1,5 @@
 """`make run` end to end: the embedded stack starts, a purchase posted to ingest reaches crm.events.v1,
-and a clean stop brings everything down."""
+the bootstrap key also opens the other services' APIs, and a clean stop brings everything down."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ async def test_make_run_accepts_a_purchase_and_publishes_it():
         "CRM_BOOTSTRAP_API_KEY": "devstack-test-key",
         "KAFKA_TOPIC_PARTITIONS": "3",
     }
-    for name in ("KAFKA_BOOTSTRAP_SERVERS", "CRM_TOPIC_PREFIX"):
+    # Without CRM_API_KEYS the stack makes the bootstrap key the ops key of the other services.
+    for name in ("KAFKA_BOOTSTRAP_SERVERS", "CRM_TOPIC_PREFIX", "CRM_API_KEYS"):
         env.pop(name, None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "crm_common.devstack", "run"],
@@ -72,6 +73,11 @@ async def test_make_run_accepts_a_purchase_and_publishes_it():
             )
             assert r.status_code == 202, r.text
             assert r.json()["accepted"] == 1
+            # The same header opens loyalty's API; without it, 401.
+            programme = f"http://127.0.0.1:{SERVICE_PORTS['loyalty'] + offset}/v1/programme"
+            assert (await client.get(programme)).status_code == 401
+            r = await client.get(programme, headers={"Authorization": "Bearer devstack-test-key"})
+            assert r.status_code == 200, r.text
         import orjson
 
         event_id = orjson.loads(body)["event_id"]

@@ -3,8 +3,10 @@
 Starts PostgreSQL in `.local/pg` (port CRM_PG_PORT, default 55432), the Tansu broker (port
 CRM_BROKER_PORT, default 19092) unless KAFKA_BOOTSTRAP_SERVERS is set, creates one database per
 service (unless <SERVICE>_DATABASE_URL points elsewhere), the topics, runs migrations, creates the
-bootstrap API key and starts the five services. Ctrl-C or `make stop` stops it cleanly: the
-pipeline is drained (bounded) before the broker goes away.
+bootstrap API key and starts the five services. The other four services accept the same key
+(CRM_API_KEYS is set to it unless already set), so one `Authorization: Bearer` header works
+everywhere. Ctrl-C or `make stop` stops it cleanly: the pipeline is drained (bounded) before the
+broker goes away.
 """
 
 from __future__ import annotations
@@ -45,15 +47,26 @@ def _service_db_url(pg: PostgresServer, service: str) -> tuple[str, bool]:
     return pg.url(service), True
 
 
-async def _drain(timeout: float = 30) -> None:
+def _ops_key(env: dict[str, str], bootstrap_key: str) -> str | None:
+    """A plaintext key of CRM_API_KEYS to read the pipelines with (sha256: entries cannot be sent)."""
+    entries = [e.strip() for e in env.get("CRM_API_KEYS", "").split(",") if e.strip()]
+    if bootstrap_key in entries:
+        return bootstrap_key
+    return next((e for e in entries if not e.lower().startswith("sha256:")), None)
+
+
+async def _drain(api_key: str | None, timeout: float = 30) -> None:
     """Wait until every consumer's lag and every outbox is empty (bounded)."""
     deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(timeout=5) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(timeout=5, headers=headers) as client:
         while time.monotonic() < deadline:
             pending = 0
             for port in PORTS.values():
                 try:
-                    doc = (await client.get(f"http://127.0.0.1:{port}/v1/ops/pipeline")).json()
+                    r = await client.get(f"http://127.0.0.1:{port}/v1/ops/pipeline")
+                    r.raise_for_status()
+                    doc = r.json()
                 except Exception:
                     continue
                 pending += max(0, doc.get("outbox_backlog") or 0)
@@ -148,6 +161,9 @@ def run() -> None:
         asyncio.run(ensure_bootstrap_key(env["INGEST_DATABASE_URL"], api_key))
     except ImportError:
         _say("ingest has no key store yet; no bootstrap key created")
+    if not env.get("CRM_API_KEYS", "").strip():
+        env["CRM_API_KEYS"] = api_key
+    ops_key = _ops_key(env, api_key)
 
     sinks = _start_sinks(env)
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -177,6 +193,10 @@ def run() -> None:
         _say(f"  {service:<13} http://127.0.0.1:{port}   docs: http://127.0.0.1:{port}/docs")
     _say(f"  PostgreSQL    127.0.0.1:{pg.port}   broker: {bootstrap}")
     _say(f"  bootstrap API key (source pos, all scopes): {api_key}")
+    if ops_key == api_key:
+        _say("  the same key opens the APIs of segmentation, loyalty, offers and notifier (CRM_API_KEYS)")
+    else:
+        _say("  the APIs of segmentation, loyalty, offers and notifier take a key of CRM_API_KEYS")
     _say(
         f"try:  curl -s -X POST http://127.0.0.1:{PORTS['ingest']}/v1/events -H 'Authorization: Bearer "
         + api_key
@@ -194,7 +214,7 @@ def run() -> None:
     finally:
         _say("stopping: draining the pipeline")
         try:
-            asyncio.run(_drain())
+            asyncio.run(_drain(ops_key))
         except Exception as exc:
             _say(f"drain failed: {exc!r}")
         for proc in [*procs.values(), *sinks]:

@@ -23,7 +23,6 @@ from fastapi import FastAPI
 from crm_common import serde
 from crm_common.infra import port_open
 
-
 # The ops API key of the test harness: the plugin puts it in CRM_API_KEYS for the whole run.
 TEST_API_KEY = "crm-test-api-key"
 TEST_AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}

@@ -1,0 +1,55 @@
+"""The notifier's API needs the ops key; provider callbacks and the signed links in messages do not."""
+
+from __future__ import annotations
+
+import httpx
+import orjson
+
+from crm_common.testing.helpers import eventually
+from notifier.tokens import callback_signature
+
+from .conftest import add_template, message_state, seed_contact
+
+
+async def test_callbacks_and_signed_links_work_without_a_key_and_the_ops_routes_do_not(start_app, provider):
+    async with start_app(sms_callback_secret="s3cret") as (client, app):
+        await seed_contact(app, "k1", phone="+14155550101", consents={"sms": True})
+        await add_template(client, "code", "sms", body="code")
+        await client.post("/v1/messages", json={"id": "key-1", "customer_id": "k1", "template": "code"})
+
+        async def sent():
+            m = await message_state(client, "key-1")
+            return m if m["state"] == "sent" else None
+
+        msg = await eventually(sent, what="sent")
+        links = app.state.notifier.links
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as anonymous:
+            for method, path in (
+                ("GET", "/v1/ops/pipeline"),
+                ("POST", "/v1/ops/sweeps/expire_messages"),
+                ("GET", "/v1/templates"),
+                ("GET", "/v1/messages/key-1"),
+                ("POST", "/v1/messages"),
+                ("GET", "/v1/providers"),
+            ):
+                r = await anonymous.request(method, path)
+                assert r.status_code == 401, (method, path, r.text)
+                assert r.headers["WWW-Authenticate"] == "Bearer"
+
+            body = orjson.dumps({"provider_message_id": msg["provider_message_id"], "status": "delivered"})
+            r = await anonymous.post(
+                "/v1/providers/sms/callbacks", content=body, headers={"X-Signature": callback_signature("s3cret", body)}
+            )
+            assert r.status_code == 200 and r.json()["state"] == "delivered", r.text
+            pixel = await anonymous.get(links.open_url("key-1").removeprefix("http://test"))
+            assert pixel.status_code == 200 and pixel.headers["content-type"] == "image/gif"
+            click = await anonymous.get(links.click_url("key-1", "https://shop.example/").removeprefix("http://test"))
+            assert click.status_code == 302 and click.headers["location"] == "https://shop.example/"
+            unsubscribe = links.unsubscribe_url("key-1", "k1", "sms").removeprefix("http://test")
+            assert (await anonymous.get(unsubscribe)).status_code == 200
+            assert (await anonymous.post(unsubscribe)).status_code == 200
+
+        events = {e["status"] for e in (await message_state(client, "key-1"))["events"]}
+        assert {"delivered", "opened", "clicked", "unsubscribed"} <= events
+        contact = (await client.get("/v1/customers/k1/contact")).json()
+        assert contact["consents"]["sms"]["granted"] is False
