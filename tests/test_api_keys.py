@@ -29,7 +29,10 @@ FACTORIES = {"segmentation": segmentation_app, "loyalty": loyalty_app, "offers":
 def operations(app) -> list[tuple[str, str]]:
     """(method, path) of every /v1 operation, as the OpenAPI lists them."""
     return sorted(
-        (method.upper(), path) for path, item in app.openapi()["paths"].items() if path.startswith("/v1/") for method in item
+        (method.upper(), path)
+        for path, item in app.openapi()["paths"].items()
+        if path.startswith("/v1/")
+        for method in item
     )
 
 

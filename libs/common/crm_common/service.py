@@ -392,7 +392,9 @@ def create_service_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if keys is not None and not keys:
-            log.warning("no API keys configured: every /v1 route except public ones answers 401 until CRM_API_KEYS is set")
+            log.warning(
+                "no API keys configured: every /v1 route except public ones answers 401 until CRM_API_KEYS is set"
+            )
         runtime = ServiceRuntime(settings, clock=clock)
         app.state.runtime = runtime
         if configure is not None:

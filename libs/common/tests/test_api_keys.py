@@ -44,7 +44,9 @@ def start(make_database, broker) -> Callable[..., Any]:
     """`async with start(api_keys=..., headers=...) as client`: a service app with the test routers."""
 
     @asynccontextmanager
-    async def _start(*, headers: dict[str, str] | None = None, require_api_key: bool = True, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
+    async def _start(
+        *, headers: dict[str, str] | None = None, require_api_key: bool = True, **settings: Any
+    ) -> AsyncIterator[httpx.AsyncClient]:
         s = BaseServiceSettings(
             service_name="authtest",
             database_url=await make_database(),
@@ -82,7 +84,9 @@ async def test_a_v1_route_without_a_key_is_401_with_a_bearer_challenge(start):
         assert_unauthorized(await client.get("/v1/things/a"), "missing API key")
         assert_unauthorized(await client.post("/v1/things", json={"points": 10**12}), "missing API key")
         assert_unauthorized(await client.get("/v1/things/a", headers={"Authorization": "Bearer   "}), "missing API key")
-        assert_unauthorized(await client.get("/v1/things/a", headers={"Authorization": "Basic k-one"}), "missing API key")
+        assert_unauthorized(
+            await client.get("/v1/things/a", headers={"Authorization": "Basic k-one"}), "missing API key"
+        )
         assert_unauthorized(await client.get("/v1/ops/pipeline"), "missing API key")
         assert_unauthorized(await client.post("/v1/ops/sweeps/anything"), "missing API key")
 
@@ -147,7 +151,10 @@ async def test_without_configured_keys_every_protected_route_is_401_saying_to_se
 
 async def test_the_harness_configures_its_test_key_and_clients_send_it_by_default(make_database, broker):
     settings = BaseServiceSettings(
-        database_url=await make_database(), kafka_bootstrap_servers=broker.bootstrap, consumers_enabled=False, log_json=False
+        database_url=await make_database(),
+        kafka_bootstrap_servers=broker.bootstrap,
+        consumers_enabled=False,
+        log_json=False,
     )
     assert ApiKeys(settings.api_keys.get_secret_value()).matches(TEST_API_KEY)
     app = create_service_app(settings=settings, title="t", description="", routers=[things])
