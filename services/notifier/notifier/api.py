@@ -52,6 +52,8 @@ from notifier.tracking import (
     record_open,
 )
 
+# `router` is behind the ops API key (CRM_API_KEYS); `public` is not, so every route on it must
+# authenticate its caller itself: an HMAC signature (provider callbacks) or a signed token (links).
 router = APIRouter(prefix="/v1", tags=["notifier"])
 public = APIRouter(prefix="/v1", tags=["links and callbacks"])
 
