@@ -473,28 +473,57 @@ class SegmentRule:
     params: dict[str, Any]
 
 
+# Matches are compared per customer as bit masks, one bigint per chunk of this many segments.
+MASK_BITS = 63
+
+
+def _mask_chunks(count: int) -> list[range]:
+    return [range(c, min(c + MASK_BITS, count)) for c in range(0, count, MASK_BITS)]
+
+
 def membership_sql(count: int, *, restricted: bool) -> str:
     """One statement that applies many segments' rules in one pass over profiles:
-    diff against current memberships, enter, exit, log and publish through the outbox."""
-    only = "AND p.customer_id = ANY(CAST(:ids AS text[]))" if restricted else ""
-    only_m = "AND customer_id = ANY(CAST(:ids AS text[]))" if restricted else ""
-    # One scan per segment (UNION ALL) is cheaper than a lateral VALUES list evaluated per profile.
-    scans = "\n    UNION ALL ".join(
-        f"SELECT CAST(:sid{i} AS text) AS sid, p.customer_id FROM profiles p WHERE ({{rule{i}}}) {only}"
-        for i in range(count)
+    diff against current memberships, enter, exit, log and publish through the outbox.
+
+    Each profile is read once and all rules are evaluated on it into bit masks (bit i of the
+    masks is rule i); a customer's current memberships fold into the same masks, and only the
+    customers whose masks differ are expanded back into (segment, customer) entries and exits.
+    """
+    only = "WHERE p.customer_id = ANY(CAST(:ids AS text[]))" if restricted else ""
+    only_m = "WHERE m.customer_id = ANY(CAST(:ids AS text[]))" if restricted else ""
+    chunks = _mask_chunks(count)
+    matched = ", ".join(
+        " | ".join(
+            f"(CASE WHEN ({{rule{i}}}) THEN {1 << (i % MASK_BITS)}::bigint ELSE 0::bigint END)"
+            for i in chunk
+        )
+        for chunk in chunks
     )
+    member = ", ".join(
+        f"coalesce(bit_or(1::bigint << segs.bit) FILTER (WHERE segs.chunk = {n + 1}), 0)"
+        for n in range(len(chunks))
+    )
+    zeros = ", ".join("0" for _ in chunks)
     return f"""
-WITH segs AS (SELECT * FROM unnest(CAST(:sids AS text[]), CAST(:skeys AS text[])) AS u(sid, skey)),
-cur AS MATERIALIZED (
-    {scans}
+WITH segs AS (
+    SELECT sid, skey, (k - 1)::int / {MASK_BITS} + 1 AS chunk, (k - 1)::int % {MASK_BITS} AS bit
+    FROM unnest(CAST(:sids AS text[]), CAST(:skeys AS text[])) WITH ORDINALITY AS u(sid, skey, k)
+),
+matched AS (SELECT p.customer_id, ARRAY[{matched}] AS mask FROM profiles p {only}),
+member AS (
+    SELECT m.customer_id, ARRAY[{member}] AS mask
+    FROM memberships m JOIN segs ON segs.sid = m.segment_id {only_m} GROUP BY m.customer_id
+),
+changed AS MATERIALIZED (
+    SELECT customer_id, coalesce(n.mask, ARRAY[{zeros}]::bigint[]) AS now_mask,
+           coalesce(w.mask, ARRAY[{zeros}]::bigint[]) AS was_mask
+    FROM matched n FULL JOIN member w USING (customer_id)
+    WHERE coalesce(n.mask, ARRAY[{zeros}]::bigint[]) <> coalesce(w.mask, ARRAY[{zeros}]::bigint[])
 ),
 diff AS MATERIALIZED (
-    SELECT coalesce(c.sid, m.segment_id) AS sid, coalesce(c.customer_id, m.customer_id) AS customer_id,
-           m.customer_id IS NULL AS entering
-    FROM cur c FULL JOIN (
-        SELECT segment_id, customer_id FROM memberships WHERE segment_id = ANY(CAST(:sids AS text[])) {only_m}
-    ) m ON m.segment_id = c.sid AND m.customer_id = c.customer_id
-    WHERE c.customer_id IS NULL OR m.customer_id IS NULL
+    SELECT segs.sid, c.customer_id, (c.now_mask[segs.chunk] >> segs.bit) & 1 = 1 AS entering
+    FROM changed c CROSS JOIN segs
+    WHERE ((c.now_mask[segs.chunk] # c.was_mask[segs.chunk]) >> segs.bit) & 1 = 1
 ),
 entered AS (
     INSERT INTO memberships (segment_id, customer_id, entered_at)
@@ -742,7 +771,6 @@ class SegmentRepository:
         rule_sql = {}
         for i, r in enumerate(rules):
             bind.update(r.params)
-            bind[f"sid{i}"] = r.id
             rule_sql[f"rule{i}"] = r.sql
         if customer_ids is not None:
             bind["ids"] = list(customer_ids)
