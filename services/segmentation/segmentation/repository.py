@@ -292,7 +292,9 @@ class FactRepository:
         )
 
 
-# One set-based statement recomputes every feature of the given customers from their facts.
+# One set-based statement recomputes every feature of the given customers from their facts. Each
+# fact table is filtered by `= ANY(:ids)` itself (not only joined to `ids`), so that its index is
+# used even when the planner's statistics lag behind a table that grew since the last ANALYZE.
 RECOMPUTE_SQL = """
 WITH ids AS (SELECT DISTINCT unnest(CAST(:ids AS text[])) AS customer_id),
 po AS (
@@ -300,8 +302,8 @@ po AS (
            p.cost, p.discounted,
            p.total - least(p.total, p.refunded_amount) AS net,
            CASE WHEN p.total > 0 THEN (p.total - least(p.total, p.refunded_amount)) / p.total ELSE 1 END AS frac
-    FROM purchases p JOIN ids USING (customer_id)
-    WHERE NOT (p.total > 0 AND p.refunded_amount >= p.total)
+    FROM purchases p
+    WHERE p.customer_id = ANY(CAST(:ids AS text[])) AND NOT (p.total > 0 AND p.refunded_amount >= p.total)
 ),
 agg AS (
     SELECT customer_id, count(*)::int AS orders, sum(net) AS revenue,
@@ -329,7 +331,7 @@ it AS (
              * exp(-extract(epoch FROM a.last_at - i.occurred_at) / 86400.0 / CAST(:decay AS float8)) AS w
     FROM purchase_items i JOIN agg a USING (customer_id)
     -- lines of fully refunded orders have refunded_qty = quantity (apply_refunds)
-    WHERE i.quantity > i.refunded_qty
+    WHERE i.customer_id = ANY(CAST(:ids AS text[])) AND i.quantity > i.refunded_qty
 ),
 cats AS (
     SELECT customer_id, category, row_number() OVER (PARTITION BY customer_id ORDER BY round(sum(w)::numeric, 6) DESC, category) AS rn
@@ -370,13 +372,13 @@ tr AS (
            max((value ->> 'rating')::int) FILTER (WHERE field = '_feedback') AS fb_rating,
            max(value ->> 'topic') FILTER (WHERE field = '_feedback') AS fb_topic,
            max(occurred_at) FILTER (WHERE field = '_feedback') AS fb_at
-    FROM trait_facts JOIN ids USING (customer_id) GROUP BY customer_id
+    FROM trait_facts WHERE customer_id = ANY(CAST(:ids AS text[])) GROUP BY customer_id
 ),
 eng AS (
     SELECT customer_id, jsonb_object_agg(channel, counts) AS engagement FROM (
         SELECT customer_id, channel, jsonb_object_agg(status, n) AS counts FROM (
             SELECT customer_id, coalesce(channel, 'unknown') AS channel, status, count(*) AS n
-            FROM delivery_facts JOIN ids USING (customer_id) GROUP BY 1, 2, 3) a
+            FROM delivery_facts WHERE customer_id = ANY(CAST(:ids AS text[])) GROUP BY 1, 2, 3) a
         GROUP BY 1, 2) b
     GROUP BY customer_id
 ),
