@@ -124,12 +124,14 @@ class FactRepository:
         """Store purchases by (customer, order); of two events for one order the smaller message id wins."""
         if not facts:
             return
+        # Looked up by exact key pairs, so the primary key is used however stale the statistics are.
         existing = await self.session.execute(
             text(
-                "SELECT customer_id, order_id, message_id FROM purchases "
-                "WHERE customer_id = ANY(CAST(:c AS text[])) AND order_id = ANY(CAST(:o AS text[]))"
+                "SELECT p.customer_id, p.order_id, p.message_id "
+                "FROM unnest(CAST(:c AS text[]), CAST(:o AS text[])) AS k(c, o) "
+                "JOIN purchases p ON p.customer_id = k.c AND p.order_id = k.o"
             ),
-            {"c": sorted({f.customer_id for f in facts}), "o": sorted({f.order_id for f in facts})},
+            {"c": [f.customer_id for f in facts], "o": [f.order_id for f in facts]},
         )
         have = {(r[0], r[1]): r[2] for r in existing}
         winners = [
