@@ -345,14 +345,18 @@ cat_top AS (
     FROM cats GROUP BY customer_id
 ),
 skus AS (
-    SELECT customer_id, sku, round(sum(w)::numeric, 6) AS score, max(name) AS name, max(category) AS category,
-           mode() WITHIN GROUP (ORDER BY size) AS size, mode() WITHIN GROUP (ORDER BY color) AS color
+    SELECT customer_id, sku, round(sum(w)::numeric, 6) AS score, max(name) AS name, max(category) AS category
     FROM it GROUP BY customer_id, sku
 ),
+best_sku AS (
+    SELECT DISTINCT ON (customer_id) customer_id, sku, name, category FROM skus ORDER BY customer_id, score DESC, sku
+),
+-- size and colour are aggregated for the favourite product only, not for every product bought
 sku_top AS (
-    SELECT DISTINCT ON (customer_id) customer_id,
-           jsonb_strip_nulls(jsonb_build_object('sku', sku, 'name', name, 'category', category, 'size', size, 'color', color)) AS fav
-    FROM skus ORDER BY customer_id, score DESC, sku
+    SELECT b.customer_id, jsonb_strip_nulls(jsonb_build_object('sku', b.sku, 'name', b.name, 'category', b.category,
+           'size', mode() WITHIN GROUP (ORDER BY it.size), 'color', mode() WITHIN GROUP (ORDER BY it.color))) AS fav
+    FROM best_sku b JOIN it ON it.customer_id = b.customer_id AND it.sku = b.sku
+    GROUP BY b.customer_id, b.sku, b.name, b.category
 ),
 sizes AS (
     SELECT DISTINCT ON (customer_id) customer_id, size FROM (
