@@ -550,6 +550,11 @@ logged AS (
         UNION ALL SELECT segment_id, customer_id, 'exited' FROM exited) ch
     RETURNING id, segment_id, customer_id, change
 ),
+-- a customer's profile digest is built once, however many segments they entered or left
+digest AS (
+    SELECT c.customer_id, {DIGEST_SQL} AS profile
+    FROM (SELECT DISTINCT customer_id FROM logged) c LEFT JOIN profiles p ON p.customer_id = c.customer_id
+),
 published AS (
     INSERT INTO outbox (topic, key, value)
     SELECT '{TOPIC_SEGMENTS}', l.customer_id, convert_to(jsonb_build_object(
@@ -559,8 +564,8 @@ published AS (
         'occurred_at', CAST(:now_iso AS text),
         'segment_id', l.segment_id,
         'segment_key', segs.skey,
-        'profile', coalesce({DIGEST_SQL}, '{{}}'::jsonb))::text, 'UTF8')
-    FROM logged l JOIN segs ON segs.sid = l.segment_id LEFT JOIN profiles p ON p.customer_id = l.customer_id
+        'profile', coalesce(d.profile, '{{}}'::jsonb))::text, 'UTF8')
+    FROM logged l JOIN segs ON segs.sid = l.segment_id JOIN digest d ON d.customer_id = l.customer_id
     RETURNING 1
 )
 SELECT l.segment_id, l.change, count(*) AS n, (SELECT count(*) FROM published) AS published
