@@ -23,6 +23,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 import argparse
 import asyncio
+import gc
 import random
 import tempfile
 import time
@@ -41,7 +42,7 @@ from crm_common.infra import BrokerServer, PostgresServer, create_database, free
 from crm_common.kafka import ensure_topics, make_producer
 from crm_common.migrations import upgrade_async
 from segmentation.builtin import install_builtin_segments
-from segmentation.consumers import events_handler
+from segmentation.consumers import events_handler, tune_gc
 from segmentation.segments import create_segment, recompute_all
 from segmentation.settings import Settings
 
@@ -169,6 +170,20 @@ async def publish_all(bootstrap: str, topic: str, events: list[dict[str, Any]]) 
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
+
+
+async def publish_generated(bootstrap: str, topic: str, customers: int) -> int:
+    """Publish the generated history and return its size.
+
+    The events are not kept: a consumer process does not hold the whole history in memory, and
+    every full garbage collection during the measured phases would walk those objects.
+    """
+    events = generate_events(customers)
+    await publish_all(bootstrap, topic, events)
+    total = len(events)
+    del events
+    gc.collect()
+    return total
 
 
 async def ceiling(bootstrap: str, topic: str, url: str, total: int) -> float:
@@ -373,12 +388,13 @@ async def main() -> None:
         )
         rate = raw = 0.0
         if not args.skip_events:
-            events = generate_events(args.customers)
-            await publish_all(broker.bootstrap, prefix + "crm.events.v1", events)
-            print(f"published {len(events)} events for {args.customers} customers; {segments} segments defined")
-            raw = await ceiling(broker.bootstrap, prefix + "crm.events.v1", url, len(events))
+            # The process is set up as the service's startup does it, for the ceiling and the service alike.
+            tune_gc(Settings())
+            total = await publish_generated(broker.bootstrap, prefix + "crm.events.v1", args.customers)
+            print(f"published {total} events for {args.customers} customers; {segments} segments defined")
+            raw = await ceiling(broker.bootstrap, prefix + "crm.events.v1", url, total)
             print(f"ceiling (raw consume + batched upsert): {raw:,.0f} events/s")
-            rate = await service_rate(broker.bootstrap, prefix, url, len(events))
+            rate = await service_rate(broker.bootstrap, prefix, url, total)
             print(f"service (inbox + facts + recompute + {segments} segments + outbox): {rate:,.0f} events/s")
         scan, fill, steady, info = await recompute(url, args.profiles)
         print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -33,6 +34,10 @@ from segmentation.segments import begin_batch, evaluate_for_customers
 
 # Events that change no feature: accepted and counted by the inbox, no recompute.
 PASSIVE_TYPES = {"product_viewed", "cart_updated", "custom"}
+# A batch is parsed and stored in chunks of this many events, the store of one overlapping the
+# parsing of the next; parsing yields to the event loop every YIELD_EVERY events.
+CHUNK_EVENTS = 500
+YIELD_EVERY = 16
 
 
 @dataclass
@@ -211,11 +216,67 @@ def value_is_null_consents(raw: dict[str, Any]) -> bool:
     return "consents" in raw and raw["consents"] is None
 
 
+class FactWriter:
+    """Stores the facts of one chunk of a batch while the next chunk is parsed.
+
+    The store runs as a task on the batch's session, one statement at a time; parsing never
+    touches the session and yields to the event loop every few events, so the database writes
+    chunk n while Python validates chunk n + 1 (the two use different cores).
+    """
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+        self.facts = FactRepository(session)
+        self.started = False
+        self.pending: asyncio.Task[None] | None = None
+
+    async def submit(self, batch: FactBatch) -> None:
+        """Wait for the previous chunk, then start storing this one."""
+        await self.wait()
+        self.pending = asyncio.create_task(self._store(batch, first=not self.started))
+        self.started = True
+        await asyncio.sleep(0)  # let the task send its first statement
+
+    async def wait(self) -> None:
+        """Wait for the chunk being stored; its error, if any, is raised here."""
+        if self.pending is not None:
+            task, self.pending = self.pending, None
+            await task
+
+    async def settle(self) -> None:
+        """Let the statement in flight finish (errors ignored) before the transaction is abandoned."""
+        if self.pending is not None:
+            task, self.pending = self.pending, None
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _store(self, batch: FactBatch, *, first: bool) -> None:
+        if first:
+            await begin_batch(session=self.session)
+        await self.facts.upsert_traits(list(batch.traits.values()))
+        await self.facts.upsert_traits(list(batch.first_touch.values()), first_wins=True)
+        await self.facts.upsert_purchases(list(batch.purchases.values()))
+        await self.facts.insert_refunds(batch.refunds)
+
+
+async def _collect_chunk(
+    chunk: list[tuple[Record, Envelope, str]], identities: dict[str, tuple[str, str, datetime]]
+) -> FactBatch:
+    """The facts of a chunk of events (identity links go to the batch-wide `identities`)."""
+    batch = FactBatch(identities=identities)
+    for n, (rec, msg, customer_id) in enumerate(chunk):
+        if n % YIELD_EVERY == 0:
+            await asyncio.sleep(0)  # the writer sends its next statement
+        try:
+            collect_event(batch, rec, msg, customer_id)
+        except ValidationError as exc:
+            raise PoisonMessage(f"invalid {msg.type} properties: {exc.errors()[:3]}") from exc
+    return batch
+
+
 async def apply_events(
     *, session: AsyncSession, records: list[Record], now: datetime, decay_days: float
 ) -> set[str]:
     """Store the facts of a batch of events, recompute touched profiles and their segments."""
-    batch = FactBatch()
     facts = FactRepository(session)
     parsed: list[tuple[Record, Envelope]] = []
     for rec in records:
@@ -224,42 +285,45 @@ async def apply_events(
             continue
         parsed.append((rec, msg))
     # customer_updated events carry identity links first, so that anonymous events of the same batch resolve.
+    identities: dict[str, tuple[str, str, datetime]] = {}
     for _, msg in parsed:
         if msg.type == "customer_updated" and msg.customer_id and msg.anonymous_id:
-            batch.identities[msg.anonymous_id] = (
-                msg.anonymous_id,
-                msg.customer_id,
-                msg.occurred_at,
-            )
+            identities[msg.anonymous_id] = (msg.anonymous_id, msg.customer_id, msg.occurred_at)
     anonymous = {msg.anonymous_id for _, msg in parsed if not msg.customer_id and msg.anonymous_id}
     resolved = await facts.resolve_anonymous(sorted(anonymous)) if anonymous else {}
-    for anon, (_, customer, _) in batch.identities.items():
+    for anon, (_, customer, _) in identities.items():
         resolved.setdefault(anon, customer)
-    for rec, msg in parsed:
-        customer_id = msg.customer_id or resolved.get(msg.anonymous_id or "")
-        if not customer_id:
-            continue  # an anonymous visitor not linked to a customer yet carries no profile
-        try:
-            collect_event(batch, rec, msg, customer_id)
-        except ValidationError as exc:
-            raise PoisonMessage(f"invalid {msg.type} properties: {exc.errors()[:3]}") from exc
-    if not batch.touched:
+    # An anonymous visitor not linked to a customer yet carries no profile.
+    linked = [
+        (rec, msg, customer_id)
+        for rec, msg in parsed
+        if (customer_id := msg.customer_id or resolved.get(msg.anonymous_id or ""))
+    ]
+    writer = FactWriter(session)
+    touched: set[str] = set()
+    buyers: set[str] = set()
+    try:
+        for i in range(0, len(linked), CHUNK_EVENTS):
+            batch = await _collect_chunk(linked[i : i + CHUNK_EVENTS], identities)
+            if batch.touched:
+                await writer.submit(batch)
+            touched |= batch.touched
+            buyers |= {c for c, _ in batch.purchases} | {r.customer_id for r in batch.refunds}
+        await writer.wait()
+    except BaseException:
+        await writer.settle()
+        raise
+    if not touched:
         return set()
-    await begin_batch(session=session)
-    await facts.upsert_identities(list(batch.identities.values()))
-    await facts.upsert_traits(list(batch.traits.values()))
-    await facts.upsert_traits(list(batch.first_touch.values()), first_wins=True)
-    await facts.upsert_purchases(list(batch.purchases.values()))
-    await facts.insert_refunds(batch.refunds)
-    touched = sorted(batch.touched)
+    await facts.upsert_identities(list(identities.values()))
     # Refunds are matched to orders whichever arrives first: re-match for customers that have any.
-    buyers = sorted({c for c, _ in batch.purchases} | {r.customer_id for r in batch.refunds})
-    with_refunds = await facts.customers_with_refunds(buyers) if buyers else []
+    with_refunds = await facts.customers_with_refunds(sorted(buyers)) if buyers else []
     if with_refunds:
         await facts.apply_refunds(with_refunds)
-    await ProfileRepository(session).recompute(touched, now=now, decay_days=decay_days)
-    await evaluate_for_customers(session=session, customer_ids=touched, now=now)
-    return set(touched)
+    ordered = sorted(touched)
+    await ProfileRepository(session).recompute(ordered, now=now, decay_days=decay_days)
+    await evaluate_for_customers(session=session, customer_ids=ordered, now=now)
+    return touched
 
 
 async def apply_deliveries(

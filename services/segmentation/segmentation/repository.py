@@ -67,6 +67,23 @@ async def disable_jit(session: AsyncSession) -> None:
     await session.execute(text("SET LOCAL jit = off"))
 
 
+ITEM_COLUMNS = (
+    "customer_id",
+    "order_id",
+    "line",
+    "sku",
+    "name",
+    "category",
+    "size",
+    "color",
+    "quantity",
+    "amount",
+    "occurred_at",
+    "local_date",
+    "local_dow",
+)
+
+
 class FactRepository:
     """Store facts once by their natural key; later/earlier duplicates resolve deterministically."""
 
@@ -124,12 +141,14 @@ class FactRepository:
         """Store purchases by (customer, order); of two events for one order the smaller message id wins."""
         if not facts:
             return
+        # Looked up by exact key pairs, so the primary key is used however stale the statistics are.
         existing = await self.session.execute(
             text(
-                "SELECT customer_id, order_id, message_id FROM purchases "
-                "WHERE customer_id = ANY(CAST(:c AS text[])) AND order_id = ANY(CAST(:o AS text[]))"
+                "SELECT p.customer_id, p.order_id, p.message_id "
+                "FROM unnest(CAST(:c AS text[]), CAST(:o AS text[])) AS k(c, o) "
+                "JOIN purchases p ON p.customer_id = k.c AND p.order_id = k.o"
             ),
-            {"c": sorted({f.customer_id for f in facts}), "o": sorted({f.order_id for f in facts})},
+            {"c": [f.customer_id for f in facts], "o": [f.order_id for f in facts]},
         )
         have = {(r[0], r[1]): r[2] for r in existing}
         winners = [
@@ -182,35 +201,33 @@ class FactRepository:
             {"rows": serde.dumps(orders).decode()},
         )
         items = [
-            {
-                "c": f.customer_id,
-                "o": f.order_id,
-                "line": n,
-                "sku": it["sku"],
-                "name": it.get("name"),
-                "cat": it.get("category"),
-                "size": it.get("size"),
-                "color": it.get("color"),
-                "qty": it["quantity"],
-                "amount": it["amount"],
-                "t": f.occurred_at,
-                "d": f.local_date,
-                "dow": f.local_dow,
-            }
+            (
+                f.customer_id,
+                f.order_id,
+                n,
+                it["sku"],
+                it.get("name"),
+                it.get("category"),
+                it.get("size"),
+                it.get("color"),
+                it["quantity"],
+                it["amount"],
+                f.occurred_at,
+                f.local_date,
+                f.local_dow,
+            )
             for f in winners
             for n, it in enumerate(f.items)
         ]
         if items:
-            await self.session.execute(
-                text(
-                    "INSERT INTO purchase_items (customer_id, order_id, line, sku, name, category, size, color, quantity, "
-                    "amount, occurred_at, local_date, local_dow) "
-                    "SELECT c, o, line, sku, name, cat, size, color, qty, amount, t, d, dow "
-                    "FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(c text, o text, line int, sku text, name text, cat text, "
-                    "size text, color text, qty numeric, amount numeric, t timestamptz, d date, dow smallint)"
-                ),
-                {"rows": serde.dumps(items).decode()},
-            )
+            await self._copy("purchase_items", ITEM_COLUMNS, items)
+
+    async def _copy(self, table: str, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+        """Bulk insert through COPY on the session's connection (in its transaction): the
+        cheapest way in for plain inserts of many rows, with nothing to parse on the server."""
+        connection = await self.session.connection()
+        raw = await connection.get_raw_connection()
+        await raw.driver_connection.copy_records_to_table(table, records=rows, columns=columns)  # type: ignore[union-attr]
 
     async def insert_refunds(self, facts: Sequence[RefundFact]) -> None:
         if not facts:
@@ -292,7 +309,9 @@ class FactRepository:
         )
 
 
-# One set-based statement recomputes every feature of the given customers from their facts.
+# One set-based statement recomputes every feature of the given customers from their facts. Each
+# fact table is filtered by `= ANY(:ids)` itself (not only joined to `ids`), so that its index is
+# used even when the planner's statistics lag behind a table that grew since the last ANALYZE.
 RECOMPUTE_SQL = """
 WITH ids AS (SELECT DISTINCT unnest(CAST(:ids AS text[])) AS customer_id),
 po AS (
@@ -300,8 +319,8 @@ po AS (
            p.cost, p.discounted,
            p.total - least(p.total, p.refunded_amount) AS net,
            CASE WHEN p.total > 0 THEN (p.total - least(p.total, p.refunded_amount)) / p.total ELSE 1 END AS frac
-    FROM purchases p JOIN ids USING (customer_id)
-    WHERE NOT (p.total > 0 AND p.refunded_amount >= p.total)
+    FROM purchases p
+    WHERE p.customer_id = ANY(CAST(:ids AS text[])) AND NOT (p.total > 0 AND p.refunded_amount >= p.total)
 ),
 agg AS (
     SELECT customer_id, count(*)::int AS orders, sum(net) AS revenue,
@@ -329,7 +348,7 @@ it AS (
              * exp(-extract(epoch FROM a.last_at - i.occurred_at) / 86400.0 / CAST(:decay AS float8)) AS w
     FROM purchase_items i JOIN agg a USING (customer_id)
     -- lines of fully refunded orders have refunded_qty = quantity (apply_refunds)
-    WHERE i.quantity > i.refunded_qty
+    WHERE i.customer_id = ANY(CAST(:ids AS text[])) AND i.quantity > i.refunded_qty
 ),
 cats AS (
     SELECT customer_id, category, row_number() OVER (PARTITION BY customer_id ORDER BY round(sum(w)::numeric, 6) DESC, category) AS rn
@@ -341,14 +360,18 @@ cat_top AS (
     FROM cats GROUP BY customer_id
 ),
 skus AS (
-    SELECT customer_id, sku, round(sum(w)::numeric, 6) AS score, max(name) AS name, max(category) AS category,
-           mode() WITHIN GROUP (ORDER BY size) AS size, mode() WITHIN GROUP (ORDER BY color) AS color
+    SELECT customer_id, sku, round(sum(w)::numeric, 6) AS score, max(name) AS name, max(category) AS category
     FROM it GROUP BY customer_id, sku
 ),
+best_sku AS (
+    SELECT DISTINCT ON (customer_id) customer_id, sku, name, category FROM skus ORDER BY customer_id, score DESC, sku
+),
+-- size and colour are aggregated for the favourite product only, not for every product bought
 sku_top AS (
-    SELECT DISTINCT ON (customer_id) customer_id,
-           jsonb_strip_nulls(jsonb_build_object('sku', sku, 'name', name, 'category', category, 'size', size, 'color', color)) AS fav
-    FROM skus ORDER BY customer_id, score DESC, sku
+    SELECT b.customer_id, jsonb_strip_nulls(jsonb_build_object('sku', b.sku, 'name', b.name, 'category', b.category,
+           'size', mode() WITHIN GROUP (ORDER BY it.size), 'color', mode() WITHIN GROUP (ORDER BY it.color))) AS fav
+    FROM best_sku b JOIN it ON it.customer_id = b.customer_id AND it.sku = b.sku
+    GROUP BY b.customer_id, b.sku, b.name, b.category
 ),
 sizes AS (
     SELECT DISTINCT ON (customer_id) customer_id, size FROM (
@@ -370,13 +393,13 @@ tr AS (
            max((value ->> 'rating')::int) FILTER (WHERE field = '_feedback') AS fb_rating,
            max(value ->> 'topic') FILTER (WHERE field = '_feedback') AS fb_topic,
            max(occurred_at) FILTER (WHERE field = '_feedback') AS fb_at
-    FROM trait_facts JOIN ids USING (customer_id) GROUP BY customer_id
+    FROM trait_facts WHERE customer_id = ANY(CAST(:ids AS text[])) GROUP BY customer_id
 ),
 eng AS (
     SELECT customer_id, jsonb_object_agg(channel, counts) AS engagement FROM (
         SELECT customer_id, channel, jsonb_object_agg(status, n) AS counts FROM (
             SELECT customer_id, coalesce(channel, 'unknown') AS channel, status, count(*) AS n
-            FROM delivery_facts JOIN ids USING (customer_id) GROUP BY 1, 2, 3) a
+            FROM delivery_facts WHERE customer_id = ANY(CAST(:ids AS text[])) GROUP BY 1, 2, 3) a
         GROUP BY 1, 2) b
     GROUP BY customer_id
 ),
@@ -473,28 +496,57 @@ class SegmentRule:
     params: dict[str, Any]
 
 
+# Matches are compared per customer as bit masks, one bigint per chunk of this many segments.
+MASK_BITS = 63
+
+
+def _mask_chunks(count: int) -> list[range]:
+    return [range(c, min(c + MASK_BITS, count)) for c in range(0, count, MASK_BITS)]
+
+
 def membership_sql(count: int, *, restricted: bool) -> str:
     """One statement that applies many segments' rules in one pass over profiles:
-    diff against current memberships, enter, exit, log and publish through the outbox."""
-    only = "AND p.customer_id = ANY(CAST(:ids AS text[]))" if restricted else ""
-    only_m = "AND customer_id = ANY(CAST(:ids AS text[]))" if restricted else ""
-    # One scan per segment (UNION ALL) is cheaper than a lateral VALUES list evaluated per profile.
-    scans = "\n    UNION ALL ".join(
-        f"SELECT CAST(:sid{i} AS text) AS sid, p.customer_id FROM profiles p WHERE ({{rule{i}}}) {only}"
-        for i in range(count)
+    diff against current memberships, enter, exit, log and publish through the outbox.
+
+    Each profile is read once and all rules are evaluated on it into bit masks (bit i of the
+    masks is rule i); a customer's current memberships fold into the same masks, and only the
+    customers whose masks differ are expanded back into (segment, customer) entries and exits.
+    """
+    only = "WHERE p.customer_id = ANY(CAST(:ids AS text[]))" if restricted else ""
+    only_m = "WHERE m.customer_id = ANY(CAST(:ids AS text[]))" if restricted else ""
+    chunks = _mask_chunks(count)
+    matched = ", ".join(
+        " | ".join(
+            f"(CASE WHEN ({{rule{i}}}) THEN {1 << (i % MASK_BITS)}::bigint ELSE 0::bigint END)"
+            for i in chunk
+        )
+        for chunk in chunks
     )
+    member = ", ".join(
+        f"coalesce(bit_or(1::bigint << segs.bit) FILTER (WHERE segs.chunk = {n + 1}), 0)"
+        for n in range(len(chunks))
+    )
+    zeros = ", ".join("0" for _ in chunks)
     return f"""
-WITH segs AS (SELECT * FROM unnest(CAST(:sids AS text[]), CAST(:skeys AS text[])) AS u(sid, skey)),
-cur AS MATERIALIZED (
-    {scans}
+WITH segs AS (
+    SELECT sid, skey, (k - 1)::int / {MASK_BITS} + 1 AS chunk, (k - 1)::int % {MASK_BITS} AS bit
+    FROM unnest(CAST(:sids AS text[]), CAST(:skeys AS text[])) WITH ORDINALITY AS u(sid, skey, k)
+),
+matched AS (SELECT p.customer_id, ARRAY[{matched}] AS mask FROM profiles p {only}),
+member AS (
+    SELECT m.customer_id, ARRAY[{member}] AS mask
+    FROM memberships m JOIN segs ON segs.sid = m.segment_id {only_m} GROUP BY m.customer_id
+),
+changed AS MATERIALIZED (
+    SELECT customer_id, coalesce(n.mask, ARRAY[{zeros}]::bigint[]) AS now_mask,
+           coalesce(w.mask, ARRAY[{zeros}]::bigint[]) AS was_mask
+    FROM matched n FULL JOIN member w USING (customer_id)
+    WHERE coalesce(n.mask, ARRAY[{zeros}]::bigint[]) <> coalesce(w.mask, ARRAY[{zeros}]::bigint[])
 ),
 diff AS MATERIALIZED (
-    SELECT coalesce(c.sid, m.segment_id) AS sid, coalesce(c.customer_id, m.customer_id) AS customer_id,
-           m.customer_id IS NULL AS entering
-    FROM cur c FULL JOIN (
-        SELECT segment_id, customer_id FROM memberships WHERE segment_id = ANY(CAST(:sids AS text[])) {only_m}
-    ) m ON m.segment_id = c.sid AND m.customer_id = c.customer_id
-    WHERE c.customer_id IS NULL OR m.customer_id IS NULL
+    SELECT segs.sid, c.customer_id, (c.now_mask[segs.chunk] >> segs.bit) & 1 = 1 AS entering
+    FROM changed c CROSS JOIN segs
+    WHERE ((c.now_mask[segs.chunk] # c.was_mask[segs.chunk]) >> segs.bit) & 1 = 1
 ),
 entered AS (
     INSERT INTO memberships (segment_id, customer_id, entered_at)
@@ -513,6 +565,11 @@ logged AS (
         UNION ALL SELECT segment_id, customer_id, 'exited' FROM exited) ch
     RETURNING id, segment_id, customer_id, change
 ),
+-- a customer's profile digest is built once, however many segments they entered or left
+digest AS (
+    SELECT c.customer_id, {DIGEST_SQL} AS profile
+    FROM (SELECT DISTINCT customer_id FROM logged) c LEFT JOIN profiles p ON p.customer_id = c.customer_id
+),
 published AS (
     INSERT INTO outbox (topic, key, value)
     SELECT '{TOPIC_SEGMENTS}', l.customer_id, convert_to(jsonb_build_object(
@@ -522,8 +579,8 @@ published AS (
         'occurred_at', CAST(:now_iso AS text),
         'segment_id', l.segment_id,
         'segment_key', segs.skey,
-        'profile', coalesce({DIGEST_SQL}, '{{}}'::jsonb))::text, 'UTF8')
-    FROM logged l JOIN segs ON segs.sid = l.segment_id LEFT JOIN profiles p ON p.customer_id = l.customer_id
+        'profile', coalesce(d.profile, '{{}}'::jsonb))::text, 'UTF8')
+    FROM logged l JOIN segs ON segs.sid = l.segment_id JOIN digest d ON d.customer_id = l.customer_id
     RETURNING 1
 )
 SELECT l.segment_id, l.change, count(*) AS n, (SELECT count(*) FROM published) AS published
@@ -742,7 +799,6 @@ class SegmentRepository:
         rule_sql = {}
         for i, r in enumerate(rules):
             bind.update(r.params)
-            bind[f"sid{i}"] = r.id
             rule_sql[f"rule{i}"] = r.sql
         if customer_ids is not None:
             bind["ids"] = list(customer_ids)
