@@ -5,9 +5,13 @@ the raw aiokafka producer ceiling for the same messages on the same broker in th
 Starts its own PostgreSQL (durable=False: fsync and synchronous_commit off, so the figure is
 not bound by this machine's disk) and the embedded broker.
 
-    .venv/bin/python bench/ingest.py [--duration 20] [--concurrency 8] [--batch 500] [--workers 2]
+    .venv/bin/python bench/ingest.py [--duration 20] [--concurrency 4] [--batch 500] [--replicas 2] [--workers 1]
 
-(`BENCH_DURATION` and `BENCH_WORKERS` also set them.) The value is events accepted (202) AND on
+(`BENCH_DURATION`, `BENCH_REPLICAS` and `BENCH_WORKERS` also set them.) Ingest runs as `--replicas`
+uvicorn processes on their own ports, as replicas behind a Service would, and the client spreads
+its connections over them round robin. (Several workers of one uvicorn share one listening socket,
+and a handful of keep-alive connections often all land on one of them: one worker then runs at a
+full core while the other idles, which measures the kernel's accept order, not ingest.) The value is events accepted (202) AND on
 the topic, divided by the time from the first request until the relay's backlog is empty. The
 ceiling is the raw aiokafka producer (the service's producer settings) sending the same keys and
 values as an application sends them: one `send()` per message, the producer partitioning and
@@ -173,17 +177,19 @@ async def backlog(client: httpx.AsyncClient) -> int:
     return int((await client.get("/v1/ops/pipeline")).json()["outbox_backlog"])
 
 
-async def post_load(url: str, duration: float, concurrency: int, size: int) -> tuple[int, list[float], int]:
-    """Post batches until `duration` is over; return accepted events, latencies, non-202 answers."""
+async def post_load(urls: list[str], duration: float, concurrency: int, size: int) -> tuple[int, list[float], int]:
+    """Post batches until `duration` is over, connection i to urls[i % len(urls)]; return accepted
+    events, latencies, non-202 answers."""
     accepted = 0
     errors = 0
     latencies: list[float] = []
     deadline = time.monotonic() + duration
     template = body_template(size)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    clients = [httpx.AsyncClient(base_url=urls[i % len(urls)], timeout=60, limits=limits) for i in range(concurrency)]
+    try:
 
-        async def worker() -> None:
+        async def worker(client: httpx.AsyncClient) -> None:
             nonlocal accepted, errors
             headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
             while time.monotonic() < deadline:
@@ -199,7 +205,10 @@ async def post_load(url: str, duration: float, concurrency: int, size: int) -> t
                         print(f"  unexpected answer {r.status_code}: {r.text[:200]}", flush=True)
                         await asyncio.sleep(0.5)
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(client) for client in clients))
+    finally:
+        for client in clients:
+            await client.aclose()
     return accepted, latencies, errors
 
 
@@ -256,7 +265,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
     broker = BrokerServer(free_port(), log_path=tmp / "broker.log")
     pg.start()
     broker.start()
-    proc: Uvicorn | None = None
+    procs: list[Uvicorn] = []
     try:
         await asyncio.to_thread(create_database, pg, "ingest")
         url = pg.url("ingest")
@@ -269,37 +278,38 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
         await engine.dispose()
         await ensure_topics(broker.bootstrap, [TOPIC_EVENTS, "bench.ceiling"], partitions=PARTITIONS)
 
-        port = free_port()
         env = {
             "INGEST_DATABASE_URL": url,
             "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
             "CRM_LOG_JSON": "false",
             "CRM_LOG_LEVEL": "WARNING",
         }
-        proc = Uvicorn(port, env, args.workers)
-        await asyncio.to_thread(proc.start)
-        print(f"ingest on {proc.url}; warming up", flush=True)
-        async with httpx.AsyncClient(base_url=proc.url) as ops:
-            warm, _, _ = await post_load(proc.url, 2, 2, args.batch)
+        procs = [Uvicorn(free_port(), env, args.workers) for _ in range(args.replicas)]
+        for proc in procs:
+            await asyncio.to_thread(proc.start)
+        urls = [proc.url for proc in procs]
+        print(f"ingest on {', '.join(urls)}; warming up", flush=True)
+        async with httpx.AsyncClient(base_url=urls[0]) as ops:
+            warm, _, _ = await post_load(urls, 2, 2, args.batch)
             while await backlog(ops) > 0:  # noqa: ASYNC110 - polling another process
                 await asyncio.sleep(0.1)
 
             print(
                 f"posting batches of {args.batch} with concurrency {args.concurrency} for {args.duration:.0f} s"
-                f" to {args.workers} uvicorn worker(s)",
+                f" to {args.replicas} ingest replica(s) of {args.workers} uvicorn worker(s) each",
                 flush=True,
             )
             postmaster = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
-            assert proc.proc is not None and broker.proc is not None
+            assert broker.proc is not None
             watched = {
-                "ingest": proc.proc.pid,
+                **{f"ingest {i + 1}": proc.proc.pid for i, proc in enumerate(procs) if proc.proc is not None},
                 "postgres": postmaster,
                 "broker": broker.proc.pid,
             }
             cpu_before = {name: cpu_seconds(m) for name, m in watched.items()}
             own_before = time.process_time()
             started = time.perf_counter()
-            accepted, latencies, errors = await post_load(proc.url, args.duration, args.concurrency, args.batch)
+            accepted, latencies, errors = await post_load(urls, args.duration, args.concurrency, args.batch)
             posted_s = time.perf_counter() - started
             while await backlog(ops) > 0:  # noqa: ASYNC110 - polling another process
                 await asyncio.sleep(0.02)
@@ -328,8 +338,9 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
             flush=True,
         )
 
-        proc.stop()
-        proc = None
+        for proc in procs:
+            proc.stop()
+        procs = []
         sample = [(orjson.loads(v)["customer_id"].encode(), v) for v in values[:20_000]]
         one_by_one, batched = await producer_ceiling(
             broker.bootstrap, "bench.ceiling", sample, max(5.0, args.duration / 4)
@@ -349,7 +360,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
         )
         print(f"BENCH ingest_events_per_s {rate:.0f} ratio={rate / ceiling:.2f}", flush=True)
     finally:
-        if proc is not None:
+        for proc in procs:
             proc.stop()
         broker.stop()
         pg.stop()
@@ -358,11 +369,14 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=float(os.environ.get("BENCH_DURATION", "20")))
-    # 4 requests in flight saturate two workers here; 8 only adds queueing and GC pressure (lower rate).
+    # 4 requests in flight (2 per replica) keep two replicas busy here; more only add queueing.
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument(
-        "--workers", type=int, default=int(os.environ.get("BENCH_WORKERS", "2")), help="uvicorn worker processes"
+        "--replicas", type=int, default=int(os.environ.get("BENCH_REPLICAS", "2")), help="ingest processes"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=int(os.environ.get("BENCH_WORKERS", "1")), help="uvicorn workers per replica"
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="crm-bench-ingest-") as tmp:
