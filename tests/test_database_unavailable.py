@@ -12,8 +12,13 @@ from notifier.app import create_app as notifier_app
 from notifier.settings import Settings as NotifierSettings
 
 CASES = [
-    (loyalty_app, LoyaltySettings, "POST", "/v1/redemptions",
-     {"redemption_id": "r1", "customer_id": "c1", "check_amount": "10.00"}),
+    (
+        loyalty_app,
+        LoyaltySettings,
+        "POST",
+        "/v1/redemptions",
+        {"redemption_id": "r1", "customer_id": "c1", "check_amount": "10.00"},
+    ),
     (loyalty_app, LoyaltySettings, "GET", "/v1/accounts/c1", None),
     (notifier_app, NotifierSettings, "GET", "/v1/templates", None),
     (notifier_app, NotifierSettings, "GET", "/v1/customers/c1/messages", None),

@@ -42,7 +42,9 @@ def common(url: str, broker: Any, prefix: str) -> dict[str, Any]:
     }
 
 
-async def test_points_expiry_reminder_travels_from_pos_event_to_an_email(make_database, broker, topic_prefix, clock, mailbox):
+async def test_points_expiry_reminder_travels_from_pos_event_to_an_email(
+    make_database, broker, topic_prefix, clock, mailbox
+):
     box, smtp_port = mailbox
     ingest_url = await make_database("ingest")
     await ensure_bootstrap_key(ingest_url, "e2e-key")
@@ -78,7 +80,9 @@ async def test_points_expiry_reminder_travels_from_pos_event_to_an_email(make_da
                 "occurred_at": now.isoformat(),
                 "properties": {
                     "order_id": "o-1",
-                    "items": [{"sku": "wine-1", "name": "Rioja", "category": "wine", "quantity": 2, "unit_price": "50.00"}],
+                    "items": [
+                        {"sku": "wine-1", "name": "Rioja", "category": "wine", "quantity": 2, "unit_price": "50.00"}
+                    ],
                     "total": "100.00",
                     "currency": "EUR",
                 },
@@ -121,9 +125,7 @@ async def test_points_expiry_reminder_travels_from_pos_event_to_an_email(make_da
         text = mail.get_body(preferencelist=("plain",)).get_content()
         assert "100.00 of your bonus points (worth 1.00)" in text and expires_on in text
 
-        await eventually(
-            lambda: _states(note), timeout=20, what="message recorded as sent"
-        )
+        await eventually(lambda: _states(note), timeout=20, what="message recorded as sent")
     assert len(box.messages) == 1, "the reminder must be sent exactly once"
 
 

@@ -19,21 +19,10 @@ APPS = [
 ]
 
 
-async def _settings(settings_cls, broker, make_database):
-    return settings_cls(
-        database_url=await make_database(settings_cls().service_name),
-        kafka_bootstrap_servers=broker.bootstrap,
-        consumers_enabled=False,
-        sweeps_enabled=False,
-        log_json=False,
-        max_request_bytes=64 * 1024,
-    )
-
-
 @pytest.mark.parametrize(("factory", "settings_cls", "path"), APPS)
-async def test_a_body_over_the_limit_is_413_in_the_json_error_shape(factory, settings_cls, path, broker, make_database):
+async def test_a_body_over_the_limit_is_413_in_the_json_error_shape(factory, settings_cls, path, app_settings):
     big = b'{"x": "' + b"a" * (100 * 1024) + b'"}'
-    async with run_app(factory(await _settings(settings_cls, broker, make_database))) as client:
+    async with run_app(factory(await app_settings(settings_cls, max_request_bytes=64 * 1024))) as client:
         declared = await client.post(path, content=big, headers={"Content-Type": "application/json"})
 
         async def chunks():
@@ -47,8 +36,8 @@ async def test_a_body_over_the_limit_is_413_in_the_json_error_shape(factory, set
 
 
 @pytest.mark.parametrize(("factory", "settings_cls", "path"), APPS)
-async def test_a_trailing_slash_is_a_json_404_without_a_redirect(factory, settings_cls, path, broker, make_database):
-    async with run_app(factory(await _settings(settings_cls, broker, make_database))) as client:
+async def test_a_trailing_slash_is_a_json_404_without_a_redirect(factory, settings_cls, path, app_settings):
+    async with run_app(factory(await app_settings(settings_cls, max_request_bytes=64 * 1024))) as client:
         r = await client.get(path + "/", headers={"Host": "evil.example"})
     assert r.status_code == 404 and "location" not in r.headers
     assert r.json()["error"]["code"] == "not_found"

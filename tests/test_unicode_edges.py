@@ -9,15 +9,8 @@ from segmentation.app import create_app as segmentation_app
 from segmentation.settings import Settings as SegmentationSettings
 
 
-async def test_a_lone_surrogate_in_a_segment_rule_is_422_and_nothing_is_saved(broker, make_database, topic_prefix):
-    settings = SegmentationSettings(
-        database_url=await make_database("segmentation"),
-        kafka_bootstrap_servers=broker.bootstrap,
-        topic_prefix=topic_prefix,
-        consumers_enabled=False,
-        sweeps_enabled=False,
-        log_json=False,
-    )
+async def test_a_lone_surrogate_in_a_segment_rule_is_422_and_nothing_is_saved(app_settings):
+    settings = await app_settings(SegmentationSettings)
     rule = '{"attr": "favourite_category", "op": "=", "value": "\\ud800"}'
     async with run_app(segmentation_app(settings)) as client:
         headers = {"Content-Type": "application/json"}
@@ -33,15 +26,8 @@ async def test_a_lone_surrogate_in_a_segment_rule_is_422_and_nothing_is_saved(br
     assert after == before
 
 
-async def test_a_lone_surrogate_in_typed_loyalty_fields_is_422_naming_the_field(broker, make_database, topic_prefix):
-    settings = LoyaltySettings(
-        database_url=await make_database("loyalty"),
-        kafka_bootstrap_servers=broker.bootstrap,
-        topic_prefix=topic_prefix,
-        consumers_enabled=False,
-        sweeps_enabled=False,
-        log_json=False,
-    )
+async def test_a_lone_surrogate_in_typed_loyalty_fields_is_422_naming_the_field(app_settings):
+    settings = await app_settings(LoyaltySettings)
     headers = {"Content-Type": "application/json"}
     async with run_app(loyalty_app(settings)) as client:
         adjustment = await client.post(

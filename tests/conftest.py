@@ -1,0 +1,27 @@
+"""Fixtures of the cross-service tests."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest_asyncio
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def app_settings(broker, make_database, topic_prefix) -> Callable[..., Awaitable[Any]]:
+    """Settings of a service on the test stack, in a fresh migrated database, with no consumers
+    or sweeps running: `await app_settings(LoyaltySettings, max_request_bytes=...)`."""
+
+    async def _make(settings_cls: type, **overrides: Any) -> Any:
+        return settings_cls(
+            database_url=await make_database(settings_cls().service_name),
+            kafka_bootstrap_servers=broker.bootstrap,
+            topic_prefix=topic_prefix,
+            consumers_enabled=False,
+            sweeps_enabled=False,
+            log_json=False,
+            **overrides,
+        )
+
+    return _make
