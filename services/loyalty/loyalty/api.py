@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
+from crm_common.errors import InvalidInput
 from loyalty import accounts, adjustments, redemptions, reports
 from loyalty.deps import CustomerId, NowDep, ProgrammeDep, RedemptionId, SessionDep
 from loyalty.errors import RedemptionNotFound
@@ -40,6 +41,14 @@ async def get_programme(session: SessionDep, programme: ProgrammeDep) -> Program
 
 @router.put("/programme", summary="Replace the programme's rules")
 async def put_programme(config: ProgrammeConfig, session: SessionDep, now: NowDep, request: Request) -> ProgrammeRead:
+    # Checked on the way in only: a programme stored before this rule must still load.
+    if config.reminder_days >= config.expiry_days:
+        raise InvalidInput(
+            "reminder_days must be less than expiry_days (the reminder would be due when the points are earned)",
+            details=[
+                {"loc": ["body", "reminder_days"], "msg": f"{config.reminder_days} >= expiry_days {config.expiry_days}"}
+            ],
+        )
     await LoyaltyRepository(session).put_programme(config.model_dump(mode="json"), now)
     request.app.state.programme_cache.put(config)
     return ProgrammeRead(config=config, updated_at=now)
@@ -142,4 +151,9 @@ async def get_points_report(
     since: Annotated[date | None, Query(alias="from")] = None,
     until: Annotated[date | None, Query(alias="to")] = None,
 ) -> ProgrammeReport:
+    if since is not None and until is not None and since > until:
+        raise InvalidInput(
+            "'from' is after 'to'",
+            details=[{"loc": ["query", "from"], "msg": f"{since} is after to={until}"}],
+        )
     return await reports.programme_report(session=session, since=since, until=until)

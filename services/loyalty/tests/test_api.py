@@ -107,6 +107,8 @@ async def test_hostile_inputs_get_a_structured_4xx_naming_the_field(api):
         ("put", "/v1/programme", {**f.SCENARIO4_PROGRAMME, "base_rate": "2"}),
         ("put", "/v1/programme", {**f.SCENARIO4_PROGRAMME, "tiers": [{"name": "base", "min_spend": 1, "rate": 0}]}),
         ("put", "/v1/programme", {**f.SCENARIO4_PROGRAMME, "category_multipliers": {"a": {"b": {"c": 1}}}}),
+        ("put", "/v1/programme", {**f.SCENARIO4_PROGRAMME, "expiry_days": 10, "reminder_days": 14}),
+        ("get", "/v1/reports/points?from=2027-01-01&to=2026-01-01", None),
         ("get", "/v1/accounts/c1/ledger?limit=100000", None),
         ("get", "/v1/accounts/" + "x" * 200, None),
         ("get", "/v1/accounts/a%00b", None),
