@@ -28,9 +28,7 @@ router = APIRouter(prefix="/v1", tags=["segmentation"])
 
 def _no_nul(value: str, what: str) -> str:
     if "\x00" in value or len(value) > 128:
-        raise InvalidInput(
-            f"{what} must be 1-128 characters without NUL", details={"loc": ["path", what]}
-        )
+        raise InvalidInput(f"{what} must be 1-128 characters without NUL", details={"loc": ["path", what]})
     return value
 
 
@@ -54,9 +52,7 @@ async def rule_attributes() -> list[dict[str, Any]]:
     return describe_attributes()
 
 
-@router.get(
-    "/segments", response_model=list[SegmentRead], summary="All segments with their current size"
-)
+@router.get("/segments", response_model=list[SegmentRead], summary="All segments with their current size")
 async def list_segments(session: SessionDep) -> list[dict[str, Any]]:
     return await SegmentRepository(session).list()
 
@@ -67,9 +63,7 @@ async def list_segments(session: SessionDep) -> list[dict[str, Any]]:
     status_code=201,
     summary="Create a segment; it fills at once",
 )
-async def create_segment(
-    body: SegmentCreate, session: SessionDep, runtime: RuntimeDep
-) -> dict[str, Any]:
+async def create_segment(body: SegmentCreate, session: SessionDep, runtime: RuntimeDep) -> dict[str, Any]:
     return await seg_domain.create_segment(
         session=session,
         key=body.key,
@@ -86,9 +80,7 @@ async def create_segment(
     summary="How many customers a rule matches now",
 )
 async def dry_run(body: DryRunRequest, session: SessionDep, runtime: RuntimeDep) -> dict[str, Any]:
-    return await seg_domain.dry_run(
-        session=session, rule=body.rule, now=runtime.clock.now(), sample=body.sample
-    )
+    return await seg_domain.dry_run(session=session, rule=body.rule, now=runtime.clock.now(), sample=body.sample)
 
 
 @router.get("/segments/{segment}", response_model=SegmentRead, summary="One segment by id or key")
@@ -101,9 +93,7 @@ async def get_segment(segment: str, session: SessionDep) -> dict[str, Any]:
     response_model=SegmentRead,
     summary="Edit a segment (a new rule re-evaluates everyone)",
 )
-async def update_segment(
-    segment: str, body: SegmentUpdate, session: SessionDep, runtime: RuntimeDep
-) -> dict[str, Any]:
+async def update_segment(segment: str, body: SegmentUpdate, session: SessionDep, runtime: RuntimeDep) -> dict[str, Any]:
     changes = body.model_dump(exclude_unset=True)
     if "rule" in changes and changes["rule"] is None:
         del changes["rule"]
@@ -121,9 +111,7 @@ async def update_segment(
     summary="Delete a segment; every member is published as exited",
 )
 async def delete_segment(segment: str, session: SessionDep, runtime: RuntimeDep) -> Response:
-    await seg_domain.delete_segment(
-        session=session, id_or_key=_no_nul(segment, "segment"), now=runtime.clock.now()
-    )
+    await seg_domain.delete_segment(session=session, id_or_key=_no_nul(segment, "segment"), now=runtime.clock.now())
     return Response(status_code=204)
 
 

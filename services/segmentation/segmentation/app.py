@@ -24,9 +24,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         if settings.install_builtin_segments:
             async with session_scope(runtime.sessionmaker) as session:
                 await install_builtin_segments(session=session, now=runtime.clock.now())
-        runtime.add_consumer(
-            "segmentation-events", [TOPIC_EVENTS], events_handler(settings, runtime.clock)
-        )
+        runtime.add_consumer("segmentation-events", [TOPIC_EVENTS], events_handler(settings, runtime.clock))
         runtime.add_consumer(
             "segmentation-deliveries",
             [TOPIC_DELIVERIES],

@@ -167,9 +167,7 @@ class Segment(Base):
 
 class Membership(Base):
     __tablename__ = "memberships"
-    segment_id: Mapped[str] = mapped_column(
-        Text, ForeignKey("segments.id", ondelete="CASCADE"), primary_key=True
-    )
+    segment_id: Mapped[str] = mapped_column(Text, ForeignKey("segments.id", ondelete="CASCADE"), primary_key=True)
     customer_id: Mapped[str] = mapped_column(Text, primary_key=True, index=True)
     entered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
@@ -187,8 +185,6 @@ class MembershipLogEntry(Base):
 
 class SegmentSize(Base):
     __tablename__ = "segment_sizes"
-    segment_id: Mapped[str] = mapped_column(
-        Text, ForeignKey("segments.id", ondelete="CASCADE"), primary_key=True
-    )
+    segment_id: Mapped[str] = mapped_column(Text, ForeignKey("segments.id", ondelete="CASCADE"), primary_key=True)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger)

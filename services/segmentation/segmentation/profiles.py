@@ -68,9 +68,7 @@ def _json(value: Any) -> str:
     return serde.dumps(value).decode()
 
 
-def _purchase_fact(
-    customer_id: str, msg: Envelope, props: PurchaseProps, message_id: str
-) -> PurchaseFact:
+def _purchase_fact(customer_id: str, msg: Envelope, props: PurchaseProps, message_id: str) -> PurchaseFact:
     items = []
     gross = Decimal(0)
     item_discounts = Decimal(0)
@@ -142,11 +140,7 @@ def collect_event(batch: FactBatch, record: Record, msg: Envelope, customer_id: 
         batch.touched.add(customer_id)
     elif t == "refund":
         rp = RefundProps.model_validate(msg.properties)
-        items = (
-            _json([{"sku": i.sku, "quantity": str(i.quantity)} for i in rp.items])
-            if rp.items
-            else None
-        )
+        items = _json([{"sku": i.sku, "quantity": str(i.quantity)} for i in rp.items]) if rp.items else None
         batch.refunds.append(RefundFact(customer_id, mid, rp.order_id, rp.amount, at, items))
         batch.touched.add(customer_id)
     elif t == "feedback":
@@ -273,9 +267,7 @@ async def _collect_chunk(
     return batch
 
 
-async def apply_events(
-    *, session: AsyncSession, records: list[Record], now: datetime, decay_days: float
-) -> set[str]:
+async def apply_events(*, session: AsyncSession, records: list[Record], now: datetime, decay_days: float) -> set[str]:
     """Store the facts of a batch of events, recompute touched profiles and their segments."""
     facts = FactRepository(session)
     parsed: list[tuple[Record, Envelope]] = []

@@ -130,9 +130,7 @@ class FactRepository:
         if not anonymous_ids:
             return {}
         rows = await self.session.execute(
-            text(
-                "SELECT anonymous_id, customer_id FROM identities WHERE anonymous_id = ANY(CAST(:a AS text[]))"
-            ),
+            text("SELECT anonymous_id, customer_id FROM identities WHERE anonymous_id = ANY(CAST(:a AS text[]))"),
             {"a": list(anonymous_ids)},
         )
         return {r[0]: r[1] for r in rows}
@@ -154,8 +152,7 @@ class FactRepository:
         winners = [
             f
             for f in facts
-            if (f.customer_id, f.order_id) not in have
-            or f.message_id < have[(f.customer_id, f.order_id)]
+            if (f.customer_id, f.order_id) not in have or f.message_id < have[(f.customer_id, f.order_id)]
         ]
         if not winners:
             return
@@ -251,9 +248,7 @@ class FactRepository:
 
     async def customers_with_refunds(self, customer_ids: Sequence[str]) -> list[str]:
         rows = await self.session.execute(
-            text(
-                "SELECT DISTINCT customer_id FROM refunds WHERE customer_id = ANY(CAST(:ids AS text[]))"
-            ),
+            text("SELECT DISTINCT customer_id FROM refunds WHERE customer_id = ANY(CAST(:ids AS text[]))"),
             {"ids": list(customer_ids)},
         )
         return [r[0] for r in rows]
@@ -516,15 +511,11 @@ def membership_sql(count: int, *, restricted: bool) -> str:
     only_m = "WHERE m.customer_id = ANY(CAST(:ids AS text[]))" if restricted else ""
     chunks = _mask_chunks(count)
     matched = ", ".join(
-        " | ".join(
-            f"(CASE WHEN ({{rule{i}}}) THEN {1 << (i % MASK_BITS)}::bigint ELSE 0::bigint END)"
-            for i in chunk
-        )
+        " | ".join(f"(CASE WHEN ({{rule{i}}}) THEN {1 << (i % MASK_BITS)}::bigint ELSE 0::bigint END)" for i in chunk)
         for chunk in chunks
     )
     member = ", ".join(
-        f"coalesce(bit_or(1::bigint << segs.bit) FILTER (WHERE segs.chunk = {n + 1}), 0)"
-        for n in range(len(chunks))
+        f"coalesce(bit_or(1::bigint << segs.bit) FILTER (WHERE segs.chunk = {n + 1}), 0)" for n in range(len(chunks))
     )
     zeros = ", ".join("0" for _ in chunks)
     return f"""
@@ -597,16 +588,12 @@ class ProfileRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def recompute(
-        self, customer_ids: Sequence[str], *, now: datetime, decay_days: float
-    ) -> None:
+    async def recompute(self, customer_ids: Sequence[str], *, now: datetime, decay_days: float) -> None:
         """Recompute every feature of these customers from their facts (one statement)."""
         if not customer_ids:
             return
         await disable_jit(self.session)
-        await self.session.execute(
-            text(RECOMPUTE_SQL), {"ids": list(customer_ids), "now": now, "decay": decay_days}
-        )
+        await self.session.execute(text(RECOMPUTE_SQL), {"ids": list(customer_ids), "now": now, "decay": decay_days})
 
     async def refresh_lifecycle(self, *, now: datetime) -> int:
         """Move profiles whose lifecycle changed with the passage of time."""
@@ -817,28 +804,20 @@ class SegmentRepository:
     ) -> tuple[int, list[str]]:
         bind = {**params, "now": now}
         total = (
-            await self.session.execute(
-                text(f"SELECT count(*) FROM profiles p WHERE {rule_sql}"), bind
-            )
+            await self.session.execute(text(f"SELECT count(*) FROM profiles p WHERE {rule_sql}"), bind)
         ).scalar_one()
         rows = await self.session.execute(
-            text(
-                f"SELECT p.customer_id FROM profiles p WHERE {rule_sql} ORDER BY p.customer_id LIMIT :lim"
-            ),
+            text(f"SELECT p.customer_id FROM profiles p WHERE {rule_sql} ORDER BY p.customer_id LIMIT :lim"),
             {**bind, "lim": sample},
         )
         return int(total), [r[0] for r in rows]
 
     async def exit_all(self, *, segment_id: str, segment_key: str, now: datetime) -> int:
         """Everyone leaves (the segment is being deleted): log and publish the exits."""
-        result = await self.apply(
-            [SegmentRule(segment_id, segment_key, "false", {})], now=now, customer_ids=None
-        )
+        result = await self.apply([SegmentRule(segment_id, segment_key, "false", {})], now=now, customer_ids=None)
         return result[segment_key]["exited"]
 
-    async def members(
-        self, segment_id: str, *, after: str | None, limit: int
-    ) -> list[dict[str, Any]]:
+    async def members(self, segment_id: str, *, after: str | None, limit: int) -> list[dict[str, Any]]:
         rows = await self.session.execute(
             text(
                 "SELECT customer_id, entered_at FROM memberships WHERE segment_id = :s AND (CAST(:after AS text) IS NULL "
@@ -861,9 +840,7 @@ class SegmentRepository:
 
     async def size_history(self, segment_id: str, *, limit: int) -> list[dict[str, Any]]:
         rows = await self.session.execute(
-            text(
-                "SELECT at, size FROM segment_sizes WHERE segment_id = :s ORDER BY at DESC LIMIT :lim"
-            ),
+            text("SELECT at, size FROM segment_sizes WHERE segment_id = :s ORDER BY at DESC LIMIT :lim"),
             {"s": segment_id, "lim": limit},
         )
         return [dict(r) for r in rows.mappings()]
@@ -926,9 +903,7 @@ class ReportRepository:
             )
         )
         stats = (
-            await self.session.execute(
-                text("SELECT value, updated_at FROM feature_stats WHERE key = 'rfm'")
-            )
+            await self.session.execute(text("SELECT value, updated_at FROM feature_stats WHERE key = 'rfm'"))
         ).first()
         return {
             "cells": [dict(r) for r in cells.mappings()],

@@ -36,9 +36,7 @@ BOOL = "bool"
 LIST = "list"
 
 NOW = "CAST(:now AS timestamptz)"
-LIFECYCLE_SQL = (
-    f"seg_lifecycle(p.orders, p.first_purchase_at, p.last_purchase_at, p.cadence_days, {NOW})"
-)
+LIFECYCLE_SQL = f"seg_lifecycle(p.orders, p.first_purchase_at, p.last_purchase_at, p.cadence_days, {NOW})"
 
 
 @dataclass(frozen=True)
@@ -54,40 +52,28 @@ LIFECYCLES = ("prospect", "new", "active", "at_risk", "lapsed", "lost")
 ATTRIBUTES: dict[str, Attribute] = {
     "orders": Attribute("p.orders", NUMBER, doc="orders not fully refunded"),
     "revenue": Attribute("p.revenue", NUMBER, doc="net of refunds"),
-    "margin": Attribute(
-        "p.margin", NUMBER, doc="net of refunds and discounts, minus item cost where known"
-    ),
+    "margin": Attribute("p.margin", NUMBER, doc="net of refunds and discounts, minus item cost where known"),
     "avg_check": Attribute("p.avg_check", NUMBER),
     "discount_share": Attribute("p.discount_share", NUMBER, doc="discounts / gross amount, 0..1"),
     "discounted_orders_share": Attribute(
         "p.discounted_orders_share", NUMBER, doc="share of orders with a discount, 0..1"
     ),
     "cadence_days": Attribute("p.cadence_days", NUMBER, doc="median days between purchase days"),
-    "days_since_last_purchase": Attribute(
-        f"(extract(epoch FROM {NOW} - p.last_purchase_at) / 86400)", NUMBER
-    ),
-    "days_since_first_purchase": Attribute(
-        f"(extract(epoch FROM {NOW} - p.first_purchase_at) / 86400)", NUMBER
-    ),
+    "days_since_last_purchase": Attribute(f"(extract(epoch FROM {NOW} - p.last_purchase_at) / 86400)", NUMBER),
+    "days_since_first_purchase": Attribute(f"(extract(epoch FROM {NOW} - p.first_purchase_at) / 86400)", NUMBER),
     "days_until_predicted_purchase": Attribute(
         f"(extract(epoch FROM p.predicted_next_purchase - {NOW}) / 86400)", NUMBER
     ),
     "rfm_r": Attribute("p.rfm_r", NUMBER),
     "rfm_f": Attribute("p.rfm_f", NUMBER),
     "rfm_m": Attribute("p.rfm_m", NUMBER),
-    "favourite_dow": Attribute(
-        "p.favourite_dow", NUMBER, doc="ISO day of week 1..7 of most purchases"
-    ),
+    "favourite_dow": Attribute("p.favourite_dow", NUMBER, doc="ISO day of week 1..7 of most purchases"),
     "favourite_hour": Attribute("p.favourite_hour", NUMBER),
     "last_feedback_rating": Attribute("p.last_feedback_rating", NUMBER),
     "lifecycle": Attribute(LIFECYCLE_SQL, STRING, LIFECYCLES),
-    "churn_kind": Attribute(
-        f"seg_churn_kind({LIFECYCLE_SQL}, p.orders)", STRING, ("regular", "new", "one_off")
-    ),
+    "churn_kind": Attribute(f"seg_churn_kind({LIFECYCLE_SQL}, p.orders)", STRING, ("regular", "new", "one_off")),
     "value_tier": Attribute("p.value_tier", STRING, ("core", "middle", "unprofitable")),
-    "discount_affinity": Attribute(
-        "p.discount_affinity", STRING, ("deal_hunter", "discount_lover", "none")
-    ),
+    "discount_affinity": Attribute("p.discount_affinity", STRING, ("deal_hunter", "discount_lover", "none")),
     "rfm_group": Attribute(
         "p.rfm_group",
         STRING,
@@ -101,17 +87,13 @@ ATTRIBUTES: dict[str, Attribute] = {
             "needs_attention",
         ),
     ),
-    "last_feedback_topic": Attribute(
-        "p.last_feedback_topic", STRING, ("quality", "price", "service", "other")
-    ),
+    "last_feedback_topic": Attribute("p.last_feedback_topic", STRING, ("quality", "price", "service", "other")),
     "favourite_category": Attribute("p.favourite_category", STRING),
     "favourite_sku": Attribute("(p.favourite_product ->> 'sku')", STRING),
     "favourite_size": Attribute("p.favourite_size", STRING),
     "favourite_color": Attribute("p.favourite_color", STRING),
     "acquisition_channel": Attribute("p.acquisition_channel", STRING),
-    "top_categories": Attribute(
-        "p.top_categories", LIST, doc="up to 5 categories, recency weighted"
-    ),
+    "top_categories": Attribute("p.top_categories", LIST, doc="up to 5 categories, recency weighted"),
 }
 TRAITS = (
     "email",
@@ -183,12 +165,7 @@ class _Errors:
 
 
 def _is_number(v: Any) -> bool:
-    return (
-        isinstance(v, int | float)
-        and not isinstance(v, bool)
-        and math.isfinite(v)
-        and abs(v) <= MAX_NUMBER
-    )
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= MAX_NUMBER
 
 
 def _is_text(v: Any) -> bool:
@@ -236,19 +213,12 @@ class _Compiler:
             if combinator in node:
                 extra = sorted(set(node) - {combinator})
                 if extra:
-                    self.errors.add(
-                        path, f"'{combinator}' node must have no other keys, found {extra}"
-                    )
+                    self.errors.add(path, f"'{combinator}' node must have no other keys, found {extra}")
                 children = node[combinator]
                 if not isinstance(children, list) or not children:
-                    self.errors.add(
-                        f"{path}.{combinator}", "must be a non-empty list of rule nodes"
-                    )
+                    self.errors.add(f"{path}.{combinator}", "must be a non-empty list of rule nodes")
                     return "false"
-                parts = [
-                    self.node(c, f"{path}.{combinator}[{i}]", depth + 1)
-                    for i, c in enumerate(children)
-                ]
+                parts = [self.node(c, f"{path}.{combinator}[{i}]", depth + 1) for i, c in enumerate(children)]
                 joiner = " AND " if combinator == "all" else " OR "
                 return "(" + joiner.join(parts) + ")"
         if "not" in node:
@@ -260,23 +230,17 @@ class _Compiler:
             return self.attr(node, path)
         if "purchases" in node:
             return self.purchases(node, path)
-        self.errors.add(
-            path, "unknown node: expected one of the keys 'all', 'any', 'not', 'attr', 'purchases'"
-        )
+        self.errors.add(path, "unknown node: expected one of the keys 'all', 'any', 'not', 'attr', 'purchases'")
         return "false"
 
     def attr(self, node: dict[str, Any], path: str) -> str:
         extra = sorted(set(node) - {"attr", "op", "value"})
         if extra:
-            self.errors.add(
-                path, f"unknown keys {extra}; an attribute node has 'attr', 'op', 'value'"
-            )
+            self.errors.add(path, f"unknown keys {extra}; an attribute node has 'attr', 'op', 'value'")
         name = node.get("attr")
         if not isinstance(name, str) or not _ATTR_NAME.match(name) or name not in ATTRIBUTES:
             shown = name if isinstance(name, str) and len(name) < 100 else type(name).__name__
-            self.errors.add(
-                f"{path}.attr", f"unknown attribute {shown!r}; see GET /v1/segments/attributes"
-            )
+            self.errors.add(f"{path}.attr", f"unknown attribute {shown!r}; see GET /v1/segments/attributes")
             return "false"
         attr = ATTRIBUTES[name]
         if name.startswith("days_") or name in ("lifecycle", "churn_kind"):
@@ -291,17 +255,13 @@ class _Compiler:
             return "false"
         return self.compare(attr.sql, attr, op, node, path, name)
 
-    def compare(
-        self, expr: str, attr: Attribute, op: str, node: dict[str, Any], path: str, name: str
-    ) -> str:
+    def compare(self, expr: str, attr: Attribute, op: str, node: dict[str, Any], path: str, name: str) -> str:
         if op in ("exists", "not_exists"):
             if "value" in node:
                 self.errors.add(f"{path}.value", f"operator {op!r} takes no value")
             if attr.kind == LIST:
                 test = f"(jsonb_array_length({expr}) > 0)"
-                return (
-                    f"coalesce({test}, false)" if op == "exists" else f"NOT coalesce({test}, false)"
-                )
+                return f"coalesce({test}, false)" if op == "exists" else f"NOT coalesce({test}, false)"
             return f"({expr} IS NOT NULL)" if op == "exists" else f"({expr} IS NULL)"
         if "value" not in node:
             self.errors.add(f"{path}.value", f"operator {op!r} needs a value")
@@ -310,16 +270,12 @@ class _Compiler:
         vpath = f"{path}.value"
         if op in ("in", "not_in"):
             if not isinstance(value, list) or not value or len(value) > MAX_LIST:
-                self.errors.add(
-                    vpath, f"operator {op!r} needs a non-empty list of at most {MAX_LIST} values"
-                )
+                self.errors.add(vpath, f"operator {op!r} needs a non-empty list of at most {MAX_LIST} values")
                 return "false"
             for i, v in enumerate(value):
                 self.check_scalar(v, attr, f"{vpath}[{i}]", name)
             if attr.kind == NUMBER:
-                arr = self.bind(
-                    [float(v) if _is_number(v) else 0.0 for v in value], "double precision[]"
-                )
+                arr = self.bind([float(v) if _is_number(v) else 0.0 for v in value], "double precision[]")
             else:
                 arr = self.bind([v if isinstance(v, str) else "" for v in value], "text[]")
             test = f"({expr} = ANY({arr}))"
@@ -329,9 +285,7 @@ class _Compiler:
                 self.errors.add(vpath, "must be a string of 1-256 characters without NUL")
                 return "false"
             test = f"jsonb_exists({expr}, {self.bind(value, 'text')})"
-            return (
-                f"coalesce({test}, false)" if op == "contains" else f"NOT coalesce({test}, false)"
-            )
+            return f"coalesce({test}, false)" if op == "contains" else f"NOT coalesce({test}, false)"
         if not self.check_scalar(value, attr, vpath, name):
             return "false"
         if attr.kind == NUMBER:
@@ -345,9 +299,7 @@ class _Compiler:
     def check_scalar(self, value: Any, attr: Attribute, path: str, name: str) -> bool:
         if attr.kind == NUMBER:
             if not _is_number(value):
-                self.errors.add(
-                    path, f"{name!r} is a number: expected a finite number within ±{MAX_NUMBER:.0e}"
-                )
+                self.errors.add(path, f"{name!r} is a number: expected a finite number within ±{MAX_NUMBER:.0e}")
                 return False
         elif attr.kind == BOOL:
             if not isinstance(value, bool):
@@ -355,9 +307,7 @@ class _Compiler:
                 return False
         else:
             if not _is_text(value):
-                self.errors.add(
-                    path, f"{name!r} is text: expected a string of 1-256 characters without NUL"
-                )
+                self.errors.add(path, f"{name!r} is text: expected a string of 1-256 characters without NUL")
                 return False
             if attr.values is not None and value not in attr.values:
                 self.errors.add(
@@ -372,9 +322,7 @@ class _Compiler:
         self.uses_time = True
         extra = sorted(set(node) - {"purchases", "op", "value"})
         if extra:
-            self.errors.add(
-                path, f"unknown keys {extra}; a purchases node has 'purchases', 'op', 'value'"
-            )
+            self.errors.add(path, f"unknown keys {extra}; a purchases node has 'purchases', 'op', 'value'")
         spec = node.get("purchases")
         ppath = f"{path}.purchases"
         if not isinstance(spec, dict):
@@ -388,9 +336,7 @@ class _Compiler:
             self.errors.add(ppath, f"unknown keys {unknown}; allowed: {list(PURCHASE_KEYS)}")
         measure = spec.get("measure", "orders")
         if measure not in MEASURES:
-            self.errors.add(
-                f"{ppath}.measure", f"unknown measure {measure!r}; expected one of {list(MEASURES)}"
-            )
+            self.errors.add(f"{ppath}.measure", f"unknown measure {measure!r}; expected one of {list(MEASURES)}")
             return "false"
         days = spec.get("within_days")
         if not isinstance(days, int) or isinstance(days, bool) or not 1 <= days <= MAX_WINDOW_DAYS:
@@ -418,11 +364,7 @@ class _Compiler:
                 values = [v.lower() for v in values]
             where.append(f"{column} = ANY({self.bind(values, 'text[]')})")
         if "day_of_week" in spec:
-            raw = (
-                spec["day_of_week"]
-                if isinstance(spec["day_of_week"], list)
-                else [spec["day_of_week"]]
-            )
+            raw = spec["day_of_week"] if isinstance(spec["day_of_week"], list) else [spec["day_of_week"]]
             dows: list[int] = []
             for i, d in enumerate(raw):
                 if isinstance(d, str) and d.lower() in DAYS:
@@ -440,9 +382,7 @@ class _Compiler:
             if not dows:
                 self.errors.add(f"{ppath}.day_of_week", "must name at least one day")
                 return "false"
-            where.append(
-                f"i.local_dow = ANY(ARRAY[{','.join(str(d) for d in sorted(set(dows)))}]::smallint[])"
-            )
+            where.append(f"i.local_dow = ANY(ARRAY[{','.join(str(d) for d in sorted(set(dows)))}]::smallint[])")
         op = node.get("op")
         if op not in COMPARE:
             self.errors.add(
@@ -455,9 +395,7 @@ class _Compiler:
             self.errors.add(f"{path}.value", f"expected a finite number within ±{MAX_NUMBER:.0e}")
             return "false"
         rhs = self.bind(float(value), "double precision")
-        zero_matches = _holds(
-            0.0, op, float(value)
-        )  # a customer without any matching item has measure 0
+        zero_matches = _holds(0.0, op, float(value))  # a customer without any matching item has measure 0
         if self.set_based:
             # For a pass over everyone: aggregate the window once per customer and test membership in
             # that set (a hashed subplan) instead of one correlated subquery per profile.
@@ -484,9 +422,7 @@ def compile_rule(rule: Any, *, prefix: str = "r", set_based: bool = False) -> Co
     sql = compiler.node(rule, "rule", 0)
     if compiler.errors.items:
         first = compiler.errors.items[0]
-        raise InvalidRule(
-            f"{first['path']}: {first['msg']}", details={"errors": compiler.errors.items}
-        )
+        raise InvalidRule(f"{first['path']}: {first['msg']}", details={"errors": compiler.errors.items})
     return Compiled(
         sql=sql,
         params=compiler.params,

@@ -47,9 +47,7 @@ async def begin_batch(*, session: AsyncSession) -> None:
     await SegmentRepository(session).lock_memberships(exclusive=False)
 
 
-async def recompute_all(
-    *, session: AsyncSession, now: datetime, time_only: bool = False
-) -> dict[str, Any]:
+async def recompute_all(*, session: AsyncSession, now: datetime, time_only: bool = False) -> dict[str, Any]:
     """Refresh lifecycles and re-evaluate segments for everyone in one pass; record sizes."""
     repo = SegmentRepository(session)
     await repo.lock_memberships(exclusive=True)
@@ -99,9 +97,7 @@ async def create_segment(
     ):
         raise SegmentKeyTaken(f"a segment with key {key!r} exists", details={"key": key})
     await repo.lock_memberships(exclusive=True)
-    await repo.apply(
-        [SegmentRule(sid, key, compiled.sql, compiled.params)], now=now, customer_ids=None
-    )
+    await repo.apply([SegmentRule(sid, key, compiled.sql, compiled.params)], now=now, customer_ids=None)
     return await get_segment(session=session, id_or_key=sid)
 
 
@@ -118,16 +114,14 @@ async def update_segment(
     """Change name, description or rule; a new rule re-evaluates everyone in this transaction."""
     seg = await get_segment(session=session, id_or_key=id_or_key)
     rule = changes.get("rule", seg["rule"])
+    name = changes.get("name") or seg["name"]
+    description = changes["description"] if "description" in changes else seg["description"]
+    if (name, description, rule) == (seg["name"], seg["description"], seg["rule"]):
+        return seg  # an empty or same-valued change changes nothing, not even the version
     compiled = compile_rule(rule, set_based=True)
     repo = SegmentRepository(session)
-    await repo.update(
-        seg["id"],
-        name=changes.get("name") or seg["name"],
-        description=changes["description"] if "description" in changes else seg["description"],
-        rule_json=serde.dumps(rule).decode(),
-        now=now,
-    )
-    if "rule" in changes:
+    await repo.update(seg["id"], name=name, description=description, rule_json=serde.dumps(rule).decode(), now=now)
+    if rule != seg["rule"]:
         await repo.lock_memberships(exclusive=True)
         await repo.apply(
             [SegmentRule(seg["id"], seg["key"], compiled.sql, compiled.params)],
@@ -147,9 +141,7 @@ async def delete_segment(*, session: AsyncSession, id_or_key: str, now: datetime
     return exited
 
 
-async def dry_run(
-    *, session: AsyncSession, rule: Any, now: datetime, sample: int = 10
-) -> dict[str, Any]:
+async def dry_run(*, session: AsyncSession, rule: Any, now: datetime, sample: int = 10) -> dict[str, Any]:
     """Count who would match a rule now, without storing anything."""
     compiled = compile_rule(rule, set_based=True)
     count, ids = await SegmentRepository(session).count_matching(

@@ -21,8 +21,6 @@ async def db(
     await engine.dispose()
 
 
-async def fetch_all(
-    sm: async_sessionmaker[AsyncSession], sql: str, **params: Any
-) -> list[dict[str, Any]]:
+async def fetch_all(sm: async_sessionmaker[AsyncSession], sql: str, **params: Any) -> list[dict[str, Any]]:
     async with sm() as s:
         return [dict(r) for r in (await s.execute(text(sql), params)).mappings()]

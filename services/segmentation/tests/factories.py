@@ -59,10 +59,7 @@ def purchase(
 
     if total is None:
         total = str(
-            sum(
-                Decimal(i["unit_price"]) * Decimal(i["quantity"]) - Decimal(i.get("discount", "0"))
-                for i in items
-            )
+            sum(Decimal(i["unit_price"]) * Decimal(i["quantity"]) - Decimal(i.get("discount", "0")) for i in items)
         )
     oid = order_id or f"o{next(_seq):07d}"
     return event(
@@ -88,8 +85,6 @@ def refund(
 
 def records(events: list[dict[str, Any]]) -> list[Record]:
     return [
-        Record(
-            topic="crm.events.v1", partition=0, offset=i, key=e["customer_id"], id=e["id"], value=e
-        )
+        Record(topic="crm.events.v1", partition=0, offset=i, key=e["customer_id"], id=e["id"], value=e)
         for i, e in enumerate(events)
     ]

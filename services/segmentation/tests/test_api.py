@@ -42,10 +42,7 @@ async def test_segment_crud_dry_run_members_and_pointed_errors(db, broker, topic
     url, sm = db
     await seed(
         sm,
-        [
-            purchase(f"m{i:02d}", NOW - timedelta(days=i), [item("x", "misc", f"{i + 1}.00")])
-            for i in range(25)
-        ],
+        [purchase(f"m{i:02d}", NOW - timedelta(days=i), [item("x", "misc", f"{i + 1}.00")]) for i in range(25)],
     )
     app = create_app(settings(url, broker, topic_prefix), clock=ManualClock(NOW))
     async with run_app(app) as client:
@@ -77,23 +74,17 @@ async def test_segment_crud_dry_run_members_and_pointed_errors(db, broker, topic
 
         page1 = (await client.get("/v1/segments/big/members", params={"limit": 4})).json()
         page2 = (
-            await client.get(
-                "/v1/segments/big/members", params={"limit": 4, "cursor": page1["next_cursor"]}
-            )
+            await client.get("/v1/segments/big/members", params={"limit": 4, "cursor": page1["next_cursor"]})
         ).json()
-        assert [m["customer_id"] for m in page1["items"] + page2["items"]] == [
-            f"m{i}" for i in range(15, 23)
-        ]
+        assert [m["customer_id"] for m in page1["items"] + page2["items"]] == [f"m{i}" for i in range(15, 23)]
 
-        r = await client.patch(
-            "/v1/segments/big", json={"rule": {"attr": "revenue", "op": ">=", "value": 24}}
-        )
+        r = await client.patch("/v1/segments/big", json={"rule": {"attr": "revenue", "op": ">=", "value": 24}})
         assert r.status_code == 200 and r.json()["size"] == 2 and r.json()["version"] == 2
+        for same in ({}, {"rule": {"attr": "revenue", "op": ">=", "value": 24}}, {"name": r.json()["name"]}):
+            again = await client.patch("/v1/segments/big", json=same)
+            assert again.status_code == 200 and again.json()["version"] == 2, (same, again.text)
         r = await client.patch("/v1/segments/big", json={"rule": {"not": {"attr": "revenue"}}})
-        assert (
-            r.status_code == 422
-            and r.json()["error"]["details"]["errors"][0]["path"] == "rule.not.op"
-        )
+        assert r.status_code == 422 and r.json()["error"]["details"]["errors"][0]["path"] == "rule.not.op"
 
         assert (await client.delete("/v1/segments/big")).status_code == 204
         assert (await client.get("/v1/segments/big")).status_code == 404
@@ -143,9 +134,7 @@ async def test_hostile_inputs_get_4xx_not_500(db, broker, topic_prefix):
         ]
         for method, path, body in cases:
             if isinstance(body, str):
-                r = await client.request(
-                    method, path, content=body, headers={"content-type": "application/json"}
-                )
+                r = await client.request(method, path, content=body, headers={"content-type": "application/json"})
             else:
                 r = (
                     await client.request(method, path, json=body)
@@ -181,9 +170,7 @@ async def test_builtin_segments_install_once_and_stay_edited(db, broker, topic_p
             },
         )
         assert r.status_code == 200
-    async with run_app(
-        create_app(settings(url, broker, topic_prefix), clock=ManualClock(NOW))
-    ) as client:
+    async with run_app(create_app(settings(url, broker, topic_prefix), clock=ManualClock(NOW))) as client:
         segs = (await client.get("/v1/segments")).json()
         assert len(segs) == len(keys)
         lapsed = next(s for s in segs if s["key"] == "lapsed_regulars")
@@ -195,16 +182,10 @@ async def test_lapsed_regulars_enter_when_90_days_pass_without_an_order(db, brok
     clock = ManualClock(NOW)
     start = NOW - timedelta(days=150)
     evs = [
-        purchase("reg", start + timedelta(days=30 * k), [item("clean", "cleaning", "50.00")])
-        for k in range(4)
+        purchase("reg", start + timedelta(days=30 * k), [item("clean", "cleaning", "50.00")]) for k in range(4)
     ]  # last: 60 days ago
-    evs += [
-        purchase("two", start + timedelta(days=30 * k), [item("clean", "cleaning", "50.00")])
-        for k in range(2)
-    ]
-    evs.append(
-        event("feedback", "reg", start + timedelta(days=91), {"rating": 1, "topic": "quality"})
-    )
+    evs += [purchase("two", start + timedelta(days=30 * k), [item("clean", "cleaning", "50.00")]) for k in range(2)]
+    evs.append(event("feedback", "reg", start + timedelta(days=91), {"rating": 1, "topic": "quality"}))
     app = create_app(settings(url, broker, topic_prefix), clock=clock)
     async with run_app(app) as client:
         await seed(sm, evs)
@@ -213,8 +194,7 @@ async def test_lapsed_regulars_enter_when_90_days_pass_without_an_order(db, brok
         r = await client.post("/v1/ops/sweeps/segments")
         assert r.json()["result"]["segments"]["lapsed_regulars"] == {"entered": 1, "exited": 0}
         assert [
-            m["customer_id"]
-            for m in (await client.get("/v1/segments/lapsed_regulars/members")).json()["items"]
+            m["customer_id"] for m in (await client.get("/v1/segments/lapsed_regulars/members")).json()["items"]
         ] == ["reg"]
         digest = await fetch_all(
             sm,
@@ -270,9 +250,7 @@ async def test_reports_pareto_rfm_and_acquisition(db, broker, topic_prefix):
         assert sum(c["customers"] for c in rfm["cells"]) == 10 and rfm["cut_points"] is not None
         acq = {r["channel"]: r for r in (await client.get("/v1/reports/acquisition")).json()}
         assert acq["web"]["buyers"] == 5 and acq["web"]["repeat_rate"] == 3 / 5
-        assert Decimal(str(acq["store"]["revenue"])) == Decimal(
-            "900"
-        )  # p5..p9: 1 + 3 + 1 + 3 + 1 orders of 100
+        assert Decimal(str(acq["store"]["revenue"])) == Decimal("900")  # p5..p9: 1 + 3 + 1 + 3 + 1 orders of 100
         profile = (await client.get("/v1/profiles/p0")).json()
         assert profile["value_tier"] == "core" and profile["rfm_group"] is not None
 
@@ -305,9 +283,7 @@ async def test_delivery_outcomes_build_engagement_per_channel(db, broker, topic_
         )
     ]
     async with run_app(app) as client:
-        await publish(
-            broker.bootstrap, topic_prefix + "crm.deliveries.v1", deliveries + deliveries[:3]
-        )
+        await publish(broker.bootstrap, topic_prefix + "crm.deliveries.v1", deliveries + deliveries[:3])
 
         async def engaged():
             return (await client.get("/v1/profiles/e1")).json()["engagement"].get("sms")

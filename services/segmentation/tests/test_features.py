@@ -229,10 +229,7 @@ async def test_anonymous_visits_merge_into_the_customer(db):
 async def test_lifecycle_follows_the_customers_own_cadence(db):
     _, sm = db
     last = NOW - timedelta(days=1)
-    evs = [
-        purchase("c10", last - timedelta(days=30 * k), [item("clean", "cleaning", "50.00")])
-        for k in range(4)
-    ]
+    evs = [purchase("c10", last - timedelta(days=30 * k), [item("clean", "cleaning", "50.00")]) for k in range(4)]
     await apply(sm, evs)
     assert (await profile(sm, "c10"))["lifecycle"] == "active"
     assert (await profile(sm, "c10", NOW + timedelta(days=60)))["lifecycle"] == "at_risk"
@@ -248,10 +245,7 @@ async def test_lifecycle_follows_the_customers_own_cadence(db):
 async def test_discount_affinity(db):
     _, sm = db
     t = NOW - timedelta(days=10)
-    hunter = [
-        purchase("c12", t + timedelta(days=k), [item("x", "misc", "10.00", discount="3.00")])
-        for k in range(4)
-    ]
+    hunter = [purchase("c12", t + timedelta(days=k), [item("x", "misc", "10.00", discount="3.00")]) for k in range(4)]
     lover = [
         purchase(
             "c13",
@@ -294,9 +288,7 @@ async def test_rfm_quintiles_and_value_tiers_refreshed_by_the_sweep(db):
         await profile(sm, "r0"),
         await profile(sm, "r-loss"),
     )
-    assert (top["rfm_r"], top["rfm_f"], top["rfm_m"]) == (5, 5, 5) and top[
-        "rfm_group"
-    ] == "champions"
+    assert (top["rfm_r"], top["rfm_f"], top["rfm_m"]) == (5, 5, 5) and top["rfm_group"] == "champions"
     assert bottom["rfm_f"] == 1 and bottom["rfm_r"] == 1
     assert top["value_tier"] == "core" and loss["value_tier"] == "unprofitable"
     assert (await profile(sm, "r4"))["value_tier"] == "middle"
@@ -325,9 +317,7 @@ async def test_shuffled_and_duplicated_histories_give_identical_profiles(db, mak
                     order_id=f"s{c}-{k}",
                 )
             )
-        evs.append(
-            event("customer_updated", f"s{c}", NOW - timedelta(days=50), {"first_name": f"N{c}"})
-        )
+        evs.append(event("customer_updated", f"s{c}", NOW - timedelta(days=50), {"first_name": f"N{c}"}))
         evs.append(refund(f"s{c}", NOW - timedelta(days=1), f"s{c}-3", "5.00"))
     await apply(sm, evs)
     async with sm() as s:

@@ -120,24 +120,14 @@ def test_all_errors_are_listed():
 
 async def test_windowed_aggregate_counts_distinct_fridays_within_the_window(db):
     _, sm = db
-    fridays = [
-        NOW - timedelta(days=7 * k) for k in (0, 1, 3, 9)
-    ]  # the 9-week-old one is outside 56 days
+    fridays = [NOW - timedelta(days=7 * k) for k in (0, 1, 3, 9)]  # the 9-week-old one is outside 56 days
     evs = [purchase("w1", at, [item("wine-a", "wine", "10.00")]) for at in fridays]
-    evs.append(
-        purchase("w1", fridays[0] + timedelta(hours=1), [item("wine-b", "Wine", "12.00")])
-    )  # same Friday again
+    evs.append(purchase("w1", fridays[0] + timedelta(hours=1), [item("wine-b", "Wine", "12.00")]))  # same Friday again
     evs += [
-        purchase("w2", NOW - timedelta(days=7 * k + 1), [item("wine-a", "wine", "10.00")])
-        for k in range(4)
+        purchase("w2", NOW - timedelta(days=7 * k + 1), [item("wine-a", "wine", "10.00")]) for k in range(4)
     ]  # Thursdays
-    evs += [
-        purchase("w3", NOW - timedelta(days=7 * k), [item("beer", "beer", "3.00")])
-        for k in range(4)
-    ]
-    evs.append(
-        event("customer_updated", "w4", NOW, {"first_name": "Nobody", "consents": {"email": True}})
-    )
+    evs += [purchase("w3", NOW - timedelta(days=7 * k), [item("beer", "beer", "3.00")]) for k in range(4)]
+    evs.append(event("customer_updated", "w4", NOW, {"first_name": "Nobody", "consents": {"email": True}}))
     async with session_scope(sm) as s:
         await apply_events(session=s, records=records(evs), now=NOW, decay_days=90)
     rule = {
@@ -211,7 +201,5 @@ async def test_set_based_and_per_customer_compilations_agree(db):
             many = compile_rule(rule, set_based=True)
             assert one.sql != many.sql
             a = await repo.count_matching(rule_sql=one.sql, params=one.params, now=NOW, sample=100)
-            b = await repo.count_matching(
-                rule_sql=many.sql, params=many.params, now=NOW, sample=100
-            )
+            b = await repo.count_matching(rule_sql=many.sql, params=many.params, now=NOW, sample=100)
             assert a == b, rule

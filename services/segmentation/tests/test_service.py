@@ -47,9 +47,7 @@ async def _members(client, key: str) -> list[str]:
     return [m["customer_id"] for m in page["items"]]
 
 
-async def test_friday_wine_lovers_fill_as_purchases_arrive_and_empty_as_time_passes(
-    db, broker, topic_prefix
-):
+async def test_friday_wine_lovers_fill_as_purchases_arrive_and_empty_as_time_passes(db, broker, topic_prefix):
     url, sm = db
     clock = ManualClock(FRIDAY - timedelta(days=14) + timedelta(hours=1))
     topic = topic_prefix + "crm.events.v1"
@@ -78,15 +76,10 @@ async def test_friday_wine_lovers_fill_as_purchases_arrive_and_empty_as_time_pas
             ),
             # Bob buys wine on Saturdays only; Cy buys beer on Fridays.
             *[
-                purchase(
-                    "bob", FRIDAY - timedelta(days=7 * k - 1), [item("rose-1", "wine", "8.00")]
-                )
+                purchase("bob", FRIDAY - timedelta(days=7 * k - 1), [item("rose-1", "wine", "8.00")])
                 for k in range(1, 4)
             ],
-            *[
-                purchase("cy", FRIDAY - timedelta(days=7 * k), [item("lager", "beer", "3.00")])
-                for k in range(0, 3)
-            ],
+            *[purchase("cy", FRIDAY - timedelta(days=7 * k), [item("lager", "beer", "3.00")]) for k in range(0, 3)],
         ]
         await publish(broker.bootstrap, topic, history)
         await eventually(lambda: _applied(client, len(history)), timeout=30, what="history applied")
@@ -95,9 +88,7 @@ async def test_friday_wine_lovers_fill_as_purchases_arrive_and_empty_as_time_pas
         clock.set(FRIDAY + timedelta(hours=1))
         third = purchase("ann", FRIDAY, [item(wine["sku"], "wine", "10.00", name=wine["name"])])
         await publish(broker.bootstrap, topic, [third])
-        await eventually(
-            lambda: _members(client, "friday_wine_lovers"), timeout=20, what="ann entered"
-        )
+        await eventually(lambda: _members(client, "friday_wine_lovers"), timeout=20, what="ann entered")
         assert await _members(client, "friday_wine_lovers") == ["ann"]
 
         profile = (await client.get("/v1/profiles/ann")).json()
@@ -125,19 +116,13 @@ async def test_friday_wine_lovers_fill_as_purchases_arrive_and_empty_as_time_pas
         log = await fetch_all(sm, "SELECT id, segment_id, customer_id, change FROM membership_log")
 
         async def all_published() -> bool:
-            msgs = await read_topic(
-                broker.bootstrap, topic_prefix + "crm.segments.v1", min_count=len(log), idle=0.2
-            )
+            msgs = await read_topic(broker.bootstrap, topic_prefix + "crm.segments.v1", min_count=len(log), idle=0.2)
             return {m["id"] for m in msgs} == {f"segchg:{r['id']}" for r in log}
 
-        await eventually(
-            all_published, timeout=20, what="every membership change on crm.segments.v1"
-        )
+        await eventually(all_published, timeout=20, what="every membership change on crm.segments.v1")
         exits = [
             m
-            for m in await read_topic(
-                broker.bootstrap, topic_prefix + "crm.segments.v1", min_count=len(log)
-            )
+            for m in await read_topic(broker.bootstrap, topic_prefix + "crm.segments.v1", min_count=len(log))
             if m["type"] == "segment.exited" and m["segment_key"] == "friday_wine_lovers"
         ]
         assert [m["customer_id"] for m in exits] == ["ann"]
@@ -217,9 +202,7 @@ async def test_replaying_twice_or_shuffled_yields_identical_profiles_and_members
         await publish(broker.bootstrap, topic_prefix + "crm.events.v1", evs)
         await eventually(lambda: _applied(client, len(evs)), timeout=30, what="history applied")
         in_order = await _snapshot(sm)
-        await publish(
-            broker.bootstrap, topic_prefix + "crm.events.v1", evs
-        )  # the whole history again
+        await publish(broker.bootstrap, topic_prefix + "crm.events.v1", evs)  # the whole history again
         await eventually(lambda: _applied(client, 2 * len(evs)), timeout=30, what="replay consumed")
         assert await _snapshot(sm) == in_order
     assert any(in_order[1]), "the history should put somebody in a segment"
@@ -237,9 +220,7 @@ async def test_replaying_twice_or_shuffled_yields_identical_profiles_and_members
     try:
         async with run_app(app2) as client2:
             await publish(broker.bootstrap, prefix2 + "crm.events.v1", shuffled)
-            await eventually(
-                lambda: _applied(client2, len(evs)), timeout=30, what="shuffled history applied"
-            )
+            await eventually(lambda: _applied(client2, len(evs)), timeout=30, what="shuffled history applied")
             assert await _snapshot(create_sessionmaker(engine2)) == in_order
     finally:
         await engine2.dispose()
@@ -251,10 +232,7 @@ async def test_membership_change_and_its_outbox_row_commit_or_roll_back_together
     from .factories import records
 
     _, sm = db
-    evs = [
-        purchase("t1", FRIDAY - timedelta(days=7 * k), [item("wine-a", "wine", "10.00")])
-        for k in range(3)
-    ]
+    evs = [purchase("t1", FRIDAY - timedelta(days=7 * k), [item("wine-a", "wine", "10.00")]) for k in range(3)]
     async with sm() as s:
         await s.execute(
             text(
