@@ -15,7 +15,7 @@ from aiosmtpd.controller import Controller
 from crm_common.clock import ManualClock
 from crm_common.contract.events import CustomerUpdatedProps
 from crm_common.infra import free_port
-from crm_common.testing.helpers import Mailbox, run_app
+from crm_common.testing.helpers import Mailbox, eventually, run_app
 from notifier.app import create_app
 from notifier.contacts import apply_customer_updates
 from notifier.fakes import FakeHttpProvider
@@ -139,6 +139,16 @@ async def message_state(client: httpx.AsyncClient, message_id: str) -> dict[str,
     r = await client.get(f"/v1/messages/{message_id}")
     assert r.status_code == 200, r.text
     return r.json()
+
+
+async def wait_for_state(client: httpx.AsyncClient, message_id: str, state: str, *, what: str) -> dict[str, Any]:
+    """The message once it has reached `state` (fails the test after the usual timeout)."""
+
+    async def reached() -> dict[str, Any] | None:
+        m = await message_state(client, message_id)
+        return m if m["state"] == state else None
+
+    return await eventually(reached, what=what)  # type: ignore[no-any-return]
 
 
 def wake(app: Any) -> None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import httpx
 import orjson
 
-from crm_common.testing.helpers import eventually
 from notifier.tokens import callback_signature
 
-from .conftest import add_template, message_state, seed_contact
+from .conftest import add_template, message_state, seed_contact, wait_for_state
 
 
 async def test_callbacks_and_signed_links_work_without_a_key_and_the_ops_routes_do_not(start_app, provider):
@@ -17,11 +16,7 @@ async def test_callbacks_and_signed_links_work_without_a_key_and_the_ops_routes_
         await add_template(client, "code", "sms", body="code")
         await client.post("/v1/messages", json={"id": "key-1", "customer_id": "k1", "template": "code"})
 
-        async def sent():
-            m = await message_state(client, "key-1")
-            return m if m["state"] == "sent" else None
-
-        msg = await eventually(sent, what="sent")
+        msg = await wait_for_state(client, "key-1", "sent", what="sent")
         links = app.state.notifier.links
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as anonymous:
             for method, path in (

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import orjson
 
-from crm_common.testing.helpers import eventually
 from notifier.tokens import callback_signature
 
-from .conftest import add_template, message_state, seed_contact
+from .conftest import add_template, message_state, seed_contact, wait_for_state
 
 
 async def test_signed_callback_marks_delivered_and_a_bad_signature_is_refused(start_app, provider):
@@ -16,11 +15,7 @@ async def test_signed_callback_marks_delivered_and_a_bad_signature_is_refused(st
         await add_template(client, "code", "sms", body="code")
         await client.post("/v1/messages", json={"id": "cb-1", "customer_id": "c1", "template": "code"})
 
-        async def sent():
-            m = await message_state(client, "cb-1")
-            return m if m["state"] == "sent" else None
-
-        msg = await eventually(sent, what="sent")
+        msg = await wait_for_state(client, "cb-1", "sent", what="sent")
         body = orjson.dumps({"provider_message_id": msg["provider_message_id"], "status": "delivered"})
         url = "/v1/providers/sms/callbacks"
         assert (await client.post(url, content=body)).status_code == 401

@@ -70,7 +70,9 @@ async def test_sms_and_push_requests_follow_the_provider_contracts(start_app, pr
             "callback_url": "http://test/v1/providers/sms/callbacks",
         }
         assert sms_msg["provider_message_id"].startswith("p-")
-        [push] = [r for r in provider.received if r.body.get("message", {}).get("data", {}).get("message_id") == "m-push"]
+        [push] = [
+            r for r in provider.received if r.body.get("message", {}).get("data", {}).get("message_id") == "m-push"
+        ]
         assert push.method == "POST" and push.path == "/v1/projects/proj/messages:send"
         assert push.headers["authorization"] == "Bearer push-token"
         assert push.body == {

@@ -103,8 +103,16 @@ async def test_lone_surrogates_in_free_json_are_a_422_naming_the_field(start_app
         created = await add_template(client, "code", "sms", body="code {{ x }}", variables=["x"])
         h = {"Content-Type": "application/json"}
         cases = [
-            ("/v1/templates", '{"key": "s", "channel": "sms", "locale": "en", "body": "a", "sample": {"a": "\\ud800"}}', "sample"),
-            ("/v1/templates", '{"key": "s", "channel": "sms", "locale": "en", "body": "a", "sample": {"\\udfff": 1}}', "sample"),
+            (
+                "/v1/templates",
+                '{"key": "s", "channel": "sms", "locale": "en", "body": "a", "sample": {"a": "\\ud800"}}',
+                "sample",
+            ),
+            (
+                "/v1/templates",
+                '{"key": "s", "channel": "sms", "locale": "en", "body": "a", "sample": {"\\udfff": 1}}',
+                "sample",
+            ),
             ("/v1/messages", '{"customer_id": "c1", "template": "code", "variables": {"x": ["\\ud800"]}}', "variables"),
             (f"/v1/templates/{created['id']}/preview", '{"variables": {"x": "a\\udc00b"}}', "variables"),
         ]

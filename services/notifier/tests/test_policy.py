@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 from crm_common.testing.helpers import eventually
 from notifier.policy import choose_channel, quiet_until
 
-from .conftest import add_template, message_state, seed_contact, wake
+from .conftest import add_template, message_state, seed_contact, wait_for_state, wake
 
 
 def contact(**kw):
@@ -101,10 +101,7 @@ async def test_quiet_hours_defer_a_marketing_message_to_the_local_morning(start_
         clock.advance(minutes=1)
         wake(app)
 
-        async def sent():
-            return (await message_state(client, "q-1"))["state"] == "sent"
-
-        await eventually(sent, what="sent at 09:00 local")
+        await wait_for_state(client, "q-1", "sent", what="sent at 09:00 local")
         assert len([b for b in provider.bodies("/v1/sms") if b["reference"] == "q-1"]) == 1
 
 
@@ -175,10 +172,7 @@ async def test_past_expiry_is_expired_and_unknown_contact_waits_then_is_suppress
         clock.advance(seconds=31)
         wake(app)
 
-        async def sent():
-            return (await message_state(client, "early"))["state"] == "sent"
-
-        await eventually(sent, what="sent once the contact arrived")
+        await wait_for_state(client, "early", "sent", what="sent once the contact arrived")
         r = await client.post("/v1/messages", json={"id": "ghost", "customer_id": "ghost", "template": "t"})
         clock.advance(seconds=61)
         wake(app)
