@@ -42,7 +42,9 @@ def _encodable(value: Any) -> Any:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise ValueError("strings must be valid Unicode: lone surrogates (\\ud800-\\udfff) are not allowed") from None
+            raise ValueError(
+                "strings must be valid Unicode: lone surrogates (\\ud800-\\udfff) are not allowed"
+            ) from None
     elif isinstance(value, dict):
         for k, v in value.items():
             _encodable(k)

@@ -20,8 +20,7 @@ def _no_nul(value: str) -> str:
 
 def _identifier(value: str) -> str:
     # An id of only spaces would name a customer, order or event nobody can tell from another.
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
+    _no_nul(value)
     if value.isspace():
         raise ValueError("must not be blank")
     return value

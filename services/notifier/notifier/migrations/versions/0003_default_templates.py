@@ -26,22 +26,56 @@ GOAL_VARS = ["purchases", "days", "reward_points", "reward_value", "due_date"]
 GOAL_SAMPLE = {"purchases": 3, "days": 30, "reward_points": "300.00", "reward_value": "3.00", "due_date": "2026-07-01"}
 
 DEFAULTS = [
-    ("points_expiring", "email", "{{ points }} bonus points expire on {{ expires_on }}",
-     "Hello,\n\n{{ points }} of your bonus points (worth {{ amount }}) expire on {{ expires_on }}.\n"
-     "Use them on your next purchase.", EXPIRING_VARS, EXPIRING_SAMPLE),
-    ("points_expiring", "sms", None,
-     "{{ points }} bonus points (worth {{ amount }}) expire on {{ expires_on }}. Use them on your next purchase.",
-     EXPIRING_VARS, EXPIRING_SAMPLE),
-    ("points_expiring", "push", "Your points expire soon",
-     "{{ points }} points (worth {{ amount }}) expire on {{ expires_on }}.", EXPIRING_VARS, EXPIRING_SAMPLE),
-    ("loyalty_goal_offer", "email", "Earn {{ reward_points }} bonus points",
-     "Hello,\n\nmake {{ purchases }} purchases in the next {{ days }} days (by {{ due_date }}) and earn "
-     "{{ reward_points }} bonus points (worth {{ reward_value }}).", GOAL_VARS, GOAL_SAMPLE),
-    ("loyalty_goal_offer", "sms", None,
-     "{{ purchases }} purchases by {{ due_date }} earn you {{ reward_points }} bonus points (worth {{ reward_value }}).",
-     GOAL_VARS, GOAL_SAMPLE),
-    ("loyalty_goal_offer", "push", "A goal for you",
-     "{{ purchases }} purchases by {{ due_date }}: {{ reward_points }} bonus points.", GOAL_VARS, GOAL_SAMPLE),
+    (
+        "points_expiring",
+        "email",
+        "{{ points }} bonus points expire on {{ expires_on }}",
+        "Hello,\n\n{{ points }} of your bonus points (worth {{ amount }}) expire on {{ expires_on }}.\n"
+        "Use them on your next purchase.",
+        EXPIRING_VARS,
+        EXPIRING_SAMPLE,
+    ),
+    (
+        "points_expiring",
+        "sms",
+        None,
+        "{{ points }} bonus points (worth {{ amount }}) expire on {{ expires_on }}. Use them on your next purchase.",
+        EXPIRING_VARS,
+        EXPIRING_SAMPLE,
+    ),
+    (
+        "points_expiring",
+        "push",
+        "Your points expire soon",
+        "{{ points }} points (worth {{ amount }}) expire on {{ expires_on }}.",
+        EXPIRING_VARS,
+        EXPIRING_SAMPLE,
+    ),
+    (
+        "loyalty_goal_offer",
+        "email",
+        "Earn {{ reward_points }} bonus points",
+        "Hello,\n\nmake {{ purchases }} purchases in the next {{ days }} days (by {{ due_date }}) and earn "
+        "{{ reward_points }} bonus points (worth {{ reward_value }}).",
+        GOAL_VARS,
+        GOAL_SAMPLE,
+    ),
+    (
+        "loyalty_goal_offer",
+        "sms",
+        None,
+        "{{ purchases }} purchases by {{ due_date }} earn you {{ reward_points }} bonus points (worth {{ reward_value }}).",
+        GOAL_VARS,
+        GOAL_SAMPLE,
+    ),
+    (
+        "loyalty_goal_offer",
+        "push",
+        "A goal for you",
+        "{{ purchases }} purchases by {{ due_date }}: {{ reward_points }} bonus points.",
+        GOAL_VARS,
+        GOAL_SAMPLE,
+    ),
 ]
 
 
@@ -55,10 +89,19 @@ def upgrade() -> None:
                 " CAST(:variables AS jsonb), CAST(:sample AS jsonb), 1, now(), now())"
                 " ON CONFLICT (key, channel, locale) DO NOTHING"
             ),
-            {"id": uuid.uuid4().hex, "key": key, "channel": channel, "subject": subject, "body": body,
-             "variables": json.dumps(variables), "sample": json.dumps(sample)},
+            {
+                "id": uuid.uuid4().hex,
+                "key": key,
+                "channel": channel,
+                "subject": subject,
+                "body": body,
+                "variables": json.dumps(variables),
+                "sample": json.dumps(sample),
+            },
         )
 
 
 def downgrade() -> None:
-    op.execute("DELETE FROM templates WHERE locale = 'en' AND version = 1 AND key IN ('points_expiring', 'loyalty_goal_offer')")
+    op.execute(
+        "DELETE FROM templates WHERE locale = 'en' AND version = 1 AND key IN ('points_expiring', 'loyalty_goal_offer')"
+    )
