@@ -29,11 +29,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from crm_common import metrics, serde
 from crm_common.clock import Clock, SystemClock
+from crm_common.errors import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +56,6 @@ BatchHandler = Callable[[AsyncSession, list[Record]], Awaitable[None]]
 
 class PoisonMessage(Exception):
     """Raised by a handler for a message that can never be applied (sent to the DLQ at once)."""
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for failures of a dependency (database, broker, network) rather than of the message."""
-    if isinstance(exc, PoisonMessage):
-        return False
-    if isinstance(exc, OperationalError | InterfaceError):
-        return True
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    if isinstance(exc, DBAPIError):
-        orig = getattr(exc, "orig", None)
-        sqlstate = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
-        # Serialization failures, deadlocks, admin shutdown and connection classes are retryable.
-        if sqlstate and (
-            sqlstate in {"40001", "40P01", "55P03", "57P01", "57P02", "57P03"} or sqlstate.startswith("08")
-        ):
-            return True
-    return isinstance(exc, OSError | ConnectionError | TimeoutError | asyncio.TimeoutError | KafkaError)
 
 
 @dataclass

@@ -13,7 +13,17 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from crm_common import metrics, serde
+from crm_common.contract.messages import DeliveryEvent, LoyaltyEvent, MessageRequested, SegmentMembershipChanged
 from crm_common.kafka import send_many
+from crm_common.settings import TOPIC_DELIVERIES, TOPIC_LOYALTY, TOPIC_MESSAGES, TOPIC_SEGMENTS
+
+# The contract model of every topic a service publishes through its outbox.
+TOPIC_MODELS: dict[str, type[Any]] = {
+    TOPIC_SEGMENTS: SegmentMembershipChanged,
+    TOPIC_LOYALTY: LoyaltyEvent,
+    TOPIC_MESSAGES: MessageRequested,
+    TOPIC_DELIVERIES: DeliveryEvent,
+}
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +31,36 @@ log = logging.getLogger(__name__)
 def mark_outbox_written(session: AsyncSession) -> None:
     """Note that this transaction wrote outbox rows, so the relay is woken right after its commit."""
     session.info["outbox_written"] = True
+
+
+async def enqueue_models(session: AsyncSession, topic: str, messages: Sequence[Any]) -> None:
+    """Add contract messages of `topic` to the outbox in the caller's transaction, keyed by customer_id.
+
+    Every message a service publishes is born as its topic's contract model (TOPIC_MODELS), so
+    what consumers read is what the contract says.
+    """
+    model = TOPIC_MODELS[topic]
+    rows = []
+    for message in messages:
+        if not isinstance(message, model):
+            raise TypeError(f"{topic} carries {model.__name__}, not {type(message).__name__}")
+        rows.append((topic, message.customer_id, message.model_dump(mode="json", exclude_none=False)))
+    await enqueue_many(session, rows)
+
+
+async def enqueue_select(session: AsyncSession, select_sql: str, params: dict[str, Any]) -> int:
+    """Add the rows of a set-based `SELECT topic, key, value` to the outbox; return how many.
+
+    For sweeps and recomputes that publish thousands of messages in one statement, where building
+    each one in Python would cost more than the work itself. `value` must be the JSON (bytea) of
+    the topic's contract model; each service pins that with a test that reads the rows back and
+    validates them against TOPIC_MODELS.
+    """
+    result = await session.execute(text(f"INSERT INTO outbox (topic, key, value) {select_sql}"), params)
+    count = int(getattr(result, "rowcount", 0) or 0)
+    if count:
+        mark_outbox_written(session)
+    return count
 
 
 async def enqueue(session: AsyncSession, topic: str, key: str, value: dict[str, Any]) -> None:

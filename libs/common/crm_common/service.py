@@ -26,7 +26,7 @@ from crm_common.auth import ApiKeys, api_key_dependency
 from crm_common.clock import Clock, SystemClock
 from crm_common.consumer import BatchHandler, ConsumerRunner
 from crm_common.db import create_engine, create_sessionmaker
-from crm_common.errors import NotFound, dependency_down, error_body, install_error_handlers
+from crm_common.errors import NotFound, error_body, install_error_handlers, is_transient
 from crm_common.kafka import make_producer
 from crm_common.logging import configure_logging
 from crm_common.outbox import OutboxRelay
@@ -343,7 +343,7 @@ class _MetricsMiddleware:
         except Exception as exc:
             # Answer a retryable 503 when the database or broker is away, instead of a 500 with a
             # logged stack trace; anything else goes on to the generic handler.
-            if status.get("started") or not dependency_down(exc):
+            if status.get("started") or not is_transient(exc):
                 raise
             log.warning("dependency unavailable: %r", exc)
             status["code"] = 503
