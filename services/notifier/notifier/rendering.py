@@ -1,16 +1,33 @@
-"""Templates rendered in Jinja2's sandbox; declared variables checked at save and at render."""
+"""Templates rendered in Jinja2's sandbox; declared variables checked at save and at render.
+
+A render has a time budget. Python cannot stop a thread from outside, so the sandbox stops the
+render itself: every loop iteration and every call (functions, methods, macros, recursive loops)
+checks the render's deadline and raises RenderTimeout once it is past. Renders run on a small
+thread pool (`Renderer.offload`), so a slow one holds neither the event loop nor, once its budget
+is spent, the CPU.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
+import math
 import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
-from jinja2 import StrictUndefined, TemplateError, meta, nodes
+from jinja2 import StrictUndefined, TemplateError, meta, nodes, pass_context
+from jinja2.compiler import CodeGenerator, Frame
 from jinja2.exceptions import SecurityError
+from jinja2.runtime import Context, LoopContext
 from jinja2.sandbox import SandboxedEnvironment
 
-from notifier.errors import RenderFailed, TemplateInvalid
+from notifier.errors import RenderFailed, RenderTimeout, TemplateInvalid
 
 # Names every render provides on top of the message's own variables.
 IMPLICIT_VARIABLES = frozenset({"customer", "message_id", "unsubscribe_url"})
@@ -19,6 +36,48 @@ MAX_OUTPUT = 200_000
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 # The largest integer `**` or `*` may produce, in bits (about 30,000 decimal digits).
 MAX_INT_BITS = 100_000
+# A filter name no template can spell (the lexer has no ':' in names): the loop-budget hook.
+_LOOP_HOOK = "budget:loop"
+RENDER_THREADS = 2
+
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# The deadline (time.perf_counter) of the render running on this thread; inf outside a budget.
+_budget = threading.local()
+
+
+def _deadline() -> float:
+    return getattr(_budget, "deadline", math.inf)
+
+
+def _over_budget() -> RenderTimeout:
+    return RenderTimeout("the template ran past its render time budget")
+
+
+def _budgeted(iterable: Iterable[Any]) -> Iterator[Any]:
+    """Iterate `iterable`, raising RenderTimeout at the first item past the render's deadline."""
+    deadline = _deadline()
+    clock = time.perf_counter
+    for item in iterable:
+        if clock() > deadline:
+            raise _over_budget()
+        yield item
+
+
+@pass_context  # a context filter is never folded at compile time, so each loop gets its own iterator
+def _loop_hook(_context: Context, iterable: Iterable[Any]) -> Iterator[Any]:
+    return _budgeted(iterable)
+
+
+class _BudgetedCodeGenerator(CodeGenerator):
+    """Compile every `{% for %}` to iterate through the budget check."""
+
+    def visit_Template(self, node: nodes.Template, frame: Frame | None = None) -> None:
+        for loop in list(node.find_all(nodes.For)):
+            loop.iter = nodes.Filter(loop.iter, _LOOP_HOOK, [], [], None, None, lineno=loop.iter.lineno)
+        super().visit_Template(node, frame)
 
 
 @dataclass(slots=True)
@@ -39,6 +98,23 @@ class _BoundedSandbox(SandboxedEnvironment):
     """
 
     intercepted_binops = frozenset({"*", "**"})
+    code_generator_class = _BudgetedCodeGenerator
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.filters[_LOOP_HOOK] = _loop_hook
+
+    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        # Recursion (macros calling themselves, `loop(children)`) goes through here, not through a for.
+        if time.perf_counter() > _deadline():
+            raise _over_budget()
+        if isinstance(__obj, LoopContext) and args:
+            args = (_budgeted(args[0]), *args[1:])
+        result = super().call(__context, __obj, *args, **kwargs)
+        if isinstance(result, str) and len(result) > MAX_OUTPUT:
+            # A macro calling itself twice doubles its output per level: stop it here, not at the end.
+            raise RenderFailed(f"a call returned more than {MAX_OUTPUT} characters")
+        return result
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "*":
@@ -112,8 +188,27 @@ def check_template(*, channel: str, subject: str | None, body: str, html: str | 
 class Renderer:
     """Compile templates once per version and render them with strict, sandboxed semantics."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, threads: int = RENDER_THREADS) -> None:
         self._cache: dict[tuple[str, int], dict[str, Any]] = {}
+        # Threads start on the first offload, not here.
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="render")
+
+    async def offload(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run `fn` (which renders) on the render threads, so the event loop keeps serving meanwhile.
+
+        Hand over a whole batch at once: one hop per batch costs nothing next to one per message.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+    async def render_async(
+        self, template: Any, variables: dict[str, Any], implicit: dict[str, Any], *, budget_ms: float
+    ) -> Rendered:
+        """`render` on the render threads."""
+        return await self.offload(self.render, template, variables, implicit, budget_ms=budget_ms)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _compiled(self, template: Any) -> dict[str, Any]:
         key = (template.id, template.version)
@@ -130,27 +225,58 @@ class Renderer:
             self._cache[key] = compiled
         return compiled
 
-    def render(self, template: Any, variables: dict[str, Any], implicit: dict[str, Any]) -> Rendered:
-        """Render every part; a declared variable missing from `variables` fails the render."""
+    def render(
+        self,
+        template: Any,
+        variables: dict[str, Any],
+        implicit: dict[str, Any],
+        *,
+        budget_ms: float | None = None,
+    ) -> Rendered:
+        """Render every part within `budget_ms`; a declared variable missing from `variables` fails it.
+
+        Blocks for up to the budget: call it through `offload` (or `render_async`) from the loop.
+        """
         missing = sorted(v for v in template.variables if v not in variables and v not in implicit)
         if missing:
             raise RenderFailed(f"missing variables: {', '.join(missing)}", details={"missing": missing})
         context = {**variables, **implicit}
         out: dict[str, str | None] = {"subject": None, "body": "", "html": None}
+        outer = _deadline()
+        _budget.deadline = time.perf_counter() + budget_ms / 1000 if budget_ms is not None else math.inf
         try:
             for field, compiled in self._compiled(template).items():
-                text = compiled.render(context)
-                if len(text) > MAX_OUTPUT:
-                    raise RenderFailed(f"{field} renders to more than {MAX_OUTPUT} characters")
-                out[field] = text
+                out[field] = _bounded_output(field, compiled.generate(context))
+        except RenderTimeout:
+            log.warning(
+                "template %s (version %s) ran past its %s ms render budget",
+                template.id,
+                template.version,
+                budget_ms,
+            )
+            raise
         except RenderFailed:
             raise
         except TemplateError as exc:
             raise RenderFailed(f"render failed: {exc}", details={"error": str(exc)}) from None
         except Exception as exc:  # anything a hostile template can provoke inside the sandbox
             raise RenderFailed(f"render failed: {type(exc).__name__}", details={"error": str(exc)[:500]}) from None
+        finally:
+            _budget.deadline = outer
         subject = out["subject"]
         if subject is not None:
             # A header never carries a line break, whatever the variables contain.
             subject = " ".join(subject.split())
         return Rendered(subject=subject, body=out["body"] or "", html=out["html"])
+
+
+def _bounded_output(field: str, chunks: Iterator[str]) -> str:
+    """Join a render's output, stopping as soon as it passes MAX_OUTPUT (not once it is all built)."""
+    parts = []
+    size = 0
+    for chunk in chunks:
+        size += len(chunk)
+        if size > MAX_OUTPUT:
+            raise RenderFailed(f"{field} renders to more than {MAX_OUTPUT} characters")
+        parts.append(chunk)
+    return "".join(parts)
