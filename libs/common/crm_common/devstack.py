@@ -114,7 +114,7 @@ def _start_sinks(env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
         port += PORT_OFFSET
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "notifier.fakes", "--port", str(port)],
+                [sys.executable, "-m", "crm_common.sinks", "--port", str(port)],
                 env=env,
                 start_new_session=True,
                 stdout=subprocess.DEVNULL,
