@@ -16,6 +16,7 @@ import math
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,7 +39,8 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 MAX_INT_BITS = 100_000
 # A filter name no template can spell (the lexer has no ':' in names): the loop-budget hook.
 _LOOP_HOOK = "budget:loop"
-RENDER_THREADS = 2
+# More than the dispatcher's workers (2), so a preview does not queue behind two slow batches.
+RENDER_THREADS = 4
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -88,7 +90,7 @@ class Rendered:
 
 
 class _BoundedSandbox(SandboxedEnvironment):
-    """The sandbox with `*` and `**` bounded.
+    """The sandbox with `*` and `**` bounded, and loops and calls checking the render's deadline.
 
     Unintercepted, Jinja folds constant expressions while compiling, so saving `{{ 'x' * 10**10 }}`
     or `{{ 9**9**9 }}` would allocate gigabytes or compute for hours inside the request; at render
@@ -190,8 +192,9 @@ class Renderer:
 
     def __init__(self, *, threads: int = RENDER_THREADS) -> None:
         self._cache: dict[tuple[str, int], dict[str, Any]] = {}
-        # Threads start on the first offload, not here.
+        # Threads start on the first offload, not here, and end with the renderer (or `close`).
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="render")
+        weakref.finalize(self, self._pool.shutdown, wait=False)
 
     async def offload(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run `fn` (which renders) on the render threads, so the event loop keeps serving meanwhile.
