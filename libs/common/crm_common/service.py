@@ -101,6 +101,8 @@ class ServiceRuntime:
             group_id=group_id or f"{s.topic_prefix}{name}",
             batch_max=s.kafka_consumer_batch_max,
             batch_timeout_ms=s.kafka_consumer_batch_timeout_ms,
+            idle_after_s=s.kafka_consumer_idle_after_s,
+            idle_fetch_wait_ms=s.kafka_consumer_idle_fetch_wait_ms,
             max_retries=s.consumer_max_retries,
             retry_backoff_ms=s.consumer_retry_backoff_ms,
             max_poll_interval_ms=s.kafka_max_poll_interval_ms,

@@ -38,6 +38,11 @@ class BaseServiceSettings(BaseSettings):
     kafka_topic_partitions: int = shared("KAFKA_TOPIC_PARTITIONS", 12)
     kafka_consumer_batch_max: int = 500
     kafka_consumer_batch_timeout_ms: int = 200
+    # After this long without messages a consumer lets the broker hold its fetches for
+    # kafka_consumer_idle_fetch_wait_ms (fewer requests while idle); the first message after
+    # the quiet spell arrives up to that much later, the rest as usual.
+    kafka_consumer_idle_after_s: float = 5.0
+    kafka_consumer_idle_fetch_wait_ms: int = 1000
     kafka_max_poll_interval_ms: int = 300_000
     consumer_max_retries: int = 5
     consumer_retry_backoff_ms: int = 200
