@@ -20,11 +20,13 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from string import Formatter
 from typing import Any, ParamSpec, TypeVar
 
-from jinja2 import StrictUndefined, TemplateError, meta, nodes, pass_context
+from jinja2 import StrictUndefined, TemplateError, meta, nodes, pass_context, pass_eval_context
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.exceptions import SecurityError
+from jinja2.nodes import EvalContext
 from jinja2.runtime import Context, LoopContext
 from jinja2.sandbox import SandboxedEnvironment
 
@@ -99,12 +101,13 @@ class _BoundedSandbox(SandboxedEnvironment):
     results before computing them.
     """
 
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "%"})
     code_generator_class = _BudgetedCodeGenerator
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.filters[_LOOP_HOOK] = _loop_hook
+        self.filters.update(_bounded_filters(self.filters))
 
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         # Recursion (macros calling themselves, `loop(children)`) goes through here, not through a for.
@@ -112,14 +115,24 @@ class _BoundedSandbox(SandboxedEnvironment):
             raise _over_budget()
         if isinstance(__obj, LoopContext) and args:
             args = (_budgeted(args[0]), *args[1:])
+        elif isinstance(getattr(__obj, "__self__", None), str):
+            args = _check_str_method(__obj.__self__, __obj.__name__, args, kwargs)
         result = super().call(__context, __obj, *args, **kwargs)
         if isinstance(result, str) and len(result) > MAX_OUTPUT:
             # A macro calling itself twice doubles its output per level: stop it here, not at the end.
             raise RenderFailed(f"a call returned more than {MAX_OUTPUT} characters")
         return result
 
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        wrapped = super().wrap_str_format(value)
+        if wrapped is not None:
+            _check_format(value.__self__)
+        return wrapped
+
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "*":
+        if operator == "%" and isinstance(left, str):
+            _check_printf(left)
+        elif operator == "*":
             for seq, n in ((left, right), (right, left)):
                 if isinstance(seq, str | list | tuple) and isinstance(n, int) and len(seq) * n > MAX_OUTPUT:
                     raise SecurityError(f"the result of '*' would exceed {MAX_OUTPUT} items")
@@ -133,6 +146,118 @@ class _BoundedSandbox(SandboxedEnvironment):
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+# One C call cannot be interrupted, and it holds the interpreter (the event loop too) while it
+# runs: `'x'.ljust(10**9)` or `'%0999999999d' % 1` would take seconds whatever the budget. So the
+# operations that build a string of a size the template chooses check that size first.
+_PRINTF_FIELD = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?")
+_PADDING_METHODS = frozenset({"ljust", "rjust", "center", "zfill"})
+
+
+def _too_wide(number: str | int) -> bool:
+    if isinstance(number, str):
+        return len(number) > 6 or int(number) > MAX_OUTPUT
+    return _is_int(number) and number > MAX_OUTPUT
+
+
+def _too_large(what: str) -> SecurityError:
+    return SecurityError(f"{what} would be longer than {MAX_OUTPUT} characters")
+
+
+def _check_printf(fmt: str) -> None:
+    for field in _PRINTF_FIELD.finditer(fmt):
+        for part in field.groups():
+            if part == "*":
+                raise SecurityError("a '%' width or precision must be written in the format")
+            if part and _too_wide(part):
+                raise _too_large("a '%' field")
+
+
+def _check_format(fmt: str) -> None:
+    try:
+        fields = list(Formatter().parse(fmt))
+    except ValueError:
+        return  # format() itself refuses it
+    for _, _, spec, _ in fields:
+        if spec and ("{" in spec or any(_too_wide(n) for n in re.findall(r"\d+", spec))):
+            raise _too_large("a format() field")
+
+
+def _check_str_method(s: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """Refuse a str method call whose result would be too long; the args to call it with."""
+    if name in _PADDING_METHODS:
+        width = args[0] if args else kwargs.get("width", 0)
+        if _too_wide(width):
+            raise _too_large(f"str.{name}()")
+    elif name == "expandtabs":
+        size = args[0] if args else kwargs.get("tabsize", 8)
+        if _is_int(size) and size * s.count("\t") > MAX_OUTPUT:
+            raise _too_large("str.expandtabs()")
+    elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        _check_replace(s, args[0], args[1], args[2] if len(args) > 2 else -1)
+    elif name == "join" and len(args) == 1:
+        items = list(args[0])
+        if len(s) * max(0, len(items) - 1) > MAX_OUTPUT:
+            raise _too_large("str.join()")
+        return (items,)
+    return args
+
+
+def _check_replace(s: str, old: str, new: str, count: Any) -> None:
+    n = len(s) + 1 if old == "" else s.count(old)
+    if _is_int(count) and count >= 0:
+        n = min(n, count)
+    if n * len(new) > MAX_OUTPUT:
+        raise _too_large("replace()")
+
+
+def _bounded_filters(filters: dict[str, Any]) -> dict[str, Any]:
+    """The built-in filters that pad, repeat or join, with the size of their result checked first."""
+    center, indent, fmt, replace, join, slice_ = (
+        filters[name] for name in ("center", "indent", "format", "replace", "join", "slice")
+    )
+
+    def do_center(value: str, width: int = 80) -> str:
+        if _too_wide(width):
+            raise _too_large("center")
+        return str(center(value, width))
+
+    def do_indent(s: str, width: int | str = 4, first: bool = False, blank: bool = False) -> str:
+        if (len(width) if isinstance(width, str) else width) * (str(s).count("\n") + 1) > MAX_OUTPUT:
+            raise _too_large("indent")
+        return str(indent(s, width, first, blank))
+
+    def do_format(value: str, *args: Any, **kwargs: Any) -> str:
+        _check_printf(str(value))
+        return str(fmt(value, *args, **kwargs))
+
+    @pass_eval_context
+    def do_replace(eval_ctx: EvalContext, s: str, old: str, new: str, count: int | None = None) -> str:
+        _check_replace(str(s), str(old), str(new), -1 if count is None else count)
+        return str(replace(eval_ctx, s, old, new, count))
+
+    @pass_eval_context
+    def do_join(eval_ctx: EvalContext, value: Iterable[Any], d: str = "", attribute: Any = None) -> str:
+        items = list(value)
+        if len(str(d)) * max(0, len(items) - 1) > MAX_OUTPUT:
+            raise _too_large("join")
+        return str(join(eval_ctx, items, d, attribute))
+
+    @pass_eval_context
+    def do_slice(eval_ctx: EvalContext, value: Any, slices: int, fill_with: Any = None) -> Any:
+        if _too_wide(slices):
+            raise SecurityError(f"slice makes at most {MAX_OUTPUT} slices")
+        return slice_(eval_ctx, value, slices, fill_with)
+
+    return {
+        "center": do_center,
+        "indent": do_indent,
+        "format": do_format,
+        "replace": do_replace,
+        "join": do_join,
+        "slice": do_slice,
+    }
 
 
 def _env(autoescape: bool) -> SandboxedEnvironment:

@@ -77,6 +77,48 @@ def test_output_past_the_limit_fails_as_soon_as_it_is_produced_not_once_it_is_bu
         )
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        "{{ '%0999999999d' % 1 }}",
+        "{{ '%*d' % (999999999, 1) }}",
+        "{{ '%0999999999d'|format(1) }}",
+        "{{ '{:>999999999}'.format(1) }}",
+        "{{ '{:>{w}}'.format(1, w=999999999) }}",
+        "{{ 'x'.ljust(999999999) }}",
+        "{{ 'x'.center(width=999999999) }}",
+        "{{ 'x'|center(999999999) }}",
+        "{{ 'a\nb'|indent(999999999) }}",
+        "{{ ('x' * 100000).replace('', 'y' * 100000) }}",
+        "{{ ('x' * 100000)|replace('x', 'y' * 100000) }}",
+        "{{ range(100000)|join('x' * 100000) }}",
+        "{{ ('x' * 100000).join(range(100000)) }}",
+        "{{ ('\t' * 100000).expandtabs(100000) }}",
+        "{{ [1]|slice(999999999)|list|length }}",
+    ],
+)
+def test_one_operation_building_a_huge_string_is_refused_before_it_runs(body):
+    # One C call cannot be stopped by the budget and holds the interpreter: each of these took seconds.
+    started = time.perf_counter()
+    with pytest.raises(RenderFailed) as exc:
+        _render(body)
+    assert not isinstance(exc.value, RenderTimeout) and time.perf_counter() - started < 0.15
+
+
+def test_padding_formatting_replacing_and_joining_of_ordinary_sizes_still_work():
+    body = (
+        "{{ '%05d|%-4s|%.2f|%%' % (42, 'ab', 3.14159) }}"
+        "|{{ '{:>5}|{:.3}'.format(name, 2.0) }}|{{ name.ljust(5) }}|{{ name.center(7, '*') }}|{{ '7'.zfill(3) }}"
+        "|{{ name|center(7) }}|{{ 'a b'.replace(' ', '-') }}|{{ 'aaa'|replace('a', 'b', 2) }}"
+        "|{{ items|join(', ') }}|{{ users|join('/', attribute='n') }}|{{ '-'.join(['x', 'y']) }}"
+        "|{{ 'a\nb'|indent(2) }}|{{ '%s=%d'|format('n', 3) }}|{{ items|slice(2)|list }}|{{ 10 % 3 }}"
+    )
+    out = _render(body, {"name": "Ann", "items": [1, 2, 3], "users": [{"n": "a"}, {"n": "b"}]})
+    assert out == (
+        "00042|ab  |3.14|%|  Ann|2.0|Ann  |**Ann**|007|  Ann  |a-b|bba|1, 2, 3|a/b|x-y|a\n  b|n=3|[[1, 2], [3]]|1"
+    )
+
+
 def test_ordinary_loops_render_as_before_under_the_budget():
     body = (
         "{% for i in items %}{{ loop.index }}/{{ loop.length }}:{{ i }}{{ ',' if not loop.last }}"
