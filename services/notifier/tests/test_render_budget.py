@@ -61,14 +61,14 @@ def test_a_runaway_render_stops_at_its_budget(body):
         _render(body, budget_ms=200)
     elapsed = time.perf_counter() - started
     assert exc.value.code == "render_timeout" and exc.value.reason == "render_timeout"
-    assert 0.2 <= elapsed < 0.6, elapsed
+    assert 0.2 <= elapsed < 1.0, elapsed  # the slack is for a shared machine (and a GC pass)
 
 
 def test_output_past_the_limit_fails_as_soon_as_it_is_produced_not_once_it_is_built():
     started = time.perf_counter()
     with pytest.raises(RenderFailed, match="more than 200000 characters") as exc:
         _render("{% for i in range(100000) %}{% for j in range(100000) %}{{ 'x' * 1000 }}{% endfor %}{% endfor %}")
-    assert not isinstance(exc.value, RenderTimeout) and time.perf_counter() - started < 0.1
+    assert not isinstance(exc.value, RenderTimeout) and time.perf_counter() - started < 0.5
     # A macro doubling its output per level is stopped where it returns too much.
     with pytest.raises(RenderFailed, match="returned more than 200000 characters"):
         _render(
@@ -102,7 +102,7 @@ def test_one_operation_building_a_huge_string_is_refused_before_it_runs(body):
     started = time.perf_counter()
     with pytest.raises(RenderFailed) as exc:
         _render(body)
-    assert not isinstance(exc.value, RenderTimeout) and time.perf_counter() - started < 0.15
+    assert not isinstance(exc.value, RenderTimeout) and time.perf_counter() - started < 0.5
 
 
 def test_padding_formatting_replacing_and_joining_of_ordinary_sizes_still_work():
