@@ -76,13 +76,16 @@ def pipeline_pending(service: str, doc: Mapping[str, Any]) -> list[str]:
     for c in doc.get("consumers", []):
         name = f"{service}/{c.get('name')}"
         lag = c.get("lag")
+        group = c.get("group") or {}
         if not isinstance(lag, int):
             waits.append(f"{name}: lag unknown")
         elif lag:
-            waits.append(f"{name}: lag {lag}")
+            held = ""
+            if "partitions" in group:
+                held = f" (this member holds {c.get('partitions')} of {group['partitions']} partitions)"
+            waits.append(f"{name}: lag {lag}{held}")
         if c.get("enabled", True) and not c.get("assigned"):
             waits.append(f"{name}: member not assigned")
-        group = c.get("group") or {}
         if group.get("rebalancing"):
             waits.append(f"{name}: group {group.get('state')} (rebalancing)")
         if group.get("unowned_partitions"):
