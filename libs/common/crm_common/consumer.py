@@ -33,7 +33,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.consumer.group_coordinator import ConnectionGroup
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, OffsetOutOfRangeError
 from aiokafka.protocol.admin import DescribeGroupsRequest
 from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.structs import OffsetAndMetadata
@@ -191,6 +191,7 @@ class ConsumerRunner:
         self._lag_client: AIOKafkaConsumer | None = None
         self._lag_lock = asyncio.Lock()
         self._lag_task: asyncio.Task[None] | None = None
+        self._log_end_cache: dict[TopicPartition, tuple[int, int]] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -486,14 +487,23 @@ class ConsumerRunner:
         Tansu 0.6 answers ListOffsets(latest) with the base offset of the last record batch plus
         one, not the log end: after one batch of 10 it says 1. A fetch from that batch's base
         offset returns only that batch and, in its header, the true high-water mark; on Kafka both
-        agree. Hence ListOffsets first, then one small fetch per leader.
+        agree. So: ListOffsets, then one small fetch per leader for the partitions whose answer
+        changed since the last call (an unchanged answer means no batch was appended, on either
+        broker). A partition whose end cannot be confirmed makes the lag unknown, never smaller.
         """
-        ends = await client.end_offsets(tps)
+        listed = await client.end_offsets(tps)
+        ends: dict[TopicPartition, int] = {}
         by_leader: dict[int, dict[str, list[tuple[int, int, int]]]] = defaultdict(lambda: defaultdict(list))
         for tp in tps:
-            leader = client._client.cluster.leader_for_partition(tp)
-            if ends[tp] > 0 and leader is not None and leader >= 0:
-                by_leader[leader][tp.topic].append((tp.partition, ends[tp] - 1, 1))
+            cached = self._log_end_cache.get(tp)
+            if listed[tp] == 0:
+                ends[tp] = 0
+            elif cached is not None and cached[0] == listed[tp]:
+                ends[tp] = cached[1]
+            else:
+                leader = client._client.cluster.leader_for_partition(tp)
+                if leader is not None and leader >= 0:
+                    by_leader[leader][tp.topic].append((tp.partition, listed[tp] - 1, 1))
         requests = [
             client._client.send(leader, FetchRequest(100, 1, 1 << 20, 0, list(topics.items())))
             for leader, topics in by_leader.items()
@@ -502,8 +512,20 @@ class ConsumerRunner:
             for topic, partitions in response.topics:
                 for partition, error_code, highwater, *_ in partitions:
                     tp = TopicPartition(topic, partition)
-                    if error_code == 0 and tp in ends:
-                        ends[tp] = max(ends[tp], highwater)
+                    if tp not in listed:
+                        continue
+                    if error_code == 0:
+                        ends[tp] = max(listed[tp], highwater)
+                    elif error_code == OffsetOutOfRangeError.errno:
+                        # Only Kafka gets here (retention emptied the partition), and its
+                        # ListOffsets is the log end.
+                        ends[tp] = listed[tp]
+                    else:
+                        continue
+                    self._log_end_cache[tp] = (listed[tp], ends[tp])
+        unknown = [tp for tp in tps if tp not in ends]
+        if unknown:
+            raise KafkaError(f"log end of {len(unknown)} partitions not confirmed (e.g. {unknown[0]})")
         return ends
 
     async def group_lag(self) -> GroupLag:

@@ -21,7 +21,7 @@ from crm_common.consumer import ConsumerRunner, Record
 from crm_common.devstack import drain, pipeline_pending
 from crm_common.infra import free_port
 from crm_common.kafka import make_producer
-from crm_common.service import create_service_app
+from crm_common.service import ServiceRuntime, create_service_app
 from crm_common.settings import BaseServiceSettings
 from crm_common.testing.helpers import TEST_API_KEY, eventually, publish
 
@@ -46,11 +46,19 @@ def _start_crash_member(script: Path, url: str, bootstrap: str, prefix: str) -> 
 
 async def _kill_mid_batch(proc: subprocess.Popen[bytes]) -> None:
     """kill -9 the member in the middle of a batch, as test_consumer's crash test does."""
-    assert proc.stdout is not None
-    await asyncio.to_thread(proc.stdout.readline)
+    await _next_batch(proc)
     await asyncio.sleep(0.15)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+async def _next_batch(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Wait until the member prints its next batch (the kill ends a read still waiting)."""
+    assert proc.stdout is not None
+    try:
+        await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout)
+    except TimeoutError:
+        pass
 
 
 async def test_group_lag_counts_every_message_to_the_log_end_without_joining_the_group(broker, topic_prefix, db):
@@ -126,8 +134,7 @@ async def test_lag_never_reads_zero_while_messages_wait_when_a_member_is_killed(
     script = tmp_path / "crash_consumer.py"
     script.write_text(CRASH_SCRIPT)
     first = _start_crash_member(script, url, broker.bootstrap, topic_prefix)
-    assert first.stdout is not None
-    await asyncio.to_thread(first.stdout.readline)  # the first member is applying batches
+    await _next_batch(first)  # the first member holds every partition and applies batches
     second, producer = await _runner(broker, topic_prefix, sm, slowish, name=CRASH_GROUP, batch_max=20)
     samples: list[Sample] = []
     killed_at: list[float] = []
@@ -179,7 +186,7 @@ async def test_lag_never_reads_zero_while_messages_wait_when_a_member_is_killed(
 
 
 @asynccontextmanager
-async def _serve(settings: BaseServiceSettings, consumer_name: str) -> AsyncIterator[int]:
+async def _serve(settings: BaseServiceSettings, consumer_name: str) -> AsyncIterator[tuple[int, ServiceRuntime]]:
     """Run a service app with one slow consumer over real HTTP (the drain reads its ops route)."""
 
     def configure(runtime):  # type: ignore[no-untyped-def]
@@ -191,7 +198,7 @@ async def _serve(settings: BaseServiceSettings, consumer_name: str) -> AsyncIter
     task = asyncio.create_task(server.serve())
     await eventually(lambda: server.started, timeout=30, what="the app serving")
     try:
-        yield port
+        yield port, app.state.runtime
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 60)
@@ -204,6 +211,7 @@ async def test_drain_waits_until_every_message_is_applied_when_a_member_is_kille
     script = tmp_path / "crash_consumer.py"
     script.write_text(CRASH_SCRIPT)
     first = _start_crash_member(script, url, broker.bootstrap, topic_prefix)
+    await _next_batch(first)  # the first member holds every partition and applies batches
     settings = BaseServiceSettings(
         service_name="lagtest",
         database_url=url,
@@ -215,9 +223,8 @@ async def test_drain_waits_until_every_message_is_applied_when_a_member_is_kille
     )
     said: list[str] = []
     try:
-        async with _serve(settings, CRASH_GROUP) as port:
-            assert first.stdout is not None
-            await asyncio.to_thread(first.stdout.readline)
+        async with _serve(settings, CRASH_GROUP) as (port, runtime):
+            await eventually(lambda: runtime.consumers[0].assigned, timeout=60, what="the second member joined")
             await _kill_mid_batch(first)
             started = time.monotonic()
             drained = await drain({"lagtest": port}, TEST_API_KEY, timeout=120, say=said.append, report_every=1)
