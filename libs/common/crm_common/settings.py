@@ -61,10 +61,3 @@ class BaseServiceSettings(BaseSettings):
     # Keys for the /v1 routes (comma-separated; plaintext or sha256:<hex>). Empty: they all answer 401.
     # Ingest ignores it: it checks the keys kept in its own database.
     api_keys: SecretStr = shared("CRM_API_KEYS", SecretStr(""))
-    # Parsing, validating and applying a batch of events makes tens of thousands of short-lived
-    # objects that live until the batch commits. With Python's default generation-0 threshold
-    # (700) that is a collection every few events, and survivors promoted to older generations
-    # trigger full collections over the whole heap (about a sixth of loyalty's accrual time).
-    # The services that take event batches (ingest, segmentation, loyalty) set it at start;
-    # 0 keeps the interpreter's default.
-    gc_gen0_threshold: int = 50_000
