@@ -20,7 +20,6 @@ from fastapi.responses import ORJSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from crm_common import metrics
 from crm_common.auth import ApiKeys, api_key_dependency
@@ -28,6 +27,7 @@ from crm_common.clock import Clock, SystemClock
 from crm_common.consumer import BatchHandler, ConsumerRunner
 from crm_common.db import create_engine, create_sessionmaker
 from crm_common.errors import NotFound, error_body, install_error_handlers, is_transient
+from crm_common.http import BodyLimitMiddleware
 from crm_common.kafka import make_producer
 from crm_common.logging import configure_logging
 from crm_common.notify import OUTBOX_CHANNEL, Listener
@@ -354,40 +354,6 @@ def _ops_router() -> APIRouter:
     return router
 
 
-class _BodyLimitMiddleware:
-    """Refuse a request body over `limit` bytes: by Content-Length at once, else as it streams in.
-
-    The refusal is an HTTPException raised from `receive`, so the route that reads the body stops
-    there and the JSON error handler answers 413 (nothing is buffered beyond the limit).
-    """
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-        self.message = f"the request body exceeds the limit of {limit} bytes"
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        too_large = declared.isdigit() and int(declared) > self.limit
-        received = 0
-
-        async def limited() -> dict[str, Any]:
-            nonlocal received
-            if too_large:
-                raise StarletteHTTPException(413, self.message)
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise StarletteHTTPException(413, self.message)
-            return message  # type: ignore[no-any-return]
-
-        await self.app(scope, limited, send)
-
-
 class _MetricsMiddleware:
     """Count requests and their latency (pure ASGI, cheap on the hot path)."""
 
@@ -502,6 +468,6 @@ def create_service_app(
         app.include_router(router, **protected)
     for router in public_routers:
         app.include_router(router)
-    app.add_middleware(_BodyLimitMiddleware, limit=settings.max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(_MetricsMiddleware, service=settings.service_name)
     return app
