@@ -38,11 +38,11 @@ from aiokafka.protocol.admin import DescribeGroupsRequest
 from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.structs import OffsetAndMetadata
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from crm_common import metrics, serde
 from crm_common.clock import Clock, SystemClock
+from crm_common.errors import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +65,6 @@ BatchHandler = Callable[[AsyncSession, list[Record]], Awaitable[None]]
 
 class PoisonMessage(Exception):
     """Raised by a handler for a message that can never be applied (sent to the DLQ at once)."""
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for failures of a dependency (database, broker, network) rather than of the message."""
-    if isinstance(exc, PoisonMessage):
-        return False
-    if isinstance(exc, OperationalError | InterfaceError):
-        return True
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    if isinstance(exc, DBAPIError):
-        orig = getattr(exc, "orig", None)
-        sqlstate = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
-        # Serialization failures, deadlocks, admin shutdown and connection classes are retryable.
-        if sqlstate and (
-            sqlstate in {"40001", "40P01", "55P03", "57P01", "57P02", "57P03"} or sqlstate.startswith("08")
-        ):
-            return True
-    return isinstance(exc, OSError | ConnectionError | TimeoutError | asyncio.TimeoutError | KafkaError)
 
 
 @dataclass
@@ -157,6 +138,8 @@ class ConsumerRunner:
         max_poll_interval_ms: int = 300_000,
         auto_offset_reset: str = "earliest",
         session_timeout_ms: int = 10_000,
+        idle_after_s: float = 5.0,
+        idle_fetch_wait_ms: int = 1_000,
         lag_refresh_s: float = 5.0,
         clock: Clock | None = None,
     ) -> None:
@@ -175,6 +158,8 @@ class ConsumerRunner:
         self.max_poll_interval_ms = max_poll_interval_ms
         self.auto_offset_reset = auto_offset_reset
         self.session_timeout_ms = session_timeout_ms
+        self.idle_after_s = idle_after_s
+        self.idle_fetch_wait_ms = idle_fetch_wait_ms
         self.lag_refresh_s = lag_refresh_s
         self.clock = clock or SystemClock()
         self.stats = ConsumerStats()
@@ -263,11 +248,22 @@ class ConsumerRunner:
         consumer.subscribe(self.topics, listener=_Rebalance(self))
         await consumer.start()
         self._started.set()
+        idle_since: float | None = None
+        wait_ms = self.batch_timeout_ms
         try:
             while not self._stopping.is_set():
-                batch = await consumer.getmany(timeout_ms=self.batch_timeout_ms, max_records=self.batch_max)
+                # getmany returns as soon as records are there: a longer wait while idle costs no latency.
+                batch = await consumer.getmany(timeout_ms=wait_ms, max_records=self.batch_max)
                 if not batch:
+                    idle_since = idle_since or time.monotonic()
+                    if time.monotonic() - idle_since > self.idle_after_s:
+                        self._long_poll(consumer, True)
+                        wait_ms = self.idle_fetch_wait_ms
                     continue
+                if idle_since is not None:
+                    idle_since = None
+                    self._long_poll(consumer, False)
+                    wait_ms = self.batch_timeout_ms
                 async with self._batch_lock:
                     await self._process(consumer, batch)
                     await self._commit_pending()
@@ -278,6 +274,15 @@ class ConsumerRunner:
             self.consumer = None
             self._assignment = None
             metrics.CONSUMER_PARTITIONS.labels(self.name).set(0)
+
+    def _long_poll(self, consumer: AIOKafkaConsumer, idle: bool) -> None:
+        """Let the broker hold fetches longer while the topics are quiet, and shorter again once
+        messages flow: an idle platform then costs the broker a fetch a second per member
+        instead of five, and only the first message after a quiet spell waits a little longer.
+        aiokafka reads the fetch wait for every request it builds; it has no public setter."""
+        fetcher = getattr(consumer, "_fetcher", None)
+        if fetcher is not None and hasattr(fetcher, "_fetch_max_wait_ms"):
+            fetcher._fetch_max_wait_ms = self.idle_fetch_wait_ms if idle else self.batch_timeout_ms
 
     # -- processing ----------------------------------------------------------------------------
 
