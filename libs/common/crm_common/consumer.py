@@ -472,7 +472,11 @@ class ConsumerRunner:
                 enable_auto_commit=False,
                 request_timeout_ms=10_000,
             )
-            await client.start()
+            try:
+                await client.start()
+            except BaseException:
+                await client.stop()
+                raise
             self._lag_client = client
         return self._lag_client
 
