@@ -21,7 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from crm_common import metrics
+from crm_common import metrics, retention
 from crm_common.auth import ApiKeys, api_key_dependency
 from crm_common.clock import Clock, SystemClock
 from crm_common.consumer import BatchHandler, ConsumerRunner
@@ -59,6 +59,7 @@ class ServiceRuntime:
         self.producer_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = asyncio.Event()
+        self.add_sweep(retention.INBOX_SWEEP, settings.retention_sweep_interval_s, retention.inbox_sweep(settings))
 
     def topic(self, name: str) -> str:
         """The physical topic name (a prefix isolates tests and tenants sharing one broker)."""

@@ -45,6 +45,15 @@ class BaseServiceSettings(BaseSettings):
     sweeps_enabled: bool = True
     topic_prefix: str = shared("CRM_TOPIC_PREFIX", "")
     outbox_poll_interval_ms: int = 50
+    # How long the inbox remembers a message id (crm_common.retention deletes older ones). Shared
+    # by every service, because ingest refuses replays reaching further back than this: the
+    # consumers could no longer tell a replayed event from a new one.
+    inbox_retention_days: int = Field(
+        30, ge=1, validation_alias=AliasChoices("CRM_INBOX_RETENTION_DAYS", "crm_inbox_retention_days")
+    )
+    retention_sweep_interval_s: float = 3600
+    # Rows deleted per transaction by retention sweeps.
+    retention_batch_size: int = Field(5000, ge=1)
     outbox_batch_size: int = 1000
     log_level: str = shared("CRM_LOG_LEVEL", "INFO")
     log_json: bool = shared("CRM_LOG_JSON", True)
