@@ -15,6 +15,7 @@ from ingest.api import router
 from ingest.keys import KeyCache
 from ingest.ratelimit import RateLimiter
 from ingest.relay import EventRelay
+from ingest.retention import ARCHIVE_SWEEP, archive_sweep
 from ingest.schemas import EventBatchIn
 from ingest.settings import Settings
 
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
                 send_timeout_s=settings.relay_send_timeout_s,
             )
         )
+        runtime.add_sweep(ARCHIVE_SWEEP, settings.retention_sweep_interval_s, archive_sweep(settings))
 
     app = create_service_app(
         settings=settings,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from crm_common.settings import BaseServiceSettings
@@ -31,3 +32,8 @@ class Settings(BaseServiceSettings):
     # Python's default generation-0 threshold (700) that is a collection every few events. 0 keeps
     # the interpreter's default.
     gc_gen0_threshold: int = 50_000
+    # How long accepted events are kept in the archive, by received_at (older ones are deleted
+    # once published). A retailer back-tests a campaign or a segment rule over a year and compares
+    # it with the same weeks of the year before: a year, plus a month of margin for the comparison
+    # window and late corrections.
+    archive_retention_days: int = Field(400, ge=1)
