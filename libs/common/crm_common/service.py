@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from crm_common import metrics
+from crm_common import metrics, retention
 from crm_common.auth import ApiKeys, api_key_dependency
 from crm_common.clock import Clock, SystemClock
 from crm_common.consumer import BatchHandler, ConsumerRunner
@@ -81,6 +81,7 @@ class ServiceRuntime:
         self._stopping = asyncio.Event()
         # Workers that need the broker start once the producer is up; the others at once.
         self._kafka_workers: set[str] = set()
+        self.add_sweep(retention.INBOX_SWEEP, settings.retention_sweep_interval_s, retention.inbox_sweep(settings))
 
     def topic(self, name: str) -> str:
         """The physical topic name (a prefix isolates tests and tenants sharing one broker)."""
