@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -20,15 +20,14 @@ from sqlalchemy import (
     func,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from crm_common.db import make_base
+from crm_common.db import service_metadata
 
-if TYPE_CHECKING:
-    # mypy cannot subclass a class returned by a function; what make_base returns is one of these.
-    from sqlalchemy.orm import DeclarativeBase as Base
-else:
-    Base = make_base()
+
+class Base(DeclarativeBase):
+    metadata = service_metadata()
+
 
 # A message waits in one of these states until the dispatcher settles it.
 OPEN_STATES = ("pending", "deferred", "queued", "retrying")
