@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     BigInteger,
@@ -24,7 +24,14 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from crm_common.db import make_base
 
-Base = make_base()
+if TYPE_CHECKING:
+    from sqlalchemy.orm import DeclarativeBase
+
+    # A base made by a call is not a type mypy can check classes against; it is a DeclarativeBase.
+    class Base(DeclarativeBase): ...
+
+else:
+    Base = make_base()
 
 POINTS = Numeric(20, 2)
 MONEY = Numeric(20, 4)
