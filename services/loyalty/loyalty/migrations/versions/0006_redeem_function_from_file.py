@@ -4,13 +4,15 @@ Revision ID: 0006
 Revises: 0005
 Create Date: 2026-12-02
 
-The function's definition moves out of migration text into `loyalty/sql/loyalty_redeem.sql` (package data), its
-one home, which this migration applies with CREATE OR REPLACE. What changed against 0003: the ledger entry names
-`debt_change` (0, as its default), and the function notifies `crm_outbox` after writing its outbox row, so the
-relay publishes it at once instead of at its next poll.
+The function's definition lives in `loyalty/sql/loyalty_redeem.sql` (package data), its one home, which this
+migration applies with CREATE OR REPLACE. What changed against 0003: the ledger entry names `debt_change` (0, its
+default), and the function notifies `crm_outbox` after writing its outbox row, so the relay publishes it at
+once instead of at its next poll.
 
-0003 keeps its historical text: it is what databases migrated to 0003 got, and a migration's meaning must not
-change after it ran. A later edit of the file needs a new migration that applies it again, as this one does.
+0003 reads a frozen copy of its own text (`loyalty_redeem_0003.sql`) rather than the current file: a migration
+must create what it created when it first ran, and the outbox insert stays out of Python. A later edit of
+`loyalty_redeem.sql` needs a new migration that applies it again, as this one does: databases migrated past
+0006 do not read it again.
 """
 
 from importlib import resources
@@ -23,11 +25,13 @@ branch_labels = None
 depends_on = None
 
 
+def _apply(name: str) -> None:
+    op.execute((resources.files("loyalty") / "sql" / name).read_text(encoding="utf-8"))
+
+
 def upgrade() -> None:
-    op.execute((resources.files("loyalty") / "sql" / "loyalty_redeem.sql").read_text(encoding="utf-8"))
+    _apply("loyalty_redeem.sql")
 
 
 def downgrade() -> None:
-    # 0003's version differs only in not notifying the relay (which then publishes at its next poll) and in
-    # leaving debt_change to its default: the same rows. Keeping the newer body is harmless.
-    pass
+    _apply("loyalty_redeem_0003.sql")
