@@ -69,7 +69,7 @@ def _recordset(table: Table, names: Sequence[str], *, numbered: bool = False) ->
 def _records(names: Sequence[str], objects: Iterable[Any], *, numbered: bool = False) -> str:
     """The rows for `_recordset`: each object's attributes named as the columns (`n`: the order they came in)."""
     get = attrgetter(*names)
-    rows = [dict(zip(names, get(o), strict=True)) for o in objects]
+    rows = [dict(zip(names, get(o))) for o in objects]  # noqa: B905 (one getter per name)
     if numbered:
         for i, row in enumerate(rows):
             row["n"] = i
