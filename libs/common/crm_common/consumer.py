@@ -102,6 +102,8 @@ class ConsumerRunner:
         max_poll_interval_ms: int = 300_000,
         auto_offset_reset: str = "earliest",
         session_timeout_ms: int = 10_000,
+        idle_after_s: float = 5.0,
+        idle_fetch_wait_ms: int = 1_000,
         clock: Clock | None = None,
     ) -> None:
         self.name = name
@@ -119,6 +121,8 @@ class ConsumerRunner:
         self.max_poll_interval_ms = max_poll_interval_ms
         self.auto_offset_reset = auto_offset_reset
         self.session_timeout_ms = session_timeout_ms
+        self.idle_after_s = idle_after_s
+        self.idle_fetch_wait_ms = idle_fetch_wait_ms
         self.clock = clock or SystemClock()
         self.stats = ConsumerStats()
         self.consumer: AIOKafkaConsumer | None = None
@@ -175,12 +179,23 @@ class ConsumerRunner:
         consumer.subscribe(self.topics, listener=_Rebalance(self))
         await consumer.start()
         self._started.set()
+        idle_since: float | None = None
+        wait_ms = self.batch_timeout_ms
         try:
             while not self._stopping.is_set():
-                batch = await consumer.getmany(timeout_ms=self.batch_timeout_ms, max_records=self.batch_max)
+                # getmany returns as soon as records are there: a longer wait while idle costs no latency.
+                batch = await consumer.getmany(timeout_ms=wait_ms, max_records=self.batch_max)
                 self._export_lag(consumer)
                 if not batch:
+                    idle_since = idle_since or time.monotonic()
+                    if time.monotonic() - idle_since > self.idle_after_s:
+                        self._long_poll(consumer, True)
+                        wait_ms = self.idle_fetch_wait_ms
                     continue
+                if idle_since is not None:
+                    idle_since = None
+                    self._long_poll(consumer, False)
+                    wait_ms = self.batch_timeout_ms
                 async with self._batch_lock:
                     await self._process(consumer, batch)
                     await self._commit_pending()
@@ -189,6 +204,15 @@ class ConsumerRunner:
                 await self._commit_pending()
             await consumer.stop()
             self.consumer = None
+
+    def _long_poll(self, consumer: AIOKafkaConsumer, idle: bool) -> None:
+        """Let the broker hold fetches longer while the topics are quiet, and shorter again once
+        messages flow: an idle platform then costs the broker a fetch a second per member
+        instead of five, and only the first message after a quiet spell waits a little longer.
+        aiokafka reads the fetch wait for every request it builds; it has no public setter."""
+        fetcher = getattr(consumer, "_fetcher", None)
+        if fetcher is not None and hasattr(fetcher, "_fetch_max_wait_ms"):
+            fetcher._fetch_max_wait_ms = self.idle_fetch_wait_ms if idle else self.batch_timeout_ms
 
     # -- processing ----------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import date, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -20,18 +20,13 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from crm_common.db import make_base
+from crm_common.db import service_metadata
 
-if TYPE_CHECKING:
-    from sqlalchemy.orm import DeclarativeBase
 
-    # A base made by a call is not a type mypy can check classes against; it is a DeclarativeBase.
-    class Base(DeclarativeBase): ...
-
-else:
-    Base = make_base()
+class Base(DeclarativeBase):
+    metadata = service_metadata()
 
 POINTS = Numeric(20, 2)
 MONEY = Numeric(20, 4)
