@@ -48,39 +48,40 @@ class EventApplier:
         self.spend_by_month: dict[tuple[str, date], Decimal] = {}
 
     async def apply(self, events: list[EventMessage]) -> None:
-        events = [e for e in events if e.customer_id]
-        if not events:
-            return
         book = self.book
-        parsed: list[tuple[EventMessage, Any]] = []
+        parsed: list[tuple[str, EventMessage, Any]] = []  # (customer_id, event, its properties)
         for e in events:
+            if not e.customer_id:
+                continue
             try:
                 props: Any = None
                 if e.type == "purchase":
                     props = PurchaseProps.model_validate(e.properties)
                 elif e.type == "refund":
                     props = RefundProps.model_validate(e.properties)
-                parsed.append((e, props))
+                parsed.append((e.customer_id, e, props))
             except ValidationError as exc:
                 raise UnusableEvent(f"event {e.id}: invalid {e.type} properties: {exc.errors()[:3]}") from exc
+        if not parsed:
+            return
         first_seen: dict[str, datetime] = {}
-        for e in events:
-            first_seen.setdefault(e.customer_id, e.occurred_at)
+        for cid, e, _ in parsed:
+            first_seen.setdefault(cid, e.occurred_at)
         await book.open(sorted(first_seen), create=True, at=first_seen)
-        keyed = [(e.customer_id, p.order_id) for e, p in parsed if p is not None]
+        keyed = [(cid, p.order_id) for cid, _, p in parsed if p is not None]
         for pur in await book.repo.purchases_for(set(keyed)):
             self.purchases[(pur.customer_id, pur.order_id)] = pur
-        buyers = sorted({e.customer_id for e, p in parsed if p is not None})
+        buyers = sorted({cid for cid, _, p in parsed if p is not None})
         if buyers and self.programme.tiers:
             since = book.now - timedelta(days=self.programme.tier_window_days)
             spend = await book.repo.spend_since(buyers, since)
             for cid in buyers:
                 book.accounts[cid].spend = spend.get(cid, ZERO)
-        await book.load_redemptions([p.redemption_id for e, p in parsed if e.type == "purchase" and p.redemption_id])
+        await book.load_redemptions([p.redemption_id for _, e, p in parsed if e.type == "purchase" and p.redemption_id])
         if buyers:
             self.goals = {g.customer_id: g for g in await book.repo.active_goals(buyers)}
-        for e, props in parsed:
-            acct = book.accounts[e.customer_id]  # type: ignore[index]
+        for cid, e, props in parsed:
+            acct = book.accounts[cid]
             if e.type == "purchase":
                 await self.purchase(acct, e, props)
             elif e.type == "refund":

@@ -1,79 +1,18 @@
 """The periodic sweep: reminders before expiry, expiry of lots, expiry of unmet goals, tiers leaving the window,
-birthday bonuses. The statements are set-based (in the repository); the birthday bonus is a credit like any
-other, so it goes through the Book."""
+birthday bonuses. Each is one set-based statement of the repository, publishing through the outbox in it; the
+birthday bonus is a credit like any other (netted against a points debt), so it goes through the Book."""
 
 from __future__ import annotations
 
 import calendar
 from datetime import UTC, date, datetime
-from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from crm_common.contract.messages import LoyaltyEvent, MessageRequested
 from loyalty.ledger import Book, load_programme
 from loyalty.repository import LoyaltyRepository
 from loyalty.schemas import ProgrammeConfig
-from loyalty.settings import TOPIC_LOYALTY, TOPIC_MESSAGES
-
-
-async def remind_expiring(repo: LoyaltyRepository, now: datetime, *, programme: ProgrammeConfig) -> int:
-    """One `points_expiring` message per customer and day on which points expire within `reminder_days`, once."""
-    requests = [
-        MessageRequested(
-            # The id derives from customer and date: a reminder is never sent twice for one expiry date.
-            id=f"loyalty:points_expiring:{r.customer_id}:{r.day.isoformat()}",
-            customer_id=r.customer_id,
-            occurred_at=now,
-            kind="transactional",
-            template="points_expiring",
-            source_service="loyalty",
-            expires_at=r.first_at,
-            variables={
-                "points": str(r.points),
-                "amount": str((r.points * programme.point_value).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)),
-                "expires_on": r.day.isoformat(),
-                "expires_at": r.first_at.astimezone(UTC).isoformat(),
-            },
-        )
-        for r in await repo.mark_reminders(now, days=programme.reminder_days)
-    ]
-    await repo.enqueue(TOPIC_MESSAGES, requests)
-    return len(requests)
-
-
-async def expire_goals(repo: LoyaltyRepository, now: datetime) -> int:
-    """Close the active goals past their due date, each published as `goal.expired`."""
-    events = [
-        LoyaltyEvent(
-            id=f"loyalty:goal.expired:{g.id}",
-            type="goal.expired",
-            customer_id=g.customer_id,
-            occurred_at=g.due_at,
-            data={"goal_id": g.id, "progress": g.progress, "target": g.target},
-        )
-        for g in await repo.expire_goals(now)
-    ]
-    await repo.enqueue(TOPIC_LOYALTY, events)
-    return len(events)
-
-
-async def recompute_tiers(session: AsyncSession, now: datetime, *, programme: ProgrammeConfig, batch: int) -> int:
-    """Move accounts down (or up) when purchases leave the tier window; publish each change."""
-    repo = LoyaltyRepository(session)
-    events = [
-        LoyaltyEvent(
-            id=f"loyalty:tier.changed:sweep:{c.customer_id}:{now.isoformat()}",
-            type="tier.changed",
-            customer_id=c.customer_id,
-            occurred_at=now,
-            data={"from": c.old_tier, "to": c.new_tier, "spend_12m": str(c.spend), "reason": "window"},
-        )
-        for c in await repo.move_tiers(programme, now, limit=batch)
-    ]
-    await repo.enqueue(TOPIC_LOYALTY, events)
-    return len(events)
 
 
 def _birthday_keys(today: date) -> list[str]:
@@ -113,13 +52,13 @@ async def run_sweep(session: AsyncSession, now: datetime, *, batch: int = 5000) 
     repo = LoyaltyRepository(session)
     reminded = 0
     if programme.reminder_days > 0:
-        reminded = await remind_expiring(repo, now, programme=programme)
+        reminded = await repo.remind_expiring(now, days=programme.reminder_days, point_value=programme.point_value)
     expired = 0
     ids = await repo.lock_expiring_accounts(now, limit=batch)
     if ids:
         expired = await repo.expire_lots(ids, now)
-    goals_expired = await expire_goals(repo, now)
-    tiers_changed = await recompute_tiers(session, now, programme=programme, batch=batch)
+    goals_expired = await repo.expire_goals(now)
+    tiers_changed = await repo.move_tiers(programme, now, limit=batch)
     birthdays = 0
     if programme.birthday_bonus > 0:
         birthdays = await award_birthdays(session, now, programme=programme, batch=batch)

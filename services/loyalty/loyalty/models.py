@@ -28,6 +28,7 @@ from crm_common.db import service_metadata
 class Base(DeclarativeBase):
     metadata = service_metadata()
 
+
 POINTS = Numeric(20, 2)
 MONEY = Numeric(20, 4)
 

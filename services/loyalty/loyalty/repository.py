@@ -26,7 +26,7 @@ from crm_common.contract.messages import LoyaltyEvent, MessageRequested
 from crm_common.outbox import enqueue_models, enqueue_select
 from loyalty import models
 from loyalty.schemas import GoalRead, LedgerEntryRead, LotRead, ProgrammeConfig
-from loyalty.settings import TOPIC_LOYALTY
+from loyalty.settings import TOPIC_LOYALTY, TOPIC_MESSAGES
 from loyalty.state import AccountState, Allocation, Entry, GoalState, LotState, PurchaseState, RedemptionState
 
 ACCOUNTS = cast(Table, models.Account.__table__)
@@ -190,6 +190,8 @@ def tier_params(programme: ProgrammeConfig) -> dict[str, Any]:
 
 
 # -- sweeps ---------------------------------------------------------------------------------------------------
+# Each sweep is one statement: its changes as data-modifying CTEs, and the outbox rows selected from what they
+# returned (`enqueue_select`), as the JSON of the topic's contract model (tests/test_rules.py validates each).
 
 _ISO = '\'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"\''
 
@@ -198,19 +200,39 @@ def _iso(col: str) -> str:
     return f"to_char({col} AT TIME ZONE 'UTC', {_ISO})"
 
 
+def _messages(source: str, fields: str) -> str:
+    """The outbox rows (`topic, key, value`) of one message per row of `source`, keyed by its customer_id: the
+    JSON object of these `json_build_object` fields."""
+    return (
+        f"SELECT CAST(:topic AS text), customer_id, convert_to(json_build_object({fields})::text, 'UTF8') FROM {source}"
+    )
+
+
 # Lots whose points expire within the reminder window and were not reminded for this expiry date, marked, then
-# summed per customer and UTC day: one reminder each.
-_REMIND_SQL = """
-WITH due AS (
+# summed per customer and UTC day: one MessageRequested each, its id derived from customer and day (so never
+# sent twice for one expiry date).
+_REMIND_CTES = """
+due AS (
     UPDATE lots SET reminded_for = expires_at
     WHERE remaining > 0 AND expires_at > :now AND expires_at <= :now + make_interval(days => CAST(:days AS int))
       AND reminded_for IS DISTINCT FROM expires_at
     RETURNING customer_id, expires_at, remaining
+), per_day AS (
+    SELECT customer_id, (expires_at AT TIME ZONE 'UTC')::date AS day, min(expires_at) AS first_at,
+           sum(remaining) AS points
+    FROM due GROUP BY customer_id, (expires_at AT TIME ZONE 'UTC')::date
 )
-SELECT customer_id, (expires_at AT TIME ZONE 'UTC')::date AS day, min(expires_at) AS first_at,
-       sum(remaining) AS points
-FROM due GROUP BY customer_id, (expires_at AT TIME ZONE 'UTC')::date
 """
+_REMIND_SELECT = _messages(
+    "per_day",
+    f"""
+    'id', 'loyalty:points_expiring:' || customer_id || ':' || day::text,
+    'type', 'message.requested', 'customer_id', customer_id, 'occurred_at', CAST(:now_iso AS text),
+    'kind', 'transactional', 'template', 'points_expiring', 'source_service', 'loyalty',
+    'expires_at', {_iso("first_at")},
+    'variables', json_build_object('points', points::text, 'amount', round(points * CAST(:pv AS numeric), 2)::text,
+                                   'expires_on', day::text, 'expires_at', {_iso("first_at")})""",
+)
 
 # The accounts with expired lots, locked in the same order as every other writer locks them.
 _LOCK_EXPIRING_SQL = """
@@ -219,48 +241,52 @@ WHERE customer_id IN (SELECT customer_id FROM lots WHERE remaining > 0 AND expir
 ORDER BY customer_id LIMIT :limit FOR UPDATE
 """
 
-# The expired lots of the locked accounts, oldest first, with the balance after each one's expiry entry. The
-# points.expired messages and the expiry itself are both read from it; the accounts are locked, so both
-# statements see the same lots.
-_DUE_LOTS = """
+# The expired lots of the locked accounts, oldest first: each one's points leave the lot and the account in one
+# ledger entry (with the balance after it), published as points.expired. A separate statement from the lock,
+# so it reads the lots as committed after the locks were granted.
+_EXPIRE_CTES = """
 due AS (
-    SELECT l.id, l.customer_id, l.remaining, l.expires_at,
-           'expiry:' || l.id || ':' || l.expired_points::text AS ref,
+    SELECT l.id, l.customer_id, l.remaining, l.expired_points, l.expires_at,
            a.balance - sum(l.remaining) OVER (PARTITION BY l.customer_id ORDER BY l.expires_at, l.id) AS balance_after
     FROM lots l JOIN accounts a ON a.customer_id = l.customer_id
     WHERE l.customer_id = ANY(CAST(:ids AS text[])) AND l.remaining > 0 AND l.expires_at <= :now
-)
-"""
-
-_EXPIRED_MESSAGES_SQL = f"""
-WITH {_DUE_LOTS}
-SELECT CAST(:topic AS text), customer_id, convert_to(json_build_object(
-    'id', 'loyalty:points.expired:' || ref, 'type', 'points.expired', 'customer_id', customer_id,
-    'occurred_at', {_iso("expires_at")}, 'points', (-remaining)::text, 'balance', balance_after::text,
-    'data', json_build_object('lot_id', id)
-)::text, 'UTF8')
-FROM due
-"""
-
-_EXPIRE_SQL = f"""
-WITH {_DUE_LOTS}, lots_done AS (
+), lots_done AS (
     UPDATE lots SET remaining = 0, expired_points = lots.expired_points + due.remaining
     FROM due WHERE lots.id = due.id
 ), accounts_done AS (
     UPDATE accounts SET balance = accounts.balance - t.total, updated_at = :now
     FROM (SELECT customer_id, sum(remaining) AS total FROM due GROUP BY customer_id) t
     WHERE accounts.customer_id = t.customer_id
+), entries AS (
+    INSERT INTO ledger (ref, customer_id, kind, points, balance_after, occurred_at, recorded_at, lot_id, data)
+    SELECT 'expiry:' || id || ':' || expired_points::text, customer_id, 'expiry', -remaining, balance_after,
+           expires_at, :now, id, jsonb_build_object('expired_lot', id)
+    FROM due
+    RETURNING ref, customer_id, points, balance_after, occurred_at, lot_id
 )
-INSERT INTO ledger (ref, customer_id, kind, points, balance_after, occurred_at, recorded_at, lot_id, data)
-SELECT ref, customer_id, 'expiry', -remaining, balance_after, expires_at, :now, id, jsonb_build_object('expired_lot', id)
-FROM due
 """
+_EXPIRE_SELECT = _messages(
+    "entries",
+    f"""
+    'id', 'loyalty:points.expired:' || ref, 'type', 'points.expired', 'customer_id', customer_id,
+    'occurred_at', {_iso("occurred_at")}, 'points', points::text, 'balance', balance_after::text,
+    'data', json_build_object('lot_id', lot_id)""",
+)
 
-_EXPIRE_GOALS_SQL = """
-UPDATE goals SET status = 'expired', closed_at = due_at
-WHERE status = 'active' AND due_at <= :now
-RETURNING id, customer_id, due_at, progress, target
+_EXPIRE_GOALS_CTES = """
+expired AS (
+    UPDATE goals SET status = 'expired', closed_at = due_at
+    WHERE status = 'active' AND due_at <= :now
+    RETURNING id, customer_id, due_at, progress, target
+)
 """
+_EXPIRE_GOALS_SELECT = _messages(
+    "expired",
+    f"""
+    'id', 'loyalty:goal.expired:' || id, 'type', 'goal.expired', 'customer_id', customer_id,
+    'occurred_at', {_iso("due_at")},
+    'data', json_build_object('goal_id', id, 'progress', progress, 'target', target)""",
+)
 
 _BIRTHDAY_LOCK_SQL = """
 SELECT customer_id FROM accounts
@@ -285,12 +311,20 @@ SELECT customer_id FROM target WHERE new_tier <> old_tier ORDER BY customer_id L
 
 _TIER_LOCK_SQL = "SELECT customer_id FROM accounts WHERE customer_id = ANY(CAST(:ids AS text[])) ORDER BY 1 FOR UPDATE"
 
-_TIER_UPDATE_SQL = f"""
-WITH {_TIER_TARGET}
-UPDATE accounts a SET tier = target.new_tier, updated_at = :now
-FROM target WHERE a.customer_id = target.customer_id AND target.new_tier <> target.old_tier
-RETURNING a.customer_id, target.old_tier, target.new_tier, target.spend
+_TIER_CTES = f"""
+{_TIER_TARGET}, changed AS (
+    UPDATE accounts a SET tier = target.new_tier, updated_at = :now
+    FROM target WHERE a.customer_id = target.customer_id AND target.new_tier <> target.old_tier
+    RETURNING a.customer_id, target.old_tier, target.new_tier, target.spend
+)
 """
+_TIER_SELECT = _messages(
+    "changed",
+    """
+    'id', 'loyalty:tier.changed:sweep:' || customer_id || ':' || CAST(:now_iso AS text), 'type', 'tier.changed',
+    'customer_id', customer_id, 'occurred_at', CAST(:now_iso AS text),
+    'data', json_build_object('from', old_tier, 'to', new_tier, 'spend_12m', spend::text, 'reason', 'window')""",
+)
 
 # -- reports --------------------------------------------------------------------------------------------------
 
@@ -634,32 +668,33 @@ class LoyaltyRepository:
 
     # -- sweeps ----------------------------------------------------------------------------------
 
-    async def mark_reminders(self, now: datetime, *, days: int) -> list[Row[Any]]:
-        """Mark the lots expiring within `days` that were not reminded for their expiry date; return their points
-        per customer and UTC day (customer_id, day, first_at, points)."""
-        return list((await self._exec(_REMIND_SQL, {"now": now, "days": days})).all())
+    async def remind_expiring(self, now: datetime, *, days: int, point_value: Decimal) -> int:
+        """Request one `points_expiring` message per customer and UTC day on which points expire within `days`,
+        once per expiry date; return how many."""
+        params = {"now": now, "now_iso": now.isoformat(), "days": days, "pv": point_value, "topic": TOPIC_MESSAGES}
+        return await enqueue_select(self.session, _REMIND_SELECT, params, ctes=_REMIND_CTES)
 
     async def lock_expiring_accounts(self, now: datetime, *, limit: int) -> list[str]:
         return list((await self._exec(_LOCK_EXPIRING_SQL, {"now": now, "limit": limit})).scalars())
 
     async def expire_lots(self, ids: list[str], now: datetime) -> int:
-        """Expire the lots past their expiry of these locked accounts, oldest first: one `points.expired` message
-        and one ledger entry per lot; return the number of lots."""
-        params = {"ids": ids, "now": now}
-        await enqueue_select(self.session, _EXPIRED_MESSAGES_SQL, {**params, "topic": TOPIC_LOYALTY})
-        return int((await self._exec(_EXPIRE_SQL, params)).rowcount)
+        """Expire the lots past their expiry of these locked accounts, oldest first: one ledger entry and one
+        `points.expired` message per lot; return the number of lots."""
+        params = {"ids": ids, "now": now, "topic": TOPIC_LOYALTY}
+        return await enqueue_select(self.session, _EXPIRE_SELECT, params, ctes=_EXPIRE_CTES)
 
-    async def expire_goals(self, now: datetime) -> list[Row[Any]]:
-        """Expire the active goals due by `now`; return them (id, customer_id, due_at, progress, target)."""
-        return list((await self._exec(_EXPIRE_GOALS_SQL, {"now": now})).all())
+    async def expire_goals(self, now: datetime) -> int:
+        """Expire the active goals due by `now`, each published as `goal.expired`; return how many."""
+        params = {"now": now, "topic": TOPIC_LOYALTY}
+        return await enqueue_select(self.session, _EXPIRE_GOALS_SELECT, params, ctes=_EXPIRE_GOALS_CTES)
 
     async def lock_birthdays(self, days: list[str], year: int, *, limit: int) -> list[str]:
         """Lock the accounts whose birthday (MM-DD) is one of `days` and not yet awarded in `year`."""
         return list((await self._exec(_BIRTHDAY_LOCK_SQL, {"days": days, "year": year, "limit": limit})).scalars())
 
-    async def move_tiers(self, programme: ProgrammeConfig, now: datetime, *, limit: int) -> list[Row[Any]]:
-        """Move the accounts whose window spend no longer matches their tier; return the changes
-        (customer_id, old_tier, new_tier, spend)."""
+    async def move_tiers(self, programme: ProgrammeConfig, now: datetime, *, limit: int) -> int:
+        """Move the accounts whose window spend no longer matches their tier, each change published as
+        `tier.changed`; return how many."""
         params = {
             **window_params(now - timedelta(days=programme.tier_window_days)),
             **tier_params(programme),
@@ -668,10 +703,11 @@ class LoyaltyRepository:
         }
         ids = list((await self._exec(_TIER_CANDIDATES_SQL, {**params, "ids": None})).scalars())
         if not ids:
-            return []
+            return 0
         # Lock, then recompute in a new statement: it sees purchases committed while it waited for the locks.
         await self._exec(_TIER_LOCK_SQL, {"ids": ids})
-        return list((await self._exec(_TIER_UPDATE_SQL, {**params, "ids": ids})).all())
+        params |= {"ids": ids, "now_iso": now.isoformat(), "topic": TOPIC_LOYALTY}
+        return await enqueue_select(self.session, _TIER_SELECT, params, ctes=_TIER_CTES)
 
     async def tiers_of_spends(self, programme: ProgrammeConfig, spends: list[Decimal]) -> list[str]:
         """The tier `tier_sql` gives each spend (what the tier sweep decides with)."""

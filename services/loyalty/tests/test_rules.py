@@ -254,7 +254,7 @@ async def test_reminder_sweep_requests_one_points_expiring_message_per_customer_
         "points": "350.00",
         "amount": "3.50",
         "expires_on": "2026-07-04",
-        "expires_at": "2026-07-04T12:00:00+00:00",
+        "expires_at": "2026-07-04T12:00:00.000000+00:00",
     }
 
 
