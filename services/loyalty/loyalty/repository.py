@@ -96,18 +96,8 @@ def _update_sql(table: Table, key: Sequence[str], names: Sequence[str], extra: s
 _LOT_INSERT = _insert_sql(LOTS, LotState.COLUMNS)
 _LOT_UPDATE = _update_sql(LOTS, ("id",), ("remaining",))
 _LEDGER_INSERT = _insert_sql(LEDGER, Entry.COLUMNS, numbered=True)
-_ACCOUNT_WRITTEN = (
-    "balance",
-    "points_debt",
-    "tier",
-    "referred_by",
-    "referral_rewarded",
-    "purchases_count",
-    "first_purchase_at",
-    "last_purchase_at",
-    "birth_date",
-    "birthday_awarded_year",
-)
+# What the Book changes in an account (the rest is set when it is created).
+_ACCOUNT_WRITTEN = tuple(c for c in AccountState.COLUMNS if c not in ("customer_id", "referral_code", "created_at"))
 _ACCOUNT_UPDATE = _update_sql(ACCOUNTS, ("customer_id",), _ACCOUNT_WRITTEN, "updated_at = :now")
 _PURCHASE_INSERT = _insert_sql(PURCHASES, PurchaseState.COLUMNS)
 _PURCHASE_UPDATE = _update_sql(
