@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from crm_common import metrics
+from crm_common import metrics, retention
 from crm_common.auth import ApiKeys, api_key_dependency
 from crm_common.clock import Clock, SystemClock
 from crm_common.consumer import BatchHandler, ConsumerRunner
@@ -81,6 +81,7 @@ class ServiceRuntime:
         self._stopping = asyncio.Event()
         # Workers that need the broker start once the producer is up; the others at once.
         self._kafka_workers: set[str] = set()
+        self.add_sweep(retention.INBOX_SWEEP, settings.retention_sweep_interval_s, retention.inbox_sweep(settings))
 
     def topic(self, name: str) -> str:
         """The physical topic name (a prefix isolates tests and tenants sharing one broker)."""
@@ -308,30 +309,53 @@ def _health_router(service: str) -> APIRouter:
     return router
 
 
+async def _consumer_report(c: ConsumerRunner) -> dict[str, Any]:
+    """One consumer as /v1/ops/pipeline shows it: `lag` is the group's (null: not known now)."""
+    lag: int | None
+    group: dict[str, Any] | None
+    try:
+        lag = await asyncio.wait_for(c.lag(), 5)
+    except Exception:
+        lag = None
+    try:
+        g = await asyncio.wait_for(c.group_state(), 5)
+        group = {
+            "state": g.state,
+            "members": g.members,
+            "partitions": g.partitions,
+            "unowned_partitions": g.unowned,
+            "rebalancing": g.rebalancing,
+        }
+    except Exception:
+        group = None
+    return {
+        "name": c.name,
+        "group_id": c.group_id,
+        "topics": c.topics,
+        "running": c.consumer is not None,
+        "enabled": c.started,
+        "assigned": c.assigned,
+        "partitions": len(c.partitions),
+        "last_batch_at": c.last_batch_at.isoformat() if c.last_batch_at else None,
+        "lag": lag,
+        "group": group,
+        "applied": c.stats.applied,
+        "duplicates": c.stats.duplicates,
+        "dead_lettered": c.stats.dead_lettered,
+        "retries": c.stats.retries,
+    }
+
+
 def _ops_router() -> APIRouter:
     """Pipeline state and sweeps on demand: under /v1, so behind the API key like the service's routes."""
     router = APIRouter(tags=["ops"])
 
-    @router.get("/v1/ops/pipeline", summary="Consumers (lag, applied, dead-lettered) and outbox backlog")
+    @router.get(
+        "/v1/ops/pipeline",
+        summary="Consumers (group lag, assignment, group state, applied, dead-lettered) and outbox backlog",
+    )
     async def pipeline(runtime: RuntimeDep) -> dict[str, Any]:
-        consumers = []
-        for c in runtime.consumers:
-            try:
-                lag: int | None = await asyncio.wait_for(c.lag(), 5)
-            except Exception:
-                lag = None
-            consumers.append(
-                {
-                    "name": c.name,
-                    "topics": c.topics,
-                    "running": c.consumer is not None,
-                    "lag": lag,
-                    "applied": c.stats.applied,
-                    "duplicates": c.stats.duplicates,
-                    "dead_lettered": c.stats.dead_lettered,
-                    "retries": c.stats.retries,
-                }
-            )
+        consumers = await asyncio.gather(*(_consumer_report(c) for c in runtime.consumers))
         backlog = 0
         for r in runtime.relays:
             try:

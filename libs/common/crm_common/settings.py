@@ -57,6 +57,15 @@ class BaseServiceSettings(BaseSettings):
     # The cyclic GC's generation-0 threshold (0 keeps Python's 700): batch handlers allocate many
     # short-lived objects, and a higher threshold saves a few percent of CPU on the hot paths.
     gc_gen0_threshold: int = 50_000
+    # How long the inbox remembers a message id (crm_common.retention deletes older ones). Shared
+    # by every service, because ingest refuses replays reaching further back than this: the
+    # consumers could no longer tell a replayed event from a new one.
+    inbox_retention_days: int = Field(
+        30, ge=1, validation_alias=AliasChoices("CRM_INBOX_RETENTION_DAYS", "crm_inbox_retention_days")
+    )
+    retention_sweep_interval_s: float = 3600
+    # Rows deleted per transaction by retention sweeps.
+    retention_batch_size: int = Field(5000, ge=1)
     outbox_batch_size: int = 1000
     log_level: str = shared("CRM_LOG_LEVEL", "INFO")
     log_json: bool = shared("CRM_LOG_JSON", True)

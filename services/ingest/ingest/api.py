@@ -28,6 +28,7 @@ from ingest.errors import BodyTooLarge, TooManyRequests
 from ingest.events import ingest_events, parse_body
 from ingest.keys import create_key, revoke_key
 from ingest.repository import EventRepository, KeyRepository
+from ingest.retention import check_replay_reach
 from ingest.schemas import (
     ApiKeyCreate,
     ApiKeyCreated,
@@ -133,9 +134,13 @@ async def get_event(source: Source, event_id: PathId, principal: EventsReader, r
     summary="Publish archived events of a time range again (consumers dedupe by message id)",
     status_code=202,
     response_model=ReplayRead,
-    responses={401: _ERROR, 403: _ERROR, 503: _ERROR},
+    responses={401: _ERROR, 403: _ERROR, 422: _ERROR, 503: _ERROR},
 )
-async def replay(replay_in: ReplayIn, principal: Replayer, runtime: RuntimeDep) -> dict[str, Any]:
+async def replay(
+    replay_in: ReplayIn, principal: Replayer, runtime: RuntimeDep, settings: SettingsDep
+) -> dict[str, Any]:
+    """422 when `from` is older than the archive keeps or the consumers' inboxes remember."""
+    check_replay_reach(start=replay_in.from_, by=replay_in.by, settings=settings, now=runtime.clock.now())
     async with transaction(runtime) as session:
         count = await EventRepository(session).queue_range(
             by=replay_in.by, start=replay_in.from_, end=replay_in.to, types=replay_in.types

@@ -45,7 +45,7 @@ class ApiKey(Base):
 
 
 class ArchivedEvent(Base):
-    """An accepted event, kept forever; `seq` orders publishing, (source, event_id) dedupes."""
+    """An accepted event, kept `archive_retention_days`; `seq` orders publishing, (source, event_id) dedupes."""
 
     __tablename__ = "events"
     seq: Mapped[int] = mapped_column(BigInteger, Identity(always=False), primary_key=True)

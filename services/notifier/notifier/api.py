@@ -131,12 +131,13 @@ async def preview_template(
 ) -> PreviewRead:
     template = await template_ops.get_template(repo=NotifierRepository(session), template_id=template_id)
     url = notifier.links.unsubscribe_url("preview", "preview", template.channel)
-    rendered = template_ops.preview(
+    rendered = await template_ops.preview(
         renderer=notifier.renderer,
         template=template,
         variables=data.variables,
         first_name=data.first_name,
         unsubscribe_url=url,
+        budget_ms=notifier.settings.render_timeout_ms,
     )
     return PreviewRead(subject=rendered.subject, body=rendered.body, html=rendered.html)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     BigInteger,
@@ -24,7 +24,11 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from crm_common.db import make_base
 
-Base = make_base()
+if TYPE_CHECKING:
+    # mypy cannot subclass a class returned by a function; what make_base returns is one of these.
+    from sqlalchemy.orm import DeclarativeBase as Base
+else:
+    Base = make_base()
 
 # A message waits in one of these states until the dispatcher settles it.
 OPEN_STATES = ("pending", "deferred", "queued", "retrying")

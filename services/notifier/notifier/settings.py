@@ -32,6 +32,9 @@ class Settings(BaseServiceSettings):
     contact_wait_s: float = 600
     contact_recheck_s: float = 30
 
+    # Templates: a render (send or preview) running longer fails as render_timeout.
+    render_timeout_ms: float = 500
+
     # Dispatcher.
     dispatcher_enabled: bool = True
     dispatch_batch_size: int = 200
