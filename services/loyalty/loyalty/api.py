@@ -37,7 +37,7 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "not found"}}
 @router.get("/programme", summary="The programme's rules")
 async def get_programme(session: SessionDep, programme: ProgrammeDep) -> ProgrammeRead:
     row = await LoyaltyRepository(session).get_programme()
-    return ProgrammeRead(config=programme, updated_at=row[1] if row else None)
+    return ProgrammeRead(config=programme, updated_at=row.updated_at if row else None)
 
 
 @router.put("/programme", summary="Replace the programme's rules")
