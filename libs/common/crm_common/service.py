@@ -152,6 +152,7 @@ class ServiceRuntime:
             needs_broker=True,
             full_batch=relay.batch_size,
             drain_on_stop=True,
+            coalesce_s=s.outbox_coalesce_ms / 1000,
         )
         return relay
 

@@ -52,6 +52,8 @@ class BaseServiceSettings(BaseSettings):
     # Relays are woken by the commit that wrote outbox rows (in-process, and by PostgreSQL NOTIFY
     # from other processes); this timer only catches a wake-up that was missed.
     outbox_poll_interval_ms: int = 2000
+    # A woken relay waits this long before its pass, so a burst of commits goes out as one batch.
+    outbox_coalesce_ms: int = 5
     # Wake workers through LISTEN/NOTIFY (one connection per process); off, they use their timers.
     notify_enabled: bool = True
     # The cyclic GC's generation-0 threshold (0 keeps Python's 700): batch handlers allocate many

@@ -226,3 +226,18 @@ async def test_enqueue_models_refuses_a_message_of_another_topic(db):
         row = (await s.execute(text("SELECT topic, key, value FROM outbox"))).one()
     assert row.topic == TOPIC_MESSAGES and row.key == "c1"
     assert MessageRequested.model_validate_json(bytes(row.value)).template == "t"
+
+
+async def test_a_burst_of_wake_ups_is_coalesced_into_one_pass():
+    counter = Counter()
+    worker = Worker("w", counter.run_once, interval_s=60, run_at_start=False, coalesce_s=0.2)
+    worker.start()
+    try:
+        for _ in range(20):
+            worker.wake()
+            await asyncio.sleep(0.005)
+        await eventually(lambda: counter.calls == 1, timeout=5, what="the coalesced pass")
+        await asyncio.sleep(0.3)
+        assert counter.calls == 1, "twenty wake-ups within the coalescing window make one pass"
+    finally:
+        await worker.stop()
