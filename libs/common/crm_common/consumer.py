@@ -140,7 +140,7 @@ class ConsumerRunner:
         session_timeout_ms: int = 10_000,
         idle_after_s: float = 5.0,
         idle_fetch_wait_ms: int = 1_000,
-        lag_refresh_s: float = 5.0,
+        lag_refresh_s: float = 0.0,
         clock: Clock | None = None,
     ) -> None:
         self.name = name
@@ -240,7 +240,8 @@ class ConsumerRunner:
             auto_offset_reset=self.auto_offset_reset,
             max_poll_interval_ms=self.max_poll_interval_ms,
             session_timeout_ms=self.session_timeout_ms,
-            heartbeat_interval_ms=min(1_000, self.session_timeout_ms // 3),
+            # Kafka's default; heartbeats are most of what an idle member costs the embedded broker.
+            heartbeat_interval_ms=min(3_000, self.session_timeout_ms // 3),
             max_partition_fetch_bytes=4 << 20,
             fetch_max_wait_ms=self.batch_timeout_ms,
         )

@@ -51,7 +51,7 @@ class BaseServiceSettings(BaseSettings):
     topic_prefix: str = shared("CRM_TOPIC_PREFIX", "")
     # Relays are woken by the commit that wrote outbox rows (in-process, and by PostgreSQL NOTIFY
     # from other processes); this timer only catches a wake-up that was missed.
-    outbox_poll_interval_ms: int = 2000
+    outbox_poll_interval_ms: int = 5000
     # A woken relay waits this long before its pass, so a burst of commits goes out as one batch.
     outbox_coalesce_ms: int = 5
     # Wake workers through LISTEN/NOTIFY (one connection per process); off, they use their timers.

@@ -43,7 +43,7 @@ class Settings(BaseServiceSettings):
     dispatch_concurrency: int = 32
     # Fallback only: commits that record messages wake the dispatcher; this timer picks up
     # deferred (quiet hours) and retried messages when they fall due.
-    dispatch_poll_interval_s: float = 2.0
+    dispatch_poll_interval_s: float = 5.0
     dispatch_lease_s: float = 300
     # In-process retries of one send on transient errors, with exponential backoff and jitter.
     send_retries: int = 2
