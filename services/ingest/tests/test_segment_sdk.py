@@ -237,7 +237,10 @@ async def test_gzip_bodies_from_the_sdk_are_accepted(segment):
     got = by_event_id(await read_topic(segment.bootstrap, segment.topic, min_count=3))
     assert sorted(got) == ["g-0", "g-1", "g-2"]
     assert got["g-1"]["type"] == "cart_updated"
-    assert got["g-1"]["properties"] == {"items": [{"sku": "s1", "quantity": "2", "unit_price": "2.50"}], "total": "5.00"}
+    assert got["g-1"]["properties"] == {
+        "items": [{"sku": "s1", "quantity": "2", "unit_price": "2.50"}],
+        "total": "5.00",
+    }
 
 
 async def test_order_completed_without_order_id_is_a_rejection_with_its_reason(segment):
