@@ -17,7 +17,7 @@ import uvicorn
 from segment.analytics import Client
 
 from crm_common.infra import free_port
-from crm_common.testing.helpers import read_topic
+from crm_common.testing.helpers import eventually, read_topic
 
 WRITE_KEY = "test-segment-site-key"
 APP_KEY = "test-segment-app-key"
@@ -358,3 +358,41 @@ async def test_over_the_rate_limit_is_429_with_retry_after(segment):
     assert first.status_code == 200 and first.json()["accepted"] == 5
     second = await segment.client.post("/v1/batch", json=batch, headers=basic("slow-site-key"))
     assert second.status_code == 429 and int(second.headers["Retry-After"]) >= 1
+
+
+async def refusals(ingest: Any) -> float:
+    """How many POSTs this process answered with 503 (the metric counts the whole test session)."""
+    prefix = 'crm_http_requests_total{method="POST",service="ingest",status="503"}'
+    lines = [m for m in (await ingest.client.get("/metrics")).text.splitlines() if m.startswith(prefix)]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+async def test_the_sdk_waits_out_a_503_retry_after_and_its_batch_lands(segment, pg_server):
+    import asyncpg
+
+    primed = await segment.client.post("/v1/track", json={"userId": "c", "event": "E"}, headers=basic(WRITE_KEY))
+    assert primed.status_code == 200
+    db = segment.url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(pg_server.admin_url)
+    errors: list[Any] = []
+    client = sdk(segment.http_url, errors)
+    try:
+        await admin.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS false')
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", db)
+        probe = {"batch": [{"type": "track", "userId": "c", "event": "E", "messageId": "m-probe"}]}
+        refused = await segment.client.post("/v1/batch", json=probe, headers=basic(WRITE_KEY))
+        assert refused.status_code == 503 and int(refused.headers["Retry-After"]) > 0
+        refused_before = await refusals(segment)
+        client.track(user_id="cust-5", event="Signed Up", message_id="m-503")
+
+        async def sdk_was_refused() -> bool:
+            return await refusals(segment) > refused_before
+
+        await eventually(sdk_was_refused, timeout=10, what="the SDK's upload refused with 503")
+    finally:
+        await admin.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS true')
+        await admin.close()
+    await send(client)  # the SDK re-queued the batch and sends it again after Retry-After
+    assert errors == []
+    got = await read_topic(segment.bootstrap, segment.topic, min_count=2)
+    assert "m-503" in {m["event_id"] for m in got}
