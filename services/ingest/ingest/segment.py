@@ -153,11 +153,10 @@ def _fast_amount(value: Any) -> str | None:
     an 'e', and no trailing zero but in x.0.)"""
     kind = type(value)
     if kind is float:
-        if value - value == 0.0:  # finite
-            text = repr(value)
-            places = len(text) - text.find(".") - 1
-            if places <= 4 and "e" not in text:
-                return text + "0" if places == 1 else text
+        text = repr(value)
+        dot = text.find(".")  # none in inf, nan and 1e+16
+        if dot > 0 and len(text) - dot <= 5 and "e" not in text:
+            return text + "0" if len(text) - dot == 2 else text
     elif kind is int:
         return f"{value}.00"
     return None
@@ -290,24 +289,27 @@ def _order_total(
     items' sum; a total that still disagrees with the items is the contract's to refuse.
     """
 
-    def minus(value: Any, names: tuple[str, ...], origin: str) -> tuple[Any, str]:
-        result = amount(value, origin, reasons)
-        deductions = [amount(props[n], f"properties.{n}", reasons) for n in names if props.get(n) is not None]
-        if not deductions:
-            return result, origin
-        base = _decimal(result)
-        parts = [_decimal(d) for d in deductions]
-        if base is None or any(p is None for p in parts):
-            return result, origin  # the contract (or the reasons above) name what is wrong
-        return _plain(base - sum((p for p in parts if p is not None), _ZERO)), origin
-
-    if props.get("total") is not None:
-        return minus(props["total"], ("shipping", "tax"), "properties.total")
+    total = props.get("total")
+    if total is not None:
+        return _less(props, total, ("shipping", "tax"), "properties.total", reasons), "properties.total"
     if props.get("subtotal") is not None:
         return amount(props["subtotal"], "properties.subtotal", reasons), "properties.subtotal"
     if props.get("revenue") is not None:
-        return minus(props["revenue"], ("discount",), "properties.revenue")
+        return _less(props, props["revenue"], ("discount",), "properties.revenue", reasons), "properties.revenue"
     return (_net_total(items) if items else None), "properties.products"
+
+
+def _less(props: dict[str, Any], value: Any, names: tuple[str, ...], origin: str, reasons: list[dict[str, Any]]) -> Any:
+    """The amount `value` less the amounts of `props` named `names` (those present)."""
+    result = amount(value, origin, reasons)
+    deductions = [amount(props[n], f"properties.{n}", reasons) for n in names if props.get(n) is not None]
+    if not deductions:
+        return result
+    base = _decimal(result)
+    parts = [_decimal(d) for d in deductions]
+    if base is None or any(p is None for p in parts):
+        return result  # the contract (or the reasons above) name what is wrong
+    return _plain(base - sum((p for p in parts if p is not None), _ZERO))
 
 
 def _purchase(props: dict[str, Any], mapped: MappedMessage) -> dict[str, Any]:

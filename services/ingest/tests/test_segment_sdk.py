@@ -205,6 +205,8 @@ async def test_a_repeated_message_id_is_a_duplicate(segment):
     assert again.json() == {"success": True, "accepted": 0, "duplicates": 1, "rejected": 0}
     got = await read_topic(segment.bootstrap, segment.topic, min_count=1, idle=1.0)
     assert [(m["id"], m["type"]) for m in got] == [("site:m-1", "product_viewed")]
+    archived = await segment.client.get("/v1/events/site/m-1", headers={"Authorization": f"Bearer {WRITE_KEY}"})
+    assert archived.status_code == 200 and archived.json()["message"]["properties"] == {"sku": "s", "category": "c"}
 
 
 async def test_a_bad_write_key_is_refused_and_nothing_is_published(segment):
