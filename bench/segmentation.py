@@ -41,8 +41,9 @@ from crm_common.db import create_engine, create_sessionmaker, session_scope
 from crm_common.infra import BrokerServer, PostgresServer, create_database, free_port
 from crm_common.kafka import ensure_topics, make_producer
 from crm_common.migrations import upgrade_async
+from crm_common.service import tune_gc
 from segmentation.builtin import install_builtin_segments
-from segmentation.consumers import events_handler, tune_gc
+from segmentation.consumers import events_handler
 from segmentation.segments import create_segment, recompute_all
 from segmentation.settings import Settings
 
@@ -372,7 +373,7 @@ async def main() -> None:
         rate = raw = 0.0
         if not args.skip_events:
             # The process is set up as the service's startup does it, for the ceiling and the service alike.
-            tune_gc(Settings())
+            tune_gc(Settings().gc_gen0_threshold)
             total = await publish_generated(broker.bootstrap, prefix + "crm.events.v1", args.customers)
             print(f"published {total} events for {args.customers} customers; {segments} segments defined")
             raw = await ceiling(broker.bootstrap, prefix + "crm.events.v1", url, total)

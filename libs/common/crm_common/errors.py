@@ -80,16 +80,42 @@ def _clean_errors(errors: list[Any]) -> list[dict[str, Any]]:
     return out
 
 
-def dependency_down(exc: BaseException) -> bool:
+# SQLSTATE classes and codes of a dependency at fault rather than the statement: connection
+# failures (08), refused logins (28), a database that is gone (3D), out of resources (53), shut
+# down or not accepting connections (57), and retryable conflicts (serialization failure,
+# deadlock, lock not available, object not in prerequisite state).
+_TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "28", "3D", "53", "57"})
+_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "55000"})
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for a failure of a dependency (database, broker, network) rather than of the work itself.
+
+    The one classification of the runtime: the consume loop retries such a batch instead of
+    dead-lettering it, workers back off, and the HTTP layer answers 503 with Retry-After.
+    """
     import asyncpg
+    from aiokafka.errors import KafkaError
+    from sqlalchemy.exc import InterfaceError, OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-    from crm_common.consumer import is_transient
-
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeoutError):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        state = _sqlstate(exc)
+        return bool(state and (state[:2] in _TRANSIENT_SQLSTATE_CLASSES or state in _TRANSIENT_SQLSTATES))
     if isinstance(exc, asyncpg.exceptions.PostgresConnectionError | asyncpg.exceptions.InterfaceError):
         return True
     if isinstance(exc, asyncpg.exceptions.CannotConnectNowError | asyncpg.exceptions.AdminShutdownError):
         return True
-    return is_transient(exc)
+    return isinstance(exc, OSError | ConnectionError | TimeoutError | KafkaError)
 
 
 def unencodable_text(exc: BaseException) -> bool:

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-
-from crm_common.errors import CRMError, InvalidInput, PayloadTooLarge, RateLimited, Unavailable
+from crm_common.errors import CRMError, InvalidInput, PayloadTooLarge, RateLimited, Unavailable, is_transient
 
 
 class MalformedBody(CRMError):
@@ -33,18 +29,8 @@ class InvalidEvent(InvalidInput):
     """A single posted event failed validation."""
 
 
-def _is_unavailable(exc: BaseException) -> bool:
-    if isinstance(exc, OperationalError | InterfaceError | PoolTimeoutError):
-        return True
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        orig = getattr(exc, "orig", None)
-        sqlstate = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
-        # Connection failures, refused logins, a database that is gone, shut down, full or closed
-        # to connections: the store is unavailable, not the request at fault.
-        return bool(sqlstate and (sqlstate[:2] in {"08", "28", "3D", "53", "57"} or sqlstate == "55000"))
-    return isinstance(exc, OSError | ConnectionError | TimeoutError | asyncio.TimeoutError)
+class ReplayOutOfReach(InvalidInput):
+    """A replay's `from` is older than the archive keeps or the consumers' inboxes remember."""
 
 
 @asynccontextmanager
@@ -55,7 +41,7 @@ async def database_guard(retry_after_s: int) -> AsyncIterator[None]:
     except CRMError:
         raise
     except Exception as exc:
-        if _is_unavailable(exc):
+        if is_transient(exc):
             raise DatabaseUnavailable(
                 "the event store is unavailable; retry later",
                 headers={"Retry-After": str(retry_after_s)},

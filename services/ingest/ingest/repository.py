@@ -10,7 +10,7 @@ from datetime import datetime
 
 from sqlalchemy import BigInteger, cast, exists, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from ingest.models import ApiKey, ArchivedEvent, PendingBatch, Rejection
 
@@ -31,13 +31,38 @@ _INSERT_BATCH = text(
     ), queued AS (
         INSERT INTO event_pending_batches (n, seqs)
         SELECT count(*), array_agg(seq ORDER BY seq) FROM ins HAVING count(*) > 0
+        RETURNING id
     )
     SELECT event_id FROM ins
+    -- Wakes the relay of whichever replica holds the relay lock, at commit (NULL row, skipped).
+    UNION ALL SELECT NULL FROM queued CROSS JOIN LATERAL (SELECT pg_notify('crm_outbox', '')) n
     """
 )
 
 # A replay queues its events in rows of this many.
 REPLAY_CHUNK = 1000
+
+# One batch of the archive's retention: events received before :before that are not waiting to
+# be published. No ORDER BY: the BRIN index on received_at finds the old block ranges without
+# walking the whole primary key when (as usual) there is little or nothing to delete.
+_DELETE_ARCHIVED_BATCH = text(
+    """
+    WITH pending AS MATERIALIZED (
+        SELECT unnest(seqs) AS seq FROM event_pending_batches
+    ), doomed AS (
+        SELECT e.seq FROM events e
+        WHERE e.received_at < :before AND NOT EXISTS (SELECT 1 FROM pending p WHERE p.seq = e.seq)
+        LIMIT :limit
+    )
+    DELETE FROM events WHERE seq IN (SELECT seq FROM doomed)
+    """
+)
+
+
+async def delete_archived_batch(conn: AsyncConnection, *, before: datetime, limit: int) -> int:
+    """Delete up to `limit` published events received before `before`; return how many."""
+    result = await conn.execute(_DELETE_ARCHIVED_BATCH, {"before": before, "limit": limit})
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 @dataclass(slots=True)
@@ -69,7 +94,7 @@ class EventRepository:
                 "messages": [r.message for r in rows],
             },
         )
-        return {row[0] for row in result}
+        return {row[0] for row in result if row[0] is not None}
 
     async def get(self, *, source: str, event_id: str) -> tuple[ArchivedEvent, bool] | None:
         """One archived event and whether it is waiting to be published."""
@@ -106,8 +131,11 @@ class EventRepository:
                     SELECT count(*), array_agg(seq ORDER BY seq)
                     FROM (SELECT seq, (row_number() OVER (ORDER BY seq) - 1) / :chunk AS chunk FROM fresh) f
                     GROUP BY chunk ORDER BY chunk
+                    RETURNING id
                 )
-                SELECT count(*) FROM matched
+                SELECT count(*),
+                       (SELECT count(*) FROM queued CROSS JOIN LATERAL (SELECT pg_notify('crm_outbox', '')) n)
+                FROM matched
                 """
             ),
             {"start": start, "end": end, "types": list(types) if types else None, "chunk": REPLAY_CHUNK},
