@@ -14,6 +14,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
+from crm_common.auth import parse_bearer
 from crm_common.contract.events import Source
 from crm_common.errors import CRMError, Forbidden, Unauthorized
 from crm_common.service import ServiceRuntime
@@ -142,7 +143,8 @@ async def _accept(
     header = request.headers.get("authorization")
     principal = None
     if header is not None:
-        key = basic_user(header)
+        # The SDKs send Basic; a Bearer key is what every other ingest route takes.
+        key = basic_user(header) or parse_bearer(header)
         if key is None:
             raise Unauthorized(
                 "send the write key as the Basic-auth user name: 'Authorization: Basic base64(<write key>:)'",
@@ -222,7 +224,8 @@ def _route(call: str | None) -> None:
         tags=["segment"],
         summary=summary,
         description="Auth: the write key (an ingest key of source site or app with `events:write`) as the "
-        "Basic-auth user name. Messages that fail mapping or validation are kept in `GET /v1/rejections`.",
+        "Basic-auth user name (or `Authorization: Bearer <key>`, or `writeKey` in the body). Messages that "
+        "fail mapping or validation are kept in `GET /v1/rejections`.",
         response_model=SegmentAccepted,
         openapi_extra={
             "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}
