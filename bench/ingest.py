@@ -19,12 +19,18 @@ batching. The figure of a second bare producer is printed beside it: hand-built 
 record batches, the lower-level path ingest's relay itself uses, which is several times faster
 than `send()` on this broker; the ratio to it is printed too, but it is not the BENCH ratio.
 The last line is `BENCH ingest_events_per_s <value> ratio=<value/ceiling>`.
+
+A second timed run posts the same events as Segment `Order Completed` messages through
+`POST /v1/batch` (a site key as the Basic-auth write key, the SDK's JSON with float prices), measured
+the same way; its line, `BENCH ingest_segment_events_per_s <value> ratio_to_native=<value/native>`,
+comes just before the last. `--no-segment` skips it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import os
 import signal
 import statistics
@@ -61,7 +67,13 @@ from crm_common.settings import TOPIC_EVENTS  # noqa: E402
 from ingest.keys import add_known_key  # noqa: E402
 
 KEY = "bench-key"
+SITE_KEY = "bench-site-key"
 PARTITIONS = 12
+NATIVE_HEADERS = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+SEGMENT_HEADERS = {
+    "Authorization": "Basic " + base64.b64encode(f"{SITE_KEY}:".encode()).decode(),
+    "Content-Type": "application/json",
+}
 
 
 def purchase(event_id: str, customer: int, now: str) -> dict:
@@ -91,12 +103,40 @@ def purchase(event_id: str, customer: int, now: str) -> dict:
     }
 
 
+def order_completed(message_id: str, customer: int, now: str) -> dict:
+    """The same purchase as a Segment SDK sends it: a track of Order Completed, prices as floats."""
+    event = purchase(message_id, customer, now)
+    props = event["properties"]
+    products = [
+        {k: float(v) if k in ("unit_price", "discount") else v for k, v in item.items()} for item in props["items"]
+    ]
+    for product in products:
+        product["price"] = product.pop("unit_price")
+    return {
+        "type": "track",
+        "event": "Order Completed",
+        "userId": event["customer_id"],
+        "messageId": message_id,
+        "timestamp": now,
+        "properties": {
+            "order_id": props["order_id"],
+            "products": products,
+            "total": float(props["total"]),
+            "currency": props["currency"],
+        },
+        "context": {"library": {"name": "analytics-python", "version": "2.4.0"}},
+    }
+
+
 _PLACEHOLDER = b"@@BATCHID@@@"
 
 
-def body_template(size: int) -> bytes:
+def body_template(size: int, *, segment: bool = False) -> bytes:
     """One batch body with a placeholder in every event id, so a fresh batch costs one replace."""
     now = datetime.now(UTC).isoformat()
+    if segment:
+        messages = [order_completed(f"{_PLACEHOLDER.decode()}-{i}", i % 50_000, now) for i in range(size)]
+        return orjson.dumps({"batch": messages, "sentAt": now})
     events = [purchase(f"{_PLACEHOLDER.decode()}-{i}", i % 50_000, now) for i in range(size)]
     return orjson.dumps({"events": events})
 
@@ -180,27 +220,29 @@ async def backlog(client: httpx.AsyncClient) -> int:
     return int((await client.get("/v1/ops/pipeline")).json()["outbox_backlog"])
 
 
-async def post_load(urls: list[str], duration: float, concurrency: int, size: int) -> tuple[int, list[float], int]:
+async def post_load(
+    urls: list[str], duration: float, concurrency: int, size: int, *, segment: bool = False
+) -> tuple[int, list[float], int]:
     """Post batches until `duration` is over, connection i to urls[i % len(urls)]; return accepted
-    events, latencies, non-202 answers."""
+    events, latencies, non-2xx answers. `segment`: through POST /v1/batch instead of /v1/events."""
     accepted = 0
     errors = 0
     latencies: list[float] = []
     deadline = time.monotonic() + duration
-    template = body_template(size)
+    template = body_template(size, segment=segment)
+    path, headers, ok = ("/v1/batch", SEGMENT_HEADERS, 200) if segment else ("/v1/events", NATIVE_HEADERS, 202)
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     clients = [httpx.AsyncClient(base_url=urls[i % len(urls)], timeout=60, limits=limits) for i in range(concurrency)]
     try:
 
         async def worker(client: httpx.AsyncClient) -> None:
             nonlocal accepted, errors
-            headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
             while time.monotonic() < deadline:
                 body = batch_body(template)
                 started = time.perf_counter()
-                r = await client.post("/v1/events", content=body, headers=headers)
+                r = await client.post(path, content=body, headers=headers)
                 latencies.append(time.perf_counter() - started)
-                if r.status_code == 202:
+                if r.status_code == ok:
                     accepted += orjson.loads(r.content)["accepted"]
                 else:
                     errors += 1
@@ -278,6 +320,9 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
             await add_known_key(
                 session=s, key=KEY, name="bench", source="pos", scopes=["events:write"], rate_limit_per_s=1e7
             )
+            await add_known_key(
+                session=s, key=SITE_KEY, name="bench site", source="site", scopes=["events:write"], rate_limit_per_s=1e7
+            )
         await engine.dispose()
         await ensure_topics(broker.bootstrap, [TOPIC_EVENTS, "bench.ceiling"], partitions=PARTITIONS)
 
@@ -291,55 +336,78 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
         for proc in procs:
             await asyncio.to_thread(proc.start)
         urls = [proc.url for proc in procs]
-        print(f"ingest on {', '.join(urls)}; warming up", flush=True)
+        print(f"ingest on {', '.join(urls)}", flush=True)
+        postmaster = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
+        assert broker.proc is not None
+        watched = {
+            **{f"ingest {i + 1}": proc.proc.pid for i, proc in enumerate(procs) if proc.proc is not None},
+            "postgres": postmaster,
+            "broker": broker.proc.pid,
+        }
+        runs: dict[str, dict] = {}
         async with httpx.AsyncClient(base_url=urls[0]) as ops:
-            warm, _, _ = await post_load(urls, 2, 2, args.batch)
-            while await backlog(ops) > 0:  # noqa: ASYNC110 - polling another process
-                await asyncio.sleep(0.1)
-
+            for label in ("native", "segment") if args.segment else ("native",):
+                segment = label == "segment"
+                route = "POST /v1/batch (Segment Order Completed)" if segment else "POST /v1/events"
+                warm, _, _ = await post_load(urls, 2, 2, args.batch, segment=segment)
+                while await backlog(ops) > 0:  # noqa: ASYNC110 - polling another process
+                    await asyncio.sleep(0.1)
+                print(
+                    f"[{label}] posting batches of {args.batch} to {route} with concurrency {args.concurrency}"
+                    f" for {args.duration:.0f} s to {args.replicas} ingest replica(s) of {args.workers} uvicorn worker(s) each",
+                    flush=True,
+                )
+                cpu_before = {name: cpu_seconds(m) for name, m in watched.items()}
+                own_before = time.process_time()
+                started = time.perf_counter()
+                accepted, latencies, errors = await post_load(
+                    urls, args.duration, args.concurrency, args.batch, segment=segment
+                )
+                posted_s = time.perf_counter() - started
+                while await backlog(ops) > 0:  # noqa: ASYNC110 - polling another process
+                    await asyncio.sleep(0.02)
+                elapsed = time.perf_counter() - started
+                cpu = {name: (cpu_seconds(m) - cpu_before[name]) / elapsed for name, m in watched.items()}
+                cpu["bench client"] = (time.process_time() - own_before) / elapsed
+                runs[label] = {
+                    "source": "site" if segment else "pos",
+                    "warm": warm,
+                    "accepted": accepted,
+                    "latencies": sorted(latencies),
+                    "errors": errors,
+                    "posted_s": posted_s,
+                    "elapsed": elapsed,
+                    "cpu": cpu,
+                }
+        values = await topic_ids(broker.bootstrap, TOPIC_EVENTS)
+        parsed = [orjson.loads(v) for v in values]
+        unique = len({m["id"] for m in parsed})
+        for label, r in runs.items():
+            delivered = sum(1 for m in parsed if m["source"] == r["source"]) - r["warm"]
+            accepted, elapsed, latencies = r["accepted"], r["elapsed"], r["latencies"]
+            r["rate"] = min(delivered, accepted) / elapsed
+            p50 = statistics.median(latencies) * 1000
+            p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000
             print(
-                f"posting batches of {args.batch} with concurrency {args.concurrency} for {args.duration:.0f} s"
-                f" to {args.replicas} ingest replica(s) of {args.workers} uvicorn worker(s) each",
+                f"[{label}] accepted {accepted} events in {len(latencies)} requests ({r['errors']} refused) over"
+                f" {r['posted_s']:.1f} s; all on {TOPIC_EVENTS} after {elapsed:.1f} s ({delivered} delivered)",
                 flush=True,
             )
-            postmaster = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
-            assert broker.proc is not None
-            watched = {
-                **{f"ingest {i + 1}": proc.proc.pid for i, proc in enumerate(procs) if proc.proc is not None},
-                "postgres": postmaster,
-                "broker": broker.proc.pid,
-            }
-            cpu_before = {name: cpu_seconds(m) for name, m in watched.items()}
-            own_before = time.process_time()
-            started = time.perf_counter()
-            accepted, latencies, errors = await post_load(urls, args.duration, args.concurrency, args.batch)
-            posted_s = time.perf_counter() - started
-            while await backlog(ops) > 0:  # noqa: ASYNC110 - polling another process
-                await asyncio.sleep(0.02)
-            elapsed = time.perf_counter() - started
-            cpu = {name: (cpu_seconds(m) - cpu_before[name]) / elapsed for name, m in watched.items()}
-            cpu["bench client"] = (time.process_time() - own_before) / elapsed
-        values = await topic_ids(broker.bootstrap, TOPIC_EVENTS)
-        delivered = len(values) - warm
-        unique = len({orjson.loads(v)["id"] for v in values})
-        rate = min(delivered, accepted) / elapsed
-        latencies.sort()
-        p50 = statistics.median(latencies) * 1000
-        p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000
-        print(
-            f"accepted {accepted} events in {len(latencies)} requests ({errors} not 202) over {posted_s:.1f} s; "
-            f"all on {TOPIC_EVENTS} after {elapsed:.1f} s ({delivered} delivered, {unique} distinct ids on the topic incl. warm-up)",
-            flush=True,
-        )
-        print(
-            f"request latency p50 {p50:.1f} ms  p99 {p99:.1f} ms  (batches of {args.batch}, concurrency {args.concurrency})",
-            flush=True,
-        )
-        print("CPU cores busy during the run: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()), flush=True)
-        print(
-            f"ingest accepted {accepted / posted_s:,.0f} events/s; accepted and delivered end to end {rate:,.0f} events/s",
-            flush=True,
-        )
+            print(
+                f"[{label}] request latency p50 {p50:.1f} ms  p99 {p99:.1f} ms  (batches of {args.batch}, concurrency {args.concurrency})",
+                flush=True,
+            )
+            print(
+                f"[{label}] CPU cores busy during the run: " + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu"].items()),
+                flush=True,
+            )
+            print(
+                f"[{label}] ingest accepted {accepted / r['posted_s']:,.0f} events/s; accepted and delivered end to end"
+                f" {r['rate']:,.0f} events/s",
+                flush=True,
+            )
+        print(f"{unique} distinct ids on the topic, warm-ups included", flush=True)
+        rate = runs["native"]["rate"]
 
         for proc in procs:
             proc.stop()
@@ -361,6 +429,9 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
             "(shared 2-core machine: PostgreSQL, the broker, ingest, this client and other work compete for the cores;"
             f" load average {os.getloadavg()[0]:.1f})"
         )
+        if "segment" in runs:
+            seg = runs["segment"]["rate"]
+            print(f"BENCH ingest_segment_events_per_s {seg:.0f} ratio_to_native={seg / rate:.2f}", flush=True)
         print(f"BENCH ingest_events_per_s {rate:.0f} ratio={rate / ceiling:.2f}", flush=True)
     finally:
         for proc in procs:
@@ -381,6 +452,7 @@ def main() -> None:
     parser.add_argument(
         "--workers", type=int, default=int(os.environ.get("BENCH_WORKERS", "1")), help="uvicorn workers per replica"
     )
+    parser.add_argument("--no-segment", dest="segment", action="store_false", help="skip the /v1/batch run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="crm-bench-ingest-") as tmp:
         os.chmod(tmp, 0o755)

@@ -17,6 +17,7 @@ from ingest.ratelimit import RateLimiter
 from ingest.relay import EventArchiveQueue
 from ingest.retention import ARCHIVE_SWEEP, archive_sweep
 from ingest.schemas import EventBatchIn
+from ingest.segment_api import router as segment_router
 from ingest.settings import Settings
 
 DESCRIPTION = """\
@@ -24,6 +25,8 @@ Accepts purchase and interaction events from POS terminals, sites and apps (`POS
 archives every accepted event durably (202 means stored), and publishes it to `crm.events.v1`
 keyed by customer. Duplicates by (source, event_id) are reported and never published twice.
 Ops: replay of a time range, lookup of an archived event, API key management.
+Sites and apps may send the Segment tracking API instead (`POST /v1/batch` and the single calls),
+mapped to the same events; what fails validation is kept in `GET /v1/rejections`.
 """
 
 
@@ -49,7 +52,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         settings=settings,
         title="CRM ingest",
         description=DESCRIPTION,
-        routers=[router],
+        routers=[router, segment_router],
         # Ingest's routes check the keys of its own database (sources and scopes), not CRM_API_KEYS.
         require_api_key=False,
         configure=configure,

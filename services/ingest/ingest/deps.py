@@ -56,17 +56,33 @@ def require_scope(scope: str) -> Callable[..., Awaitable[Principal]]:
             raise Unauthorized(
                 "missing API key: send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
             )
-        principal = await _lookup(runtime, settings, cache, credentials.credentials.strip())
-        if principal is None:
-            raise Unauthorized("unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
-        if scope not in principal.scopes:
-            raise Forbidden(f"this API key lacks the '{scope}' scope", details={"scopes": sorted(principal.scopes)})
-        wait = limiter.exhausted(principal.key_id, rate_of(principal, settings))
-        if wait is not None:
-            raise TooManyRequests("rate limit of this API key exceeded", headers={"Retry-After": str(wait)})
-        return principal
+        return await authorize(
+            credentials.credentials.strip(), scope, runtime=runtime, settings=settings, cache=cache, limiter=limiter
+        )
 
     return _principal
+
+
+async def authorize(
+    token: str,
+    scope: str,
+    *,
+    runtime: ServiceRuntime,
+    settings: Settings,
+    cache: KeyCache,
+    limiter: RateLimiter,
+    challenge: str = "Bearer",
+) -> Principal:
+    """The principal of a presented key: it must exist, be live, carry `scope` and have rate left."""
+    principal = await _lookup(runtime, settings, cache, token)
+    if principal is None:
+        raise Unauthorized("unknown or revoked API key", headers={"WWW-Authenticate": challenge})
+    if scope not in principal.scopes:
+        raise Forbidden(f"this API key lacks the '{scope}' scope", details={"scopes": sorted(principal.scopes)})
+    wait = limiter.exhausted(principal.key_id, rate_of(principal, settings))
+    if wait is not None:
+        raise TooManyRequests("rate limit of this API key exceeded", headers={"Retry-After": str(wait)})
+    return principal
 
 
 async def _lookup(runtime: ServiceRuntime, settings: Settings, cache: KeyCache, token: str) -> Principal | None:

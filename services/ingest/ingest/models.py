@@ -1,4 +1,5 @@
-"""Tables owned by the ingest service: API keys, the accepted-event archive and its publish queue."""
+"""Tables owned by the ingest service: API keys, the accepted-event archive and its publish queue,
+and the rejected messages of the Segment-compatible routes."""
 
 from __future__ import annotations
 
@@ -77,3 +78,28 @@ class PendingBatch(Base):
     n: Mapped[int] = mapped_column(Integer)
     seqs: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
     __table_args__ = (CheckConstraint("n = cardinality(seqs) AND n > 0", name="ck_event_pending_batches_n"),)
+
+
+class Rejection(Base):
+    """A message of an accepted Segment request that failed mapping or validation, with its reasons.
+
+    Segment SDKs ignore the answer's body, so a rejected message would otherwise vanish; it is kept
+    here for `GET /v1/rejections`. Both JSON columns are orjson bytes, as the client sent them
+    (JSONB would refuse a NUL character and fail the whole request).
+    """
+
+    __tablename__ = "rejections"
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=False), primary_key=True)
+    source: Mapped[str] = mapped_column(String(8))
+    api: Mapped[str] = mapped_column(String(16))
+    message_id: Mapped[str | None] = mapped_column(Text, nullable=True)
+    type: Mapped[str | None] = mapped_column(Text, nullable=True)
+    event: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reasons: Mapped[bytes] = mapped_column(LargeBinary)
+    # NULL when the message was too large to keep.
+    payload: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (
+        Index("ix_rejections_source_id", "source", "id"),
+        Index("ix_rejections_received_at", "received_at", postgresql_using="brin"),
+    )

@@ -1,4 +1,5 @@
-"""Every query of the ingest service: API keys, the archive insert, the publish queue, replay."""
+"""Every query of the ingest service: API keys, the archive insert, the publish queue, replay,
+rejected Segment messages."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from sqlalchemy import BigInteger, cast, exists, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from ingest.models import ApiKey, ArchivedEvent, PendingBatch
+from ingest.models import ApiKey, ArchivedEvent, PendingBatch, Rejection
 
 # One statement per batch: archive the new events, skip the ones seen before (same source and
 # event_id, whatever their body), queue the new ones for the relay as one row, answer which were new.
@@ -186,3 +187,52 @@ class KeyRepository:
             await self.session.execute(update(ApiKey).where(ApiKey.id == key_id).values(revoked_at=now))
             await self.session.refresh(key)
         return key
+
+
+@dataclass(slots=True)
+class RejectionRow:
+    message_id: str | None
+    type: str | None
+    event: str | None
+    reasons: bytes
+    payload: bytes | None
+
+
+class RejectionRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def add_many(self, *, source: str, api: str, received_at: datetime, rows: Sequence[RejectionRow]) -> None:
+        """Record the rejected messages of one request (in its transaction)."""
+        if not rows:
+            return
+        await self.session.execute(
+            text(
+                """
+                INSERT INTO rejections (source, api, message_id, type, event, reasons, payload, received_at)
+                SELECT :source, :api, r.message_id, r.type, r.event, r.reasons, r.payload, :received_at
+                FROM unnest(
+                    CAST(:message_ids AS text[]), CAST(:types AS text[]), CAST(:events AS text[]),
+                    CAST(:reasons AS bytea[]), CAST(:payloads AS bytea[])
+                ) WITH ORDINALITY AS r(message_id, type, event, reasons, payload, ord)
+                ORDER BY r.ord
+                """
+            ),
+            {
+                "source": source,
+                "api": api,
+                "received_at": received_at,
+                "message_ids": [r.message_id for r in rows],
+                "types": [r.type for r in rows],
+                "events": [r.event for r in rows],
+                "reasons": [r.reasons for r in rows],
+                "payloads": [r.payload for r in rows],
+            },
+        )
+
+    async def list_recent(self, *, source: str, before: int | None, limit: int) -> Sequence[Rejection]:
+        """The newest rejections of a source, below the id `before` when given."""
+        query = select(Rejection).where(Rejection.source == source)
+        if before is not None:
+            query = query.where(Rejection.id < before)
+        return (await self.session.execute(query.order_by(Rejection.id.desc()).limit(limit))).scalars().all()

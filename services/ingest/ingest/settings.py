@@ -21,6 +21,11 @@ class Settings(BaseServiceSettings):
     relay_send_timeout_s: float = 30.0
     max_body_bytes: int = 1 << 20
     max_batch_events: int = 1000
+    # The Segment tracking API's limits (its spec sets them; we have none of our own for these):
+    # one message as compact JSON, and one request body after gunzip (/v1/batch; a single call is
+    # one message). The event count of a batch is ours, max_batch_events.
+    segment_max_message_bytes: int = 32 << 10
+    segment_max_batch_bytes: int = 500 << 10
     # Per key, in events per second (a request costs its number of events); burst = one second.
     default_rate_limit_per_s: float = 20_000
     # How long a looked-up API key is trusted before it is read again (revocation on another
