@@ -17,19 +17,21 @@ from sqlalchemy import text
 from crm_common import serde
 from crm_common.db import create_engine, create_sessionmaker
 from crm_common.infra import free_port
-from crm_common.testing.helpers import TEST_AUTH, publish, run_app
+from crm_common.testing.helpers import TEST_AUTH, eventually, publish, read_topic, run_app
 from notifier.app import create_app as notifier_app
 from notifier.settings import Settings as NotifierSettings
 from offers.app import create_app as offers_app
-from offers.settings import Settings
+from offers.settings import TOPIC_MESSAGES, Settings
 from segmentation.app import create_app as segmentation_app
 from segmentation.settings import Settings as SegmentationSettings
 
+from .factories import template
+
 
 @asynccontextmanager
-async def serve(app: FastAPI) -> AsyncIterator[str]:
-    """Serve an app with uvicorn on a free loopback port in this event loop; yield its base URL."""
-    port = free_port()
+async def serve(app: FastAPI, port: int | None = None) -> AsyncIterator[str]:
+    """Serve an app with uvicorn on a loopback port in this event loop; yield its base URL."""
+    port = port or free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on", access_log=False)
     )
@@ -85,6 +87,29 @@ class Stack:
         rows = await self.sql("SELECT value FROM outbox ORDER BY id")
         return [serde.loads(bytes(r["value"])) for r in rows]
 
+    async def templates(self, key: str, *channels: str, **kw: Any) -> None:
+        for channel in channels or ("email", "sms", "push"):
+            r = await self.notifier.post("/v1/templates", json=template(key, channel, **kw))
+            assert r.status_code == 201, r.text
+
+    async def decisions(self, campaign_id: str | None = None) -> dict[str, str]:
+        """customer -> outcome (the latest decision) of one campaign, or of all."""
+        where = "WHERE campaign_id = :c" if campaign_id else ""
+        rows = await self.sql(f"SELECT customer_id, outcome FROM decisions {where} ORDER BY id", c=campaign_id)
+        return {r["customer_id"]: r["outcome"] for r in rows}
+
+    async def wait_decisions(self, count: int, campaign_id: str | None = None, timeout: float = 30) -> dict[str, str]:
+        async def enough() -> dict[str, str] | None:
+            d = await self.decisions(campaign_id)
+            return d if len(d) >= count else None
+
+        return await eventually(enough, timeout=timeout, what=f"{count} decisions")  # type: ignore[no-any-return]
+
+    async def requested(self, campaign_id: str | None = None) -> list[dict[str, Any]]:
+        """The message requests offers published on crm.messages.v1 (read back from the broker)."""
+        msgs = await read_topic(self.bootstrap, self.prefix + TOPIC_MESSAGES, timeout=5)
+        return [m for m in msgs if campaign_id is None or m.get("campaign_id") == campaign_id]
+
     async def create(self, body: dict[str, Any], *, activate: bool = True) -> dict[str, Any]:
         r = await self.offers.post("/v1/campaigns", json=body)
         assert r.status_code == 201, r.text
@@ -102,7 +127,7 @@ async def make_stack(make_database, broker, topic_prefix, clock) -> AsyncIterato
 
     @asynccontextmanager
     async def _make(*, peer_consumers: bool = False, notifier_kw: dict[str, Any] | None = None,
-                    **offers_kw: Any) -> AsyncIterator[Stack]:
+                    segmentation_url: str | None = None, **offers_kw: Any) -> AsyncIterator[Stack]:
         seg = segmentation_app(
             SegmentationSettings(**stack_settings(await make_database("segmentation"), broker, topic_prefix,
                                                   consumers_enabled=peer_consumers)),
@@ -117,7 +142,8 @@ async def make_stack(make_database, broker, topic_prefix, clock) -> AsyncIterato
         )
         offers_url = await make_database("offers")
         async with serve(seg) as seg_url, serve(note) as note_url:
-            settings = Settings(**stack_settings(offers_url, broker, topic_prefix, segmentation_url=seg_url,
+            settings = Settings(**stack_settings(offers_url, broker, topic_prefix,
+                                                 segmentation_url=segmentation_url or seg_url,
                                                  notifier_url=note_url, campaign_cache_ttl_s=0.0, **offers_kw))
             engine = create_engine(offers_url, pool_size=3)
             stack = Stack()
