@@ -32,7 +32,9 @@ async def get_cache(request: Request) -> CampaignCache:
 
 def _checked(value: str, name: str) -> str:
     if "\x00" in value or value.isspace():
-        raise InvalidInput(f"{name} must be 1-128 characters, not blank, without NUL", details=[{"loc": ["path", name]}])
+        raise InvalidInput(
+            f"{name} must be 1-128 characters, not blank, without NUL", details=[{"loc": ["path", name]}]
+        )
     return value
 
 

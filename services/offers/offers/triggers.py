@@ -103,7 +103,7 @@ async def on_events(
     for c in immediate + waits:
         by_type.setdefault(c.definition.trigger.event_type, []).append(c)  # type: ignore[union-attr]
     cands: list[dict[str, Any]] = []
-    timers: list[dict[str, Any]] = []
+    timers: dict[tuple[str, str], dict[str, Any]] = {}
     emptied_carts = []
     for e in events:
         if e.customer_id is None:
@@ -116,23 +116,25 @@ async def on_events(
             if not event_matches(trig, e):
                 continue
             if isinstance(trig, NoPurchaseAfter):
-                timers.append(
-                    {
-                        "c": c.id,
-                        "k": e.customer_id,
-                        "o": e.id,
-                        "v": c.version,
-                        "priority": c.definition.limits.priority,
-                        "at": e.occurred_at,
-                        "due": e.occurred_at + timedelta(hours=trig.wait_hours),
-                        "ctx": {"items": _items_of(e), "event_type": e.type},
-                        "now": now,
-                    }
-                )
+                # Several matching events of one customer in a batch: one timer, all their items.
+                if (c.id, e.customer_id) in timers:
+                    timers[(c.id, e.customer_id)]["ctx"]["items"].extend(_items_of(e))
+                    continue
+                timers[(c.id, e.customer_id)] = {
+                    "c": c.id,
+                    "k": e.customer_id,
+                    "o": e.id,
+                    "v": c.version,
+                    "priority": c.definition.limits.priority,
+                    "at": e.occurred_at,
+                    "due": e.occurred_at + timedelta(hours=trig.wait_hours),
+                    "ctx": {"items": _items_of(e), "event_type": e.type},
+                    "now": now,
+                }
             else:
                 cands.append({"c": c.id, "k": e.customer_id, "o": e.id, "at": e.occurred_at, "pre": None})
     # Timers start before purchases cancel them: a view and a later purchase in one batch cancel.
-    await repo.start_timers(timers)
+    await repo.start_timers(list(timers.values()))
     await repo.cancel_timers(purchases, now)
     cart_waits = [c.id for c in waits if c.definition.trigger.event_type == "cart_updated"]  # type: ignore[union-attr]
     if emptied_carts and cart_waits:

@@ -99,9 +99,11 @@ class Stack:
         return {r["customer_id"]: r["outcome"] for r in rows}
 
     async def wait_decisions(self, count: int, campaign_id: str | None = None, timeout: float = 30) -> dict[str, str]:
+        where = "WHERE campaign_id = :c" if campaign_id else ""
+
         async def enough() -> dict[str, str] | None:
-            d = await self.decisions(campaign_id)
-            return d if len(d) >= count else None
+            n = (await self.sql(f"SELECT count(*) AS n FROM decisions {where}", c=campaign_id))[0]["n"]
+            return await self.decisions(campaign_id) if n >= count else None
 
         return await eventually(enough, timeout=timeout, what=f"{count} decisions")  # type: ignore[no-any-return]
 
@@ -126,25 +128,49 @@ async def make_stack(make_database, broker, topic_prefix, clock) -> AsyncIterato
     """`async with make_stack(peer_consumers=False, relay=False, **offers_settings) as stack`."""
 
     @asynccontextmanager
-    async def _make(*, peer_consumers: bool = False, notifier_kw: dict[str, Any] | None = None,
-                    segmentation_url: str | None = None, **offers_kw: Any) -> AsyncIterator[Stack]:
+    async def _make(
+        *,
+        peer_consumers: bool = False,
+        notifier_kw: dict[str, Any] | None = None,
+        segmentation_url: str | None = None,
+        **offers_kw: Any,
+    ) -> AsyncIterator[Stack]:
         seg = segmentation_app(
-            SegmentationSettings(**stack_settings(await make_database("segmentation"), broker, topic_prefix,
-                                                  consumers_enabled=peer_consumers)),
+            SegmentationSettings(
+                **stack_settings(
+                    await make_database("segmentation"), broker, topic_prefix, consumers_enabled=peer_consumers
+                )
+            ),
             clock=clock,
         )
         note = notifier_app(
-            NotifierSettings(**stack_settings(await make_database("notifier"), broker, topic_prefix,
-                                              consumers_enabled=peer_consumers,
-                                              dispatcher_enabled=peer_consumers, public_base_url="http://test",
-                                              dispatch_poll_interval_s=0.1, **(notifier_kw or {}))),
+            NotifierSettings(
+                **stack_settings(
+                    await make_database("notifier"),
+                    broker,
+                    topic_prefix,
+                    consumers_enabled=peer_consumers,
+                    dispatcher_enabled=peer_consumers,
+                    public_base_url="http://test",
+                    dispatch_poll_interval_s=0.1,
+                    **(notifier_kw or {}),
+                )
+            ),
             clock=clock,
         )
         offers_url = await make_database("offers")
         async with serve(seg) as seg_url, serve(note) as note_url:
-            settings = Settings(**stack_settings(offers_url, broker, topic_prefix,
-                                                 segmentation_url=segmentation_url or seg_url,
-                                                 notifier_url=note_url, campaign_cache_ttl_s=0.0, **offers_kw))
+            settings = Settings(
+                **stack_settings(
+                    offers_url,
+                    broker,
+                    topic_prefix,
+                    segmentation_url=segmentation_url or seg_url,
+                    notifier_url=note_url,
+                    campaign_cache_ttl_s=0.0,
+                    **offers_kw,
+                )
+            )
             engine = create_engine(offers_url, pool_size=3)
             stack = Stack()
             stack.sm = create_sessionmaker(engine)

@@ -8,8 +8,21 @@ from typing import Any
 
 # Every variable offers sends (evaluation.personalise); a template may declare any of them.
 VARIABLES = [
-    "first_name", "campaign", "offer_kind", "discount", "product_name", "product_sku", "category", "size", "color",
-    "min_basket", "min_quantity", "multiplier", "coupon_code", "valid_until", "products",
+    "first_name",
+    "campaign",
+    "offer_kind",
+    "discount",
+    "product_name",
+    "product_sku",
+    "category",
+    "size",
+    "color",
+    "min_basket",
+    "min_quantity",
+    "multiplier",
+    "coupon_code",
+    "valid_until",
+    "products",
 ]
 
 
@@ -19,8 +32,9 @@ def campaign(name: str, trigger: dict[str, Any], template: str, **sections: Any)
     return body
 
 
-def event(type_: str, customer_id: str, at: datetime, properties: dict[str, Any], *, event_id: str | None = None
-          ) -> dict[str, Any]:
+def event(
+    type_: str, customer_id: str, at: datetime, properties: dict[str, Any], *, event_id: str | None = None
+) -> dict[str, Any]:
     """An event message as ingest publishes it on crm.events.v1."""
     event_id = event_id or uuid.uuid4().hex
     return {
@@ -37,15 +51,28 @@ def event(type_: str, customer_id: str, at: datetime, properties: dict[str, Any]
 
 def purchase(customer_id: str, at: datetime, total: str = "20", **kw: Any) -> dict[str, Any]:
     return event(
-        "purchase", customer_id, at,
-        {"order_id": uuid.uuid4().hex[:12], "items": [{"sku": "s1", "category": "grocery", "unit_price": total}],
-         "total": total, "currency": "EUR"},
+        "purchase",
+        customer_id,
+        at,
+        {
+            "order_id": uuid.uuid4().hex[:12],
+            "items": [{"sku": "s1", "category": "grocery", "unit_price": total}],
+            "total": total,
+            "currency": "EUR",
+        },
         **kw,
     )
 
 
-def segment_entered(customer_id: str, segment_key: str, at: datetime, profile: dict[str, Any] | None = None,
-                    *, exited: bool = False, msg_id: str | None = None) -> dict[str, Any]:
+def segment_entered(
+    customer_id: str,
+    segment_key: str,
+    at: datetime,
+    profile: dict[str, Any] | None = None,
+    *,
+    exited: bool = False,
+    msg_id: str | None = None,
+) -> dict[str, Any]:
     """A SegmentMembershipChanged as segmentation publishes it on crm.segments.v1."""
     return {
         "id": msg_id or f"segchg:{uuid.uuid4().hex}",
@@ -58,9 +85,17 @@ def segment_entered(customer_id: str, segment_key: str, at: datetime, profile: d
     }
 
 
-def template(key: str, channel: str, body: str = "Hi {{ first_name }}: {{ discount }} on {{ product_name }}",
-             subject: str | None = "An offer for you") -> dict[str, Any]:
+def template(
+    key: str,
+    channel: str,
+    body: str = "Hi {{ first_name }}: {{ discount }} on {{ product_name }}",
+    subject: str | None = "An offer for you",
+) -> dict[str, Any]:
     return {
-        "key": key, "channel": channel, "locale": "en", "subject": subject if channel != "sms" else None,
-        "body": body, "variables": VARIABLES,
+        "key": key,
+        "channel": channel,
+        "locale": "en",
+        "subject": subject if channel != "sms" else None,
+        "body": body,
+        "variables": VARIABLES,
     }

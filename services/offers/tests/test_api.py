@@ -53,11 +53,14 @@ async def test_bad_definitions_are_422_naming_the_field_and_nothing_is_saved(mak
             assert field in text, text
             return text
 
-        msg = await refused(f.campaign("x", {"kind": "segment_entered", "segment_key": "no_such_seg"}, "t_bad"),
-                            "trigger.segment_key")
+        msg = await refused(
+            f.campaign("x", {"kind": "segment_entered", "segment_key": "no_such_seg"}, "t_bad"), "trigger.segment_key"
+        )
         assert "unknown segment key 'no_such_seg'" in msg
-        await refused(f.campaign("x", WINE, "t_bad", audience={"exclude_segments": ["core", "nope"]}),
-                      "audience.exclude_segments.1")
+        await refused(
+            f.campaign("x", WINE, "t_bad", audience={"exclude_segments": ["core", "nope"]}),
+            "audience.exclude_segments.1",
+        )
         assert "unknown template" in await refused(f.campaign("x", WINE, "t_missing"), "delivery.template")
         msg = await refused(
             {**f.campaign("x", WINE, "t_bad"), "delivery": {"template": "t_bad", "channel": "sms"}}, "delivery.template"
@@ -65,18 +68,25 @@ async def test_bad_definitions_are_422_naming_the_field_and_nothing_is_saved(mak
         assert "no template for any allowed channel" in msg
         await refused({**f.campaign("x", WINE, "t_bad"), "control_share": 0.6}, "control_share")
         past = (clock.now() - timedelta(days=2)).date().isoformat()
-        await refused(f.campaign("x", {"kind": "schedule", "date": past, "local_time": "10:00"}, "t_bad"),
-                      "trigger.date")
-        await refused(f.campaign("x", {"kind": "purchase_window", "min_days": 14, "max_days": 7}, "t_bad"),
-                      "can never be met")
+        await refused(
+            f.campaign("x", {"kind": "schedule", "date": past, "local_time": "10:00"}, "t_bad"), "trigger.date"
+        )
+        await refused(
+            f.campaign("x", {"kind": "purchase_window", "min_days": 14, "max_days": 7}, "t_bad"), "can never be met"
+        )
         await refused(f.campaign("x", WINE, "t_bad", offer={"kind": "percent", "value": "120"}), "offer")
-        await refused(f.campaign("x", WINE, "t_bad", offer={"kind": "percent", "value": "10"},
-                                 audience={"tiers": ["unprofitable"]}), "audience.tiers")
+        await refused(
+            f.campaign(
+                "x", WINE, "t_bad", offer={"kind": "percent", "value": "10"}, audience={"tiers": ["unprofitable"]}
+            ),
+            "audience.tiers",
+        )
         assert (await st.offers.get("/v1/campaigns")).json()["total"] == 0
         # A good one, then a bad edit: the saved campaign is unchanged.
         c = await st.create(f.campaign("ok", WINE, "t_bad"))
-        r = await st.offers.patch(f"/v1/campaigns/{c['id']}", json={"trigger": {"kind": "segment_entered",
-                                                                                "segment_key": "gone"}})
+        r = await st.offers.patch(
+            f"/v1/campaigns/{c['id']}", json={"trigger": {"kind": "segment_entered", "segment_key": "gone"}}
+        )
         assert r.status_code == 422 and "trigger.segment_key" in r.text
         again = (await st.offers.get(f"/v1/campaigns/{c['id']}")).json()
         assert (again["version"], again["definition"]["trigger"]["segment_key"]) == (1, "friday_wine_lovers")
@@ -85,11 +95,14 @@ async def test_bad_definitions_are_422_naming_the_field_and_nothing_is_saved(mak
 async def test_activation_is_refused_when_its_segment_was_deleted(make_stack):
     async with make_stack() as st:
         await st.templates("t_del", "email")
-        r = await st.seg.post("/v1/segments", json={"key": "soon_gone", "name": "Soon gone",
-                                                    "rule": {"attr": "orders", "op": ">=", "value": 1}})
+        r = await st.seg.post(
+            "/v1/segments",
+            json={"key": "soon_gone", "name": "Soon gone", "rule": {"attr": "orders", "op": ">=", "value": 1}},
+        )
         assert r.status_code == 201, r.text
-        c = await st.create(f.campaign("x", {"kind": "segment_entered", "segment_key": "soon_gone"}, "t_del"),
-                            activate=False)
+        c = await st.create(
+            f.campaign("x", {"kind": "segment_entered", "segment_key": "soon_gone"}, "t_del"), activate=False
+        )
         assert (await st.seg.delete("/v1/segments/soon_gone")).status_code == 204
         r = await st.offers.post(f"/v1/campaigns/{c['id']}/activate")
         assert r.status_code == 422 and "trigger.segment_key" in r.text
