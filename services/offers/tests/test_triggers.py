@@ -288,7 +288,7 @@ async def test_scenario7_scheduled_broadcast_at_each_customers_local_time(make_s
             f.event("customer_updated", k, now, {"timezone": tz} if tz else {"first_name": "N"})
             for k, tz in zones.items()
         ]
-        await st.publish(TOPIC_EVENTS, events + [f.event("customer_updated", "outsider", now, {"timezone": "UTC"})])
+        await st.publish(TOPIC_EVENTS, [*events, f.event("customer_updated", "outsider", now, {"timezone": "UTC"})])
         await st.publish(TOPIC_SEGMENTS, [f.segment_entered(k, "sale_list", now) for k in zones])
         from crm_common.testing.helpers import eventually
 
