@@ -39,3 +39,8 @@ class PeerUnavailable(Unavailable, ConnectionError):
             details={"peer": peer},
             headers={"Retry-After": "5"},
         )
+
+
+class PurchasesBehind(ConnectionError):
+    """Segmentation has seen purchases this service has not applied yet: retry the batch shortly
+    (transient), so a favourite product is not read before the purchases that make it."""

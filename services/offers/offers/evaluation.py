@@ -133,11 +133,15 @@ def personalise(
     context: dict[str, Any] | None,
     message_id: str,
     at: datetime,
+    favourite: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The message's variables: the same names for every campaign, empty where a value is unknown."""
+    """The message's variables: the same names for every campaign, empty where a value is unknown.
+
+    `favourite` is the customer's most bought product in the offer's category, when it names one.
+    """
     digest = digest or {}
     offer = definition.offer
-    fav = digest.get("favourite_product") or {}
+    fav = (favourite or {}) if offer.category else (digest.get("favourite_product") or {})
     product_name = product_sku = ""
     category = digest.get("favourite_category") or ""
     if offer.target == "favourite_product" and fav:
@@ -231,6 +235,12 @@ async def decide_and_request(
     if not rows:
         return 0
     by_id = {c.id: c for c in campaigns}
+    favourites: dict[tuple[str, str], dict[str, Any]] = {}
+    for cat in {c.definition.offer.category for c in campaigns if c.definition.offer.category}:
+        ids = [r["customer_id"] for r in rows if by_id[r["campaign_id"]].definition.offer.category == cat]
+        if ids:
+            for k, product in (await repo.favourite_products(ids, cat)).items():
+                favourites[(k, cat)] = product
     messages = []
     variables = []
     for r in rows:
@@ -244,6 +254,7 @@ async def decide_and_request(
             context=ctx,
             message_id=r["message_id"],
             at=r["at"],
+            favourite=favourites.get((r["customer_id"], d.offer.category or "")),
         )
         variables.append({"id": r["id"], "v": v})
         messages.append(

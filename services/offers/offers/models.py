@@ -74,6 +74,22 @@ class Customer(Base):
     )
 
 
+class CustomerProduct(Base):
+    """What a customer bought, per SKU, from the purchases on crm.events.v1: the favourite product
+    within a category (their own wine, not their bread) is read from here."""
+
+    __tablename__ = "customer_products"
+    customer_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    sku: Mapped[str] = mapped_column(Text, primary_key=True)
+    name: Mapped[str | None] = mapped_column(Text, nullable=True)
+    category: Mapped[str | None] = mapped_column(Text, nullable=True)
+    size: Mapped[str | None] = mapped_column(Text, nullable=True)
+    color: Mapped[str | None] = mapped_column(Text, nullable=True)
+    quantity: Mapped[Decimal] = mapped_column(Numeric(20, 4))
+    last_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (Index("ix_customer_products_customer_id_category", "customer_id", "category"),)
+
+
 class Membership(Base):
     """A customer's current segments, kept from segment.entered / segment.exited."""
 

@@ -384,6 +384,43 @@ class OffersRepository:
             params,
         )
 
+    async def add_purchased_items(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Add purchased quantities per customer and SKU (rows already summed per key)."""
+        if not rows:
+            return
+        await self._exec(
+            """
+            INSERT INTO customer_products AS p (customer_id, sku, name, category, size, color, quantity, last_at)
+            SELECT j.k, j.sku, j.name, j.category, j.size, j.color, j.q, j.at
+            FROM json_to_recordset(CAST(:rows AS json)) AS j(k text, sku text, name text, category text, size text,
+                color text, q numeric, at timestamptz)
+            ON CONFLICT (customer_id, sku) DO UPDATE SET
+                quantity = p.quantity + excluded.quantity, last_at = greatest(p.last_at, excluded.last_at),
+                name = coalesce(excluded.name, p.name), category = coalesce(excluded.category, p.category),
+                size = coalesce(excluded.size, p.size), color = coalesce(excluded.color, p.color)
+            """,
+            {"rows": _json(rows)},
+        )
+
+    async def behind_on_purchases(self, customer_ids: Sequence[str], since: datetime) -> list[str]:
+        """Customers whose recent digest counts more orders than the purchases this service has applied."""
+        rows = await self._exec(
+            "SELECT customer_id FROM customers WHERE customer_id = ANY(CAST(:ids AS text[])) AND digest_at > :since "
+            "AND CAST(digest ->> 'orders' AS int) > purchases",
+            {"ids": list(customer_ids), "since": since},
+        )
+        return [r[0] for r in rows]
+
+    async def favourite_products(self, customer_ids: Sequence[str], category: str) -> dict[str, dict[str, Any]]:
+        """Each customer's most bought product in `category` (ties: the most recent)."""
+        rows = await self._exec(
+            "SELECT DISTINCT ON (customer_id) customer_id, sku, name, category, size, color FROM customer_products "
+            "WHERE customer_id = ANY(CAST(:ids AS text[])) AND category = :cat "
+            "ORDER BY customer_id, quantity DESC, last_at DESC, sku",
+            {"ids": list(customer_ids), "cat": category},
+        )
+        return {r["customer_id"]: {k: v for k, v in r.items() if k != "customer_id"} for r in rows.mappings()}
+
     async def upsert_digests(self, rows: Sequence[dict[str, Any]], now: datetime) -> None:
         """The newest profile digest per customer (by the time segmentation computed it)."""
         if not rows:

@@ -179,6 +179,9 @@ class Offer(Strict):
     multiplier: Annotated[Decimal, Field(gt=1, le=10)] | None = None
     target: Literal["favourite_product", "favourite_category", "skus", "basket"] = "basket"
     skus: Annotated[list[Id], Field(max_length=100)] = Field(default_factory=list)
+    category: ShortText | None = Field(
+        None, description="with target favourite_product: their most bought product in this category"
+    )
     min_basket: Money | None = None
     min_quantity: Annotated[int, Field(ge=1, le=1000)] | None = None
     validity_days: Annotated[int, Field(ge=1, le=365)] = 14

@@ -7,6 +7,7 @@ entries, due timers) or per time-triggered campaign (sweeps) against all active 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -14,7 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from crm_common.contract.events import EventMessage
 from crm_common.contract.messages import SegmentMembershipChanged
-from offers.evaluation import Active, decide_and_request, ensure_profiles
+from offers.errors import PurchasesBehind
+from offers.evaluation import Active, active_of, decide_and_request, ensure_profiles
 from offers.peers import Peers
 from offers.repository import (
     BIRTHDAY_CANDS,
@@ -62,10 +64,14 @@ def _items_of(event: EventMessage) -> list[dict[str, Any]]:
     return []
 
 
-def _facts(events: list[EventMessage]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Per customer: the traits the events carried (last one wins) and purchases; the purchase times."""
+def _facts(
+    events: list[EventMessage],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per customer: the traits the events carried (last one wins) and purchases; the purchase times;
+    the purchased quantities per SKU."""
     facts: dict[str, dict[str, Any]] = {}
     purchases = []
+    bought: dict[tuple[str, str], dict[str, Any]] = {}
     for e in sorted(events, key=lambda e: e.occurred_at):
         if e.customer_id is None:
             continue
@@ -80,7 +86,19 @@ def _facts(events: list[EventMessage]) -> tuple[list[dict[str, Any]], list[dict[
             at = e.occurred_at.isoformat()
             f["last_purchase_at"] = max(f.get("last_purchase_at") or at, at)
             purchases.append({"k": e.customer_id, "at": e.occurred_at})
-    return list(facts.values()), purchases
+            for item in e.properties.get("items") or ():
+                if not isinstance(item, dict) or not item.get("sku"):
+                    continue
+                row = bought.setdefault(
+                    (e.customer_id, item["sku"]),
+                    {"k": e.customer_id, "sku": item["sku"], "q": Decimal(0), "at": at},
+                )
+                row["q"] += Decimal(str(item.get("quantity") or 1))
+                row["at"] = max(row["at"], at)
+                for field in ("name", "category", "size", "color"):
+                    if item.get(field) is not None:
+                        row[field] = item[field]
+    return list(facts.values()), purchases, list(bought.values())
 
 
 async def on_events(
@@ -94,8 +112,9 @@ async def on_events(
 ) -> int:
     """Keep customer facts, start and cancel abandonment timers, and decide the event triggers."""
     repo = OffersRepository(session)
-    facts, purchases = _facts(events)
+    facts, purchases, bought = _facts(events)
     await repo.upsert_customer_facts(facts, now)
+    await repo.add_purchased_items(bought)
     running = [c for c in campaigns if c.running(now)]
     immediate = [c for c in running if c.kind == "event"]
     waits = [c for c in running if c.kind == "no_purchase_after"]
@@ -199,6 +218,13 @@ async def on_segments(
     ]
     if not cands:
         return 0
+    by_category = {c.id for c in running if c.definition.offer.category}
+    if by_category:
+        behind = await repo.behind_on_purchases(
+            sorted({x["k"] for x in cands if x["c"] in by_category}), now - timedelta(minutes=5)
+        )
+        if behind:
+            raise PurchasesBehind(f"{len(behind)} customers' purchases not applied yet, e.g. {behind[0]!r}")
     needy = {c.id for c in running if c.needs_profile}
     if needy:
         await ensure_profiles(
@@ -244,7 +270,6 @@ async def run_time_triggers(session: AsyncSession, now: datetime, *, settings: S
     """Sweep: end campaigns past their end, then decide every time-triggered campaign (one statement each)."""
     repo = OffersRepository(session)
     ended = await repo.end_expired_campaigns(now)
-    from offers.evaluation import active_of
 
     campaigns = [active_of(r) for r in await repo.active_campaigns()]
     requested = 0
@@ -263,7 +288,6 @@ async def run_time_triggers(session: AsyncSession, now: datetime, *, settings: S
 
 async def run_timers(session: AsyncSession, now: datetime, *, settings: Settings) -> dict[str, Any]:
     """Sweep: fire due abandonment timers (a purchase after the timer started makes it `already_bought`)."""
-    from offers.evaluation import active_of
 
     repo = OffersRepository(session)
     campaigns = [c for c in (active_of(r) for r in await repo.active_campaigns()) if c.kind == "no_purchase_after"]

@@ -96,6 +96,19 @@ def upgrade() -> None:
     op.create_index("ix_customers_predicted_next_purchase", "customers", ["predicted_next_purchase"])
     op.create_index("ix_customers_last_purchase_at", "customers", ["last_purchase_at"])
     op.create_table(
+        "customer_products",
+        sa.Column("customer_id", sa.Text(), nullable=False),
+        sa.Column("sku", sa.Text(), nullable=False),
+        sa.Column("name", sa.Text(), nullable=True),
+        sa.Column("category", sa.Text(), nullable=True),
+        sa.Column("size", sa.Text(), nullable=True),
+        sa.Column("color", sa.Text(), nullable=True),
+        sa.Column("quantity", sa.Numeric(20, 4), nullable=False),
+        sa.Column("last_at", TS, nullable=False),
+        sa.PrimaryKeyConstraint("customer_id", "sku", name="pk_customer_products"),
+    )
+    op.create_index("ix_customer_products_customer_id_category", "customer_products", ["customer_id", "category"])
+    op.create_table(
         "memberships",
         sa.Column("customer_id", sa.Text(), nullable=False),
         sa.Column("segment_key", sa.Text(), nullable=False),
@@ -158,5 +171,13 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute("DROP FUNCTION IF EXISTS offers_match(jsonb, jsonb)")
     op.execute("DROP FUNCTION IF EXISTS offers_bucket(text, text)")
-    for table in ("decisions", "timers", "memberships", "customers", "campaign_versions", "campaigns"):
+    for table in (
+        "decisions",
+        "timers",
+        "memberships",
+        "customer_products",
+        "customers",
+        "campaign_versions",
+        "campaigns",
+    ):
         op.drop_table(table)
