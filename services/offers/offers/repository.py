@@ -52,25 +52,16 @@ mem AS (
     SELECT m.customer_id, array_agg(m.segment_key) AS segs
     FROM memberships m JOIN keys ON keys.k = m.customer_id GROUP BY 1
 ),
-prior AS (
-    SELECT d.campaign_id, d.customer_id, max(d.at) AS last_at
-    FROM decisions d JOIN (SELECT DISTINCT c, k FROM cand) p ON d.campaign_id = p.c AND d.customer_id = p.k
-    WHERE d.outcome IN ('requested', 'control') GROUP BY 1, 2
-),
-rival AS (
-    SELECT d.customer_id, d.campaign_id, d.priority, d.at
-    FROM decisions d JOIN keys ON keys.k = d.customer_id
-    WHERE d.outcome IN ('requested', 'control')
-      AND d.at > CAST(:now AS timestamptz) - CAST(:max_collision AS float8) * interval '1 minute'
-),
 s0 AS (
     SELECT cand.*, camp.version, camp.priority, camp.control, camp.once, camp.cooldown_days, camp.collision_min,
         camp.budget_n, camp.budget_cost, camp.sent_n, camp.sent_cost, camp.channel,
-        cu.digest, cu.value_tier, p.last_at,
+        cu.digest, cu.value_tier,
+        (SELECT max(d.at) FROM decisions d WHERE d.campaign_id = cand.c AND d.customer_id = cand.k
+            AND d.outcome IN ('requested', 'control')) AS last_at,
         (cardinality(camp.inc) = 0 OR coalesce(mem.segs && camp.inc, false))
             AND NOT coalesce(mem.segs && camp.exc, false)
             AND (cardinality(camp.tiers) = 0 OR coalesce(cu.value_tier = ANY(camp.tiers), false))
-            AND offers_match(cu.digest, camp.conds) AS in_audience,
+            AND (camp.conds = '[]'::jsonb OR offers_match(cu.digest, camp.conds)) AS in_audience,
         camp.guard, camp.guard_tiers, camp.min_margin,
         cu.margin / nullif(CAST(cu.digest ->> 'orders' AS numeric), 0) AS margin_per_order,
         CASE camp.disc_kind
@@ -82,9 +73,9 @@ s0 AS (
     FROM cand JOIN camp ON camp.id = cand.c
     LEFT JOIN customers cu ON cu.customer_id = cand.k
     LEFT JOIN mem ON mem.customer_id = cand.k
-    LEFT JOIN prior p ON p.campaign_id = cand.c AND p.customer_id = cand.k
 ),
-s1 AS (
+-- materialised: each outcome (and its index probes) is computed once, not once per window reference
+s1 AS MATERIALIZED (
     SELECT s0.*, CASE
         WHEN NOT in_audience THEN 'not_in_audience'
         WHEN offers_bucket(CAST(:gsalt AS text), k) < CAST(:gshare AS float8) THEN 'global_control'
@@ -94,14 +85,15 @@ s1 AS (
             THEN 'economics_guard'
         WHEN once AND last_at IS NOT NULL THEN 'once_per_customer'
         WHEN cooldown_days IS NOT NULL AND last_at > at - cooldown_days * interval '1 day' THEN 'cooldown'
+        -- per row through the (customer_id, at) index: a CTE of rivals would be scanned once per candidate
         WHEN collision_min > 0 AND EXISTS (
-            SELECT 1 FROM rival r WHERE r.customer_id = s0.k AND r.campaign_id <> s0.c
-              AND r.priority >= s0.priority AND r.at > s0.at - s0.collision_min * interval '1 minute')
+            SELECT 1 FROM decisions r WHERE r.customer_id = s0.k AND r.at > s0.at - s0.collision_min * interval '1 minute'
+              AND r.outcome IN ('requested', 'control') AND r.campaign_id <> s0.c AND r.priority >= s0.priority)
             THEN 'lower_priority'
     END AS e1
     FROM s0
 ),
-s2 AS (
+s2 AS MATERIALIZED (
     SELECT s1.*, CASE
         WHEN e1 IS NOT NULL THEN e1
         WHEN once AND row_number() OVER (PARTITION BY c, k, e1 IS NULL ORDER BY at, o) > 1 THEN 'once_per_customer'

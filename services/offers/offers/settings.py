@@ -24,6 +24,9 @@ class Settings(BaseServiceSettings):
     service_name: str = "offers"
     database_url: str = "postgresql+asyncpg://crm:crm@127.0.0.1:55432/offers"
     kafka_consumer_batch_max: int = 2000
+    # Offers sits on the path from an event to a customer's message: a short fetch wait keeps it quick
+    # (a busy topic fills batches anyway).
+    kafka_consumer_batch_timeout_ms: int = 50
 
     # Peers read over HTTP at decision time (campaign validation, missing or stale profile fields).
     segmentation_url: str = "http://127.0.0.1:8002"

@@ -53,6 +53,49 @@ def event_matches(trigger: EventTrigger, event: EventMessage) -> bool:
     return True
 
 
+class EventIndex:
+    """Event-triggered campaigns by event type and by the value of one filtered property, so an event
+    is checked only against the campaigns it could match (50 campaigns x 5,000 events/s)."""
+
+    def __init__(self, campaigns: list[Active]) -> None:
+        self.keyed: dict[str, dict[str, dict[str, list[Active]]]] = {}
+        self.scan: dict[str, list[Active]] = {}
+        for c in campaigns:
+            trig = c.definition.trigger
+            assert isinstance(trig, EventTrigger)
+            filters = dict(trig.properties)
+            if trig.event_type == "custom":
+                filters.setdefault("name", trig.name or "")
+            if not filters:
+                self.scan.setdefault(trig.event_type, []).append(c)
+                continue
+            key, want = next(iter(filters.items()))
+            by_value = self.keyed.setdefault(trig.event_type, {}).setdefault(key, {})
+            for value in want if isinstance(want, list) else [want]:
+                by_value.setdefault(str(value), []).append(c)
+
+    def matching(self, event: EventMessage) -> list[Active]:
+        """The campaigns whose trigger the event satisfies."""
+        found: dict[str, Active] = {c.id: c for c in self.scan.get(event.type, ())}
+        props = event.properties
+        for key, by_value in self.keyed.get(event.type, {}).items():
+            have = props.get(key)
+            if have is not None:
+                values = {str(have)}
+            elif isinstance(props.get("items"), list):
+                values = {str(i.get(key)) for i in props["items"] if isinstance(i, dict)}
+            else:
+                continue
+            for value in values:
+                for c in by_value.get(value, ()):
+                    found[c.id] = c
+        return [
+            c
+            for c in found.values()
+            if event_matches(c.definition.trigger, event)  # type: ignore[arg-type]
+        ]
+
+
 def _items_of(event: EventMessage) -> list[dict[str, Any]]:
     p = event.properties
     if event.type == "product_viewed":
@@ -113,14 +156,13 @@ async def on_events(
     """Keep customer facts, start and cancel abandonment timers, and decide the event triggers."""
     repo = OffersRepository(session)
     facts, purchases, bought = _facts(events)
-    await repo.upsert_customer_facts(facts, now)
+    # Only customers with a trait or a purchase in the batch: a product view changes nothing here.
+    await repo.upsert_customer_facts([x for x in facts if len(x) > 2 or x["purchases"]], now)
     await repo.add_purchased_items(bought)
     running = [c for c in campaigns if c.running(now)]
     immediate = [c for c in running if c.kind == "event"]
     waits = [c for c in running if c.kind == "no_purchase_after"]
-    by_type: dict[str, list[Active]] = {}
-    for c in immediate + waits:
-        by_type.setdefault(c.definition.trigger.event_type, []).append(c)  # type: ignore[union-attr]
+    index = EventIndex(immediate + waits)
     cands: list[dict[str, Any]] = []
     timers: dict[tuple[str, str], dict[str, Any]] = {}
     emptied_carts = []
@@ -129,11 +171,8 @@ async def on_events(
             continue
         if e.type == "cart_updated" and not e.properties.get("items"):
             emptied_carts.append({"k": e.customer_id, "at": e.occurred_at})
-        for c in by_type.get(e.type, ()):
+        for c in index.matching(e):
             trig = c.definition.trigger
-            assert isinstance(trig, EventTrigger)
-            if not event_matches(trig, e):
-                continue
             if isinstance(trig, NoPurchaseAfter):
                 # Several matching events of one customer in a batch: one timer, all their items.
                 if (c.id, e.customer_id) in timers:
