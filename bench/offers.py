@@ -353,12 +353,15 @@ async def latency(
         bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, fetch_max_wait_ms=20
     )
     arrived: dict[str, float] = {}
+    ingested: dict[str, float] = {}
     accepted: dict[str, float] = {}
     stop = asyncio.Event()
     try:
         await consumer.start()
         topic = prefix + "crm.messages.v1"
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or range(PARTITIONS))]
+        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        # Also when each event reached crm.events.v1: ingest's share of the latency, apart from offers'.
+        tps += [TopicPartition(prefix + "crm.events.v1", p) for p in range(PARTITIONS)]
         consumer.assign(tps)
         await consumer.seek_to_end(*tps)
 
@@ -368,7 +371,8 @@ async def latency(
                 t = time.perf_counter()
                 for msgs in batch.values():
                     for m in msgs:
-                        arrived.setdefault(orjson.loads(m.value)["customer_id"], t)
+                        into = arrived if m.topic == topic else ingested
+                        into.setdefault(orjson.loads(m.value)["customer_id"], t)
 
         listener = asyncio.create_task(listen())
         host, _, port_text = ingest.url.removeprefix("http://").partition(":")
@@ -401,6 +405,7 @@ async def latency(
                 await asyncio.sleep(0.1)
             arrived.clear()
             accepted.clear()
+            ingested.clear()
             # Fresh connections: the server closed the idle ones (keep-alive timeout) while we waited.
             await pool.close()
             await pool.open()
@@ -431,6 +436,16 @@ async def latency(
         finally:
             await conn.close()
         lost = [k for k in accepted if k not in arrived]
+        to_events = sorted(ingested[k] - accepted[k] for k in accepted if k in ingested)
+        to_messages = sorted(arrived[k] - ingested[k] for k in accepted if k in arrived and k in ingested)
+        if to_events and to_messages:
+            q = lambda xs, f: xs[min(len(xs) - 1, int(f * len(xs)))] * 1000  # noqa: E731
+            print(
+                f"  202 -> crm.events.v1 (ingest): p50 {q(to_events, 0.5):.0f} ms, p99 {q(to_events, 0.99):.0f} ms; "
+                f"crm.events.v1 -> crm.messages.v1 (offers): p50 {q(to_messages, 0.5):.0f} ms, "
+                f"p99 {q(to_messages, 0.99):.0f} ms",
+                flush=True,
+            )
         print(
             f"  {len(accepted)} accepted of {total}, {len(accepted) - len(lost)} message requests arrived, "
             f"{len(lost)} missing",

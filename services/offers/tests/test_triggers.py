@@ -316,3 +316,34 @@ async def test_scenario7_scheduled_broadcast_at_each_customers_local_time(make_s
         assert ats["newyork"] == datetime(2026, 1, 6, 15, 0, tzinfo=UTC)
         assert (await st.decisions(c["id"]))["outsider"] == "not_in_audience"
         assert len(await st.requested(c["id"])) == 4
+
+
+async def test_inactivity_and_birthday_sweeps_fire_once(make_stack, clock):
+    async with make_stack(**NO_GLOBAL) as st:
+        await st.templates("t_time", "email")
+        lapsed = await st.create(
+            f.campaign("We miss you", {"kind": "inactivity", "days": 60}, "t_time", control_share=0)
+        )
+        bday = await st.create(
+            f.campaign("Happy birthday", {"kind": "birthday", "local_time": "10:00"}, "t_time", control_share=0,
+                       offer={"kind": "points_multiplier", "multiplier": "2"})
+        )
+        now = clock.now()  # 2026-01-05 12:00 UTC
+        await st.publish(TOPIC_EVENTS, [
+            f.purchase("old", now - timedelta(days=61)),
+            f.purchase("recent", now - timedelta(days=10)),
+            f.event("customer_updated", "born_today", now, {"birth_date": "1990-01-05", "timezone": "Europe/Berlin"}),
+            f.event("customer_updated", "born_tomorrow", now, {"birth_date": "1990-01-06"}),
+        ])
+        from crm_common.testing.helpers import eventually
+
+        await eventually(lambda: st.sql("SELECT 1 FROM customers HAVING count(*) = 4"), what="customer facts")
+        assert (await st.sweep("triggers"))["requested"] == 2
+        assert await st.decisions(lapsed["id"]) == {"old": "requested"}
+        assert await st.decisions(bday["id"]) == {"born_today": "requested"}
+        assert (await st.sweep("triggers"))["requested"] == 0
+        clock.advance(days=1)
+        assert (await st.sweep("triggers"))["requested"] == 1
+        assert (await st.decisions(bday["id"]))["born_tomorrow"] == "requested"
+        msgs = {m["customer_id"]: m for m in await st.requested(bday["id"])}
+        assert msgs["born_today"]["variables"]["discount"] == "x2 bonus points"
