@@ -228,6 +228,9 @@ def run() -> None:
         upgrade(service, url)
         env[f"{service.upper()}_DATABASE_URL"] = url
     _say("migrations applied")
+    # Offers reads segments, profiles and templates from its peers at decision time: wherever they listen.
+    env.setdefault("OFFERS_SEGMENTATION_URL", f"http://127.0.0.1:{PORTS['segmentation']}")
+    env.setdefault("OFFERS_NOTIFIER_URL", f"http://127.0.0.1:{PORTS['notifier']}")
     api_key = os.environ.get("CRM_BOOTSTRAP_API_KEY", "dev-pos-key")
     try:
         from ingest.keys import ensure_bootstrap_key  # type: ignore[import-not-found]

@@ -1,7 +1,156 @@
-"""Tables owned by the offers service."""
+"""Tables owned by the offers service: campaigns and their versions, the customer cache (profile digest,
+memberships, time zone, birthday, last purchase), abandonment timers and the decision log."""
 
 from __future__ import annotations
+
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import BigInteger, Date, DateTime, Identity, Index, Integer, Numeric, Text, UniqueConstraint, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column
 
 from crm_common.db import make_base
 
 Base = make_base()
+
+MONEY = Numeric(20, 4)
+
+
+class Campaign(Base):
+    """A campaign's current state and version; `definition` is a validated CampaignDefinition."""
+
+    __tablename__ = "campaigns"
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(Text)  # draft | active | paused | ended
+    version: Mapped[int] = mapped_column(Integer)
+    definition: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    trigger_kind: Mapped[str] = mapped_column(Text)
+    priority: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    starts_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    ends_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Budget counters, advanced in the statement that records the decisions.
+    messages_sent: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    cost_spent: Mapped[Decimal] = mapped_column(MONEY, server_default=text("0"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    __table_args__ = (Index("ix_campaigns_state", "state"),)
+
+
+class CampaignVersion(Base):
+    """Every version a campaign had; decisions name the version they were made under."""
+
+    __tablename__ = "campaign_versions"
+    campaign_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    definition: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Customer(Base):
+    """What offers knows of a customer: from events (time zone, birthday, purchases) and from the
+    profile digest on crm.segments.v1 (or read from segmentation when missing or stale)."""
+
+    __tablename__ = "customers"
+    customer_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    first_name: Mapped[str | None] = mapped_column(Text, nullable=True)
+    timezone: Mapped[str | None] = mapped_column(Text, nullable=True)
+    birth_date: Mapped[date | None] = mapped_column(Date, nullable=True)
+    last_purchase_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    purchases: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    digest: Mapped[dict[str, Any] | None] = mapped_column(JSONB, nullable=True)
+    digest_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    value_tier: Mapped[str | None] = mapped_column(Text, nullable=True)
+    predicted_next_purchase: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    margin: Mapped[Decimal | None] = mapped_column(MONEY, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (
+        Index("ix_customers_predicted_next_purchase", "predicted_next_purchase"),
+        Index("ix_customers_last_purchase_at", "last_purchase_at"),
+    )
+
+
+class CustomerProduct(Base):
+    """What a customer bought, per SKU, from the purchases on crm.events.v1: the favourite product
+    within a category (their own wine, not their bread) is read from here."""
+
+    __tablename__ = "customer_products"
+    customer_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    sku: Mapped[str] = mapped_column(Text, primary_key=True)
+    name: Mapped[str | None] = mapped_column(Text, nullable=True)
+    category: Mapped[str | None] = mapped_column(Text, nullable=True)
+    size: Mapped[str | None] = mapped_column(Text, nullable=True)
+    color: Mapped[str | None] = mapped_column(Text, nullable=True)
+    quantity: Mapped[Decimal] = mapped_column(Numeric(20, 4))
+    last_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (Index("ix_customer_products_customer_id_category", "customer_id", "category"),)
+
+
+class Membership(Base):
+    """A customer's current segments, kept from segment.entered / segment.exited."""
+
+    __tablename__ = "memberships"
+    customer_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    segment_key: Mapped[str] = mapped_column(Text, primary_key=True)
+    entered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (Index("ix_memberships_segment_key", "segment_key"),)
+
+
+class Timer(Base):
+    """A durable wait: an event followed by no purchase within the wait fires the campaign; a purchase
+    cancels it. One open timer per campaign and customer; later matching events add to its context."""
+
+    __tablename__ = "timers"
+    campaign_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    customer_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    occurrence: Mapped[str] = mapped_column(Text, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(Text)  # waiting | fired | cancelled
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    due_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    context: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    __table_args__ = (
+        Index("ix_timers_due_at", "due_at", postgresql_where=text("state = 'waiting'")),
+        Index(
+            "uq_timers_open",
+            "campaign_id",
+            "customer_id",
+            unique=True,
+            postgresql_where=text("state = 'waiting'"),
+        ),
+        Index("ix_timers_customer_id", "customer_id", postgresql_where=text("state = 'waiting'")),
+    )
+
+
+class Decision(Base):
+    """One evaluation of a customer against a campaign for one trigger occurrence, and its outcome;
+    the notifier's verdict joins it by message id."""
+
+    __tablename__ = "decisions"
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=False), primary_key=True)
+    campaign_id: Mapped[str] = mapped_column(Text)
+    version: Mapped[int] = mapped_column(Integer)
+    customer_id: Mapped[str] = mapped_column(Text)
+    occurrence: Mapped[str] = mapped_column(Text)
+    outcome: Mapped[str] = mapped_column(Text)
+    priority: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    message_id: Mapped[str | None] = mapped_column(Text, nullable=True)
+    cost: Mapped[Decimal | None] = mapped_column(MONEY, nullable=True)
+    variables: Mapped[dict[str, Any] | None] = mapped_column(JSONB, nullable=True)
+    delivery_status: Mapped[str | None] = mapped_column(Text, nullable=True)
+    delivery_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    delivery_channel: Mapped[str | None] = mapped_column(Text, nullable=True)
+    delivery_cost: Mapped[Decimal | None] = mapped_column(MONEY, nullable=True)
+    delivery_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    __table_args__ = (
+        UniqueConstraint("campaign_id", "customer_id", "occurrence", name="uq_decisions_occurrence"),
+        Index("ix_decisions_customer_id_at", "customer_id", "at"),
+        Index("ix_decisions_message_id", "message_id", postgresql_where=text("message_id IS NOT NULL")),
+        Index("ix_decisions_campaign_id_outcome", "campaign_id", "outcome"),
+    )
