@@ -131,6 +131,7 @@ class ConsumerRunner:
         producer: AIOKafkaProducer,
         dlq_topic: str,
         group_id: str | None = None,
+        inbox_names: dict[str, str] | None = None,
         batch_max: int = 500,
         batch_timeout_ms: int = 200,
         max_retries: int = 5,
@@ -151,6 +152,7 @@ class ConsumerRunner:
         self.producer = producer
         self.dlq_topic = dlq_topic
         self.group_id = group_id or name
+        self.inbox_names = dict(inbox_names or {})
         self.batch_max = batch_max
         self.batch_timeout_ms = batch_timeout_ms
         self.max_retries = max_retries
@@ -355,22 +357,39 @@ class ConsumerRunner:
             timestamp_ms=msg.timestamp or 0,
         )
 
+    def inbox_name(self, topic: str) -> str:
+        """Who the inbox says applied a message of `topic`: the group, or the name the topic's
+        messages were recorded under before they shared this consumer (`inbox_names`)."""
+        return self.inbox_names.get(topic, self.group_id)
+
     async def _claim(self, session: AsyncSession, records: list[Record]) -> list[Record]:
         """Record the ids in the inbox and return the records not applied before, first occurrence only."""
-        ids = list({r.id: None for r in records})
-        result = await session.execute(
-            text(
-                "INSERT INTO inbox (consumer, message_id) SELECT :c, unnest(CAST(:ids AS text[])) "
-                "ON CONFLICT DO NOTHING RETURNING message_id"
-            ),
-            {"c": self.group_id, "ids": ids},
-        )
-        fresh = {row[0] for row in result}
+        if not self.inbox_names:
+            ids = list({r.id: None for r in records})
+            result = await session.execute(
+                text(
+                    "INSERT INTO inbox (consumer, message_id) SELECT :c, unnest(CAST(:ids AS text[])) "
+                    "ON CONFLICT DO NOTHING RETURNING :c, message_id"
+                ),
+                {"c": self.group_id, "ids": ids},
+            )
+        else:
+            pairs = list({(self.inbox_name(r.topic), r.id): None for r in records})
+            result = await session.execute(
+                text(
+                    "INSERT INTO inbox (consumer, message_id) "
+                    "SELECT * FROM unnest(CAST(:cs AS text[]), CAST(:ids AS text[])) "
+                    "ON CONFLICT DO NOTHING RETURNING consumer, message_id"
+                ),
+                {"cs": [p[0] for p in pairs], "ids": [p[1] for p in pairs]},
+            )
+        fresh = {(row[0], row[1]) for row in result}
         out = []
         for r in records:
-            if r.id in fresh:
+            key = (self.inbox_name(r.topic), r.id)
+            if key in fresh:
                 out.append(r)
-                fresh.discard(r.id)
+                fresh.discard(key)
         self.stats.duplicates += len(records) - len(out)
         return out
 
@@ -421,7 +440,7 @@ class ConsumerRunner:
         async with self.sessionmaker() as session:
             await session.execute(
                 text("INSERT INTO inbox (consumer, message_id) VALUES (:c, :m) ON CONFLICT DO NOTHING"),
-                {"c": self.group_id, "m": rec.id},
+                {"c": self.inbox_name(rec.topic), "m": rec.id},
             )
             await session.commit()
         self.stats.dead_lettered += 1

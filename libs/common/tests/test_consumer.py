@@ -259,3 +259,55 @@ async def test_rebalance_during_processing_loses_and_doubles_nothing(broker, top
             await r.stop()
         for p in (p1, p2, p3):
             await p.stop()
+
+
+async def test_one_member_for_two_topics_routes_each_topic_and_keeps_their_old_inbox_names(broker, topic_prefix, db):
+    """Merging two consumers into one re-applies nothing the old ones applied (their inbox names)."""
+    from crm_common.service import route_by_topic
+
+    _, sm = db
+    events, segments = topic_prefix + "crm.events.v1", topic_prefix + "crm.segments.v1"
+    async with sm() as s:
+        await s.execute(
+            text("INSERT INTO inbox (consumer, message_id) VALUES ('old-events', 'm0'), ('old-segments', 's0')")
+        )
+        await s.commit()
+    await publish(broker.bootstrap, events, messages(3))
+    await publish(broker.bootstrap, segments, [{"id": f"s{i}", "customer_id": "c1", "n": 100 + i} for i in range(3)])
+    seen: dict[str, list[str]] = {"events": [], "segments": []}
+
+    async def on_events(session: AsyncSession, records: list[Record]) -> None:
+        assert {r.topic for r in records} == {events}
+        seen["events"] += [r.id for r in records]
+        await record_effects(session, records)
+
+    async def on_segments(session: AsyncSession, records: list[Record]) -> None:
+        assert {r.topic for r in records} == {segments}
+        seen["segments"] += [r.id for r in records]
+        await record_effects(session, records)
+
+    producer = make_producer(broker.bootstrap)
+    await producer.start()
+    runner = ConsumerRunner(
+        name="merged",
+        topics=[events, segments],
+        handler=route_by_topic({events: on_events, segments: on_segments}),
+        sessionmaker=sm,
+        bootstrap_servers=broker.bootstrap,
+        producer=producer,
+        dlq_topic=topic_prefix + "crm.dlq.v1",
+        group_id=topic_prefix + "merged",
+        inbox_names={events: "old-events", segments: "old-segments"},
+    )
+    await runner.start()
+    try:
+        await eventually(lambda: runner.stats.applied + runner.stats.duplicates >= 6, what="both topics consumed")
+        assert sorted(seen["events"]) == ["m1", "m2"] and sorted(seen["segments"]) == ["s1", "s2"]
+        assert runner.stats.duplicates == 2
+        async with sm() as s:
+            rows = set((await s.execute(text("SELECT consumer, message_id FROM inbox"))).all())
+        assert {("old-events", "m1"), ("old-segments", "s2")} <= rows
+        assert not any(c == topic_prefix + "merged" for c, _ in rows)
+    finally:
+        await runner.stop()
+        await producer.stop()

@@ -19,12 +19,17 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     settings = settings or Settings()
 
     def configure(runtime: ServiceRuntime) -> None:
+        # One group member for both topics; their messages keep the inbox names of the two
+        # consumers they had before, so the first start after an upgrade re-applies nothing.
         runtime.add_consumer(
-            "loyalty-events",
-            [TOPIC_EVENTS],
-            consumers.events_handler(runtime.clock, publish_accruals=settings.publish_accruals),
+            "loyalty",
+            [TOPIC_EVENTS, TOPIC_SEGMENTS],
+            {
+                TOPIC_EVENTS: consumers.events_handler(runtime.clock, publish_accruals=settings.publish_accruals),
+                TOPIC_SEGMENTS: consumers.segments_handler(runtime.clock),
+            },
+            inbox_names={TOPIC_EVENTS: "loyalty-events", TOPIC_SEGMENTS: "loyalty-segments"},
         )
-        runtime.add_consumer("loyalty-segments", [TOPIC_SEGMENTS], consumers.segments_handler(runtime.clock))
         runtime.add_relay()
         runtime.add_sweep(
             "expiry",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from functools import partial
 
 from fastapi import FastAPI
@@ -22,18 +21,19 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     cache = CampaignCache(ttl=settings.campaign_cache_ttl_s)
 
     def configure(runtime: ServiceRuntime) -> None:
-        if settings.gc_gen0_threshold > 0:
-            _, gen1, gen2 = gc.get_threshold()
-            gc.set_threshold(settings.gc_gen0_threshold, gen1, gen2)
         peers = Peers(runtime.http, settings)
-        app.state.peers = peers
+        runtime.state.peers = peers
+        # One group member for the three topics (one fetch and heartbeat for all of them). Events
+        # come first in a batch: a digest that is ahead of the purchases waits for them.
         runtime.add_consumer(
-            "offers-events", [TOPIC_EVENTS], consumers.events_handler(runtime.clock, settings, cache, peers)
+            "offers",
+            [TOPIC_EVENTS, TOPIC_SEGMENTS, TOPIC_DELIVERIES],
+            {
+                TOPIC_EVENTS: consumers.events_handler(runtime.clock, settings, cache, peers),
+                TOPIC_SEGMENTS: consumers.segments_handler(runtime.clock, settings, cache, peers),
+                TOPIC_DELIVERIES: consumers.deliveries_handler(),
+            },
         )
-        runtime.add_consumer(
-            "offers-segments", [TOPIC_SEGMENTS], consumers.segments_handler(runtime.clock, settings, cache, peers)
-        )
-        runtime.add_consumer("offers-deliveries", [TOPIC_DELIVERIES], consumers.deliveries_handler())
         runtime.add_relay()
         runtime.add_sweep("triggers", settings.sweep_interval_s, partial(triggers.run_time_triggers, settings=settings))
         runtime.add_sweep("timers", settings.timers_sweep_interval_s, partial(triggers.run_timers, settings=settings))

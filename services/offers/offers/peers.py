@@ -45,13 +45,16 @@ class Peers:
 
     async def template_channels(self, key: str) -> set[str]:
         r = await self._get("notifier", f"{self.notifier}/v1/templates", {"key": key, "limit": 100})
+        if r.status_code == 422:
+            # The notifier refuses it as a template key (NUL, blank, too long): no template has it.
+            return set()
         if r.status_code != 200:
             raise PeerUnavailable("notifier", f"HTTP {r.status_code}")
         return {t["channel"] for t in r.json().get("items", []) if t.get("key") == key}
 
     async def profile(self, customer_id: str) -> dict[str, Any] | None:
         r = await self._get("segmentation", f"{self.segmentation}/v1/profiles/{quote(customer_id, safe='')}")
-        if r.status_code == 404:
+        if r.status_code in (404, 422):  # 422: not a possible customer id, so no profile
             return None
         if r.status_code != 200:
             raise PeerUnavailable("segmentation", f"HTTP {r.status_code}")

@@ -59,4 +59,3 @@ class Settings(BaseServiceSettings):
     sweep_batch: int = 20_000
     # Campaigns are re-read at most this often by the consumers (a change reaches every replica within it).
     campaign_cache_ttl_s: float = 2.0
-    gc_gen0_threshold: int = 50_000

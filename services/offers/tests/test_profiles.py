@@ -63,7 +63,7 @@ async def test_missing_profile_is_read_from_segmentation_and_waits_while_it_is_d
         await asyncio.sleep(3)
         assert await st.decisions(c["id"]) == {}
         pipeline = (await st.offers.get("/v1/ops/pipeline")).json()
-        events = next(x for x in pipeline["consumers"] if x["name"] == "offers-events")
+        events = next(x for x in pipeline["consumers"] if x["name"] == "offers")
         assert events["retries"] >= 1 and events["dead_lettered"] == 0
         async with serve(segmentation(False), port):
             await eventually(lambda: st.decisions(c["id"]), timeout=60, what="the decision once segmentation is back")

@@ -325,16 +325,26 @@ async def test_inactivity_and_birthday_sweeps_fire_once(make_stack, clock):
             f.campaign("We miss you", {"kind": "inactivity", "days": 60}, "t_time", control_share=0)
         )
         bday = await st.create(
-            f.campaign("Happy birthday", {"kind": "birthday", "local_time": "10:00"}, "t_time", control_share=0,
-                       offer={"kind": "points_multiplier", "multiplier": "2"})
+            f.campaign(
+                "Happy birthday",
+                {"kind": "birthday", "local_time": "10:00"},
+                "t_time",
+                control_share=0,
+                offer={"kind": "points_multiplier", "multiplier": "2"},
+            )
         )
         now = clock.now()  # 2026-01-05 12:00 UTC
-        await st.publish(TOPIC_EVENTS, [
-            f.purchase("old", now - timedelta(days=61)),
-            f.purchase("recent", now - timedelta(days=10)),
-            f.event("customer_updated", "born_today", now, {"birth_date": "1990-01-05", "timezone": "Europe/Berlin"}),
-            f.event("customer_updated", "born_tomorrow", now, {"birth_date": "1990-01-06"}),
-        ])
+        await st.publish(
+            TOPIC_EVENTS,
+            [
+                f.purchase("old", now - timedelta(days=61)),
+                f.purchase("recent", now - timedelta(days=10)),
+                f.event(
+                    "customer_updated", "born_today", now, {"birth_date": "1990-01-05", "timezone": "Europe/Berlin"}
+                ),
+                f.event("customer_updated", "born_tomorrow", now, {"birth_date": "1990-01-06"}),
+            ],
+        )
         from crm_common.testing.helpers import eventually
 
         await eventually(lambda: st.sql("SELECT 1 FROM customers HAVING count(*) = 4"), what="customer facts")
