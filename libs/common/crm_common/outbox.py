@@ -48,15 +48,17 @@ async def enqueue_models(session: AsyncSession, topic: str, messages: Sequence[A
     await enqueue_many(session, rows)
 
 
-async def enqueue_select(session: AsyncSession, select_sql: str, params: dict[str, Any]) -> int:
+async def enqueue_select(session: AsyncSession, select_sql: str, params: dict[str, Any], *, with_sql: str = "") -> int:
     """Add the rows of a set-based `SELECT topic, key, value` to the outbox; return how many.
 
     For sweeps and recomputes that publish thousands of messages in one statement, where building
     each one in Python would cost more than the work itself. `value` must be the JSON (bytea) of
     the topic's contract model; each service pins that with a test that reads the rows back and
-    validates them against TOPIC_MODELS.
+    validates them against TOPIC_MODELS. `with_sql` is a `WITH ...` clause put before the INSERT,
+    for messages that come out of common table expressions (data-modifying ones included) the
+    SELECT reads from.
     """
-    result = await session.execute(text(f"INSERT INTO outbox (topic, key, value) {select_sql}"), params)
+    result = await session.execute(text(f"{with_sql} INSERT INTO outbox (topic, key, value) {select_sql}"), params)
     count = int(getattr(result, "rowcount", 0) or 0)
     if count:
         mark_outbox_written(session)
