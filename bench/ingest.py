@@ -51,11 +51,14 @@ from crm_common.infra import (  # noqa: E402
     free_port,
     port_open,
 )
-from crm_common.kafka import ensure_topics, make_producer  # noqa: E402
+from crm_common.kafka import (  # noqa: E402
+    ensure_topics,
+    make_producer,
+    send_batched,
+)
 from crm_common.migrations import upgrade  # noqa: E402
 from crm_common.settings import TOPIC_EVENTS  # noqa: E402
 from ingest.keys import add_known_key  # noqa: E402
-from ingest.relay import send_batched  # noqa: E402
 
 KEY = "bench-key"
 PARTITIONS = 12
@@ -228,7 +231,7 @@ async def producer_ceiling(
                 for i in range(0, len(messages), 5000):
                     chunk = messages[i : i + 5000]
                     if batched:
-                        await send_batched(producer, topic, chunk)
+                        await send_batched(producer, [(topic, k, v) for k, v in chunk])
                     else:
                         futures = [await producer.send(topic, value=v, key=k) for k, v in chunk]
                         await asyncio.gather(*futures)

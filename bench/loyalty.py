@@ -47,6 +47,7 @@ from crm_common.migrations import upgrade_async
 from crm_common.outbox import OutboxRelay
 from crm_common.settings import ALL_TOPICS
 from crm_common.testing.helpers import TEST_API_KEY, TEST_AUTH, ServiceProcess
+from crm_common.worker import Worker
 
 PARTITIONS = 6
 PROGRAMME = {
@@ -146,9 +147,11 @@ async def consume_rate(
         batch_max=500,
         batch_timeout_ms=100,
     )
-    out_relay = OutboxRelay(name=name, sessionmaker=sm, producer=producer) if relay else None
-    if out_relay:
-        await out_relay.start()
+    out_relay = None
+    if relay:
+        publisher = OutboxRelay(name=name, sessionmaker=sm, producer=producer)
+        out_relay = Worker(f"relay:{name}", publisher.run_once, interval_s=0.05, full_batch=1000, drain_on_stop=True)
+        out_relay.start()
     await runner.start()
     first_at = None
     first_count = 0
@@ -444,10 +447,10 @@ async def main() -> None:
         del events
         gc.collect()
         # The consumers run with the loyalty process's GC settings (as its app sets them at startup), both of them.
-        from loyalty.app import tune_gc
+        from crm_common.service import tune_gc
         from loyalty.settings import Settings
 
-        tune_gc(Settings())
+        tune_gc(Settings().gc_gen0_threshold)
 
         print("accruals from the topic (one consumer process):")
         raw_rate = await consume_rate(

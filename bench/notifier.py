@@ -42,6 +42,7 @@ from crm_common.contract.messages import MessageRequested  # noqa: E402
 from crm_common.db import create_engine, create_sessionmaker  # noqa: E402
 from crm_common.infra import PostgresServer, create_database, free_port, port_open  # noqa: E402
 from crm_common.migrations import upgrade_async  # noqa: E402
+from crm_common.worker import Worker  # noqa: E402
 from notifier.contacts import apply_customer_updates  # noqa: E402
 from notifier.dispatcher import Dispatcher  # noqa: E402
 from notifier.messages import accept_requests  # noqa: E402
@@ -157,12 +158,24 @@ async def dispatch_all(make: Callable[[], Dispatcher], count: int) -> tuple[floa
     """Run a fresh dispatcher over `count` pending messages; messages/s until all are settled."""
     dispatcher = make()
     st = dispatcher.stats
+    # The same workers the service runs (notifier.app), without the rest of the runtime.
+    workers = [
+        Worker(
+            f"dispatcher:{i}",
+            dispatcher.run_once,
+            interval_s=s.dispatch_poll_interval_s,
+            full_batch=s.dispatch_batch_size,
+        )
+        for i, s in enumerate([dispatcher.settings] * max(1, dispatcher.settings.dispatch_workers))
+    ]
+    dispatcher.wakers.extend(w.wake for w in workers)
     started = time.perf_counter()
-    dispatcher.start()
+    for w in workers:
+        w.start()
     while st.sent + st.failed + st.parked < count:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
     elapsed = time.perf_counter() - started
-    await dispatcher.stop()
+    await asyncio.gather(*(w.stop() for w in workers))
     return count / elapsed, st.passes
 
 

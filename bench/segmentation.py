@@ -41,8 +41,9 @@ from crm_common.db import create_engine, create_sessionmaker, session_scope
 from crm_common.infra import BrokerServer, PostgresServer, create_database, free_port
 from crm_common.kafka import ensure_topics, make_producer
 from crm_common.migrations import upgrade_async
+from crm_common.service import tune_gc
 from segmentation.builtin import install_builtin_segments
-from segmentation.consumers import events_handler, tune_gc
+from segmentation.consumers import events_handler
 from segmentation.segments import create_segment, recompute_all
 from segmentation.settings import Settings
 
@@ -158,15 +159,10 @@ def generate_events(customers: int, seed: int = 1) -> list[dict[str, Any]]:
 
 
 async def publish_all(bootstrap: str, topic: str, events: list[dict[str, Any]]) -> None:
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=1 << 20
-    )
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=1 << 20)
     await producer.start()
     try:
-        futures = [
-            await producer.send(topic, value=serde.dumps(e), key=e["customer_id"].encode())
-            for e in events
-        ]
+        futures = [await producer.send(topic, value=serde.dumps(e), key=e["customer_id"].encode()) for e in events]
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
@@ -191,9 +187,7 @@ async def ceiling(bootstrap: str, topic: str, url: str, total: int) -> float:
     engine = create_engine(url, pool_size=2)
     async with engine.begin() as conn:
         await conn.execute(
-            text(
-                "CREATE TABLE IF NOT EXISTS raw_events (id text PRIMARY KEY, customer_id text, payload jsonb)"
-            )
+            text("CREATE TABLE IF NOT EXISTS raw_events (id text PRIMARY KEY, customer_id text, payload jsonb)")
         )
     sm = create_sessionmaker(engine)
     consumer = AIOKafkaConsumer(
@@ -269,7 +263,9 @@ async def service_rate(bootstrap: str, prefix: str, url: str, total: int) -> flo
         while runner.stats.applied + runner.stats.duplicates + runner.stats.dead_lettered < total:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         elapsed = time.perf_counter() - first[0]
-        print(f"  {runner.stats.batches} batches, {total / max(1, runner.stats.batches):.0f} events per batch on average")
+        print(
+            f"  {runner.stats.batches} batches, {total / max(1, runner.stats.batches):.0f} events per batch on average"
+        )
         if runner.stats.dead_lettered:
             raise RuntimeError(f"{runner.stats.dead_lettered} events dead-lettered")
         return total / elapsed
@@ -314,9 +310,7 @@ async def recompute(url: str, n: int) -> tuple[float, float, float, dict[str, An
     try:
         async with session_scope(sm) as s:
             await s.execute(
-                text(
-                    "TRUNCATE profiles, memberships, membership_log, segment_sizes, outbox, purchase_items"
-                )
+                text("TRUNCATE profiles, memberships, membership_log, segment_sizes, outbox, purchase_items")
             )
             await s.execute(text(GENERATE_PROFILES), {"n": n, "now": NOW})
             await s.execute(text(GENERATE_ITEMS), {"n": n, "items": n * 2, "now": NOW})
@@ -325,13 +319,9 @@ async def recompute(url: str, n: int) -> tuple[float, float, float, dict[str, An
             await conn.execute(text("VACUUM ANALYZE profiles"))
             await conn.execute(text("VACUUM ANALYZE purchase_items"))
             started = time.perf_counter()
-            await conn.execute(
-                text("SELECT sum(orders), count(*) FROM profiles")
-            )  # warm the cache once
+            await conn.execute(text("SELECT sum(orders), count(*) FROM profiles"))  # warm the cache once
             started = time.perf_counter()
-            await conn.execute(
-                text("SELECT sum(orders), count(DISTINCT acquisition_channel) FROM profiles")
-            )
+            await conn.execute(text("SELECT sum(orders), count(DISTINCT acquisition_channel) FROM profiles"))
             scan = time.perf_counter() - started
         started = time.perf_counter()
         async with session_scope(sm) as s:
@@ -353,12 +343,8 @@ async def recompute(url: str, n: int) -> tuple[float, float, float, dict[str, An
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument(
-        "--customers", type=int, default=5000, help="customers in the event stream (11 events each)"
-    )
-    parser.add_argument(
-        "--profiles", type=int, default=1_000_000, help="generated profiles for the recompute"
-    )
+    parser.add_argument("--customers", type=int, default=5000, help="customers in the event stream (11 events each)")
+    parser.add_argument("--profiles", type=int, default=1_000_000, help="generated profiles for the recompute")
     parser.add_argument("--skip-events", action="store_true", help="only run (b)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-seg-"))
@@ -375,9 +361,7 @@ async def main() -> None:
         async with session_scope(create_sessionmaker(engine)) as s:
             await install_builtin_segments(session=s, now=NOW)
             for key, rule in EXTRA_SEGMENTS:
-                await create_segment(
-                    session=s, key=key, name=key, description=None, rule=rule, now=NOW
-                )
+                await create_segment(session=s, key=key, name=key, description=None, rule=rule, now=NOW)
             segments = (await s.execute(text("SELECT count(*) FROM segments"))).scalar_one()
         await engine.dispose()
         prefix = "bench."
@@ -389,7 +373,7 @@ async def main() -> None:
         rate = raw = 0.0
         if not args.skip_events:
             # The process is set up as the service's startup does it, for the ceiling and the service alike.
-            tune_gc(Settings())
+            tune_gc(Settings().gc_gen0_threshold)
             total = await publish_generated(broker.bootstrap, prefix + "crm.events.v1", args.customers)
             print(f"published {total} events for {args.customers} customers; {segments} segments defined")
             raw = await ceiling(broker.bootstrap, prefix + "crm.events.v1", url, total)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import murmur2
 
 from crm_common import serde
 from crm_common.settings import ALL_TOPICS
@@ -34,9 +35,35 @@ def make_producer(
     )
 
 
-async def send_many(producer: AIOKafkaProducer, messages: Iterable[tuple[str, str, bytes]]) -> None:
-    """Send (topic, key, value) messages and wait until the broker has acknowledged all of them."""
-    futures = [await producer.send(topic, value=value, key=key.encode()) for topic, key, value in messages]
+async def send_batched(producer: AIOKafkaProducer, messages: Sequence[tuple[str, bytes, bytes]]) -> None:
+    """Send (topic, key, value) messages as per-partition record batches and wait for every ack.
+
+    Same partitioning as the producer's default (murmur2 of the key), same order within a
+    partition, but without the per-message future and metadata lookup of `producer.send`, which
+    dominate a relay's cost at thousands of messages per pass.
+    """
+    partitions: dict[str, list[int]] = {}
+    partition_of: dict[tuple[str, bytes], int] = {}
+    open_batches: dict[tuple[str, int], Any] = {}
+    futures = []
+    for topic, key, value in messages:
+        where = partition_of.get((topic, key))
+        if where is None:
+            parts = partitions.get(topic)
+            if parts is None:
+                parts = partitions[topic] = sorted(await producer.partitions_for(topic))
+            where = partition_of[(topic, key)] = parts[(murmur2(key) & 0x7FFFFFFF) % len(parts)]
+        slot = (topic, where)
+        batch = open_batches.get(slot)
+        if batch is None:
+            batch = open_batches[slot] = producer.create_batch()
+        if batch.append(key=key, value=value, timestamp=None) is None:
+            futures.append(await producer.send_batch(batch, topic, partition=where))
+            batch = open_batches[slot] = producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                raise ValueError(f"a message of {len(value)} bytes does not fit in a record batch")
+    for (topic, where), batch in open_batches.items():
+        futures.append(await producer.send_batch(batch, topic, partition=where))
     if futures:
         await asyncio.gather(*futures)
 

@@ -19,3 +19,7 @@ HTTP_SECONDS = Histogram(
     ["service", "method"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+WORKER_PASSES = Counter("crm_worker_passes_total", "Passes of a background worker", ["worker", "outcome"])
+WORKER_ITEMS = Counter("crm_worker_items_total", "Items a background worker handled", ["worker"])
+WORKER_SECONDS = Histogram("crm_worker_pass_seconds", "Time of one background worker pass", ["worker"])
+WAKEUPS = Counter("crm_notify_wakeups_total", "PostgreSQL notifications that woke workers", ["channel"])

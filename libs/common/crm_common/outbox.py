@@ -14,7 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from crm_common import metrics, serde
 from crm_common.contract.messages import DeliveryEvent, LoyaltyEvent, MessageRequested, SegmentMembershipChanged
-from crm_common.kafka import send_many
+from crm_common.kafka import send_batched
+from crm_common.notify import OUTBOX_CHANNEL
 from crm_common.settings import TOPIC_DELIVERIES, TOPIC_LOYALTY, TOPIC_MESSAGES, TOPIC_SEGMENTS
 
 # The contract model of every topic a service publishes through its outbox.
@@ -48,18 +49,25 @@ async def enqueue_models(session: AsyncSession, topic: str, messages: Sequence[A
     await enqueue_many(session, rows)
 
 
-async def enqueue_select(session: AsyncSession, select_sql: str, params: dict[str, Any], *, with_sql: str = "") -> int:
+async def enqueue_select(session: AsyncSession, select_sql: str, params: dict[str, Any], *, ctes: str = "") -> int:
     """Add the rows of a set-based `SELECT topic, key, value` to the outbox; return how many.
 
     For sweeps and recomputes that publish thousands of messages in one statement, where building
     each one in Python would cost more than the work itself. `value` must be the JSON (bytea) of
     the topic's contract model; each service pins that with a test that reads the rows back and
-    validates them against TOPIC_MODELS. `with_sql` is a `WITH ...` clause put before the INSERT,
-    for messages that come out of common table expressions (data-modifying ones included) the
-    SELECT reads from.
+    validates them against TOPIC_MODELS. `ctes`: common table expressions the select reads
+    (`a AS (...), b AS (...)`), written before the insert.
     """
-    result = await session.execute(text(f"{with_sql} INSERT INTO outbox (topic, key, value) {select_sql}"), params)
-    count = int(getattr(result, "rowcount", 0) or 0)
+    head = f"WITH {ctes}, " if ctes else "WITH "
+    result = await session.execute(
+        text(
+            f"{head}ins AS (INSERT INTO outbox (topic, key, value) {select_sql} RETURNING 1)"
+            f" SELECT n, CASE WHEN n > 0 THEN pg_notify('{OUTBOX_CHANNEL}', '') END"
+            " FROM (SELECT count(*) AS n FROM ins) c"
+        ),
+        params,
+    )
+    count = int(result.scalar_one())
     if count:
         mark_outbox_written(session)
     return count
@@ -78,10 +86,12 @@ async def enqueue_many(session: AsyncSession, messages: Sequence[tuple[str, str,
     for _, _, value in messages:
         if not value.get("id"):
             raise ValueError("an outbox message needs a stable 'id'")
+    # NOTIFY travels with the transaction: the relays of every process hear of the rows at commit.
     await session.execute(
         text(
-            "INSERT INTO outbox (topic, key, value) "
-            "SELECT * FROM unnest(CAST(:topics AS text[]), CAST(:keys AS text[]), CAST(:values AS bytea[]))"
+            "WITH ins AS (INSERT INTO outbox (topic, key, value) "
+            "SELECT * FROM unnest(CAST(:topics AS text[]), CAST(:keys AS text[]), CAST(:values AS bytea[])))"
+            f" SELECT pg_notify('{OUTBOX_CHANNEL}', '')"
         ),
         {
             "topics": [m[0] for m in messages],
@@ -91,12 +101,39 @@ async def enqueue_many(session: AsyncSession, messages: Sequence[tuple[str, str,
     )
 
 
-class OutboxRelay:
-    """Publish outbox rows in id order; one relay per database at a time (advisory lock)."""
+class TopicMissing(RuntimeError):
+    """The broker does not list a topic the relay is about to publish to (yet)."""
+
+
+class OutboxQueue:
+    """Where a relay reads what to publish: the `outbox` table (every service's default).
+
+    A subclass points the relay at another queue table with the same contract: `fetch` returns
+    an acknowledgement token and the (topic, key, value) rows in publication order, `ack` deletes
+    them in the relay's transaction, `backlog_sql` counts what waits.
+    """
 
     fetch_sql = "SELECT id, topic, key, value FROM outbox ORDER BY id LIMIT :limit"
     ack_sql = "DELETE FROM outbox WHERE id = ANY(CAST(:ids AS bigint[]))"
     backlog_sql = "SELECT count(*) FROM outbox"
+
+    async def fetch(self, session: AsyncSession, limit: int) -> tuple[Any, list[tuple[str, str, bytes]]]:
+        rows = (await session.execute(text(self.fetch_sql), {"limit": limit})).all()
+        return [r.id for r in rows], [(r.topic, r.key, bytes(r.value)) for r in rows]
+
+    async def ack(self, session: AsyncSession, token: Any) -> None:
+        await session.execute(text(self.ack_sql), {"ids": token})
+
+
+class OutboxRelay:
+    """Publish a queue's rows in order; one relay per database at a time (advisory lock).
+
+    Run by a runtime worker (`ServiceRuntime.add_relay`), woken by the commits that enqueue.
+    Messages go out as per-partition record batches (`send_batched`). After a failure, and at
+    start, the relay first checks that the broker lists every topic of the batch: a broker that
+    came back empty would otherwise auto-create them on the first send (the embedded one
+    acknowledges such sends and loses them) instead of waiting for them to be created properly.
+    """
 
     def __init__(
         self,
@@ -104,91 +141,62 @@ class OutboxRelay:
         name: str,
         sessionmaker: async_sessionmaker[AsyncSession],
         producer: AIOKafkaProducer,
-        poll_interval_ms: int = 50,
         batch_size: int = 1000,
         topic_prefix: str = "",
         send_timeout_s: float = 30,
+        queue: OutboxQueue | None = None,
     ) -> None:
         self.name = name
         self.sessionmaker = sessionmaker
         self.producer = producer
-        self.poll_interval = poll_interval_ms / 1000
         self.batch_size = batch_size
         self.topic_prefix = topic_prefix
         self.send_timeout_s = send_timeout_s
+        self.queue = queue or OutboxQueue()
         self.lock_key = zlib.crc32(f"outbox:{name}".encode())
         self.published = 0
-        self._wake = asyncio.Event()
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def wake(self) -> None:
-        """Ask for a pass now instead of at the next poll (called after a commit that enqueued)."""
-        self._wake.set()
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"relay:{self.name}")
-
-    async def stop(self) -> None:
-        """Publish what is waiting (bounded), then stop."""
-        self._stopping.set()
-        self._wake.set()
-        if self._task:
-            try:
-                await asyncio.wait_for(self._task, 30)
-            except TimeoutError:
-                self._task.cancel()
-
-    async def _run(self) -> None:
-        failures = 0
-        while True:
-            try:
-                sent = await self.run_once()
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                failures += 1
-                sent = 0
-                delay = min(5.0, 0.1 * 2**failures)
-                log.warning("relay %s: publish failed (%r); retrying in %.1f s", self.name, exc, delay)
-                if self._stopping.is_set() and failures > 3:
-                    return
-                await asyncio.sleep(delay)
-                continue
-            if self._stopping.is_set() and sent == 0:
-                return
-            if sent >= self.batch_size:
-                continue
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
-            except TimeoutError:
-                pass
+        # True at start and after a failed pass, until a pass succeeds.
+        self.failing = True
+        self._known_topics: set[str] = set()
 
     async def run_once(self) -> int:
         """Publish one batch; return how many messages went out."""
+        try:
+            sent = await self._publish_batch()
+        except Exception:
+            self.failing = True
+            raise
+        self.failing = False
+        return sent
+
+    async def _publish_batch(self) -> int:
         async with self.sessionmaker() as session:
             locked = (
                 await session.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": self.lock_key})
             ).scalar()
             if not locked:
                 return 0
-            rows = (await session.execute(text(self.fetch_sql), {"limit": self.batch_size})).all()
+            token, rows = await self.queue.fetch(session, self.batch_size)
             if not rows:
                 await session.rollback()
                 return 0
+            messages = [(self.topic_prefix + topic, key.encode(), value) for topic, key, value in rows]
+            if self.failing:
+                await self._require_topics({m[0] for m in messages})
             # Sent before the delete commits: a crash in between republishes, and consumers dedupe by id.
-            await asyncio.wait_for(
-                send_many(self.producer, ((self.topic_prefix + r[1], r[2], bytes(r[3])) for r in rows)),
-                self.send_timeout_s,
-            )
-            await session.execute(text(self.ack_sql), {"ids": [r[0] for r in rows]})
+            await asyncio.wait_for(send_batched(self.producer, messages), self.send_timeout_s)
+            await self.queue.ack(session, token)
             await session.commit()
         self.published += len(rows)
         metrics.OUTBOX_PUBLISHED.labels(self.name).inc(len(rows))
         return len(rows)
 
+    async def _require_topics(self, topics: set[str]) -> None:
+        metadata = await asyncio.wait_for(self.producer.client.fetch_all_metadata(), self.send_timeout_s)
+        missing = sorted(topics - set(metadata.topics()))
+        if missing:
+            raise TopicMissing(f"topics {missing} do not exist on the broker")
+
     async def backlog(self) -> int:
         async with self.sessionmaker() as session:
-            return int((await session.execute(text(self.backlog_sql))).scalar() or 0)
+            return int((await session.execute(text(self.queue.backlog_sql))).scalar() or 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 import zlib
@@ -29,16 +30,30 @@ from crm_common.db import create_engine, create_sessionmaker
 from crm_common.errors import NotFound, error_body, install_error_handlers, is_transient
 from crm_common.kafka import make_producer
 from crm_common.logging import configure_logging
+from crm_common.notify import OUTBOX_CHANNEL, Listener
 from crm_common.outbox import OutboxRelay
 from crm_common.settings import TOPIC_DLQ, BaseServiceSettings
+from crm_common.worker import RunOnce, Worker
 
 log = logging.getLogger(__name__)
 
 SweepFn = Callable[[AsyncSession, datetime], Awaitable[Any]]
 
 
+def tune_gc(gen0_threshold: int) -> None:
+    """Raise the cyclic collector's generation-0 threshold (process-wide; 0 keeps the default)."""
+    if gen0_threshold > 0:
+        _, gen1, gen2 = gc.get_threshold()
+        gc.set_threshold(gen0_threshold, gen1, gen2)
+
+
 class ServiceRuntime:
-    """Everything a service process holds: made in the lifespan, never at import time."""
+    """Everything a service process holds: made in the lifespan, never at import time.
+
+    Background work runs as `Worker`s (crm_common.worker): the outbox relays, sweeps and any
+    service loop (the notifier's dispatcher) are registered here and started and stopped with
+    the lifespan; none keeps a loop of its own.
+    """
 
     def __init__(self, settings: BaseServiceSettings, *, clock: Clock | None = None) -> None:
         self.settings = settings
@@ -55,10 +70,17 @@ class ServiceRuntime:
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=3.0))
         self.consumers: list[ConsumerRunner] = []
         self.relays: list[OutboxRelay] = []
+        self.workers: dict[str, Worker] = {}
         self.sweeps: dict[str, tuple[float, SweepFn]] = {}
+        self.listener = Listener(settings.database_url)
+        # The app's state (set by create_service_app): where `configure` puts what routes read.
+        self.state: Any = None
+        self._closers: list[Callable[[], Awaitable[Any]]] = []
         self.producer_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = asyncio.Event()
+        # Workers that need the broker start once the producer is up; the others at once.
+        self._kafka_workers: set[str] = set()
 
     def topic(self, name: str) -> str:
         """The physical topic name (a prefix isolates tests and tenants sharing one broker)."""
@@ -87,26 +109,71 @@ class ServiceRuntime:
         self.consumers.append(runner)
         return runner
 
+    def add_worker(
+        self,
+        name: str,
+        run_once: RunOnce,
+        *,
+        interval_s: float,
+        channels: Sequence[str] = (),
+        needs_broker: bool = False,
+        **options: Any,
+    ) -> Worker:
+        """Register background work, started and stopped with the service (see `Worker`)."""
+        if name in self.workers:
+            raise ValueError(f"a worker named {name!r} is already registered")
+        worker = Worker(name, run_once, interval_s=interval_s, channels=channels, **options)
+        self.workers[name] = worker
+        for channel in channels:
+            self.listener.subscribe(channel, worker.wake)
+        if needs_broker:
+            self._kafka_workers.add(name)
+        return worker
+
     def add_relay(self, relay: OutboxRelay | None = None) -> OutboxRelay:
+        """Publish this service's outbox (or the queue of `relay`), woken by the commits that fill it."""
         s = self.settings
         relay = relay or OutboxRelay(
             name=s.service_name,
             sessionmaker=self.sessionmaker,
             producer=self.producer,
-            poll_interval_ms=s.outbox_poll_interval_ms,
             batch_size=s.outbox_batch_size,
             topic_prefix=s.topic_prefix,
         )
         self.relays.append(relay)
+        self.add_worker(
+            f"relay:{relay.name}",
+            relay.run_once,
+            interval_s=s.outbox_poll_interval_ms / 1000,
+            channels=(OUTBOX_CHANNEL,),
+            needs_broker=True,
+            full_batch=relay.batch_size,
+            drain_on_stop=True,
+        )
         return relay
 
     def add_sweep(self, name: str, interval_s: float, fn: SweepFn) -> None:
         """Register a periodic set-based job; it runs on one replica at a time (advisory lock)."""
         self.sweeps[name] = (interval_s, fn)
+        if self.settings.sweeps_enabled:
+
+            async def run_once() -> int:
+                await self.run_sweep(name)
+                return 0
+
+            self.add_worker(f"sweep:{name}", run_once, interval_s=interval_s, run_at_start=False)
+
+    def on_close(self, fn: Callable[[], Awaitable[Any]]) -> None:
+        """Call `fn` at stop, after every worker and consumer has stopped, before the engine closes."""
+        self._closers.append(fn)
+
+    def wake(self, name: str) -> None:
+        """Wake one worker by name (e.g. from an after-commit hook)."""
+        self.workers[name].wake()
 
     def wake_relays(self) -> None:
         for relay in self.relays:
-            relay.wake()
+            self.workers[f"relay:{relay.name}"].wake()
 
     async def run_sweep(self, name: str) -> Any:
         """Run one sweep now under its advisory lock; None if another replica holds it."""
@@ -122,10 +189,13 @@ class ServiceRuntime:
         return result
 
     async def start(self) -> None:
+        tune_gc(self.settings.gc_gen0_threshold)
+        if self.settings.notify_enabled:
+            self.listener.start()
+        for name, worker in self.workers.items():
+            if name not in self._kafka_workers:
+                worker.start()
         self._tasks.append(asyncio.create_task(self._start_kafka(), name="kafka-start"))
-        if self.settings.sweeps_enabled:
-            for name, (interval, _) in self.sweeps.items():
-                self._tasks.append(asyncio.create_task(self._sweep_loop(name, interval), name=f"sweep:{name}"))
 
     async def _start_kafka(self) -> None:
         """Start the producer (retrying while the broker is away), then relays and consumers."""
@@ -141,32 +211,30 @@ class ServiceRuntime:
         else:
             return
         self.producer_ready.set()
-        for relay in self.relays:
-            await relay.start()
+        for name in self._kafka_workers:
+            self.workers[name].start()
         if self.settings.consumers_enabled:
             for consumer in self.consumers:
                 await consumer.start()
 
-    async def _sweep_loop(self, name: str, interval: float) -> None:
-        while not self._stopping.is_set():
-            try:
-                await asyncio.wait_for(self._stopping.wait(), interval)
-                return
-            except TimeoutError:
-                pass
-            try:
-                await self.run_sweep(name)
-            except Exception:
-                log.exception("sweep %s failed", name)
-
     async def stop(self) -> None:
-        """Stop consumers (finish and commit the batch in flight), drain relays, close clients."""
+        """Stop consumers (finish and commit the batch in flight), then the other workers (the
+        relays publish what is waiting, bounded), then close the clients."""
         self._stopping.set()
-        await asyncio.gather(*(c.stop() for c in self.consumers), return_exceptions=True)
-        await asyncio.gather(*(r.stop() for r in self.relays), return_exceptions=True)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(c.stop() for c in self.consumers), return_exceptions=True)
+        relay_names = {f"relay:{r.name}" for r in self.relays}
+        others = [w for n, w in self.workers.items() if n not in relay_names]
+        await asyncio.gather(*(w.stop() for w in others), return_exceptions=True)
+        await asyncio.gather(*(self.workers[n].stop() for n in relay_names), return_exceptions=True)
+        await self.listener.stop()
+        for close in self._closers:
+            try:
+                await close()
+            except Exception:
+                log.exception("closing %r failed", close)
         if self.producer_ready.is_set():
             await self.producer.stop()
         await self.http.aclose()
@@ -397,6 +465,7 @@ def create_service_app(
             )
         runtime = ServiceRuntime(settings, clock=clock)
         app.state.runtime = runtime
+        runtime.state = app.state
         if configure is not None:
             maybe = configure(runtime)
             if maybe is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from typing import Any
 
 from fastapi import FastAPI
@@ -10,11 +9,12 @@ from pydantic.json_schema import models_json_schema
 
 from crm_common.clock import Clock
 from crm_common.contract.events import EventIn
+from crm_common.outbox import OutboxRelay
 from crm_common.service import ServiceRuntime, create_service_app
 from ingest.api import router
 from ingest.keys import KeyCache
 from ingest.ratelimit import RateLimiter
-from ingest.relay import EventRelay
+from ingest.relay import EventArchiveQueue
 from ingest.schemas import EventBatchIn
 from ingest.settings import Settings
 
@@ -31,18 +31,15 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     settings = settings or Settings()
 
     def configure(runtime: ServiceRuntime) -> None:
-        if settings.gc_gen0_threshold > 0:
-            _, gen1, gen2 = gc.get_threshold()
-            gc.set_threshold(settings.gc_gen0_threshold, gen1, gen2)
         runtime.add_relay(
-            EventRelay(
+            OutboxRelay(
                 name="ingest-events",
                 sessionmaker=runtime.sessionmaker,
                 producer=runtime.producer,
-                poll_interval_ms=settings.outbox_poll_interval_ms,
                 batch_size=settings.outbox_batch_size,
                 topic_prefix=settings.topic_prefix,
                 send_timeout_s=settings.relay_send_timeout_s,
+                queue=EventArchiveQueue(),
             )
         )
 

@@ -30,8 +30,11 @@ _INSERT_BATCH = text(
     ), queued AS (
         INSERT INTO event_pending_batches (n, seqs)
         SELECT count(*), array_agg(seq ORDER BY seq) FROM ins HAVING count(*) > 0
+        RETURNING id
     )
     SELECT event_id FROM ins
+    -- Wakes the relay of whichever replica holds the relay lock, at commit (NULL row, skipped).
+    UNION ALL SELECT NULL FROM queued CROSS JOIN LATERAL (SELECT pg_notify('crm_outbox', '')) n
     """
 )
 
@@ -68,7 +71,7 @@ class EventRepository:
                 "messages": [r.message for r in rows],
             },
         )
-        return {row[0] for row in result}
+        return {row[0] for row in result if row[0] is not None}
 
     async def get(self, *, source: str, event_id: str) -> tuple[ArchivedEvent, bool] | None:
         """One archived event and whether it is waiting to be published."""
@@ -105,8 +108,11 @@ class EventRepository:
                     SELECT count(*), array_agg(seq ORDER BY seq)
                     FROM (SELECT seq, (row_number() OVER (ORDER BY seq) - 1) / :chunk AS chunk FROM fresh) f
                     GROUP BY chunk ORDER BY chunk
+                    RETURNING id
                 )
-                SELECT count(*) FROM matched
+                SELECT count(*),
+                       (SELECT count(*) FROM queued CROSS JOIN LATERAL (SELECT pg_notify('crm_outbox', '')) n)
+                FROM matched
                 """
             ),
             {"start": start, "end": end, "types": list(types) if types else None, "chunk": REPLAY_CHUNK},

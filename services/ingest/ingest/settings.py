@@ -27,7 +27,3 @@ class Settings(BaseServiceSettings):
     key_cache_ttl_s: float = 5.0
     # Retry-After sent with 503 when the database cannot store events.
     unavailable_retry_after_s: int = 5
-    # Parsing and validating a batch allocates tens of thousands of short-lived objects; with
-    # Python's default generation-0 threshold (700) that is a collection every few events. 0 keeps
-    # the interpreter's default.
-    gc_gen0_threshold: int = 50_000

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from functools import partial
 
 from fastapi import FastAPI
@@ -15,19 +14,11 @@ from loyalty.deps import ProgrammeCache
 from loyalty.settings import TOPIC_EVENTS, TOPIC_SEGMENTS, Settings
 
 
-def tune_gc(settings: Settings) -> None:
-    """Raise the cyclic collector's generation-0 threshold to `gc_gen0_threshold` (0 keeps the default)."""
-    if settings.gc_gen0_threshold > 0:
-        _, gen1, gen2 = gc.get_threshold()
-        gc.set_threshold(settings.gc_gen0_threshold, gen1, gen2)
-
-
 def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
     """Build the app; the lifespan creates the engine, producer and background work."""
     settings = settings or Settings()
 
     def configure(runtime: ServiceRuntime) -> None:
-        tune_gc(settings)
         runtime.add_consumer(
             "loyalty-events",
             [TOPIC_EVENTS],

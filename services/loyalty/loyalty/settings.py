@@ -28,7 +28,3 @@ class Settings(BaseServiceSettings):
     publish_accruals: bool = True
     # Routes re-read the programme's rules at most this often (a change reaches every replica within it).
     programme_cache_ttl_s: float = 2.0
-    # Applying a batch of events keeps tens of thousands of objects alive until its transaction commits. With
-    # Python's default generation-0 threshold (700) they are promoted, and full collections traverse the whole
-    # heap every few batches (about a sixth of the accrual time). 0 keeps the interpreter's default.
-    gc_gen0_threshold: int = 50_000

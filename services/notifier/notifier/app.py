@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
@@ -52,7 +50,6 @@ async def release_stale_leases(session: AsyncSession, now: datetime) -> int:
 def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
     """Build the app; the lifespan creates the engine, producer, consumer, relay and dispatcher."""
     settings = settings or Settings()
-    holder: dict[str, FastAPI] = {}
 
     def configure(runtime: ServiceRuntime) -> None:
         policy = Policy.from_settings(settings)
@@ -70,7 +67,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             policy=policy,
             on_recorded=runtime.wake_relays,
         )
-        holder["app"].state.notifier = Notifier(settings, policy, renderer, signer, links, providers, dispatcher)
+        runtime.state.notifier = Notifier(settings, policy, renderer, signer, links, providers, dispatcher)
         runtime.add_relay()
         runtime.add_consumer(
             "notifier",
@@ -80,9 +77,18 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         runtime.add_sweep("expire_messages", 30, expire_messages)
         runtime.add_sweep("release_stale_leases", 60, release_stale_leases)
         if settings.dispatcher_enabled:
-            dispatcher.start()
+            for i in range(max(1, settings.dispatch_workers)):
+                worker = runtime.add_worker(
+                    f"dispatcher:{i}",
+                    dispatcher.run_once,
+                    interval_s=settings.dispatch_poll_interval_s,
+                    full_batch=settings.dispatch_batch_size,
+                )
+                dispatcher.wakers.append(worker.wake)
+        # After the workers have stopped: the sends in flight are recorded before the pools close.
+        runtime.on_close(providers.aclose)
 
-    app = create_service_app(
+    return create_service_app(
         settings=settings,
         title="CRM notifier",
         description="Contacts and consents, templates, and delivery of e-mail, SMS and push.",
@@ -92,20 +98,3 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         configure=configure,
         clock=clock,
     )
-    holder["app"] = app
-    inner = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(app_: FastAPI) -> AsyncIterator[None]:
-        async with inner(app_):
-            try:
-                yield
-            finally:
-                # Before the runtime closes the engine: let the sends in flight be recorded.
-                notifier: Notifier | None = getattr(app_.state, "notifier", None)
-                if notifier is not None:
-                    await notifier.dispatcher.stop()
-                    await notifier.providers.aclose()
-
-    app.router.lifespan_context = lifespan
-    return app

@@ -69,7 +69,12 @@ def pick_template(candidates: list[Template], locales: list[str]) -> Template | 
 
 
 class Dispatcher:
-    """Send due messages through the providers, a bounded number at a time."""
+    """Send due messages through the providers, a bounded number at a time.
+
+    It has no loop of its own: the service registers `run_once` as runtime workers
+    (`dispatch_workers` of them), woken after commits that record messages, with the settings'
+    poll interval as the fallback for deferred and retried messages.
+    """
 
     def __init__(
         self,
@@ -93,54 +98,15 @@ class Dispatcher:
         self.on_recorded = on_recorded
         self.stats = DispatchStats()
         self._sem = asyncio.Semaphore(settings.dispatch_concurrency)
-        self._wakes: list[asyncio.Event] = []
-        self._stopping = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        # The runtime workers that run `run_once` (see notifier.app); `wake` wakes them all.
+        self.wakers: list[Callable[[], None]] = []
 
-    # -- lifecycle -------------------------------------------------------------------------------
+    # -- wake-ups -------------------------------------------------------------------------------
 
     def wake(self) -> None:
         """Look for due messages now (called after a commit that recorded some)."""
-        for ev in self._wakes:
-            ev.set()
-
-    def start(self) -> None:
-        for i in range(max(1, self.settings.dispatch_workers)):
-            ev = asyncio.Event()
-            ev.set()
-            self._wakes.append(ev)
-            self._tasks.append(asyncio.create_task(self._run(ev), name=f"dispatcher:{i}"))
-
-    async def stop(self) -> None:
-        """Finish the batches in flight (bounded), then stop."""
-        self._stopping.set()
-        self.wake()
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=30)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _run(self, wake: asyncio.Event) -> None:
-        failures = 0
-        while not self._stopping.is_set():
-            wake.clear()
-            try:
-                n = await self.run_once()
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                failures += 1
-                log.exception("dispatcher pass failed")
-                await asyncio.sleep(min(5.0, 0.2 * 2**failures))
-                continue
-            if n >= self.settings.dispatch_batch_size:
-                continue
-            try:
-                await asyncio.wait_for(wake.wait(), self.settings.dispatch_poll_interval_s)
-            except TimeoutError:
-                pass
+        for wake in self.wakers:
+            wake()
 
     # -- one pass --------------------------------------------------------------------------------
 

@@ -38,7 +38,9 @@ class Settings(BaseServiceSettings):
     dispatch_workers: int = 2
     # Sends in flight per process (the HTTP providers keep as many pooled connections, at least 10).
     dispatch_concurrency: int = 32
-    dispatch_poll_interval_s: float = 0.5
+    # Fallback only: commits that record messages wake the dispatcher; this timer picks up
+    # deferred (quiet hours) and retried messages when they fall due.
+    dispatch_poll_interval_s: float = 2.0
     dispatch_lease_s: float = 300
     # In-process retries of one send on transient errors, with exponential backoff and jitter.
     send_retries: int = 2

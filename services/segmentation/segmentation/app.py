@@ -10,7 +10,7 @@ from crm_common.service import ServiceRuntime, create_service_app
 from crm_common.settings import TOPIC_DELIVERIES, TOPIC_EVENTS
 from segmentation.api import router
 from segmentation.builtin import install_builtin_segments
-from segmentation.consumers import deliveries_handler, events_handler, tune_gc
+from segmentation.consumers import deliveries_handler, events_handler
 from segmentation.segments import sweep_rfm, sweep_segments
 from segmentation.settings import Settings
 
@@ -20,7 +20,6 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     settings = settings or Settings()
 
     async def configure(runtime: ServiceRuntime) -> None:
-        tune_gc(settings)
         if settings.install_builtin_segments:
             async with session_scope(runtime.sessionmaker) as session:
                 await install_builtin_segments(session=session, now=runtime.clock.now())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Awaitable, Callable
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -13,13 +12,6 @@ from segmentation.profiles import apply_deliveries, apply_events
 from segmentation.settings import Settings
 
 Handler = Callable[[AsyncSession, list[Record]], Awaitable[None]]
-
-
-def tune_gc(settings: Settings) -> None:
-    """Collect the youngest generation less often (process-wide; see `Settings.gc_gen0_threshold`)."""
-    if settings.gc_gen0_threshold > 0:
-        _, gen1, gen2 = gc.get_threshold()
-        gc.set_threshold(settings.gc_gen0_threshold, gen1, gen2)
 
 
 def events_handler(settings: Settings, clock: Clock) -> Handler:

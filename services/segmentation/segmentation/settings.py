@@ -21,8 +21,3 @@ class Settings(BaseServiceSettings):
     # Half-life-like decay (days) of the recency weighting of favourite categories and products.
     favourites_decay_days: float = 90.0
     install_builtin_segments: bool = True
-    # A batch of events is parsed and validated into tens of thousands of short-lived objects that
-    # live until the batch commits; with Python's default generation-0 threshold (700) that is a
-    # collection every few events, and survivors pushed into older generations trigger full
-    # collections. 0 keeps the interpreter's default.
-    gc_gen0_threshold: int = 50_000

@@ -1,0 +1,145 @@
+"""Idle cost of the platform: start the embedded stack, leave it idle, measure the CPU it burns.
+
+    .venv/bin/python bench/idle.py [--seconds 60] [--settle 20]
+
+Starts `python -m crm_common.devstack run` on ports of its own (a separate .local directory, so
+a running `make run` is not disturbed), waits until every service answers /readyz, lets it
+settle, then reads the CPU time of every platform process (the devstack, the five services, the
+local provider sinks, the broker, and PostgreSQL with all its backends) from /proc over the
+window. Prints `BENCH idle_cpu_percent <v>`: that CPU as a percentage of one core. Target: 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def _descendants(roots: list[int]) -> set[int]:
+    tree = _children()
+    out: set[int] = set()
+    todo = list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid in out:
+            continue
+        out.add(pid)
+        todo.extend(tree.get(pid, []))
+    return out
+
+
+def _cpu_ticks(pid: int) -> int:
+    """utime + stime of the process plus what its reaped children used (cutime + cstime)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return sum(int(fields[i]) for i in (11, 12, 13, 14))
+
+
+def _per_process(pids: set[int]) -> dict[int, tuple[str, int]]:
+    out = {}
+    for pid in pids:
+        try:
+            name = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:90]
+        except OSError:
+            continue
+        out[pid] = (name, _cpu_ticks(pid))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--settle", type=float, default=20)
+    parser.add_argument("--port-offset", type=int, default=21000)
+    args = parser.parse_args()
+
+    local = Path(tempfile.mkdtemp(prefix="crm-idle-"))
+    os.chmod(local, 0o755)
+    offset = args.port_offset
+    env = {
+        **os.environ,
+        "CRM_LOCAL_DIR": str(local),
+        "CRM_PORT_OFFSET": str(offset),
+        "CRM_PG_PORT": str(55432 + offset % 5000),
+        "CRM_BROKER_PORT": str(19092 + offset % 5000),
+        "CRM_LOG_JSON": "false",
+    }
+    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    stack = subprocess.Popen(
+        [sys.executable, "-m", "crm_common.devstack", "run"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    ports = [8001 + offset + i for i in range(5)]
+    try:
+        deadline = time.monotonic() + 180
+        for port in ports:
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if stack.poll() is not None:
+                    raise SystemExit(f"the devstack exited with {stack.returncode}")
+                time.sleep(0.5)
+            else:
+                raise SystemExit(f"service on port {port} not ready within 180 s")
+        print(f"platform ready; settling {args.settle:.0f} s, then measuring {args.seconds:.0f} s idle", flush=True)
+        time.sleep(args.settle)
+        postmaster = int((local / "pg" / "postmaster.pid").read_text().split()[0])
+        roots = [stack.pid, postmaster]
+        before = _per_process(_descendants(roots))
+        started = time.monotonic()
+        time.sleep(args.seconds)
+        after = _per_process(_descendants(roots))
+        elapsed = time.monotonic() - started
+        used: dict[str, float] = {}
+        for pid, (name, ticks) in after.items():
+            delta = ticks - before.get(pid, (name, 0))[1]
+            label = name.split(" -m ", 1)[-1] if " -m " in name else name
+            used[label] = used.get(label, 0.0) + delta / TICKS
+        for label, seconds in sorted(used.items(), key=lambda kv: -kv[1])[:12]:
+            print(f"  {100 * seconds / elapsed:6.2f} %  {label}")
+        total = 100 * sum(used.values()) / elapsed
+        print(f"BENCH idle_cpu_percent {total:.2f} target=3 ratio={total / 3:.2f}")
+    finally:
+        stack.send_signal(signal.SIGTERM)
+        try:
+            stack.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(stack.pid, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    main()
