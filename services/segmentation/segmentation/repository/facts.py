@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import date, datetime
 from decimal import Decimal
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Text, any_, bindparam, select, text
@@ -219,7 +220,8 @@ class FactRepository:
         cheapest way in for plain inserts of many rows, with nothing to parse on the server."""
         connection = await self.session.connection()
         raw = await connection.get_raw_connection()
-        records = [tuple(row[c] for c in columns) for row in rows]
+        record = itemgetter(*columns)
+        records = [record(row) for row in rows]
         await raw.driver_connection.copy_records_to_table(table, records=records, columns=columns)  # type: ignore[union-attr]
 
     async def insert_refunds(self, facts: Sequence[RefundFact]) -> None:
