@@ -187,9 +187,11 @@ class MembershipRepository:
         if not await self.apply(rules, now=now, customer_ids=None):
             return out
         keys = {r.id: r.key for r in rules}
+        # Filtered on (segment_id, at) as well, so its index serves the count even while the
+        # table's statistics predate the rows a large pass just wrote.
         rows = await self.session.execute(
             select(_log.segment_id, _log.change, func.count().label("n"))
-            .where(_log.id > since)
+            .where(_log.segment_id.in_(list(keys)), _log.at == now, _log.id > since)
             .group_by(_log.segment_id, _log.change)
         )
         for row in rows:
