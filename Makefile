@@ -25,7 +25,8 @@ bench: bootstrap
 
 lint: bootstrap
 	.venv/bin/ruff check libs services tests bench
-	.venv/bin/mypy libs/common/crm_common
+	.venv/bin/mypy libs/common/crm_common services/ingest/ingest services/loyalty/loyalty services/notifier/notifier \
+		services/offers/offers services/segmentation/segmentation
 
 fmt: bootstrap
 	.venv/bin/ruff format libs services tests bench

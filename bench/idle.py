@@ -92,12 +92,13 @@ def main() -> None:
         "CRM_LOG_JSON": "false",
     }
     env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    log = open(local / "devstack.log", "wb")
     stack = subprocess.Popen(
         [sys.executable, "-m", "crm_common.devstack", "run"],
         cwd=ROOT,
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     ports = [8001 + offset + i for i in range(5)]
@@ -111,7 +112,8 @@ def main() -> None:
                 except httpx.HTTPError:
                     pass
                 if stack.poll() is not None:
-                    raise SystemExit(f"the devstack exited with {stack.returncode}")
+                    tail = (local / "devstack.log").read_text(errors="replace")[-3000:]
+                    raise SystemExit(f"the devstack exited with {stack.returncode}:\n{tail}")
                 time.sleep(0.5)
             else:
                 raise SystemExit(f"service on port {port} not ready within 180 s")

@@ -1,8 +1,8 @@
 """Benchmark: the notifier's dispatcher sending SMS to a loopback HTTP provider.
 
-Starts its own PostgreSQL and a fake SMS provider in a separate process (so the provider does not
-compete for this process's interpreter), records N pending messages through the same domain
-function the consumer uses, then measures:
+Starts its own PostgreSQL and the loopback SMS provider (crm_common.sinks) in a separate process
+(so the provider does not compete for this process's interpreter), records N pending messages
+through the same domain function the consumer uses, then measures:
 
 * bare: a plain httpx loop posting the same JSON to the same provider with the same concurrency
   (the reference of the ratio); the same loop on aiohttp, the notifier's own HTTP client, is
@@ -260,7 +260,7 @@ def main() -> None:
         pg = PostgresServer(Path(tmp) / "pg", free_port(), durable=False)
         pg.start()
         port = free_port()
-        fake = subprocess.Popen([sys.executable, "-m", "notifier.fakes", "--port", str(port)])
+        fake = subprocess.Popen([sys.executable, "-m", "crm_common.sinks", "--port", str(port)])
         try:
             deadline = time.monotonic() + 15
             while not port_open("127.0.0.1", port):

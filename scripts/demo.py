@@ -122,19 +122,20 @@ def post_events(client: httpx.Client, events: list[dict[str, Any]]) -> tuple[int
 
 def wait_drained(client: httpx.Client, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
+    from crm_common.devstack import pipeline_pending
+
     while time.monotonic() < deadline:
-        pending = 0
+        pending: list[str] = []
         for base in (INGEST, SEGMENTATION, LOYALTY, NOTIFIER):
             try:
                 r = client.get(f"{base}/v1/ops/pipeline")
             except httpx.HTTPError:
+                pending.append(f"{base}: not answering")
                 continue
             if r.status_code == 401:
                 raise SystemExit(f"{base} refused the API key (401): set CRM_DEMO_API_KEY to a key of CRM_API_KEYS")
-            doc = r.json()
-            pending += max(0, doc.get("outbox_backlog") or 0)
-            pending += sum(max(0, c.get("lag") or 0) for c in doc.get("consumers", []))
-        if pending == 0:
+            pending += pipeline_pending(base, r.json())
+        if not pending:
             return
         time.sleep(0.5)
     say("  (pipeline still busy after the wait; figures below may be partial)")

@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest_asyncio
 
+from crm_common.testing.helpers import stack_settings
+
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def app_settings(broker, make_database, topic_prefix) -> Callable[..., Awaitable[Any]]:
@@ -14,14 +16,9 @@ async def app_settings(broker, make_database, topic_prefix) -> Callable[..., Awa
     or sweeps running: `await app_settings(LoyaltySettings, max_request_bytes=...)`."""
 
     async def _make(settings_cls: type, **overrides: Any) -> Any:
-        return settings_cls(
-            database_url=await make_database(settings_cls().service_name),
-            kafka_bootstrap_servers=broker.bootstrap,
-            topic_prefix=topic_prefix,
-            consumers_enabled=False,
-            sweeps_enabled=False,
-            log_json=False,
-            **overrides,
+        url = await make_database(settings_cls().service_name)
+        return stack_settings(
+            settings_cls, database_url=url, bootstrap=broker.bootstrap, topic_prefix=topic_prefix, **overrides
         )
 
     return _make

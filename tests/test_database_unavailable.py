@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from crm_common.infra import free_port
-from crm_common.testing.helpers import run_app
+from crm_common.testing.helpers import run_app, stack_settings
 from loyalty.app import create_app as loyalty_app
 from loyalty.settings import Settings as LoyaltySettings
 from notifier.app import create_app as notifier_app
@@ -28,13 +28,7 @@ CASES = [
 @pytest.mark.parametrize(("factory", "settings_cls", "method", "path", "body"), CASES)
 async def test_requests_get_503_while_the_database_is_unreachable(factory, settings_cls, method, path, body, broker):
     dead = f"postgresql+asyncpg://crm:crm@127.0.0.1:{free_port()}/nothing"
-    settings = settings_cls(
-        database_url=dead,
-        kafka_bootstrap_servers=broker.bootstrap,
-        consumers_enabled=False,
-        sweeps_enabled=False,
-        log_json=False,
-    )
+    settings = stack_settings(settings_cls, database_url=dead, bootstrap=broker.bootstrap)
     async with run_app(factory(settings)) as client:
         r = await client.request(method, path, json=body)
         assert r.status_code == 503, r.text

@@ -7,11 +7,9 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-import pytest_asyncio
-from aiosmtpd.controller import Controller
+import pytest
 
-from crm_common.infra import free_port
-from crm_common.testing.helpers import Mailbox, eventually, run_app
+from crm_common.testing.helpers import eventually, run_app, smtp_mailbox, stack_settings
 from ingest.app import create_app as ingest_app
 from ingest.keys import ensure_bootstrap_key
 from ingest.settings import Settings as IngestSettings
@@ -21,25 +19,23 @@ from notifier.app import create_app as notifier_app
 from notifier.settings import Settings as NotifierSettings
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def mailbox():
-    box = Mailbox()
-    port = free_port()
-    controller = Controller(box, hostname="127.0.0.1", port=port)
-    controller.start()
-    yield box, port
-    controller.stop()
+@pytest.fixture
+def mailbox():
+    with smtp_mailbox() as (box, port):
+        yield box, port
 
 
-def common(url: str, broker: Any, prefix: str) -> dict[str, Any]:
-    return {
-        "database_url": url,
-        "kafka_bootstrap_servers": broker.bootstrap,
-        "topic_prefix": prefix,
-        "log_json": False,
-        "sweeps_enabled": False,
-        "kafka_consumer_batch_timeout_ms": 100,
-    }
+def on_stack(settings_cls: type, url: str, broker: Any, prefix: str, **overrides: Any) -> Any:
+    """The service with its consumers running, on the test stack."""
+    return stack_settings(
+        settings_cls,
+        database_url=url,
+        bootstrap=broker.bootstrap,
+        topic_prefix=prefix,
+        consumers_enabled=True,
+        kafka_consumer_batch_timeout_ms=100,
+        **overrides,
+    )
 
 
 async def test_points_expiry_reminder_travels_from_pos_event_to_an_email(
@@ -48,11 +44,14 @@ async def test_points_expiry_reminder_travels_from_pos_event_to_an_email(
     box, smtp_port = mailbox
     ingest_url = await make_database("ingest")
     await ensure_bootstrap_key(ingest_url, "e2e-key")
-    ingest = ingest_app(IngestSettings(**common(ingest_url, broker, topic_prefix)), clock=clock)
-    loyalty = loyalty_app(LoyaltySettings(**common(await make_database("loyalty"), broker, topic_prefix)), clock=clock)
+    ingest = ingest_app(on_stack(IngestSettings, ingest_url, broker, topic_prefix), clock=clock)
+    loyalty = loyalty_app(on_stack(LoyaltySettings, await make_database("loyalty"), broker, topic_prefix), clock=clock)
     notifier = notifier_app(
-        NotifierSettings(
-            **common(await make_database("notifier"), broker, topic_prefix),
+        on_stack(
+            NotifierSettings,
+            await make_database("notifier"),
+            broker,
+            topic_prefix,
             smtp_port=smtp_port,
             public_base_url="http://test",
             dispatch_poll_interval_s=0.1,

@@ -11,7 +11,10 @@ Rules it keeps (ARCHITECTURE.md "runtime rules"):
 * a commit during a rebalance may fail with CommitFailedError; the redelivery that follows is
   deduplicated by the inbox, so it is logged and ignored;
 * on revocation the in-flight batch finishes and its offsets are committed before the
-  partitions are given up.
+  partitions are given up;
+* lag is the group's lag (every partition of the topics, log end minus the group's committed
+  offset), asked through a client of its own that never joins the group, so a member that holds
+  nothing during a rebalance never makes the pipeline look drained.
 """
 
 from __future__ import annotations
@@ -21,12 +24,18 @@ import logging
 import random
 import time
 import traceback
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.consumer.group_coordinator import ConnectionGroup
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, OffsetOutOfRangeError
+from aiokafka.protocol.admin import DescribeGroupsRequest
+from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.structs import OffsetAndMetadata
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -68,17 +77,44 @@ class ConsumerStats:
     committed: dict[TopicPartition, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class GroupLag:
+    """Messages of the subscribed topics the group has not committed, in total and by partition."""
+
+    total: int
+    by_partition: dict[TopicPartition, int]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupState:
+    """The group as the coordinator describes it; `unowned` is None where it cannot be known."""
+
+    state: str
+    members: int
+    partitions: int
+    unowned: int | None
+
+    @property
+    def rebalancing(self) -> bool:
+        # Tansu names the states between a join and a sync "Unknown" and "Assigning"; Kafka says
+        # PreparingRebalance and CompletingRebalance. Only Stable (or Empty) is not moving.
+        return self.state not in ("Stable", "Empty")
+
+
 class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, runner: ConsumerRunner) -> None:
         self.runner = runner
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.runner._assignment = None
         # Wait for the batch in flight, then commit what it applied, before giving partitions up.
         async with self.runner._batch_lock:
             await self.runner._commit_pending()
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.runner._pending.clear()
+        self.runner._assignment = frozenset(assigned)
+        metrics.CONSUMER_PARTITIONS.labels(self.runner.name).set(len(assigned))
 
 
 class ConsumerRunner:
@@ -102,6 +138,9 @@ class ConsumerRunner:
         max_poll_interval_ms: int = 300_000,
         auto_offset_reset: str = "earliest",
         session_timeout_ms: int = 10_000,
+        idle_after_s: float = 5.0,
+        idle_fetch_wait_ms: int = 1_000,
+        lag_refresh_s: float = 5.0,
         clock: Clock | None = None,
     ) -> None:
         self.name = name
@@ -119,6 +158,9 @@ class ConsumerRunner:
         self.max_poll_interval_ms = max_poll_interval_ms
         self.auto_offset_reset = auto_offset_reset
         self.session_timeout_ms = session_timeout_ms
+        self.idle_after_s = idle_after_s
+        self.idle_fetch_wait_ms = idle_fetch_wait_ms
+        self.lag_refresh_s = lag_refresh_s
         self.clock = clock or SystemClock()
         self.stats = ConsumerStats()
         self.consumer: AIOKafkaConsumer | None = None
@@ -128,11 +170,34 @@ class ConsumerRunner:
         self._task: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
         self._transient_streak = 0
+        # None while the member is not in a settled generation (starting, rebalancing, crashed).
+        self._assignment: frozenset[TopicPartition] | None = None
+        self.last_batch_at: datetime | None = None
+        self._lag_client: AIOKafkaConsumer | None = None
+        self._lag_lock = asyncio.Lock()
+        self._lag_task: asyncio.Task[None] | None = None
+        self._log_end_cache: dict[TopicPartition, tuple[int, int]] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"consumer:{self.name}")
+        if self.lag_refresh_s > 0:
+            self._lag_task = asyncio.create_task(self._refresh_lag(), name=f"consumer-lag:{self.name}")
+
+    @property
+    def started(self) -> bool:
+        return self._task is not None
+
+    @property
+    def assigned(self) -> bool:
+        """True once the member holds an assignment of a settled generation (possibly empty)."""
+        return self._assignment is not None
+
+    @property
+    def partitions(self) -> frozenset[TopicPartition]:
+        """The partitions this member holds right now (none while rebalancing)."""
+        return self._assignment or frozenset()
 
     async def wait_started(self, timeout: float = 30) -> None:
         await asyncio.wait_for(self._started.wait(), timeout)
@@ -147,6 +212,13 @@ class ConsumerRunner:
                 self._task.cancel()
             except Exception:  # already logged by _run
                 pass
+        if self._lag_task:
+            self._lag_task.cancel()
+            await asyncio.gather(self._lag_task, return_exceptions=True)
+        async with self._lag_lock:
+            if self._lag_client is not None:
+                await self._lag_client.stop()
+                self._lag_client = None
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
@@ -155,6 +227,7 @@ class ConsumerRunner:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                self._assignment = None
                 log.exception("consumer %s crashed; restarting in 1 s", self.name)
                 await asyncio.sleep(1)
 
@@ -175,12 +248,22 @@ class ConsumerRunner:
         consumer.subscribe(self.topics, listener=_Rebalance(self))
         await consumer.start()
         self._started.set()
+        idle_since: float | None = None
+        wait_ms = self.batch_timeout_ms
         try:
             while not self._stopping.is_set():
-                batch = await consumer.getmany(timeout_ms=self.batch_timeout_ms, max_records=self.batch_max)
-                self._export_lag(consumer)
+                # getmany returns as soon as records are there: a longer wait while idle costs no latency.
+                batch = await consumer.getmany(timeout_ms=wait_ms, max_records=self.batch_max)
                 if not batch:
+                    idle_since = idle_since or time.monotonic()
+                    if time.monotonic() - idle_since > self.idle_after_s:
+                        self._long_poll(consumer, True)
+                        wait_ms = self.idle_fetch_wait_ms
                     continue
+                if idle_since is not None:
+                    idle_since = None
+                    self._long_poll(consumer, False)
+                    wait_ms = self.batch_timeout_ms
                 async with self._batch_lock:
                     await self._process(consumer, batch)
                     await self._commit_pending()
@@ -189,6 +272,17 @@ class ConsumerRunner:
                 await self._commit_pending()
             await consumer.stop()
             self.consumer = None
+            self._assignment = None
+            metrics.CONSUMER_PARTITIONS.labels(self.name).set(0)
+
+    def _long_poll(self, consumer: AIOKafkaConsumer, idle: bool) -> None:
+        """Let the broker hold fetches longer while the topics are quiet, and shorter again once
+        messages flow: an idle platform then costs the broker a fetch a second per member
+        instead of five, and only the first message after a quiet spell waits a little longer.
+        aiokafka reads the fetch wait for every request it builds; it has no public setter."""
+        fetcher = getattr(consumer, "_fetcher", None)
+        if fetcher is not None and hasattr(fetcher, "_fetch_max_wait_ms"):
+            fetcher._fetch_max_wait_ms = self.idle_fetch_wait_ms if idle else self.batch_timeout_ms
 
     # -- processing ----------------------------------------------------------------------------
 
@@ -224,6 +318,7 @@ class ConsumerRunner:
         for tp, msgs in batch.items():
             self._pending[tp] = msgs[-1].offset + 1
         self.stats.batches += 1
+        self.last_batch_at = self.clock.now()
         metrics.CONSUMER_BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - started)
 
     async def _rewind(
@@ -366,29 +461,147 @@ class ConsumerRunner:
             log.warning("consumer %s: commit failed (%r); will be redelivered and deduplicated", self.name, exc)
         self._pending.clear()
 
-    def _export_lag(self, consumer: AIOKafkaConsumer) -> None:
-        for tp in consumer.assignment():
-            hw = consumer.highwater(tp)
-            if hw is None:
-                continue
-            committed = self.stats.committed.get(tp)
-            if committed is None:
-                continue
-            metrics.CONSUMER_LAG.labels(self.name, tp.topic, str(tp.partition)).set(max(0, hw - committed))
+    async def _lag_consumer(self) -> AIOKafkaConsumer:
+        """The runner's own client for lag queries: it has the group id but never subscribes, so
+        it never joins the group (no rebalance), and it answers while the member is rebalancing."""
+        if self._lag_client is None:
+            client = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap_servers,
+                group_id=self.group_id,
+                client_id=f"{self.name}-lag",
+                enable_auto_commit=False,
+                request_timeout_ms=10_000,
+            )
+            try:
+                await client.start()
+            except BaseException:
+                await client.stop()
+                raise
+            self._lag_client = client
+        return self._lag_client
+
+    async def _topic_partitions(self, client: AIOKafkaConsumer) -> list[TopicPartition]:
+        out: list[TopicPartition] = []
+        for topic in self.topics:
+            parts = client.partitions_for_topic(topic)
+            if not parts:
+                await client._client.force_metadata_update()
+                parts = client.partitions_for_topic(topic) or set()
+            out.extend(TopicPartition(topic, p) for p in sorted(parts))
+        return out
+
+    async def _log_ends(self, client: AIOKafkaConsumer, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """The log end offset (high-water mark) of each partition.
+
+        Tansu 0.6 answers ListOffsets(latest) with the base offset of the last record batch plus
+        one, not the log end: after one batch of 10 it says 1. A fetch from that batch's base
+        offset returns only that batch and, in its header, the true high-water mark; on Kafka both
+        agree. So: ListOffsets, then one small fetch per leader for the partitions whose answer
+        changed since the last call (an unchanged answer means no batch was appended, on either
+        broker). A partition whose end cannot be confirmed makes the lag unknown, never smaller.
+        """
+        listed = await client.end_offsets(tps)
+        ends: dict[TopicPartition, int] = {}
+        by_leader: dict[int, dict[str, list[tuple[int, int, int]]]] = defaultdict(lambda: defaultdict(list))
+        for tp in tps:
+            cached = self._log_end_cache.get(tp)
+            if listed[tp] == 0:
+                ends[tp] = 0
+            elif cached is not None and cached[0] == listed[tp]:
+                ends[tp] = cached[1]
+            else:
+                leader = client._client.cluster.leader_for_partition(tp)
+                if leader is not None and leader >= 0:
+                    by_leader[leader][tp.topic].append((tp.partition, listed[tp] - 1, 1))
+        requests = [
+            client._client.send(leader, FetchRequest(100, 1, 1 << 20, 0, list(topics.items())))
+            for leader, topics in by_leader.items()
+        ]
+        for response in await asyncio.gather(*requests):
+            for topic, partitions in response.topics:
+                for partition, error_code, highwater, *_ in partitions:
+                    tp = TopicPartition(topic, partition)
+                    if tp not in listed:
+                        continue
+                    if error_code == 0:
+                        ends[tp] = max(listed[tp], highwater)
+                    elif error_code == OffsetOutOfRangeError.errno:
+                        # Only Kafka gets here (retention emptied the partition), and its
+                        # ListOffsets is the log end.
+                        ends[tp] = listed[tp]
+                    else:
+                        continue
+                    self._log_end_cache[tp] = (listed[tp], ends[tp])
+        unknown = [tp for tp in tps if tp not in ends]
+        if unknown:
+            raise KafkaError(f"log end of {len(unknown)} partitions not confirmed (e.g. {unknown[0]})")
+        return ends
+
+    async def group_lag(self) -> GroupLag:
+        """The group's lag: for every partition of the topics, log end minus the group's committed
+        offset (log start where it has none), whichever member holds it, or none."""
+        async with self._lag_lock:
+            client = await self._lag_consumer()
+            tps = await self._topic_partitions(client)
+            ends = await self._log_ends(client, tps)
+            # One OffsetFetch for all partitions (what `committed()` sends for one); the coordinator
+            # answers for any partition of the group, held by this member or not.
+            committed = {
+                tp: meta.offset for tp, meta in (await client._coordinator.fetch_committed_offsets(tps)).items()
+            }
+            missing = [tp for tp in tps if committed.get(tp, -1) < 0]
+            if missing:
+                committed.update(await client.beginning_offsets(missing))
+        by_partition = {tp: max(0, ends[tp] - committed[tp]) for tp in tps}
+        for tp, lag in by_partition.items():
+            metrics.CONSUMER_LAG.labels(self.name, tp.topic, str(tp.partition)).set(lag)
+        return GroupLag(total=sum(by_partition.values()), by_partition=by_partition)
 
     async def lag(self) -> int:
-        """Messages on the subscribed topics not yet committed by this group (high-water minus committed)."""
-        consumer = self.consumer
-        if consumer is None:
-            return 0
-        total = 0
-        parts = consumer.assignment()
-        if not parts:
-            return 0
-        ends = await consumer.end_offsets(list(parts))
-        for tp in parts:
-            committed = self.stats.committed.get(tp)
-            if committed is None:
-                committed = await consumer.committed(tp) or 0
-            total += max(0, ends[tp] - committed)
-        return total
+        """Messages of the subscribed topics not yet committed by this group (see `group_lag`)."""
+        return (await self.group_lag()).total
+
+    async def group_state(self) -> GroupState:
+        """The group's state and members as the coordinator says, and its partitions nobody holds
+        (known when the broker reports assignments, or when this member is the only one)."""
+        async with self._lag_lock:
+            client = await self._lag_consumer()
+            tps = await self._topic_partitions(client)
+            coordinator = client._coordinator
+            await coordinator.ensure_coordinator_known()
+            response = await client._client.send(
+                coordinator.coordinator_id, DescribeGroupsRequest([self.group_id]), group=ConnectionGroup.COORDINATION
+            )
+        # (error_code, group, state, protocol_type, protocol, members[, authorized_operations]);
+        # a member is (member_id, client_id, client_host, member_metadata, member_assignment).
+        group = response.groups[0]
+        state, members = group[2], group[5]
+        held: set[TopicPartition] | None = set()
+        for member in members:
+            if not member[4] or held is None:
+                held = None
+                continue
+            decoded = ConsumerProtocolMemberAssignment.decode(member[4])
+            held.update(TopicPartition(topic, p) for topic, parts in decoded.assignment for p in parts)
+        member_id = getattr(self.consumer._coordinator, "member_id", None) if self.consumer else None
+        if held is None and [m[0] for m in members] == [member_id]:
+            # Tansu reports no assignments; when this member is the group, its own are the group's.
+            held = set(self.partitions)
+        unowned = None if held is None else len(set(tps) - held)
+        if not members:
+            unowned = len(tps)
+        return GroupState(state=state, members=len(members), partitions=len(tps), unowned=unowned)
+
+    async def _refresh_lag(self) -> None:
+        """Keep the lag gauge current for the scraper even when nobody asks /v1/ops/pipeline."""
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self.group_lag(), 10)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("consumer %s: lag not read (%r)", self.name, exc)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.lag_refresh_s)
+            except TimeoutError:
+                pass

@@ -5,8 +5,9 @@ CRM_BROKER_PORT, default 19092) unless KAFKA_BOOTSTRAP_SERVERS is set, creates o
 service (unless <SERVICE>_DATABASE_URL points elsewhere), the topics, runs migrations, creates the
 bootstrap API key and starts the five services. The other four services accept the same key
 (CRM_API_KEYS is set to it unless already set), so one `Authorization: Bearer` header works
-everywhere. Ctrl-C or `make stop` stops it cleanly: the pipeline is drained (bounded) before the
-broker goes away.
+everywhere. Ctrl-C or `make stop` stops it cleanly: the pipeline is drained before the broker
+goes away (group lag 0 for every consumer, every member assigned, outboxes empty; at most
+CRM_DRAIN_TIMEOUT_S, default 60 s, and it says what it waits for).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -33,6 +36,8 @@ SERVICES = list(SERVICE_PORTS)
 # CRM_PORT_OFFSET moves the five HTTP ports together (e.g. 10000 -> 18001..18005).
 PORT_OFFSET = int(os.environ.get("CRM_PORT_OFFSET", "0"))
 PORTS = {service: port + PORT_OFFSET for service, port in SERVICE_PORTS.items()}
+# How long a stop waits for the pipeline to drain before it stops the broker anyway.
+DRAIN_TIMEOUT_S = float(os.environ.get("CRM_DRAIN_TIMEOUT_S", "60"))
 
 
 def _say(msg: str) -> None:
@@ -55,27 +60,96 @@ def _ops_key(env: dict[str, str], bootstrap_key: str) -> str | None:
     return next((e for e in entries if not e.lower().startswith("sha256:")), None)
 
 
-async def _drain(api_key: str | None, timeout: float = 30) -> None:
-    """Wait until every consumer's lag and every outbox is empty (bounded)."""
-    deadline = time.monotonic() + timeout
+def pipeline_pending(service: str, doc: Mapping[str, Any]) -> list[str]:
+    """What keeps one service's `/v1/ops/pipeline` answer from being drained; empty when drained.
+
+    Drained means: the group lag of every consumer is 0 (unknown is not 0), every started member
+    holds a settled assignment, no group is rebalancing or has partitions nobody holds, and the
+    outbox is empty.
+    """
+    waits: list[str] = []
+    backlog = doc.get("outbox_backlog")
+    if not isinstance(backlog, int) or backlog < 0:
+        waits.append(f"{service}: outbox backlog unknown")
+    elif backlog:
+        waits.append(f"{service}: outbox {backlog}")
+    for c in doc.get("consumers", []):
+        name = f"{service}/{c.get('name')}"
+        lag = c.get("lag")
+        group = c.get("group") or {}
+        if not isinstance(lag, int):
+            waits.append(f"{name}: lag unknown")
+        elif lag:
+            held = ""
+            if "partitions" in group:
+                held = f" (this member holds {c.get('partitions')} of {group['partitions']} partitions)"
+            waits.append(f"{name}: lag {lag}{held}")
+        if c.get("enabled", True) and not c.get("assigned"):
+            waits.append(f"{name}: member not assigned")
+        if group.get("rebalancing"):
+            waits.append(f"{name}: group {group.get('state')} (rebalancing)")
+        if group.get("unowned_partitions"):
+            waits.append(f"{name}: {group['unowned_partitions']} partitions unowned")
+    return waits
+
+
+async def drain(
+    ports: Mapping[str, int],
+    api_key: str | None,
+    *,
+    timeout: float,
+    alive: Callable[[str], bool] | None = None,
+    say: Callable[[str], None] = _say,
+    interval: float = 0.5,
+    report_every: float = 2.0,
+) -> bool:
+    """Wait until every service's pipeline is drained (`pipeline_pending`) in two passes in a row,
+    at most `timeout` s.
+
+    Says what it waits for every `report_every` s, and what was left if it gives up. A service
+    that does not answer is waited for, unless `alive(service)` says its process is gone.
+    Returns whether the pipeline drained.
+    """
+    started = time.monotonic()
+    deadline = started + timeout
+    last_report = started
+    clean = 0
+    gone: set[str] = set()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with httpx.AsyncClient(timeout=5, headers=headers) as client:
-        while time.monotonic() < deadline:
-            pending = 0
-            for port in PORTS.values():
+    async with httpx.AsyncClient(timeout=10, headers=headers) as client:
+        while True:
+            waits: list[str] = []
+            for service, port in ports.items():
+                if service in gone:
+                    continue
                 try:
                     r = await client.get(f"http://127.0.0.1:{port}/v1/ops/pipeline")
-                    r.raise_for_status()
-                    doc = r.json()
-                except Exception:
+                except httpx.HTTPError as exc:
+                    if alive is not None and not alive(service):
+                        gone.add(service)
+                        say(f"{service} is not running: what it had not applied stays in the broker")
+                    else:
+                        waits.append(f"{service}: not answering ({type(exc).__name__})")
                     continue
-                pending += max(0, doc.get("outbox_backlog") or 0)
-                pending += sum(max(0, c.get("lag") or 0) for c in doc.get("consumers", []))
-            if pending == 0:
-                _say("pipeline drained")
-                return
-            await asyncio.sleep(0.5)
-    _say("pipeline not fully drained within the bound; ingest replay can re-publish what is left")
+                if r.status_code != 200:
+                    waits.append(f"{service}: /v1/ops/pipeline answered {r.status_code}")
+                    continue
+                waits.extend(pipeline_pending(service, r.json()))
+            now = time.monotonic()
+            # Two clean passes in a row: a service read early in a pass may be sent a message by an
+            # outbox read later in it (notifier's deliveries go back to segmentation).
+            clean = clean + 1 if not waits else 0
+            if clean >= 2:
+                say(f"pipeline drained in {now - started:.1f} s")
+                return True
+            if waits and now >= deadline:
+                say(f"pipeline not drained within {timeout:.0f} s; left: {'; '.join(waits)}")
+                say("ingest replay can re-publish what is left")
+                return False
+            if waits and now - last_report >= report_every:
+                say(f"draining, waiting for: {'; '.join(waits)}")
+                last_report = now
+            await asyncio.sleep(interval)
 
 
 def _start_sinks(env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
@@ -114,7 +188,7 @@ def _start_sinks(env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
         port += PORT_OFFSET
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "notifier.fakes", "--port", str(port)],
+                [sys.executable, "-m", "crm_common.sinks", "--port", str(port)],
                 env=env,
                 start_new_session=True,
                 stdout=subprocess.DEVNULL,
@@ -214,7 +288,9 @@ def run() -> None:
     finally:
         _say("stopping: draining the pipeline")
         try:
-            asyncio.run(_drain(ops_key))
+            asyncio.run(
+                drain(PORTS, ops_key, timeout=DRAIN_TIMEOUT_S, alive=lambda service: procs[service].poll() is None)
+            )
         except Exception as exc:
             _say(f"drain failed: {exc!r}")
         for proc in [*procs.values(), *sinks]:
@@ -244,11 +320,11 @@ def stop() -> None:
         PID_FILE.unlink(missing_ok=True)
         _say("not running")
         return
-    for _ in range(120):
-        if not PID_FILE.exists():
-            break
+    # The drain, then up to 35 s for the services to stop, then the broker and PostgreSQL.
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S + 60
+    while PID_FILE.exists() and time.monotonic() < deadline:
         time.sleep(0.5)
-    _say("stop requested")
+    _say("stopped" if not PID_FILE.exists() else "stop requested; still stopping")
 
 
 def main() -> None:

@@ -9,7 +9,16 @@ CONSUMER_RETRIES = Counter(
     "crm_consumer_batch_retries_total", "Batches rewound after a transient failure", ["consumer"]
 )
 CONSUMER_BATCH_SECONDS = Histogram("crm_consumer_batch_seconds", "Time to apply one batch", ["consumer"])
-CONSUMER_LAG = Gauge("crm_consumer_lag", "High-water mark minus committed offset", ["consumer", "topic", "partition"])
+# The group's lag, whichever member holds the partition (or none, during a rebalance): log end
+# minus the group's committed offset, from the log start where the group never committed.
+CONSUMER_LAG = Gauge(
+    "crm_consumer_lag",
+    "Messages of the partition not yet committed by the consumer group (log end minus committed offset)",
+    ["consumer", "topic", "partition"],
+)
+CONSUMER_PARTITIONS = Gauge(
+    "crm_consumer_assigned_partitions", "Partitions this member holds (0 while it rebalances)", ["consumer"]
+)
 OUTBOX_PUBLISHED = Counter("crm_outbox_published_total", "Messages published by an outbox relay", ["relay"])
 OUTBOX_BACKLOG = Gauge("crm_outbox_backlog", "Messages waiting in an outbox after the last relay pass", ["relay"])
 HTTP_REQUESTS = Counter("crm_http_requests_total", "HTTP requests", ["service", "method", "status"])

@@ -20,14 +20,14 @@ from fastapi.responses import ORJSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from crm_common import metrics
+from crm_common import metrics, retention
 from crm_common.auth import ApiKeys, api_key_dependency
 from crm_common.clock import Clock, SystemClock
 from crm_common.consumer import BatchHandler, ConsumerRunner
 from crm_common.db import create_engine, create_sessionmaker
 from crm_common.errors import NotFound, error_body, install_error_handlers, is_transient
+from crm_common.http import BodyLimitMiddleware
 from crm_common.kafka import make_producer
 from crm_common.logging import configure_logging
 from crm_common.notify import OUTBOX_CHANNEL, Listener
@@ -81,6 +81,7 @@ class ServiceRuntime:
         self._stopping = asyncio.Event()
         # Workers that need the broker start once the producer is up; the others at once.
         self._kafka_workers: set[str] = set()
+        self.add_sweep(retention.INBOX_SWEEP, settings.retention_sweep_interval_s, retention.inbox_sweep(settings))
 
     def topic(self, name: str) -> str:
         """The physical topic name (a prefix isolates tests and tenants sharing one broker)."""
@@ -101,6 +102,8 @@ class ServiceRuntime:
             group_id=group_id or f"{s.topic_prefix}{name}",
             batch_max=s.kafka_consumer_batch_max,
             batch_timeout_ms=s.kafka_consumer_batch_timeout_ms,
+            idle_after_s=s.kafka_consumer_idle_after_s,
+            idle_fetch_wait_ms=s.kafka_consumer_idle_fetch_wait_ms,
             max_retries=s.consumer_max_retries,
             retry_backoff_ms=s.consumer_retry_backoff_ms,
             max_poll_interval_ms=s.kafka_max_poll_interval_ms,
@@ -149,6 +152,7 @@ class ServiceRuntime:
             needs_broker=True,
             full_batch=relay.batch_size,
             drain_on_stop=True,
+            coalesce_s=s.outbox_coalesce_ms / 1000,
         )
         return relay
 
@@ -306,30 +310,53 @@ def _health_router(service: str) -> APIRouter:
     return router
 
 
+async def _consumer_report(c: ConsumerRunner) -> dict[str, Any]:
+    """One consumer as /v1/ops/pipeline shows it: `lag` is the group's (null: not known now)."""
+    lag: int | None
+    group: dict[str, Any] | None
+    try:
+        lag = await asyncio.wait_for(c.lag(), 5)
+    except Exception:
+        lag = None
+    try:
+        g = await asyncio.wait_for(c.group_state(), 5)
+        group = {
+            "state": g.state,
+            "members": g.members,
+            "partitions": g.partitions,
+            "unowned_partitions": g.unowned,
+            "rebalancing": g.rebalancing,
+        }
+    except Exception:
+        group = None
+    return {
+        "name": c.name,
+        "group_id": c.group_id,
+        "topics": c.topics,
+        "running": c.consumer is not None,
+        "enabled": c.started,
+        "assigned": c.assigned,
+        "partitions": len(c.partitions),
+        "last_batch_at": c.last_batch_at.isoformat() if c.last_batch_at else None,
+        "lag": lag,
+        "group": group,
+        "applied": c.stats.applied,
+        "duplicates": c.stats.duplicates,
+        "dead_lettered": c.stats.dead_lettered,
+        "retries": c.stats.retries,
+    }
+
+
 def _ops_router() -> APIRouter:
     """Pipeline state and sweeps on demand: under /v1, so behind the API key like the service's routes."""
     router = APIRouter(tags=["ops"])
 
-    @router.get("/v1/ops/pipeline", summary="Consumers (lag, applied, dead-lettered) and outbox backlog")
+    @router.get(
+        "/v1/ops/pipeline",
+        summary="Consumers (group lag, assignment, group state, applied, dead-lettered) and outbox backlog",
+    )
     async def pipeline(runtime: RuntimeDep) -> dict[str, Any]:
-        consumers = []
-        for c in runtime.consumers:
-            try:
-                lag: int | None = await asyncio.wait_for(c.lag(), 5)
-            except Exception:
-                lag = None
-            consumers.append(
-                {
-                    "name": c.name,
-                    "topics": c.topics,
-                    "running": c.consumer is not None,
-                    "lag": lag,
-                    "applied": c.stats.applied,
-                    "duplicates": c.stats.duplicates,
-                    "dead_lettered": c.stats.dead_lettered,
-                    "retries": c.stats.retries,
-                }
-            )
+        consumers = await asyncio.gather(*(_consumer_report(c) for c in runtime.consumers))
         backlog = 0
         for r in runtime.relays:
             try:
@@ -350,40 +377,6 @@ def _ops_router() -> APIRouter:
         }
 
     return router
-
-
-class _BodyLimitMiddleware:
-    """Refuse a request body over `limit` bytes: by Content-Length at once, else as it streams in.
-
-    The refusal is an HTTPException raised from `receive`, so the route that reads the body stops
-    there and the JSON error handler answers 413 (nothing is buffered beyond the limit).
-    """
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-        self.message = f"the request body exceeds the limit of {limit} bytes"
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        too_large = declared.isdigit() and int(declared) > self.limit
-        received = 0
-
-        async def limited() -> dict[str, Any]:
-            nonlocal received
-            if too_large:
-                raise StarletteHTTPException(413, self.message)
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise StarletteHTTPException(413, self.message)
-            return message  # type: ignore[no-any-return]
-
-        await self.app(scope, limited, send)
 
 
 class _MetricsMiddleware:
@@ -500,6 +493,6 @@ def create_service_app(
         app.include_router(router, **protected)
     for router in public_routers:
         app.include_router(router)
-    app.add_middleware(_BodyLimitMiddleware, limit=settings.max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(_MetricsMiddleware, service=settings.service_name)
     return app

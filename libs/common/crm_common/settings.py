@@ -38,6 +38,11 @@ class BaseServiceSettings(BaseSettings):
     kafka_topic_partitions: int = shared("KAFKA_TOPIC_PARTITIONS", 12)
     kafka_consumer_batch_max: int = 500
     kafka_consumer_batch_timeout_ms: int = 200
+    # After this long without messages a consumer lets the broker hold its fetches for
+    # kafka_consumer_idle_fetch_wait_ms (fewer requests while idle); the first message after
+    # the quiet spell arrives up to that much later, the rest as usual.
+    kafka_consumer_idle_after_s: float = 5.0
+    kafka_consumer_idle_fetch_wait_ms: int = 1000
     kafka_max_poll_interval_ms: int = 300_000
     consumer_max_retries: int = 5
     consumer_retry_backoff_ms: int = 200
@@ -47,11 +52,22 @@ class BaseServiceSettings(BaseSettings):
     # Relays are woken by the commit that wrote outbox rows (in-process, and by PostgreSQL NOTIFY
     # from other processes); this timer only catches a wake-up that was missed.
     outbox_poll_interval_ms: int = 2000
+    # A woken relay waits this long before its pass, so a burst of commits goes out as one batch.
+    outbox_coalesce_ms: int = 5
     # Wake workers through LISTEN/NOTIFY (one connection per process); off, they use their timers.
     notify_enabled: bool = True
     # The cyclic GC's generation-0 threshold (0 keeps Python's 700): batch handlers allocate many
     # short-lived objects, and a higher threshold saves a few percent of CPU on the hot paths.
     gc_gen0_threshold: int = 50_000
+    # How long the inbox remembers a message id (crm_common.retention deletes older ones). Shared
+    # by every service, because ingest refuses replays reaching further back than this: the
+    # consumers could no longer tell a replayed event from a new one.
+    inbox_retention_days: int = Field(
+        30, ge=1, validation_alias=AliasChoices("CRM_INBOX_RETENTION_DAYS", "crm_inbox_retention_days")
+    )
+    retention_sweep_interval_s: float = 3600
+    # Rows deleted per transaction by retention sweeps.
+    retention_batch_size: int = Field(5000, ge=1)
     outbox_batch_size: int = 1000
     log_level: str = shared("CRM_LOG_LEVEL", "INFO")
     log_json: bool = shared("CRM_LOG_JSON", True)

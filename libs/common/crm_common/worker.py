@@ -39,10 +39,14 @@ class Worker:
         stop_timeout_s: float = 30,
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 5.0,
+        coalesce_s: float = 0.0,
     ) -> None:
         """`full_batch`: a pass that did at least this much runs again at once (there is likely
         more); without it, any pass that did something runs again. `channels`: NOTIFY channels
-        that wake this worker. `run_at_start`: False waits one interval first (a sweep)."""
+        that wake this worker. `run_at_start`: False waits one interval first (a sweep).
+        `coalesce_s`: after a wake-up, wait this long before the pass, so that a burst of
+        commits (say 300 redemptions a second, each waking the relay) is handled by one pass
+        instead of one pass per commit."""
         self.name = name
         self.run_once = run_once
         self.interval_s = interval_s
@@ -53,6 +57,7 @@ class Worker:
         self.stop_timeout_s = stop_timeout_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
+        self.coalesce_s = coalesce_s
         self.passes = 0
         self.failures = 0
         self.last_error: str | None = None
@@ -96,7 +101,9 @@ class Worker:
         try:
             await asyncio.wait_for(self._wake.wait(), seconds)
         except TimeoutError:
-            pass
+            return
+        if self.coalesce_s > 0 and not self._stopping.is_set():
+            await asyncio.sleep(self.coalesce_s)
 
     async def _run(self) -> None:
         streak = 0

@@ -14,7 +14,7 @@ from fastapi import APIRouter
 from crm_common.auth import ApiKeys
 from crm_common.service import create_service_app
 from crm_common.settings import BaseServiceSettings
-from crm_common.testing.helpers import TEST_API_KEY, run_app
+from crm_common.testing.helpers import TEST_API_KEY, run_app, stack_settings
 
 things = APIRouter(prefix="/v1", tags=["things"])
 callbacks = APIRouter(prefix="/v1", tags=["callbacks"])
@@ -47,14 +47,9 @@ def start(make_database, broker) -> Callable[..., Any]:
     async def _start(
         *, headers: dict[str, str] | None = None, require_api_key: bool = True, **settings: Any
     ) -> AsyncIterator[httpx.AsyncClient]:
-        s = BaseServiceSettings(
-            service_name="authtest",
-            database_url=await make_database(),
-            kafka_bootstrap_servers=broker.bootstrap,
-            consumers_enabled=False,
-            sweeps_enabled=False,
-            log_json=False,
-            **settings,
+        url = await make_database()
+        s = stack_settings(
+            BaseServiceSettings, database_url=url, bootstrap=broker.bootstrap, service_name="authtest", **settings
         )
         app = create_service_app(
             settings=s,

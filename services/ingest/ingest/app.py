@@ -15,6 +15,7 @@ from ingest.api import router
 from ingest.keys import KeyCache
 from ingest.ratelimit import RateLimiter
 from ingest.relay import EventArchiveQueue
+from ingest.retention import ARCHIVE_SWEEP, archive_sweep
 from ingest.schemas import EventBatchIn
 from ingest.settings import Settings
 
@@ -42,6 +43,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
                 queue=EventArchiveQueue(),
             )
         )
+        runtime.add_sweep(ARCHIVE_SWEEP, settings.retention_sweep_interval_s, archive_sweep(settings))
 
     app = create_service_app(
         settings=settings,

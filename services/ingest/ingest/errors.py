@@ -29,6 +29,10 @@ class InvalidEvent(InvalidInput):
     """A single posted event failed validation."""
 
 
+class ReplayOutOfReach(InvalidInput):
+    """A replay's `from` is older than the archive keeps or the consumers' inboxes remember."""
+
+
 @asynccontextmanager
 async def database_guard(retry_after_s: int) -> AsyncIterator[None]:
     """Turn "the database cannot be reached" into 503 with Retry-After instead of a 500."""

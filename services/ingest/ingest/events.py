@@ -122,13 +122,15 @@ async def ingest_events(*, session: AsyncSession, source: str, events: list[Any]
     rejected = 0
     for index, data in enumerate(events):
         if not isinstance(data, dict):
-            errors = [{"loc": [], "msg": f"an event must be a JSON object, not {_json_type(data)}"}]
+            errors: list[dict[str, Any]] = [
+                {"loc": [], "msg": f"an event must be a JSON object, not {_json_type(data)}"}
+            ]
             results.append({"index": index, "event_id": None, "status": "rejected", "errors": errors})
             rejected += 1
             continue
         raw_id = data.get("event_id")
         event_id = raw_id if isinstance(raw_id, str) else None
-        errors: list[dict[str, Any]] = []
+        errors = []
         try:
             event = validate_event(data, source=source, now=now)
         except ValidationError as exc:

@@ -20,11 +20,13 @@ from sqlalchemy import (
     func,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, UUID
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from crm_common.db import make_base
+from crm_common.db import service_metadata
 
-Base = make_base()
+
+class Base(DeclarativeBase):
+    metadata = service_metadata()
 
 
 class ApiKey(Base):
@@ -43,7 +45,7 @@ class ApiKey(Base):
 
 
 class ArchivedEvent(Base):
-    """An accepted event, kept forever; `seq` orders publishing, (source, event_id) dedupes."""
+    """An accepted event, kept `archive_retention_days`; `seq` orders publishing, (source, event_id) dedupes."""
 
     __tablename__ = "events"
     seq: Mapped[int] = mapped_column(BigInteger, Identity(always=False), primary_key=True)

@@ -9,7 +9,7 @@ from datetime import datetime
 
 from sqlalchemy import BigInteger, cast, exists, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from ingest.models import ApiKey, ArchivedEvent, PendingBatch
 
@@ -40,6 +40,28 @@ _INSERT_BATCH = text(
 
 # A replay queues its events in rows of this many.
 REPLAY_CHUNK = 1000
+
+# One batch of the archive's retention: events received before :before that are not waiting to
+# be published. No ORDER BY: the BRIN index on received_at finds the old block ranges without
+# walking the whole primary key when (as usual) there is little or nothing to delete.
+_DELETE_ARCHIVED_BATCH = text(
+    """
+    WITH pending AS MATERIALIZED (
+        SELECT unnest(seqs) AS seq FROM event_pending_batches
+    ), doomed AS (
+        SELECT e.seq FROM events e
+        WHERE e.received_at < :before AND NOT EXISTS (SELECT 1 FROM pending p WHERE p.seq = e.seq)
+        LIMIT :limit
+    )
+    DELETE FROM events WHERE seq IN (SELECT seq FROM doomed)
+    """
+)
+
+
+async def delete_archived_batch(conn: AsyncConnection, *, before: datetime, limit: int) -> int:
+    """Delete up to `limit` published events received before `before`; return how many."""
+    result = await conn.execute(_DELETE_ARCHIVED_BATCH, {"before": before, "limit": limit})
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 @dataclass(slots=True)

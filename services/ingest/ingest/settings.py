@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from crm_common.settings import BaseServiceSettings
 
 
 class Settings(BaseServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="INGEST_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="INGEST_")
 
     service_name: str = "ingest"
     database_url: str = "postgresql+asyncpg://crm:crm@127.0.0.1:55432/ingest"
@@ -27,3 +28,8 @@ class Settings(BaseServiceSettings):
     key_cache_ttl_s: float = 5.0
     # Retry-After sent with 503 when the database cannot store events.
     unavailable_retry_after_s: int = 5
+    # How long accepted events are kept in the archive, by received_at (older ones are deleted
+    # once published). A retailer back-tests a campaign or a segment rule over a year and compares
+    # it with the same weeks of the year before: a year, plus a month of margin for the comparison
+    # window and late corrections.
+    archive_retention_days: int = Field(400, ge=1)

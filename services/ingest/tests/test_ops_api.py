@@ -203,6 +203,9 @@ async def test_replay_with_extreme_or_malformed_ranges_is_4xx_or_empty(ingest):
         r = await ingest.client.post("/v1/replay", json=body, headers=ingest.auth)
         assert r.status_code in (202, 422), (body, r.status_code, r.text[:200])
     r = await ingest.client.post("/v1/replay", json=cases[0], headers=ingest.auth)
+    assert r.status_code == 422 and r.json()["error"]["details"][0]["loc"] == ["body", "from"]
+    recent = (ingest.clock.now() - timedelta(days=1)).isoformat()
+    r = await ingest.client.post("/v1/replay", json={**cases[0], "from": recent}, headers=ingest.auth)
     assert r.status_code == 202 and r.json()["replayed"] == 0
 
 

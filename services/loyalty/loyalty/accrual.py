@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -13,34 +12,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from crm_common.contract.events import EventMessage, PurchaseProps, RefundProps
 from loyalty import goals, referrals
-from loyalty.ledger import ZERO, AccountState, Book, floor_points, round_points
+from loyalty.ledger import ZERO, Book, floor_points, round_points
 from loyalty.repository import utc_month
 from loyalty.schemas import ProgrammeConfig
+from loyalty.state import AccountState, GoalState, PurchaseState
 
 log = logging.getLogger(__name__)
 
 
 class UnusableEvent(Exception):
     """An event whose properties cannot be applied (it goes to the DLQ)."""
-
-
-@dataclass(slots=True)
-class PurchaseState:
-    customer_id: str
-    order_id: str
-    message_id: str
-    occurred_at: datetime
-    total: Decimal
-    paid: Decimal
-    refunded: Decimal
-    points_accrued: Decimal
-    points_reversed: Decimal
-    redemption_id: str | None
-    points_redeemed: Decimal
-    points_returned: Decimal
-    reconciliation: str | None
-    is_new: bool = False
-    dirty: bool = False
 
 
 def eligible_share(props: PurchaseProps, programme: ProgrammeConfig) -> Decimal:
@@ -63,43 +44,44 @@ class EventApplier:
         self.book = book
         self.programme = book.programme
         self.purchases: dict[tuple[str, str], PurchaseState] = {}
-        self.goals: dict[str, goals.GoalState] = {}
+        self.goals: dict[str, GoalState] = {}
         self.spend_by_month: dict[tuple[str, date], Decimal] = {}
 
     async def apply(self, events: list[EventMessage]) -> None:
-        events = [e for e in events if e.customer_id]
-        if not events:
-            return
         book = self.book
-        parsed: list[tuple[EventMessage, Any]] = []
+        parsed: list[tuple[str, EventMessage, Any]] = []  # (customer_id, event, its properties)
         for e in events:
+            if not e.customer_id:
+                continue
             try:
                 props: Any = None
                 if e.type == "purchase":
                     props = PurchaseProps.model_validate(e.properties)
                 elif e.type == "refund":
                     props = RefundProps.model_validate(e.properties)
-                parsed.append((e, props))
+                parsed.append((e.customer_id, e, props))
             except ValidationError as exc:
                 raise UnusableEvent(f"event {e.id}: invalid {e.type} properties: {exc.errors()[:3]}") from exc
+        if not parsed:
+            return
         first_seen: dict[str, datetime] = {}
-        for e in events:
-            first_seen.setdefault(e.customer_id, e.occurred_at)
+        for cid, e, _ in parsed:
+            first_seen.setdefault(cid, e.occurred_at)
         await book.open(sorted(first_seen), create=True, at=first_seen)
-        keyed = [(e.customer_id, p.order_id) for e, p in parsed if p is not None]
-        for row in await book.repo.purchases_for(set(keyed)):
-            self.purchases[(row[0], row[1])] = PurchaseState(*row)
-        buyers = sorted({e.customer_id for e, p in parsed if p is not None})
+        keyed = [(cid, p.order_id) for cid, _, p in parsed if p is not None]
+        for pur in await book.repo.purchases_for(set(keyed)):
+            self.purchases[(pur.customer_id, pur.order_id)] = pur
+        buyers = sorted({cid for cid, _, p in parsed if p is not None})
         if buyers and self.programme.tiers:
             since = book.now - timedelta(days=self.programme.tier_window_days)
             spend = await book.repo.spend_since(buyers, since)
             for cid in buyers:
                 book.accounts[cid].spend = spend.get(cid, ZERO)
-        await book.load_redemptions([p.redemption_id for e, p in parsed if e.type == "purchase" and p.redemption_id])
+        await book.load_redemptions([p.redemption_id for _, e, p in parsed if e.type == "purchase" and p.redemption_id])
         if buyers:
-            self.goals = {g.customer_id: g for g in await goals.load_active(book, buyers)}
-        for e, props in parsed:
-            acct = book.accounts[e.customer_id]  # type: ignore[index]
+            self.goals = {g.customer_id: g for g in await book.repo.active_goals(buyers)}
+        for cid, e, props in parsed:
+            acct = book.accounts[cid]
             if e.type == "purchase":
                 await self.purchase(acct, e, props)
             elif e.type == "refund":
@@ -133,19 +115,19 @@ class EventApplier:
                 event_type="points.accrued" if book.publish_accruals else None,
             )
         self.purchases[key] = PurchaseState(
-            acct.customer_id,
-            p.order_id,
-            e.id,
-            e.occurred_at,
-            p.total,
-            paid,
-            ZERO,
-            points,
-            ZERO,
-            p.redemption_id,
-            redeemed,
-            ZERO,
-            status,
+            customer_id=acct.customer_id,
+            order_id=p.order_id,
+            message_id=e.id,
+            occurred_at=e.occurred_at,
+            total=p.total,
+            paid=paid,
+            refunded=ZERO,
+            points_accrued=points,
+            points_reversed=ZERO,
+            redemption_id=p.redemption_id,
+            points_redeemed=redeemed,
+            points_returned=ZERO,
+            reconciliation=status,
             is_new=True,
         )
         acct.purchases_count += 1
@@ -279,36 +261,10 @@ class EventApplier:
     async def write(self) -> None:
         repo = self.book.repo
         repo.defer()  # flushed with the book's writes as one statement
-        await repo.insert_purchases(
-            [
-                (
-                    p.customer_id,
-                    p.order_id,
-                    p.message_id,
-                    p.occurred_at,
-                    p.total,
-                    p.paid,
-                    p.refunded,
-                    p.points_accrued,
-                    p.points_reversed,
-                    p.redemption_id,
-                    p.points_redeemed,
-                    p.points_returned,
-                    p.reconciliation,
-                )
-                for p in self.purchases.values()
-                if p.is_new
-            ]
-        )
-        await repo.update_purchases(
-            [
-                (p.customer_id, p.order_id, p.refunded, p.points_reversed, p.points_returned)
-                for p in self.purchases.values()
-                if p.dirty and not p.is_new
-            ]
-        )
-        await repo.add_monthly_spend([(c, m, amount) for (c, m), amount in self.spend_by_month.items() if amount])
-        await goals.write(self.book, list(self.goals.values()))
+        await repo.insert_purchases([p for p in self.purchases.values() if p.is_new])
+        await repo.update_purchases([p for p in self.purchases.values() if p.dirty and not p.is_new])
+        await repo.add_monthly_spend({key: amount for key, amount in self.spend_by_month.items() if amount})
+        await repo.update_goals([g for g in self.goals.values() if g.dirty])
         await self.book.flush()
 
 

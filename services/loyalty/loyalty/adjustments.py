@@ -26,19 +26,23 @@ async def adjust(
     acct = (await book.open([customer_id], create=True, at=now))[customer_id]
     existing = await book.repo.ledger_by_ref(ref)
     if existing is not None:
-        seq, _, cid, _, points, balance_after, data = existing
-        if cid != customer_id or points != adjustment_in.points or data.get("reason") != adjustment_in.reason:
+        if (
+            existing.customer_id != customer_id
+            or existing.points != adjustment_in.points
+            or existing.data.get("reason") != adjustment_in.reason
+        ):
             raise IdempotencyConflict(f"adjustment {adjustment_in.adjustment_id!r} exists with a different request")
+        balance_after = existing.balance_after
         # A credit netted against a points debt answered with the balance after its settlement: so does the replay.
         if (settled := await book.repo.ledger_by_ref(f"debt:{ref}")) is not None:
-            balance_after = settled[5]
+            balance_after = settled.balance_after
         return AdjustmentRead(
             adjustment_id=adjustment_in.adjustment_id,
-            customer_id=cid,
-            points=points,
-            reason=data["reason"],
+            customer_id=existing.customer_id,
+            points=existing.points,
+            reason=existing.data["reason"],
             balance=balance_after,
-            seq=seq,
+            seq=existing.seq,
         ), False
     data = {"reason": adjustment_in.reason}
     if adjustment_in.points > 0:
@@ -70,5 +74,5 @@ async def adjust(
         points=adjustment_in.points,
         reason=adjustment_in.reason,
         balance=acct.balance,
-        seq=row[0],
+        seq=row.seq,
     ), True

@@ -8,8 +8,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 
 from crm_common.errors import InvalidInput
+from crm_common.http import PathId
 from loyalty import accounts, adjustments, redemptions, reports
-from loyalty.deps import CustomerId, NowDep, ProgrammeDep, RedemptionId, SessionDep
+from loyalty.deps import NowDep, ProgrammeDep, SessionDep
 from loyalty.errors import RedemptionNotFound
 from loyalty.ledger import Book
 from loyalty.repository import LoyaltyRepository
@@ -36,7 +37,7 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "not found"}}
 @router.get("/programme", summary="The programme's rules")
 async def get_programme(session: SessionDep, programme: ProgrammeDep) -> ProgrammeRead:
     row = await LoyaltyRepository(session).get_programme()
-    return ProgrammeRead(config=programme, updated_at=row[1] if row else None)
+    return ProgrammeRead(config=programme, updated_at=row.updated_at if row else None)
 
 
 @router.put("/programme", summary="Replace the programme's rules")
@@ -55,7 +56,7 @@ async def put_programme(config: ProgrammeConfig, session: SessionDep, now: NowDe
 
 
 @router.get("/accounts/{customer_id}", summary="Balance, tier, lots with expiry, goals", responses=NOT_FOUND)
-async def get_account(customer_id: CustomerId, session: SessionDep, now: NowDep) -> AccountRead:
+async def get_account(customer_id: PathId, session: SessionDep, now: NowDep) -> AccountRead:
     return await accounts.get_account(session=session, customer_id=customer_id, now=now)
 
 
@@ -65,7 +66,7 @@ async def get_account(customer_id: CustomerId, session: SessionDep, now: NowDep)
     responses=NOT_FOUND,
 )
 async def get_ledger(
-    customer_id: CustomerId,
+    customer_id: PathId,
     session: SessionDep,
     before: Annotated[int | None, Query(ge=1, le=2**62)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -74,7 +75,7 @@ async def get_ledger(
 
 
 @router.get("/accounts/{customer_id}/referral", summary="The customer's referral code", responses=NOT_FOUND)
-async def get_referral(customer_id: CustomerId, session: SessionDep) -> ReferralRead:
+async def get_referral(customer_id: PathId, session: SessionDep) -> ReferralRead:
     return await accounts.get_referral(session=session, customer_id=customer_id)
 
 
@@ -85,7 +86,7 @@ async def get_referral(customer_id: CustomerId, session: SessionDep) -> Referral
     responses={**CONFLICT, 200: {"description": "replay of an earlier identical adjustment"}},
 )
 async def post_adjustment(
-    customer_id: CustomerId,
+    customer_id: PathId,
     body: AdjustmentCreate,
     session: SessionDep,
     programme: ProgrammeDep,
@@ -125,7 +126,7 @@ async def post_redemption(
 
 @router.get("/redemptions/{redemption_id}", summary="One redemption", responses=NOT_FOUND)
 async def get_redemption(
-    redemption_id: RedemptionId, session: SessionDep, programme: ProgrammeDep, now: NowDep
+    redemption_id: PathId, session: SessionDep, programme: ProgrammeDep, now: NowDep
 ) -> RedemptionRead:
     book = Book(session, programme, now)
     await book.load_redemptions([redemption_id])
@@ -140,7 +141,7 @@ async def get_redemption(
     responses={**CONFLICT, **NOT_FOUND},
 )
 async def cancel_redemption(
-    redemption_id: RedemptionId, session: SessionDep, programme: ProgrammeDep, now: NowDep
+    redemption_id: PathId, session: SessionDep, programme: ProgrammeDep, now: NowDep
 ) -> RedemptionRead:
     return await redemptions.cancel(session=session, programme=programme, redemption_id=redemption_id, now=now)
 

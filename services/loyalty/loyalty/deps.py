@@ -6,11 +6,9 @@ import time
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from crm_common.contract.types import Id
-from crm_common.errors import InvalidInput
 from crm_common.service import RuntimeDep, SessionDep
 from loyalty.ledger import load_programme
 from loyalty.schemas import ProgrammeConfig
@@ -45,26 +43,6 @@ async def get_now(runtime: RuntimeDep) -> datetime:
     return runtime.clock.now()
 
 
-async def customer_path(customer_id: Annotated[str, Path(min_length=1, max_length=128)]) -> str:
-    if "\x00" in customer_id:
-        raise InvalidInput(
-            "customer_id must not contain NUL characters",
-            details=[{"loc": ["path", "customer_id"]}],
-        )
-    return customer_id
-
-
-async def redemption_path(redemption_id: Annotated[str, Path(min_length=1, max_length=128)]) -> str:
-    if "\x00" in redemption_id:
-        raise InvalidInput(
-            "redemption_id must not contain NUL characters",
-            details=[{"loc": ["path", "redemption_id"]}],
-        )
-    return redemption_id
-
-
 ProgrammeDep = Annotated[ProgrammeConfig, Depends(get_programme)]
 NowDep = Annotated[datetime, Depends(get_now)]
-CustomerId = Annotated[Id, Depends(customer_path)]
-RedemptionId = Annotated[str, Depends(redemption_path)]
-__all__ = ["CustomerId", "NowDep", "ProgrammeDep", "RedemptionId", "RuntimeDep", "SessionDep"]
+__all__ = ["NowDep", "ProgrammeDep", "RuntimeDep", "SessionDep"]

@@ -2,31 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import Decimal
 
-from loyalty.ledger import CENT, AccountState, Book
+from loyalty.ledger import CENT, Book
 from loyalty.schemas import ProgrammeConfig
-
-
-@dataclass(slots=True)
-class GoalState:
-    id: str
-    customer_id: str
-    segment_key: str
-    target: int
-    progress: int
-    reward: Decimal
-    status: str
-    assigned_at: datetime
-    due_at: datetime
-    closed_at: datetime | None
-    dirty: bool = False
-
-
-async def load_active(book: Book, customer_ids: list[str]) -> list[GoalState]:
-    return [GoalState(*row) for row in await book.repo.active_goals(customer_ids)]
+from loyalty.state import AccountState, GoalState
 
 
 def count_purchase(book: Book, acct: AccountState, goal: GoalState, *, at: datetime) -> None:
@@ -48,10 +28,6 @@ def count_purchase(book: Book, acct: AccountState, goal: GoalState, *, at: datet
         data={"goal_id": goal.id, "segment_key": goal.segment_key},
         event_type="goal.completed",
     )
-
-
-async def write(book: Book, goals: list[GoalState]) -> None:
-    await book.repo.update_goals([(g.id, g.progress, g.status, g.closed_at) for g in goals if g.dirty])
 
 
 async def assign(
@@ -82,18 +58,7 @@ async def assign(
         due_at=start + timedelta(days=rule.days),
         closed_at=None,
     )
-    inserted = await book.repo.insert_goal(
-        {
-            "id": goal.id,
-            "customer_id": customer_id,
-            "segment_key": segment_key,
-            "target": goal.target,
-            "reward": goal.reward,
-            "assigned_at": goal.assigned_at,
-            "due_at": goal.due_at,
-        }
-    )
-    if not inserted:  # one active goal at a time (or this cause was applied already)
+    if not await book.repo.insert_goal(goal):  # one active goal at a time (or this cause was applied already)
         return None
     book.event(
         acct.customer_id,

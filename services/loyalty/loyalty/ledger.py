@@ -20,16 +20,18 @@ import logging
 import secrets
 from base64 import b32encode
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from crm_common.contract.messages import LoyaltyEvent, LoyaltyEventType, MessageKind, MessageRequested
 from loyalty.errors import InsufficientPoints
 from loyalty.repository import LoyaltyRepository
 from loyalty.schemas import ProgrammeConfig
 from loyalty.settings import TOPIC_LOYALTY, TOPIC_MESSAGES
+from loyalty.state import AccountState, Allocation, Entry, LotState, RedemptionState
 
 log = logging.getLogger(__name__)
 
@@ -52,71 +54,6 @@ def new_referral_code() -> str:
     return b32encode(secrets.token_bytes(10)).decode()[:10]
 
 
-@dataclass(slots=True)
-class LotState:
-    id: str
-    customer_id: str
-    kind: str
-    earned_at: datetime
-    expires_at: datetime
-    points: Decimal
-    remaining: Decimal
-    is_new: bool = False
-    dirty: bool = False
-
-
-@dataclass(slots=True)
-class AccountState:
-    customer_id: str
-    balance: Decimal
-    tier: str
-    referral_code: str
-    referred_by: str | None
-    referral_rewarded: bool
-    purchases_count: int
-    first_purchase_at: datetime | None
-    last_purchase_at: datetime | None
-    birth_date: date | None
-    created_at: datetime
-    points_debt: Decimal
-    spend: Decimal | None = None
-    lots: dict[str, LotState] | None = None
-    dirty: bool = False
-
-
-@dataclass(slots=True)
-class Allocation:
-    redemption_id: str
-    lot_id: str
-    points: Decimal
-    returned: Decimal
-    dirty: bool = False
-
-
-@dataclass(slots=True)
-class RedemptionState:
-    redemption_id: str
-    customer_id: str
-    request_hash: str
-    check_amount: Decimal
-    points_requested: Decimal | None
-    points_applied: Decimal
-    money_applied: Decimal
-    points_returned: Decimal
-    status: str
-    order_id: str | None
-    store_id: str | None
-    created_at: datetime
-    settled_at: datetime | None
-    cancelled_at: datetime | None
-    balance_after: Decimal | None = None
-    dirty: bool = False
-
-    @classmethod
-    def from_row(cls, row: Any) -> RedemptionState:
-        return cls(*row)
-
-
 @dataclass
 class Book:
     """The accounts one transaction works on: locked on open, changed in memory, written by `flush`."""
@@ -127,8 +64,9 @@ class Book:
     publish_accruals: bool = True
     accounts: dict[str, AccountState] = field(default_factory=dict)
     new_lots: dict[str, LotState] = field(default_factory=dict)
-    entries: list[tuple[Any, ...]] = field(default_factory=list)
-    messages: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)
+    events: list[LoyaltyEvent] = field(default_factory=list)
+    requests: list[MessageRequested] = field(default_factory=list)
     allocations: dict[str, list[Allocation]] = field(default_factory=dict)
     redemptions: dict[str, RedemptionState] = field(default_factory=dict)
 
@@ -145,15 +83,15 @@ class Book:
         ids = sorted(set(wanted) - self.accounts.keys())
         created: set[str] = set()
         if ids:
-            for row in await self.repo.lock_accounts(ids):
-                self.accounts[row[0]] = AccountState(*row)
+            for acct in await self.repo.lock_accounts(ids):
+                self.accounts[acct.customer_id] = acct
             missing = [cid for cid in ids if cid not in self.accounts]
             if missing and create:
                 codes = [new_referral_code() for _ in missing]
                 created = await self.repo.insert_accounts(missing, codes, self.now)
                 # Lock again: an account created concurrently by another transaction is not ours yet.
-                for row in await self.repo.lock_accounts(missing):
-                    self.accounts[row[0]] = AccountState(*row)
+                for acct in await self.repo.lock_accounts(missing):
+                    self.accounts[acct.customer_id] = acct
         bonus = self.programme.welcome_bonus
         for cid in sorted(created):
             if bonus > 0:
@@ -169,7 +107,7 @@ class Book:
     async def lots(self, acct: AccountState) -> dict[str, LotState]:
         """The account's open lots (loaded once per transaction), with the ones created in it."""
         if acct.lots is None:
-            acct.lots = {r[0]: LotState(*r[:7]) for r in await self.repo.open_lots(acct.customer_id)}
+            acct.lots = {lot.id: lot for lot in await self.repo.open_lots(acct.customer_id)}
             for lot in self.new_lots.values():
                 if lot.customer_id == acct.customer_id:
                     acct.lots[lot.id] = lot
@@ -197,7 +135,7 @@ class Book:
         order_id: str | None = None,
         redemption_id: str | None = None,
         data: dict[str, Any] | None = None,
-        event_type: str | None = None,
+        event_type: LoyaltyEventType | None = None,
     ) -> None:
         acct.balance += points
         acct.points_debt += debt_change
@@ -206,19 +144,19 @@ class Book:
         acct.dirty = True
         data = data or {}
         self.entries.append(
-            (
-                ref,
-                acct.customer_id,
-                kind,
-                points,
-                acct.balance,
-                at,
-                self.now,
-                lot_id,
-                order_id,
-                redemption_id,
-                data,
-                debt_change,
+            Entry(
+                ref=ref,
+                customer_id=acct.customer_id,
+                kind=kind,
+                points=points,
+                balance_after=acct.balance,
+                debt_change=debt_change,
+                occurred_at=at,
+                recorded_at=self.now,
+                lot_id=lot_id,
+                order_id=order_id,
+                redemption_id=redemption_id,
+                data=data,
             )
         )
         if event_type:
@@ -235,7 +173,7 @@ class Book:
     def event(
         self,
         customer_id: str,
-        event_type: str,
+        event_type: LoyaltyEventType,
         *,
         ref: str,
         at: datetime,
@@ -244,19 +182,15 @@ class Book:
         data: dict[str, Any] | None = None,
     ) -> None:
         """Queue a `crm.loyalty.v1` event; its id derives from the cause, so a retry never doubles it."""
-        self.messages.append(
-            (
-                TOPIC_LOYALTY,
-                customer_id,
-                {
-                    "id": f"loyalty:{event_type}:{ref}",
-                    "type": event_type,
-                    "customer_id": customer_id,
-                    "occurred_at": at.isoformat(),
-                    "points": points,
-                    "balance": balance,
-                    "data": data or {},
-                },
+        self.events.append(
+            LoyaltyEvent(
+                id=f"loyalty:{event_type}:{ref}",
+                type=event_type,
+                customer_id=customer_id,
+                occurred_at=at,
+                points=points,
+                balance=balance,
+                data=data or {},
             )
         )
 
@@ -267,25 +201,20 @@ class Book:
         msg_id: str,
         template: str,
         variables: dict[str, Any],
-        kind: str = "transactional",
+        kind: MessageKind = "transactional",
         expires_at: datetime | None = None,
     ) -> None:
         """Queue a MessageRequested command on `crm.messages.v1`."""
-        self.messages.append(
-            (
-                TOPIC_MESSAGES,
-                customer_id,
-                {
-                    "id": msg_id,
-                    "type": "message.requested",
-                    "customer_id": customer_id,
-                    "occurred_at": self.now.isoformat(),
-                    "kind": kind,
-                    "template": template,
-                    "variables": variables,
-                    "source_service": "loyalty",
-                    "expires_at": expires_at.isoformat() if expires_at else None,
-                },
+        self.requests.append(
+            MessageRequested(
+                id=msg_id,
+                customer_id=customer_id,
+                occurred_at=self.now,
+                kind=kind,
+                template=template,
+                variables=variables,
+                source_service="loyalty",
+                expires_at=expires_at,
             )
         )
 
@@ -299,17 +228,17 @@ class Book:
         at: datetime,
         order_id: str | None = None,
         data: dict[str, Any] | None = None,
-        event_type: str | None = None,
+        event_type: LoyaltyEventType | None = None,
     ) -> None:
         """Add points in a new lot that expires `expiry_days` after `at`."""
         lot = LotState(
-            ref,
-            acct.customer_id,
-            kind,
-            at,
-            at + timedelta(days=self.programme.expiry_days),
-            points,
-            points,
+            id=ref,
+            customer_id=acct.customer_id,
+            kind=kind,
+            earned_at=at,
+            expires_at=at + timedelta(days=self.programme.expiry_days),
+            points=points,
+            remaining=points,
             is_new=True,
         )
         self.new_lots[ref] = lot
@@ -343,7 +272,7 @@ class Book:
         order_id: str | None = None,
         redemption_id: str | None = None,
         data: dict[str, Any] | None = None,
-        event_type: str | None = None,
+        event_type: LoyaltyEventType | None = None,
     ) -> tuple[Decimal, list[tuple[str, Decimal]]]:
         """Take points from the oldest spendable lots first; return (points taken, [(lot id, points)]).
 
@@ -407,7 +336,7 @@ class Book:
         order_id: str | None = None,
         redemption_id: str | None = None,
         data: dict[str, Any] | None = None,
-        event_type: str | None = None,
+        event_type: LoyaltyEventType | None = None,
     ) -> Decimal:
         """Give points back to the lots they were taken from (a lot past expiry loses them at the next sweep)."""
         parts = [(lid, p) for lid, p in parts if p > 0]
@@ -417,8 +346,8 @@ class Book:
         lots = await self.lots(acct)
         missing = [lid for lid, _ in parts if lid not in lots]
         if missing:
-            for r in await self.repo.lots_by_ids(missing):
-                lots[r[0]] = LotState(*r[:7])
+            for lot in await self.repo.lots_by_ids(missing):
+                lots[lot.id] = lot
         for lid, p in parts:
             lots[lid].remaining += p
             lots[lid].dirty = True
@@ -500,14 +429,12 @@ class Book:
 
     async def load_redemptions(self, ids: list[str]) -> None:
         missing = [i for i in dict.fromkeys(ids) if i not in self.redemptions]
-        for row in await self.repo.get_redemptions(missing):
-            self.redemptions[row[0]] = RedemptionState.from_row(row)
+        for r in await self.repo.get_redemptions(missing):
+            self.redemptions[r.redemption_id] = r
 
     async def allocations_of(self, redemption_id: str) -> list[Allocation]:
         if redemption_id not in self.allocations:
-            self.allocations[redemption_id] = [
-                Allocation(redemption_id, r[0], r[1], r[2]) for r in await self.repo.redemption_lots(redemption_id)
-            ]
+            self.allocations[redemption_id] = await self.repo.redemption_lots(redemption_id)
         return self.allocations[redemption_id]
 
     async def return_redeemed(
@@ -555,26 +482,13 @@ class Book:
     # -- writing back ----------------------------------------------------------------------------
 
     async def flush(self) -> None:
-        """Write every change of this transaction with one bulk statement per table."""
+        """Write every change of this transaction with one bulk statement per table, then its messages."""
         repo = self.repo
         repo.defer()
-        await repo.insert_lots(
-            [
-                (
-                    lot.id,
-                    lot.customer_id,
-                    lot.kind,
-                    lot.earned_at,
-                    lot.expires_at,
-                    lot.points,
-                    lot.remaining,
-                )
-                for lot in self.new_lots.values()
-            ]
-        )
+        await repo.insert_lots(list(self.new_lots.values()))
         await repo.update_lots(
             [
-                (lot.id, lot.remaining)
+                lot
                 for acct in self.accounts.values()
                 if acct.lots
                 for lot in acct.lots.values()
@@ -582,52 +496,16 @@ class Book:
             ]
         )
         await repo.insert_ledger(self.entries)
-        await repo.update_accounts(
-            [
-                (
-                    a.customer_id,
-                    a.balance,
-                    a.points_debt,
-                    a.tier,
-                    a.referred_by,
-                    a.referral_rewarded,
-                    a.purchases_count,
-                    a.first_purchase_at,
-                    a.last_purchase_at,
-                    a.birth_date,
-                )
-                for a in self.accounts.values()
-                if a.dirty
-            ],
-            self.now,
-        )
-        await repo.update_redemptions(
-            [
-                (
-                    r.redemption_id,
-                    r.status,
-                    r.points_returned,
-                    r.order_id,
-                    r.settled_at,
-                    r.cancelled_at,
-                )
-                for r in self.redemptions.values()
-                if r.dirty
-            ]
-        )
-        await repo.upsert_redemption_lots(
-            [
-                (a.redemption_id, a.lot_id, a.points, a.returned)
-                for allocs in self.allocations.values()
-                for a in allocs
-                if a.dirty
-            ]
-        )
-        await repo.insert_outbox(self.messages)
+        await repo.update_accounts([a for a in self.accounts.values() if a.dirty], self.now)
+        await repo.update_redemptions([r for r in self.redemptions.values() if r.dirty])
+        await repo.upsert_redemption_lots([a for allocs in self.allocations.values() for a in allocs if a.dirty])
         await repo.write_deferred()
+        await repo.enqueue(TOPIC_LOYALTY, self.events)
+        await repo.enqueue(TOPIC_MESSAGES, self.requests)
         self.new_lots.clear()
         self.entries.clear()
-        self.messages.clear()
+        self.events.clear()
+        self.requests.clear()
         for a in self.accounts.values():
             a.dirty = False
             for lot in (a.lots or {}).values():
@@ -642,4 +520,4 @@ class Book:
 async def load_programme(session: AsyncSession) -> ProgrammeConfig:
     """The programme's rules (the defaults until an operator configures them)."""
     row = await LoyaltyRepository(session).get_programme()
-    return ProgrammeConfig.model_validate(row[0]) if row else ProgrammeConfig()
+    return ProgrammeConfig.model_validate(row.config) if row else ProgrammeConfig()

@@ -20,11 +20,14 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from crm_common.db import make_base
+from crm_common.db import service_metadata
 
-Base = make_base()
+
+class Base(DeclarativeBase):
+    metadata = service_metadata()
+
 
 POINTS = Numeric(20, 2)
 MONEY = Numeric(20, 4)

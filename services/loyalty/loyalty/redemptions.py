@@ -16,10 +16,11 @@ from loyalty.errors import (
     RedemptionNotCancellable,
     RedemptionNotFound,
 )
-from loyalty.ledger import Allocation, Book, RedemptionState, floor_points
+from loyalty.ledger import Book, floor_points
 from loyalty.repository import LoyaltyRepository
 from loyalty.schemas import ProgrammeConfig, RedemptionCreate, RedemptionRead
 from loyalty.settings import TOPIC_LOYALTY
+from loyalty.state import Allocation, RedemptionState
 
 MONEY_CENT = Decimal("0.01")
 
@@ -66,8 +67,8 @@ def _replay(existing: RedemptionState, digest: str) -> RedemptionRead:
 
 
 async def _existing(session: AsyncSession, redemption_id: str) -> RedemptionState | None:
-    rows = await LoyaltyRepository(session).get_redemptions([redemption_id])
-    return RedemptionState.from_row(rows[0]) if rows else None
+    found = await LoyaltyRepository(session).get_redemptions([redemption_id])
+    return found[0] if found else None
 
 
 async def redeem(
@@ -79,49 +80,72 @@ async def redeem(
 ) -> tuple[RedemptionRead, bool]:
     """Apply points to a check, at most `max_redeem_share` of it; return (result, created)."""
     digest = request_hash(redemption_in)
-    rid = redemption_in.redemption_id
-    max_points = floor_points(redemption_in.check_amount * programme.max_redeem_share / programme.point_value)
-    wanted = min(redemption_in.points, max_points) if redemption_in.points is not None else max_points
+    _, wanted = _points_wanted(programme, redemption_in)
     if wanted > 0:
         # The common case in one round trip; anything else (replay, 409, unknown account, nothing spendable)
         # changes nothing there and is answered below.
         row = await LoyaltyRepository(session).redeem_new(
-            (
-                rid,
-                redemption_in.customer_id,
-                digest,
-                redemption_in.check_amount,
-                redemption_in.points,
-                wanted,
-                programme.point_value,
-                redemption_in.order_id,
-                redemption_in.store_id,
-                now,
-                now.isoformat(),
-                str(redemption_in.check_amount),
-                TOPIC_LOYALTY,
-            )
+            redemption_id=redemption_in.redemption_id,
+            customer_id=redemption_in.customer_id,
+            request_hash=digest,
+            check_amount=redemption_in.check_amount,
+            points_requested=redemption_in.points,
+            wanted=wanted,
+            point_value=programme.point_value,
+            order_id=redemption_in.order_id,
+            store_id=redemption_in.store_id,
+            now=now,
+            now_iso=now.isoformat(),
+            check_text=str(redemption_in.check_amount),
+            topic=TOPIC_LOYALTY,
         )
         if row is not None:
-            applied, money, balance = row
-            state = RedemptionState(
-                rid,
-                redemption_in.customer_id,
-                digest,
-                redemption_in.check_amount,
-                redemption_in.points,
-                applied,
-                money,
-                Decimal(0),
-                "applied",
-                redemption_in.order_id,
-                redemption_in.store_id,
-                now,
-                None,
-                None,
-                balance_after=balance,
-            )
+            state = _new_state(redemption_in, digest, row["points_applied"], row["money_applied"], now)
+            state.balance_after = row["balance_after"]
             return to_read(state), True
+    return await redeem_in_book(session=session, programme=programme, redemption_in=redemption_in, now=now)
+
+
+def _points_wanted(programme: ProgrammeConfig, redemption_in: RedemptionCreate) -> tuple[Decimal, Decimal]:
+    """(the most points the check allows, the points to apply if the account has them)."""
+    max_points = floor_points(redemption_in.check_amount * programme.max_redeem_share / programme.point_value)
+    wanted = min(redemption_in.points, max_points) if redemption_in.points is not None else max_points
+    return max_points, wanted
+
+
+def _new_state(
+    redemption_in: RedemptionCreate, digest: str, applied: Decimal, money: Decimal, now: datetime
+) -> RedemptionState:
+    return RedemptionState(
+        redemption_id=redemption_in.redemption_id,
+        customer_id=redemption_in.customer_id,
+        request_hash=digest,
+        check_amount=redemption_in.check_amount,
+        points_requested=redemption_in.points,
+        points_applied=applied,
+        money_applied=money,
+        points_returned=Decimal(0),
+        status="applied",
+        order_id=redemption_in.order_id,
+        store_id=redemption_in.store_id,
+        created_at=now,
+        settled_at=None,
+        cancelled_at=None,
+    )
+
+
+async def redeem_in_book(
+    *,
+    session: AsyncSession,
+    programme: ProgrammeConfig,
+    redemption_in: RedemptionCreate,
+    now: datetime,
+) -> tuple[RedemptionRead, bool]:
+    """Redeem through the Book: the general path of `redeem`, for every case, with the rules loyalty_redeem() has
+    for the common one (tests/test_rules.py pins the two together)."""
+    digest = request_hash(redemption_in)
+    max_points, wanted = _points_wanted(programme, redemption_in)
+    rid = redemption_in.redemption_id
     book = Book(session, programme, now)
     acct = (await book.open([redemption_in.customer_id], create=False)).get(redemption_in.customer_id)
     if acct is None:
@@ -139,36 +163,8 @@ async def redeem(
             details={"available": str(available), "max_points_for_check": str(max_points)},
         )
     money = (applied * programme.point_value).quantize(MONEY_CENT, rounding=ROUND_DOWN)
-    state = RedemptionState(
-        rid,
-        acct.customer_id,
-        digest,
-        redemption_in.check_amount,
-        redemption_in.points,
-        applied,
-        money,
-        Decimal(0),
-        "applied",
-        redemption_in.order_id,
-        redemption_in.store_id,
-        now,
-        None,
-        None,
-    )
-    if not await book.repo.insert_redemption(
-        {
-            "redemption_id": rid,
-            "customer_id": acct.customer_id,
-            "request_hash": digest,
-            "check_amount": redemption_in.check_amount,
-            "points_requested": redemption_in.points,
-            "points_applied": applied,
-            "money_applied": money,
-            "order_id": redemption_in.order_id,
-            "store_id": redemption_in.store_id,
-            "created_at": now,
-        }
-    ):
+    state = _new_state(redemption_in, digest, applied, money, now)
+    if not await book.repo.insert_redemption(state):
         # The id exists (a retry, or the same id used for another check): answer as the first time or 409.
         existing = await _existing(session, rid)
         assert existing is not None
@@ -184,7 +180,10 @@ async def redeem(
         data={"money": str(money), "check_amount": str(redemption_in.check_amount)},
         event_type="points.redeemed",
     )
-    book.allocations[rid] = [Allocation(rid, lot_id, pts, Decimal(0), dirty=True) for lot_id, pts in taken]
+    book.allocations[rid] = [
+        Allocation(redemption_id=rid, lot_id=lot_id, points=pts, returned=Decimal(0), dirty=True)
+        for lot_id, pts in taken
+    ]
     await book.flush()
     state.balance_after = acct.balance
     return to_read(state), True

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
-from loyalty.ledger import AccountState, Book
+from loyalty.ledger import Book
+from loyalty.state import AccountState
 
 log = logging.getLogger(__name__)
 

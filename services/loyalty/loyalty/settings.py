@@ -16,7 +16,7 @@ __all__ = ["TOPIC_EVENTS", "TOPIC_LOYALTY", "TOPIC_MESSAGES", "TOPIC_SEGMENTS", 
 
 
 class Settings(BaseServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="LOYALTY_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="LOYALTY_")
 
     service_name: str = "loyalty"
     database_url: str = "postgresql+asyncpg://crm:crm@127.0.0.1:55432/loyalty"

@@ -11,7 +11,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import ValidationError
 
 from crm_common.contract.messages import MessageRequested
+from crm_common.contract.types import Locale
 from crm_common.errors import InvalidInput, PayloadTooLarge
+from crm_common.http import PathId, read_limited_body
 from notifier import templates as template_ops
 from notifier.consumers import after_commit
 from notifier.contacts import contact_view
@@ -20,7 +22,6 @@ from notifier.errors import (
     ContactNotFound,
     IdempotencyConflict,
     MessageNotFound,
-    TemplateNotFound,
     UnknownProvider,
 )
 from notifier.messages import accept_requests
@@ -31,6 +32,7 @@ from notifier.schemas import (
     CallbackRead,
     ContactRead,
     EventRead,
+    Key,
     MessageCreate,
     MessageDetail,
     MessagePage,
@@ -57,8 +59,6 @@ from notifier.tracking import (
 router = APIRouter(prefix="/v1", tags=["notifier"])
 public = APIRouter(prefix="/v1", tags=["links and callbacks"])
 
-TemplateId = Annotated[str, Path(min_length=1, max_length=64)]
-CustomerId = Annotated[str, Path(min_length=1, max_length=128)]
 Token = Annotated[str, Path(min_length=1, max_length=4096)]
 Limit = Annotated[int, Query(ge=1, le=500)]
 Offset = Annotated[int, Query(ge=0, le=1_000_000)]
@@ -83,14 +83,12 @@ async def create_template(data: TemplateCreate, session: SessionDep, runtime: Ru
 @router.get("/templates", response_model=TemplatePage, summary="List templates")
 async def list_templates(
     session: SessionDep,
-    key: Annotated[str | None, Query(max_length=128)] = None,
+    key: Key | None = None,
     channel: Annotated[str | None, Query(pattern="^(email|sms|push)$")] = None,
-    locale: Annotated[str | None, Query(max_length=35)] = None,
+    locale: Locale | None = None,
     limit: Limit = 100,
     offset: Offset = 0,
 ) -> TemplatePage:
-    if (key is not None and _clean(key) is None) or (locale is not None and _clean(locale) is None):
-        return TemplatePage(items=[], total=0)
     items, total = await NotifierRepository(session).list_templates(
         key=key, channel=channel, locale=locale, limit=limit, offset=offset
     )
@@ -98,19 +96,19 @@ async def list_templates(
 
 
 @router.get("/templates/{template_id}", response_model=TemplateRead, summary="Read a template")
-async def read_template(template_id: TemplateId, session: SessionDep) -> TemplateRead:
+async def read_template(template_id: PathId, session: SessionDep) -> TemplateRead:
     return TemplateRead.model_validate(
-        await template_ops.get_template(repo=NotifierRepository(session), template_id=_template_id(template_id))
+        await template_ops.get_template(repo=NotifierRepository(session), template_id=template_id)
     )
 
 
 @router.put("/templates/{template_id}", response_model=TemplateRead, summary="Replace a template's content")
 async def update_template(
-    template_id: TemplateId, data: TemplateUpdate, session: SessionDep, runtime: RuntimeDep
+    template_id: PathId, data: TemplateUpdate, session: SessionDep, runtime: RuntimeDep
 ) -> TemplateRead:
     template = await template_ops.update_template(
         repo=NotifierRepository(session),
-        template_id=_template_id(template_id),
+        template_id=template_id,
         data=data,
         now=runtime.clock.now(),
     )
@@ -118,8 +116,8 @@ async def update_template(
 
 
 @router.delete("/templates/{template_id}", status_code=204, summary="Delete a template")
-async def delete_template(template_id: TemplateId, session: SessionDep) -> Response:
-    await template_ops.delete_template(repo=NotifierRepository(session), template_id=_template_id(template_id))
+async def delete_template(template_id: PathId, session: SessionDep) -> Response:
+    await template_ops.delete_template(repo=NotifierRepository(session), template_id=template_id)
     return Response(status_code=204)
 
 
@@ -129,16 +127,17 @@ async def delete_template(template_id: TemplateId, session: SessionDep) -> Respo
     summary="Render a template with sample or given values",
 )
 async def preview_template(
-    template_id: TemplateId, data: PreviewRequest, session: SessionDep, notifier: NotifierDep
+    template_id: PathId, data: PreviewRequest, session: SessionDep, notifier: NotifierDep
 ) -> PreviewRead:
-    template = await template_ops.get_template(repo=NotifierRepository(session), template_id=_template_id(template_id))
+    template = await template_ops.get_template(repo=NotifierRepository(session), template_id=template_id)
     url = notifier.links.unsubscribe_url("preview", "preview", template.channel)
-    rendered = template_ops.preview(
+    rendered = await template_ops.preview(
         renderer=notifier.renderer,
         template=template,
         variables=data.variables,
         first_name=data.first_name,
         unsubscribe_url=url,
+        budget_ms=notifier.settings.render_timeout_ms,
     )
     return PreviewRead(subject=rendered.subject, body=rendered.body, html=rendered.html)
 
@@ -151,9 +150,8 @@ async def preview_template(
     response_model=ContactRead,
     summary="A customer's contact data and consents",
 )
-async def read_contact(customer_id: CustomerId, session: SessionDep) -> ContactRead:
-    not_found = ContactNotFound("no contact data for this customer")
-    contact = await NotifierRepository(session).get_contact(_path_id(customer_id, not_found))
+async def read_contact(customer_id: PathId, session: SessionDep) -> ContactRead:
+    contact = await NotifierRepository(session).get_contact(customer_id)
     if contact is None:
         raise ContactNotFound("no contact data for this customer")
     return ContactRead.model_validate(contact_view(contact))
@@ -165,12 +163,9 @@ async def read_contact(customer_id: CustomerId, session: SessionDep) -> ContactR
     summary="A customer's message history, newest first",
 )
 async def customer_messages(
-    customer_id: CustomerId, session: SessionDep, limit: Limit = 50, offset: Offset = 0
+    customer_id: PathId, session: SessionDep, limit: Limit = 50, offset: Offset = 0
 ) -> MessagePage:
-    cleaned = _clean(customer_id)
-    if cleaned is None:
-        return MessagePage(items=[], total=0)
-    items, total = await NotifierRepository(session).history(cleaned, limit=limit, offset=offset)
+    items, total = await NotifierRepository(session).history(customer_id, limit=limit, offset=offset)
     return MessagePage(items=[MessageRead.model_validate(m) for m in items], total=total)
 
 
@@ -179,9 +174,9 @@ async def customer_messages(
     response_model=MessageDetail,
     summary="One message with its attempts and delivery events",
 )
-async def read_message(message_id: CustomerId, session: SessionDep) -> MessageDetail:
+async def read_message(message_id: PathId, session: SessionDep) -> MessageDetail:
     repo = NotifierRepository(session)
-    message = await repo.get_message(_path_id(message_id, MessageNotFound("no such message")))
+    message = await repo.get_message(message_id)
     if message is None:
         raise MessageNotFound("no such message")
     detail = MessageDetail.model_validate(message)
@@ -288,7 +283,14 @@ async def provider_callback(
     }.get(provider)
     if secret is None:
         raise UnknownProvider(f"no provider {provider!r}")
-    body = await _read_limited(request, MAX_CALLBACK_BYTES)
+    # The route is public: a body from an unsigned sender is never buffered past the limit.
+    body = await read_limited_body(
+        request,
+        MAX_CALLBACK_BYTES,
+        error_factory=lambda limit: PayloadTooLarge(
+            f"a callback body is at most {limit} bytes", details={"max_bytes": limit}
+        ),
+    )
     verify_callback(secret, body, x_signature)
     try:
         data = CallbackIn.model_validate(orjson.loads(body))
@@ -342,42 +344,3 @@ async def unsubscribe_now(
     return HTMLResponse(
         f"<!doctype html><html><body><p>You are unsubscribed from {result['channel']} messages.</p></body></html>"
     )
-
-
-def _clean(value: str | None) -> str | None:
-    """A path or query value as stored ids are, or None when no stored id can equal it.
-
-    Stored ids never hold NUL (PostgreSQL text refuses it), so a value with one matches nothing;
-    stripping it instead made `/v1/templates/<id>%00` read, replace or delete template <id>.
-    """
-    if value is None or "\x00" in value:
-        return None
-    return value
-
-
-def _path_id(value: str, not_found: Exception) -> str:
-    cleaned = _clean(value)
-    if cleaned is None:
-        raise not_found
-    return cleaned
-
-
-def _template_id(value: str) -> str:
-    return _path_id(value, TemplateNotFound(f"no template {value!r}"))
-
-
-async def _read_limited(request: Request, limit: int) -> bytes:
-    """The body, refused (413) by Content-Length or as soon as it streams past `limit` bytes.
-
-    The callback route is public, so it must not buffer whatever an unsigned sender posts.
-    """
-    too_large = PayloadTooLarge(f"a callback body is at most {limit} bytes", details={"max_bytes": limit})
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)

@@ -88,6 +88,11 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         # After the workers have stopped: the sends in flight are recorded before the pools close.
         runtime.on_close(providers.aclose)
 
+        async def close_renderer() -> None:
+            renderer.close()
+
+        runtime.on_close(close_renderer)
+
     return create_service_app(
         settings=settings,
         title="CRM notifier",

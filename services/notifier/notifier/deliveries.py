@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from crm_common.contract.messages import DeliveryEvent
-from crm_common.outbox import enqueue_many
+from crm_common.outbox import enqueue_models
 from crm_common.settings import TOPIC_DELIVERIES
 from notifier.repository import NotifierRepository
 
@@ -48,8 +48,10 @@ async def emit(session: AsyncSession, events: list[DeliveryEvent]) -> int:
     """Record events and put the new ones in the outbox; return how many were new."""
     if not events:
         return 0
-    repo = NotifierRepository(session)
-    fresh = await repo.add_events(
+    unique: dict[str, DeliveryEvent] = {}
+    for e in events:
+        unique.setdefault(e.id, e)
+    fresh = await NotifierRepository(session).add_events(
         [
             {
                 "id": e.id,
@@ -60,11 +62,9 @@ async def emit(session: AsyncSession, events: list[DeliveryEvent]) -> int:
                 "url": e.url,
                 "at": e.occurred_at,
             }
-            for e in {e.id: e for e in events}.values()
+            for e in unique.values()
         ]
     )
-    out = [(TOPIC_DELIVERIES, e.customer_id, e.model_dump(mode="json")) for e in events if e.id in fresh]
-    seen: set[str] = set()
-    unique = [m for m in out if not (m[2]["id"] in seen or seen.add(m[2]["id"]))]  # type: ignore[func-returns-value]
-    await enqueue_many(session, unique)
-    return len(unique)
+    new = [e for e in unique.values() if e.id in fresh]
+    await enqueue_models(session, TOPIC_DELIVERIES, new)
+    return len(new)

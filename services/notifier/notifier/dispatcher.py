@@ -132,7 +132,9 @@ class Dispatcher:
         by_key: dict[str, dict[str, list[Template]]] = defaultdict(lambda: defaultdict(list))
         for t in templates:
             by_key[t.key][t.channel].append(t)
-        plans = [self._plan(m, contacts.get(m.customer_id), by_key.get(m.template, {}), now) for m in messages]
+        plans = await self.renderer.offload(
+            lambda: [self._plan(m, contacts.get(m.customer_id), by_key.get(m.template, {}), now) for m in messages]
+        )
         sending = iter([p for p in plans if p.outbound is not None])
         senders = min(len(messages), s.dispatch_concurrency)
         await asyncio.gather(*(self._send_each(sending) for _ in range(senders)))
@@ -177,11 +179,13 @@ class Dispatcher:
             "unsubscribe_url": unsubscribe_url,
         }
         try:
-            rendered = self.renderer.render(template, m.variables or {}, implicit)
+            rendered = self.renderer.render(
+                template, m.variables or {}, implicit, budget_ms=self.settings.render_timeout_ms
+            )
         except RenderFailed as exc:
             plan.update = {
                 "state": "failed",
-                "reason": f"render_failed: {exc.message}"[:1000],
+                "reason": exc.reason,
                 "channel": channel,
             }
             return plan

@@ -24,6 +24,21 @@ class ContactNotFound(NotFound):
 class RenderFailed(InvalidInput):
     code = "render_failed"
 
+    @property
+    def reason(self) -> str:
+        """The failed message's reason: the code, then what went wrong."""
+        return f"{self.code}: {self.message}"[:1000]
+
+
+class RenderTimeout(RenderFailed):
+    """A render ran past its time budget (a template looping or recursing without end)."""
+
+    code = "render_timeout"
+
+    @property
+    def reason(self) -> str:
+        return self.code
+
 
 class BadToken(Forbidden):
     code = "bad_token"
@@ -54,6 +69,7 @@ __all__ = [
     "MessageNotFound",
     "MissingSignature",
     "RenderFailed",
+    "RenderTimeout",
     "TemplateInvalid",
     "TemplateNotFound",
     "UnknownProvider",

@@ -20,11 +20,14 @@ from sqlalchemy import (
     func,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from crm_common.db import make_base
+from crm_common.db import service_metadata
 
-Base = make_base()
+
+class Base(DeclarativeBase):
+    metadata = service_metadata()
+
 
 # A message waits in one of these states until the dispatcher settles it.
 OPEN_STATES = ("pending", "deferred", "queued", "retrying")

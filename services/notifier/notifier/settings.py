@@ -10,7 +10,7 @@ from crm_common.settings import BaseServiceSettings
 
 
 class Settings(BaseServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="NOTIFIER_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="NOTIFIER_")
 
     service_name: str = "notifier"
     database_url: str = "postgresql+asyncpg://crm:crm@127.0.0.1:55432/notifier"
@@ -31,6 +31,9 @@ class Settings(BaseServiceSettings):
     # A request for a customer without contact data waits this long, then is suppressed.
     contact_wait_s: float = 600
     contact_recheck_s: float = 30
+
+    # Templates: a render (send or preview) running longer fails as render_timeout.
+    render_timeout_ms: float = 500
 
     # Dispatcher.
     dispatcher_enabled: bool = True

@@ -85,15 +85,19 @@ async def delete_template(*, repo: NotifierRepository, template_id: str) -> None
     await repo.flush()
 
 
-def preview(
+async def preview(
     *,
     renderer: Renderer,
     template: Template,
     variables: dict[str, Any] | None,
     first_name: str | None,
     unsubscribe_url: str,
+    budget_ms: float,
 ) -> Rendered:
-    """Render with the given values, or the template's sample, as a customer would receive it."""
+    """Render with the given values, or the template's sample, as a customer would receive it.
+
+    Off the event loop and within the same budget as a send: 422 render_timeout past it.
+    """
     implicit = {
         "customer": {
             "customer_id": "preview",
@@ -104,4 +108,5 @@ def preview(
         "message_id": "preview",
         "unsubscribe_url": unsubscribe_url,
     }
-    return renderer.render(template, variables if variables is not None else dict(template.sample or {}), implicit)
+    values = variables if variables is not None else dict(template.sample or {})
+    return await renderer.render_async(template, values, implicit, budget_ms=budget_ms)

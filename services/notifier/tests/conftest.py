@@ -15,10 +15,10 @@ from aiosmtpd.controller import Controller
 from crm_common.clock import ManualClock
 from crm_common.contract.events import CustomerUpdatedProps
 from crm_common.infra import free_port
+from crm_common.sinks import LoopbackProvider
 from crm_common.testing.helpers import Mailbox, eventually, run_app
 from notifier.app import create_app
 from notifier.contacts import apply_customer_updates
-from notifier.fakes import FakeHttpProvider
 from notifier.repository import NotifierRepository
 from notifier.settings import Settings
 
@@ -34,14 +34,14 @@ def smtp() -> Iterator[tuple[Mailbox, int]]:
 
 
 @pytest.fixture(scope="session")
-def provider_server() -> Iterator[FakeHttpProvider]:
-    server = FakeHttpProvider().start()
+def provider_server() -> Iterator[LoopbackProvider]:
+    server = LoopbackProvider().start()
     yield server
     server.stop()
 
 
 @pytest.fixture
-def provider(provider_server: FakeHttpProvider) -> FakeHttpProvider:
+def provider(provider_server: LoopbackProvider) -> LoopbackProvider:
     provider_server.up()
     provider_server.received.clear()
     provider_server._script.clear()
@@ -55,7 +55,7 @@ def make_settings(
     broker: Any,
     topic_prefix: str,
     smtp_port: int,
-    provider: FakeHttpProvider,
+    provider: LoopbackProvider,
     **overrides: Any,
 ) -> Settings:
     values: dict[str, Any] = {

@@ -1,4 +1,4 @@
-"""Ids with NUL match nothing; message times outside what can be stored are a 422, not a 500."""
+"""Ids with NUL or only blanks are a 422 naming the parameter; unstorable message times a 422, never a 500."""
 
 from __future__ import annotations
 
@@ -10,26 +10,31 @@ from notifier.consumers import parse_request
 from .conftest import add_template, seed_contact
 
 
-async def test_an_id_with_nul_matches_nothing_instead_of_the_id_without_it(start_app):
+async def test_an_id_with_nul_is_a_422_naming_the_parameter_and_touches_nothing(start_app):
     async with start_app() as (client, app):
         await seed_contact(app, "c1", phone="+14155550101")
         created = await add_template(client, "code", "sms", body="code")
         tid = created["id"]
-        for method in ("GET", "DELETE"):
-            r = await client.request(method, f"/v1/templates/{tid}%00")
-            assert r.status_code == 404, (method, r.text)
-        r = await client.put(f"/v1/templates/{tid}%00", json={"body": "replaced"})
-        assert r.status_code == 404
-        r = await client.post(f"/v1/templates/%00{tid}/preview", json={})
-        assert r.status_code == 404
-        assert (await client.get(f"/v1/templates/{tid}")).json()["body"] == "code"
-        assert (await client.get("/v1/templates", params={"key": "code\x00"})).json() == {"items": [], "total": 0}
-        assert (await client.get("/v1/templates", params={"key": "code"})).json()["total"] == 1
-        assert (await client.get("/v1/customers/c1%00/contact")).status_code == 404
-        assert (await client.get("/v1/customers/c1/contact")).status_code == 200
         await client.post("/v1/messages", json={"id": "m-1", "customer_id": "c1", "template": "code"})
-        assert (await client.get("/v1/messages/m-1%00")).status_code == 404
-        assert (await client.get("/v1/customers/c1%00/messages")).json() == {"items": [], "total": 0}
+        refused = [
+            (await client.get(f"/v1/templates/{tid}%00"), ["path", "template_id"]),
+            (await client.delete(f"/v1/templates/{tid}%00"), ["path", "template_id"]),
+            (await client.put(f"/v1/templates/{tid}%00", json={"body": "replaced"}), ["path", "template_id"]),
+            (await client.post(f"/v1/templates/%00{tid}/preview", json={}), ["path", "template_id"]),
+            (await client.get("/v1/templates", params={"key": "code\x00"}), ["query", "key"]),
+            (await client.get("/v1/customers/c1%00/contact"), ["path", "customer_id"]),
+            (await client.get("/v1/customers/%20/contact"), ["path", "customer_id"]),
+            (await client.get("/v1/messages/m-1%00"), ["path", "message_id"]),
+            (await client.get("/v1/customers/c1%00/messages"), ["path", "customer_id"]),
+        ]
+        for r, loc in refused:
+            assert r.status_code == 422, (loc, r.status_code, r.text)
+            assert r.json()["error"]["details"][0]["loc"] == loc, r.text
+        # The id without the NUL still names its template, contact and messages, unchanged.
+        assert (await client.get(f"/v1/templates/{tid}")).json()["body"] == "code"
+        assert (await client.get("/v1/templates", params={"key": "code"})).json()["total"] == 1
+        assert (await client.get("/v1/customers/c1/contact")).status_code == 200
+        assert (await client.get("/v1/messages/m-1")).status_code == 200
         assert (await client.get("/v1/customers/c1/messages")).json()["total"] == 1
 
 

@@ -6,7 +6,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
-from crm_common.errors import InvalidInput
+from crm_common.contract.types import Id
+from crm_common.http import PathId
 from segmentation import segments as seg_domain
 from segmentation.deps import RuntimeDep, SessionDep
 from segmentation.errors import ProfileNotFound
@@ -26,19 +27,12 @@ from segmentation.schemas import (
 router = APIRouter(prefix="/v1", tags=["segmentation"])
 
 
-def _no_nul(value: str, what: str) -> str:
-    if "\x00" in value or len(value) > 128:
-        raise InvalidInput(f"{what} must be 1-128 characters without NUL", details={"loc": ["path", what]})
-    return value
-
-
 @router.get(
     "/profiles/{customer_id}",
     response_model=ProfileRead,
     summary="A customer's profile, computed features and segments",
 )
-async def get_profile(customer_id: str, session: SessionDep, runtime: RuntimeDep) -> dict[str, Any]:
-    _no_nul(customer_id, "customer_id")
+async def get_profile(customer_id: PathId, session: SessionDep, runtime: RuntimeDep) -> dict[str, Any]:
     repo = ProfileRepository(session)
     profile = await repo.get(customer_id, now=runtime.clock.now())
     if profile is None:
@@ -84,8 +78,8 @@ async def dry_run(body: DryRunRequest, session: SessionDep, runtime: RuntimeDep)
 
 
 @router.get("/segments/{segment}", response_model=SegmentRead, summary="One segment by id or key")
-async def get_segment(segment: str, session: SessionDep) -> dict[str, Any]:
-    return await seg_domain.get_segment(session=session, id_or_key=_no_nul(segment, "segment"))
+async def get_segment(segment: PathId, session: SessionDep) -> dict[str, Any]:
+    return await seg_domain.get_segment(session=session, id_or_key=segment)
 
 
 @router.patch(
@@ -93,13 +87,15 @@ async def get_segment(segment: str, session: SessionDep) -> dict[str, Any]:
     response_model=SegmentRead,
     summary="Edit a segment (a new rule re-evaluates everyone)",
 )
-async def update_segment(segment: str, body: SegmentUpdate, session: SessionDep, runtime: RuntimeDep) -> dict[str, Any]:
+async def update_segment(
+    segment: PathId, body: SegmentUpdate, session: SessionDep, runtime: RuntimeDep
+) -> dict[str, Any]:
     changes = body.model_dump(exclude_unset=True)
     if "rule" in changes and changes["rule"] is None:
         del changes["rule"]
     return await seg_domain.update_segment(
         session=session,
-        id_or_key=_no_nul(segment, "segment"),
+        id_or_key=segment,
         changes=changes,
         now=runtime.clock.now(),
     )
@@ -110,8 +106,8 @@ async def update_segment(segment: str, body: SegmentUpdate, session: SessionDep,
     status_code=204,
     summary="Delete a segment; every member is published as exited",
 )
-async def delete_segment(segment: str, session: SessionDep, runtime: RuntimeDep) -> Response:
-    await seg_domain.delete_segment(session=session, id_or_key=_no_nul(segment, "segment"), now=runtime.clock.now())
+async def delete_segment(segment: PathId, session: SessionDep, runtime: RuntimeDep) -> Response:
+    await seg_domain.delete_segment(session=session, id_or_key=segment, now=runtime.clock.now())
     return Response(status_code=204)
 
 
@@ -121,14 +117,12 @@ async def delete_segment(segment: str, session: SessionDep, runtime: RuntimeDep)
     summary="Members, paginated by customer id",
 )
 async def members(
-    segment: str,
+    segment: PathId,
     session: SessionDep,
-    cursor: Annotated[str | None, Query(max_length=128)] = None,
+    cursor: Id | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
-    seg = await seg_domain.get_segment(session=session, id_or_key=_no_nul(segment, "segment"))
-    if cursor is not None:
-        _no_nul(cursor, "cursor")
+    seg = await seg_domain.get_segment(session=session, id_or_key=segment)
     items = await SegmentRepository(session).members(seg["id"], after=cursor, limit=limit)
     return {
         "items": items,
@@ -142,9 +136,9 @@ async def members(
     summary="Size history (one point per sweep)",
 )
 async def size_history(
-    segment: str, session: SessionDep, limit: Annotated[int, Query(ge=1, le=10000)] = 500
+    segment: PathId, session: SessionDep, limit: Annotated[int, Query(ge=1, le=10000)] = 500
 ) -> list[dict[str, Any]]:
-    seg = await seg_domain.get_segment(session=session, id_or_key=_no_nul(segment, "segment"))
+    seg = await seg_domain.get_segment(session=session, id_or_key=segment)
     return await SegmentRepository(session).size_history(seg["id"], limit=limit)
 
 

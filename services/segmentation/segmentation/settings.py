@@ -8,7 +8,7 @@ from crm_common.settings import BaseServiceSettings
 
 
 class Settings(BaseServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="SEGMENTATION_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="SEGMENTATION_")
 
     service_name: str = "segmentation"
     database_url: str = "postgresql+asyncpg://crm:crm@127.0.0.1:55432/segmentation"

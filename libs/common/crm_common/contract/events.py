@@ -90,7 +90,28 @@ class CustomerUpdatedProps(Strict):
         return v
 
 
+# Rules checked only on posted events (validation context POSTED): events archived under older
+# rules must still load downstream and on replay, or a replay would dead-letter them.
+POSTED: dict[str, Any] = {"posted": True}
+# How far a purchase's `total` may be from the sum of its lines, per line: each line may have
+# been rounded to the cent on its own.
+TOTAL_TOLERANCE_PER_LINE = Decimal("0.01")
+
+
+def _posted(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("posted"))
+
+
+def _show(amount: Decimal) -> str:
+    """An amount as a POS writes it: two decimals, more only when they are not zero."""
+    cents = amount.quantize(Decimal("0.01"))
+    return f"{cents:f}" if cents == amount else f"{amount.normalize():f}"
+
+
 class Item(Strict):
+    """A line: `quantity` × `unit_price`, less `discount` (for the whole line, not per unit);
+    `cost` is per unit."""
+
     sku: Id
     name: ShortText | None = None
     category: ShortText | None = None
@@ -102,6 +123,22 @@ class Item(Strict):
     color: ShortText | None = None
     brand: ShortText | None = None
 
+    @field_validator("discount")
+    @classmethod
+    def _discount_within_line(cls, v: Decimal | None, info: ValidationInfo) -> Decimal | None:
+        quantity, unit_price = info.data.get("quantity"), info.data.get("unit_price")
+        if v is None or not _posted(info) or quantity is None or unit_price is None:
+            return v
+        line = quantity * unit_price
+        if v > line:
+            raise ValueError(f"discount {_show(v)} is more than the line's price {_show(line)} (quantity × unit_price)")
+        return v
+
+    @property
+    def amount(self) -> Decimal:
+        """What the line costs the customer: quantity × unit_price − discount."""
+        return self.quantity * self.unit_price - (self.discount or Decimal(0))
+
 
 class PurchaseProps(Strict):
     order_id: Id
@@ -111,6 +148,22 @@ class PurchaseProps(Strict):
     coupon_code: Id | None = None
     points_redeemed: Points | None = None
     redemption_id: Id | None = None
+
+    @field_validator("total")
+    @classmethod
+    def _total_matches_items(cls, v: Decimal, info: ValidationInfo) -> Decimal:
+        # Skipped when an item failed: that item's error says what is wrong.
+        items: list[Item] | None = info.data.get("items")
+        if not items or not _posted(info):
+            return v
+        expected = sum((item.amount for item in items), Decimal(0))
+        tolerance = TOTAL_TOLERANCE_PER_LINE * len(items)
+        if abs(v - expected) > tolerance:
+            per_line = "" if len(items) == 1 else f", {_show(TOTAL_TOLERANCE_PER_LINE)} per line"
+            raise ValueError(
+                f"total {_show(v)} does not match the items (sum {_show(expected)} ± {_show(tolerance)}{per_line})"
+            )
+        return v
 
 
 class RefundItem(Strict):
@@ -123,6 +176,13 @@ class RefundProps(Strict):
     order_id: Id
     items: Annotated[list[RefundItem], Field(max_length=500)] | None = None
     amount: Money
+
+    @field_validator("amount")
+    @classmethod
+    def _refunds_something(cls, v: Decimal, info: ValidationInfo) -> Decimal:
+        if v == 0 and _posted(info):
+            raise ValueError("must be greater than 0: a refund of nothing changes nothing")
+        return v
 
 
 class ProductViewedProps(Strict):
@@ -186,7 +246,9 @@ PROPERTIES_MODELS: dict[str, type[BaseModel]] = {
 class EventIn(Strict):
     """One event as posted to `POST /v1/events`.
 
-    Validation context: `source` (the API key's source) and `now` (the server clock).
+    Validation context: `source` (the API key's source) and `now` (the server clock). Its
+    properties are checked with the rules of posted events (POSTED): totals that match their
+    items, discounts within their line, refunds of more than zero.
     """
 
     event_id: Id
@@ -210,7 +272,9 @@ class EventIn(Strict):
         if self.occurred_at.year < 1970:
             raise ValueError("occurred_at must not be before 1970")
         model = PROPERTIES_MODELS[self.type]
-        self.properties = model.model_validate(self.properties).model_dump(mode="json", exclude_unset=True)
+        self.properties = model.model_validate(self.properties, context=POSTED).model_dump(
+            mode="json", exclude_unset=True
+        )
         return self
 
 

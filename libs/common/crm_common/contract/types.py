@@ -8,7 +8,7 @@ from decimal import Decimal
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
-from pydantic import AfterValidator, Field, StringConstraints
+from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints
 
 
 def _no_nul(value: str) -> str:
@@ -31,13 +31,46 @@ ShortText = Annotated[str, StringConstraints(max_length=256), AfterValidator(_no
 LongText = Annotated[str, StringConstraints(max_length=5000), AfterValidator(_no_nul)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_identifier)]
 
+# ASCII digits only: Python's \d (and Decimal()) would also read "٣" as 3.
+_PLAIN_DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+PLAIN_DECIMAL_ERROR = 'must be a plain decimal such as "12.50" (no spaces, "_", "+", exponent, NaN or Infinity)'
+
+
+def _plain_decimal(value: Any) -> Any:
+    # Decimal() also reads "1_000", " 10 ", "+5", "1e3" and "Infinity"; a POS that sends such a
+    # string has a formatting bug, and guessing what it meant would book the wrong amount. JSON
+    # numbers pass: the contract has always taken them (integers, and decimals read as they print).
+    if isinstance(value, str) and not _PLAIN_DECIMAL.fullmatch(value):
+        raise ValueError(PLAIN_DECIMAL_ERROR)
+    return value
+
+
+PlainDecimal = BeforeValidator(_plain_decimal)
+_DECIMAL_DOC = 'a decimal: a string such as "12.50" (preferred) or a JSON number'
+
 MAX_AMOUNT = Decimal("1000000000000")
-Money = Annotated[Decimal, Field(ge=0, le=MAX_AMOUNT, max_digits=18, decimal_places=4, allow_inf_nan=False)]
-SignedMoney = Annotated[
-    Decimal, Field(ge=-MAX_AMOUNT, le=MAX_AMOUNT, max_digits=18, decimal_places=4, allow_inf_nan=False)
+Money = Annotated[
+    Decimal,
+    Field(ge=0, le=MAX_AMOUNT, max_digits=18, decimal_places=4, allow_inf_nan=False, description=_DECIMAL_DOC),
+    PlainDecimal,
 ]
-Quantity = Annotated[Decimal, Field(gt=0, le=Decimal(1_000_000), max_digits=14, decimal_places=4, allow_inf_nan=False)]
-Points = Annotated[Decimal, Field(ge=0, le=MAX_AMOUNT, max_digits=18, decimal_places=2, allow_inf_nan=False)]
+SignedMoney = Annotated[
+    Decimal,
+    Field(
+        ge=-MAX_AMOUNT, le=MAX_AMOUNT, max_digits=18, decimal_places=4, allow_inf_nan=False, description=_DECIMAL_DOC
+    ),
+    PlainDecimal,
+]
+Quantity = Annotated[
+    Decimal,
+    Field(gt=0, le=Decimal(1_000_000), max_digits=14, decimal_places=4, allow_inf_nan=False, description=_DECIMAL_DOC),
+    PlainDecimal,
+]
+Points = Annotated[
+    Decimal,
+    Field(ge=0, le=MAX_AMOUNT, max_digits=18, decimal_places=2, allow_inf_nan=False, description=_DECIMAL_DOC),
+    PlainDecimal,
+]
 
 _E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 _EMAIL = re.compile(r"^[^@\s\x00]{1,64}@[^@\s\x00]{1,253}\.[^@\s\x00.]{2,63}$")

@@ -10,22 +10,31 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from email import message_from_bytes
 from email import policy as email_policy
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from fastapi import FastAPI
 
 from crm_common import serde
-from crm_common.infra import port_open
+from crm_common.infra import free_port, port_open
+from crm_common.settings import BaseServiceSettings
 
 # The ops API key of the test harness: the plugin puts it in CRM_API_KEYS for the whole run.
 TEST_API_KEY = "crm-test-api-key"
 TEST_AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
+
+SettingsT = TypeVar("SettingsT", bound=BaseServiceSettings)
+
+
+def stack_settings(settings_cls: type[SettingsT], *, database_url: str, bootstrap: str, **overrides: Any) -> SettingsT:
+    """A service's settings on the test stack: no consumers or sweeps unless `overrides` ask, plain logs."""
+    values: dict[str, Any] = {"consumers_enabled": False, "sweeps_enabled": False, "log_json": False, **overrides}
+    return settings_cls(database_url=database_url, kafka_bootstrap_servers=bootstrap, **values)
 
 
 @asynccontextmanager
@@ -123,6 +132,21 @@ class Mailbox:
 
     def to(self, address: str) -> list[Any]:
         return [m for m in list(self.messages) if address in str(m["To"])]
+
+
+@contextmanager
+def smtp_mailbox() -> Iterator[tuple[Mailbox, int]]:
+    """A real SMTP server on a free port keeping what it accepts: `with smtp_mailbox() as (box, port)`."""
+    from aiosmtpd.controller import Controller  # a test dependency only
+
+    box = Mailbox()
+    port = free_port()
+    controller = Controller(box, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield box, port
+    finally:
+        controller.stop()
 
 
 def unique(prefix: str = "t") -> str:

@@ -1,8 +1,11 @@
-"""A scriptable HTTP provider on loopback (SMS API, FCM-shaped push) for tests, demo and bench.
+"""Local provider sinks: where the notifier's messages land on the embedded stack, in tests and benches.
 
-It is a real HTTP/1.1 server (asyncio, keep-alive) running in its own thread, or its own process
-with `python -m notifier.fakes --port N`. A test scripts it: `script([500, 500])` answers 500
-twice then the default 200; `down()` closes the port (connection refused) until `up()`.
+The devstack starts them (`devstack._start_sinks`): e-mail goes to an SMTP server (aiosmtpd) writing
+a Maildir, SMS and push to `LoopbackProvider`, a scriptable HTTP provider on loopback (SMS API,
+FCM-shaped push). It is a real HTTP/1.1 server (asyncio, keep-alive) running in its own thread, or
+its own process with `python -m crm_common.sinks --port N`. A test scripts it: `script([500, 500])`
+answers 500 twice then the default 200; `down()` closes the port (connection refused) until `up()`.
+Nothing here is imported by a service: the notifier's package ships no test provider.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ class Received:
     body: dict[str, Any] = field(default_factory=dict)
 
 
-class FakeHttpProvider:
+class LoopbackProvider:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, record: bool = True) -> None:
         self.host = host
         self.port = port
@@ -63,8 +66,8 @@ class FakeHttpProvider:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def start(self) -> FakeHttpProvider:
-        self._thread = threading.Thread(target=self._thread_main, name="fake-provider", daemon=True)
+    def start(self) -> LoopbackProvider:
+        self._thread = threading.Thread(target=self._thread_main, name="loopback-provider", daemon=True)
         self._thread.start()
         self._ready.wait(10)
         return self
@@ -78,6 +81,7 @@ class FakeHttpProvider:
 
     def _thread_main(self) -> None:
         self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)
         self._loop.run_until_complete(self._open())
         self._ready.set()
         self._loop.run_forever()
@@ -85,7 +89,8 @@ class FakeHttpProvider:
         pending = asyncio.all_tasks(self._loop)
         for task in pending:
             task.cancel()
-        self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        if pending:
+            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self._loop.close()
 
     def _call(self, coro: Any) -> Any:
@@ -164,11 +169,11 @@ class FakeHttpProvider:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Run a fake HTTP provider on loopback")
+    parser = argparse.ArgumentParser(description="Run a loopback SMS/push provider")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
-    provider = FakeHttpProvider(port=args.port, record=args.record)
+    provider = LoopbackProvider(port=args.port, record=args.record)
 
     async def run() -> None:
         await provider._open()
