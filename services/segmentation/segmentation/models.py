@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import date, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -26,15 +26,11 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from crm_common.db import make_base
+from crm_common.db import service_metadata
 
-if TYPE_CHECKING:
-    # make_base() builds the class at run time (its metadata holds the inbox and outbox tables);
-    # mypy needs a base it can see statically.
-    class Base(DeclarativeBase):
-        pass
-else:
-    Base = make_base()
+
+class Base(DeclarativeBase):
+    metadata = service_metadata()
 
 
 class Purchase(Base):
