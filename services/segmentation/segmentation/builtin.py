@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from segmentation.repository import SegmentRepository
+from segmentation.repository.segments import SegmentRepository
 from segmentation.segments import create_segment
 
 BUILTIN_SEGMENTS: list[dict[str, Any]] = [

@@ -1,4 +1,7 @@
-"""Tables owned by the segmentation service (created by migrations 0001-0002; SQL is in repository.py)."""
+"""Tables owned by the segmentation service (created by migrations 0001-0002; queries in repository/).
+
+tests/test_schema.py compares these definitions with the migrated schema, so they cannot drift.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +17,20 @@ from sqlalchemy import (
     Double,
     ForeignKey,
     Identity,
+    Index,
     Integer,
     Numeric,
     SmallInteger,
     Text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from crm_common.db import make_base
+from crm_common.db import service_metadata
 
-Base = make_base()
+
+class Base(DeclarativeBase):
+    metadata = service_metadata()
 
 
 class Purchase(Base):
@@ -50,6 +56,10 @@ class PurchaseItem(Base):
     """One line of an order, with what windowed rules filter on (category, sku, local day of week)."""
 
     __tablename__ = "purchase_items"
+    __table_args__ = (
+        Index("ix_purchase_items_customer_time", "customer_id", "occurred_at"),
+        Index("ix_purchase_items_category_time", "category", "occurred_at"),
+    )
     customer_id: Mapped[str] = mapped_column(Text, primary_key=True)
     order_id: Mapped[str] = mapped_column(Text, primary_key=True)
     line: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -73,7 +83,8 @@ class Refund(Base):
     order_id: Mapped[str] = mapped_column(Text)
     amount: Mapped[Decimal] = mapped_column(Numeric(20, 4))
     occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    items: Mapped[Any | None] = mapped_column(JSONB)
+    # None is SQL NULL (not JSON null): the refund matcher reads a missing item list as "no items".
+    items: Mapped[Any | None] = mapped_column(JSONB(none_as_null=True))
 
 
 class TraitFact(Base):
@@ -96,6 +107,7 @@ class Identity_(Base):
 
 class DeliveryFact(Base):
     __tablename__ = "delivery_facts"
+    __table_args__ = (Index("ix_delivery_facts_customer", "customer_id"),)
     message_id: Mapped[str] = mapped_column(Text, primary_key=True)
     status: Mapped[str] = mapped_column(Text, primary_key=True)
     customer_id: Mapped[str] = mapped_column(Text)
@@ -167,8 +179,9 @@ class Segment(Base):
 
 class Membership(Base):
     __tablename__ = "memberships"
+    __table_args__ = (Index("ix_memberships_customer", "customer_id"),)
     segment_id: Mapped[str] = mapped_column(Text, ForeignKey("segments.id", ondelete="CASCADE"), primary_key=True)
-    customer_id: Mapped[str] = mapped_column(Text, primary_key=True, index=True)
+    customer_id: Mapped[str] = mapped_column(Text, primary_key=True)
     entered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
@@ -176,6 +189,7 @@ class MembershipLogEntry(Base):
     """Every entry and exit; its id makes the stable id of the published message."""
 
     __tablename__ = "membership_log"
+    __table_args__ = (Index("ix_membership_log_segment", "segment_id", "at"),)
     id: Mapped[int] = mapped_column(BigInteger, Identity(always=False), primary_key=True)
     segment_id: Mapped[str] = mapped_column(Text)
     customer_id: Mapped[str] = mapped_column(Text)

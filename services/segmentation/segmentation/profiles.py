@@ -22,14 +22,14 @@ from crm_common.contract.events import (
     SiteVisitProps,
 )
 from crm_common.contract.messages import DeliveryEvent
-from segmentation.repository import (
-    DeliveryFact,
+from segmentation.repository.facts import (
     FactRepository,
-    ProfileRepository,
+    IdentityLink,
     PurchaseFact,
     RefundFact,
     TraitFact,
 )
+from segmentation.repository.profiles import ProfileRepository
 from segmentation.segments import begin_batch, evaluate_for_customers
 
 # Events that change no feature: accepted and counted by the inbox, no recompute.
@@ -48,7 +48,7 @@ class FactBatch:
     first_touch: dict[tuple[str, str], TraitFact] = field(default_factory=dict)
     purchases: dict[tuple[str, str], PurchaseFact] = field(default_factory=dict)
     refunds: list[RefundFact] = field(default_factory=list)
-    identities: dict[str, tuple[str, str, datetime]] = field(default_factory=dict)
+    identities: dict[str, IdentityLink] = field(default_factory=dict)
     touched: set[str] = field(default_factory=set)
 
     def trait(self, fact: TraitFact, *, first_wins: bool = False) -> None:
@@ -121,16 +121,38 @@ def collect_event(batch: FactBatch, record: Record, msg: Envelope, customer_id: 
         for name, value in raw.items():
             if name == "consents":
                 for channel, flag in (value or {}).items():
-                    batch.trait(TraitFact(customer_id, f"consents.{channel}", _json(flag), at, mid))
+                    batch.trait(
+                        TraitFact(
+                            customer_id=customer_id,
+                            field=f"consents.{channel}",
+                            value_json=_json(flag),
+                            occurred_at=at,
+                            message_id=mid,
+                        )
+                    )
             else:
-                batch.trait(TraitFact(customer_id, name, _json(value), at, mid))
+                batch.trait(
+                    TraitFact(
+                        customer_id=customer_id, field=name, value_json=_json(value), occurred_at=at, message_id=mid
+                    )
+                )
         if value_is_null_consents(raw):
             for channel in ("email", "sms", "push"):
-                batch.trait(TraitFact(customer_id, f"consents.{channel}", "null", at, mid))
+                batch.trait(
+                    TraitFact(
+                        customer_id=customer_id,
+                        field=f"consents.{channel}",
+                        value_json="null",
+                        occurred_at=at,
+                        message_id=mid,
+                    )
+                )
         if msg.anonymous_id:
             old = batch.identities.get(msg.anonymous_id)
-            if old is None or at > old[2]:
-                batch.identities[msg.anonymous_id] = (msg.anonymous_id, customer_id, at)
+            if old is None or at > old.occurred_at:
+                batch.identities[msg.anonymous_id] = IdentityLink(
+                    anonymous_id=msg.anonymous_id, customer_id=customer_id, occurred_at=at
+                )
         batch.touched.add(customer_id)
     elif t == "purchase":
         fact = _purchase_fact(customer_id, msg, PurchaseProps.model_validate(msg.properties), mid)
@@ -140,25 +162,40 @@ def collect_event(batch: FactBatch, record: Record, msg: Envelope, customer_id: 
         batch.touched.add(customer_id)
     elif t == "refund":
         rp = RefundProps.model_validate(msg.properties)
-        items = _json([{"sku": i.sku, "quantity": str(i.quantity)} for i in rp.items]) if rp.items else None
-        batch.refunds.append(RefundFact(customer_id, mid, rp.order_id, rp.amount, at, items))
+        items = [{"sku": i.sku, "quantity": str(i.quantity)} for i in rp.items] if rp.items else None
+        batch.refunds.append(
+            RefundFact(
+                customer_id=customer_id,
+                refund_id=mid,
+                order_id=rp.order_id,
+                amount=rp.amount,
+                occurred_at=at,
+                items=items,
+            )
+        )
         batch.touched.add(customer_id)
     elif t == "feedback":
         fp = FeedbackProps.model_validate(msg.properties)
         batch.trait(
             TraitFact(
-                customer_id,
-                "_feedback",
-                _json({"rating": fp.rating, "topic": fp.topic, "order_id": fp.order_id}),
-                at,
-                mid,
+                customer_id=customer_id,
+                field="_feedback",
+                value_json=_json({"rating": fp.rating, "topic": fp.topic, "order_id": fp.order_id}),
+                occurred_at=at,
+                message_id=mid,
             )
         )
     elif t == "site_visit":
         sp = SiteVisitProps.model_validate(msg.properties)
         if sp.utm_source:
             batch.trait(
-                TraitFact(customer_id, "_first_touch", _json([sp.utm_source]), at, mid),
+                TraitFact(
+                    customer_id=customer_id,
+                    field="_first_touch",
+                    value_json=_json([sp.utm_source]),
+                    occurred_at=at,
+                    message_id=mid,
+                ),
                 first_wins=True,
             )
 
@@ -190,7 +227,7 @@ def parse_envelope(value: dict[str, Any]) -> Envelope:
     anonymous_id = value.get("anonymous_id")
     properties = value.get("properties") or {}
     try:
-        if type_ not in EVENT_TYPES:
+        if not isinstance(type_, str) or type_ not in EVENT_TYPES:
             raise ValueError(f"unknown type {type_!r}")
         for name, v in (("customer_id", customer_id), ("anonymous_id", anonymous_id)):
             if v is not None and (not isinstance(v, str) or not 0 < len(v) <= 128 or "\x00" in v):
@@ -252,9 +289,7 @@ class FactWriter:
         await self.facts.insert_refunds(batch.refunds)
 
 
-async def _collect_chunk(
-    chunk: list[tuple[Record, Envelope, str]], identities: dict[str, tuple[str, str, datetime]]
-) -> FactBatch:
+async def _collect_chunk(chunk: list[tuple[Record, Envelope, str]], identities: dict[str, IdentityLink]) -> FactBatch:
     """The facts of a chunk of events (identity links go to the batch-wide `identities`)."""
     batch = FactBatch(identities=identities)
     for n, (rec, msg, customer_id) in enumerate(chunk):
@@ -277,14 +312,16 @@ async def apply_events(*, session: AsyncSession, records: list[Record], now: dat
             continue
         parsed.append((rec, msg))
     # customer_updated events carry identity links first, so that anonymous events of the same batch resolve.
-    identities: dict[str, tuple[str, str, datetime]] = {}
+    identities: dict[str, IdentityLink] = {}
     for _, msg in parsed:
         if msg.type == "customer_updated" and msg.customer_id and msg.anonymous_id:
-            identities[msg.anonymous_id] = (msg.anonymous_id, msg.customer_id, msg.occurred_at)
+            identities[msg.anonymous_id] = IdentityLink(
+                anonymous_id=msg.anonymous_id, customer_id=msg.customer_id, occurred_at=msg.occurred_at
+            )
     anonymous = {msg.anonymous_id for _, msg in parsed if not msg.customer_id and msg.anonymous_id}
     resolved = await facts.resolve_anonymous(sorted(anonymous)) if anonymous else {}
-    for anon, (_, customer, _) in identities.items():
-        resolved.setdefault(anon, customer)
+    for anon, link in identities.items():
+        resolved.setdefault(anon, link.customer_id)
     # An anonymous visitor not linked to a customer yet carries no profile.
     linked = [
         (rec, msg, customer_id)
@@ -322,16 +359,13 @@ async def apply_deliveries(
     *, session: AsyncSession, records: list[Record], now: datetime, decay_days: float
 ) -> set[str]:
     """Store delivery outcomes and refresh the engagement of the customers they concern."""
-    facts: dict[tuple[str, str], DeliveryFact] = {}
+    facts: dict[tuple[str, str], DeliveryEvent] = {}
     for rec in records:
         try:
             msg = DeliveryEvent.model_validate(rec.value)
         except ValidationError as exc:
             raise PoisonMessage(f"not a delivery event: {exc.errors()[:3]}") from exc
-        facts.setdefault(
-            (msg.message_id, msg.status),
-            DeliveryFact(msg.message_id, msg.status, msg.customer_id, msg.channel, msg.occurred_at),
-        )
+        facts.setdefault((msg.message_id, msg.status), msg)
     if not facts:
         return set()
     await begin_batch(session=session)

@@ -9,9 +9,10 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from crm_common import serde
 from segmentation.errors import SegmentKeyTaken, SegmentNotFound
-from segmentation.repository import ProfileRepository, SegmentRepository, SegmentRule
+from segmentation.repository.membership import MembershipRepository, SegmentRule
+from segmentation.repository.profiles import ProfileRepository
+from segmentation.repository.segments import SegmentRepository
 from segmentation.rules import compile_rule
 
 
@@ -23,19 +24,14 @@ def _compiled(
         compiled = compile_rule(seg["rule"], prefix=f"s{i}_", set_based=set_based)
         if time_only and not compiled.uses_time:
             continue
-        rules.append(SegmentRule(seg["id"], seg["key"], compiled.sql, compiled.params))
+        rules.append(SegmentRule(id=seg["id"], key=seg["key"], sql=compiled.sql, params=compiled.params))
     return rules
 
 
-async def evaluate_for_customers(
-    *, session: AsyncSession, customer_ids: Sequence[str], now: datetime
-) -> dict[str, dict[str, int]]:
-    """Re-evaluate every segment for these customers in the caller's transaction (enter/exit + outbox)."""
-    repo = SegmentRepository(session)
-    rules = _compiled(await repo.all_rules())
-    if not rules:
-        return {}
-    return await repo.apply(rules, now=now, customer_ids=customer_ids)
+async def evaluate_for_customers(*, session: AsyncSession, customer_ids: Sequence[str], now: datetime) -> int:
+    """Re-evaluate every segment for these customers in the caller's transaction; return how many entries and exits."""
+    rules = _compiled(await SegmentRepository(session).all_rules())
+    return await MembershipRepository(session).apply(rules, now=now, customer_ids=customer_ids)
 
 
 async def begin_batch(*, session: AsyncSession) -> None:
@@ -44,17 +40,17 @@ async def begin_batch(*, session: AsyncSession) -> None:
     Sweeps take it exclusively before touching profiles; taking it here before any row lock keeps
     the two from deadlocking (a batch waits for a running sweep, never the other way round).
     """
-    await SegmentRepository(session).lock_memberships(exclusive=False)
+    await MembershipRepository(session).lock(exclusive=False)
 
 
 async def recompute_all(*, session: AsyncSession, now: datetime, time_only: bool = False) -> dict[str, Any]:
     """Refresh lifecycles and re-evaluate segments for everyone in one pass; record sizes."""
-    repo = SegmentRepository(session)
-    await repo.lock_memberships(exclusive=True)
+    memberships, segments = MembershipRepository(session), SegmentRepository(session)
+    await memberships.lock(exclusive=True)
     moved = await ProfileRepository(session).refresh_lifecycle(now=now)
-    rules = _compiled(await repo.all_rules(), time_only=time_only, set_based=True)
-    changes = await repo.apply(rules, now=now, customer_ids=None)
-    await repo.record_sizes(now=now)
+    rules = _compiled(await segments.all_rules(), time_only=time_only, set_based=True)
+    changes = await memberships.apply_to_everyone(rules, now=now)
+    await segments.record_sizes(now=now)
     return {"lifecycle_changed": moved, "segments": changes}
 
 
@@ -65,7 +61,7 @@ async def sweep_segments(session: AsyncSession, now: datetime) -> dict[str, Any]
 
 async def sweep_rfm(session: AsyncSession, now: datetime) -> dict[str, Any]:
     """Refresh RFM quintiles and value tiers for everyone, then every segment."""
-    await SegmentRepository(session).lock_memberships(exclusive=True)
+    await MembershipRepository(session).lock(exclusive=True)
     rescored = await ProfileRepository(session).refresh_rfm(now=now)
     result = await recompute_all(session=session, now=now)
     return {"rescored": rescored, **result}
@@ -91,13 +87,16 @@ async def create_segment(
         key=key,
         name=name,
         description=description,
-        rule_json=serde.dumps(rule).decode(),
+        rule=rule,
         builtin=builtin,
         now=now,
     ):
         raise SegmentKeyTaken(f"a segment with key {key!r} exists", details={"key": key})
-    await repo.lock_memberships(exclusive=True)
-    await repo.apply([SegmentRule(sid, key, compiled.sql, compiled.params)], now=now, customer_ids=None)
+    memberships = MembershipRepository(session)
+    await memberships.lock(exclusive=True)
+    await memberships.apply(
+        [SegmentRule(id=sid, key=key, sql=compiled.sql, params=compiled.params)], now=now, customer_ids=None
+    )
     return await get_segment(session=session, id_or_key=sid)
 
 
@@ -119,12 +118,12 @@ async def update_segment(
     if (name, description, rule) == (seg["name"], seg["description"], seg["rule"]):
         return seg  # an empty or same-valued change changes nothing, not even the version
     compiled = compile_rule(rule, set_based=True)
-    repo = SegmentRepository(session)
-    await repo.update(seg["id"], name=name, description=description, rule_json=serde.dumps(rule).decode(), now=now)
+    await SegmentRepository(session).update(seg["id"], name=name, description=description, rule=rule, now=now)
     if rule != seg["rule"]:
-        await repo.lock_memberships(exclusive=True)
-        await repo.apply(
-            [SegmentRule(seg["id"], seg["key"], compiled.sql, compiled.params)],
+        memberships = MembershipRepository(session)
+        await memberships.lock(exclusive=True)
+        await memberships.apply(
+            [SegmentRule(id=seg["id"], key=seg["key"], sql=compiled.sql, params=compiled.params)],
             now=now,
             customer_ids=None,
         )
@@ -134,17 +133,17 @@ async def update_segment(
 async def delete_segment(*, session: AsyncSession, id_or_key: str, now: datetime) -> int:
     """Publish an exit for every member, then remove the segment; return how many exited."""
     seg = await get_segment(session=session, id_or_key=id_or_key)
-    repo = SegmentRepository(session)
-    await repo.lock_memberships(exclusive=True)
-    exited = await repo.exit_all(segment_id=seg["id"], segment_key=seg["key"], now=now)
-    await repo.delete(seg["id"])
+    memberships = MembershipRepository(session)
+    await memberships.lock(exclusive=True)
+    exited = await memberships.exit_all(segment_id=seg["id"], segment_key=seg["key"], now=now)
+    await SegmentRepository(session).delete(seg["id"])
     return exited
 
 
 async def dry_run(*, session: AsyncSession, rule: Any, now: datetime, sample: int = 10) -> dict[str, Any]:
     """Count who would match a rule now, without storing anything."""
     compiled = compile_rule(rule, set_based=True)
-    count, ids = await SegmentRepository(session).count_matching(
+    count, ids = await MembershipRepository(session).count_matching(
         rule_sql=compiled.sql, params=compiled.params, now=now, sample=sample
     )
     return {

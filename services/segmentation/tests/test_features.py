@@ -8,7 +8,7 @@ from decimal import Decimal
 
 from crm_common.db import create_engine, create_sessionmaker, session_scope
 from segmentation.profiles import apply_events
-from segmentation.repository import ProfileRepository
+from segmentation.repository.profiles import ProfileRepository
 from segmentation.segments import sweep_rfm
 
 from .factories import event, item, purchase, records, refund

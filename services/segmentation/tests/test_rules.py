@@ -165,7 +165,7 @@ async def test_windowed_aggregate_counts_distinct_fridays_within_the_window(db):
 
 
 async def test_set_based_and_per_customer_compilations_agree(db):
-    from segmentation.repository import SegmentRepository
+    from segmentation.repository.membership import MembershipRepository
 
     _, sm = db
     evs = []
@@ -195,7 +195,7 @@ async def test_set_based_and_per_customer_compilations_agree(db):
         }
     )
     async with sm() as s:
-        repo = SegmentRepository(s)
+        repo = MembershipRepository(s)
         for rule in rules:
             one = compile_rule(rule)
             many = compile_rule(rule, set_based=True)
