@@ -11,6 +11,9 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validato
 from crm_common.contract.events import EventType
 from crm_common.contract.types import Id, Money, Name, ShortText
 
+# A field named `date` shadows the type inside its class.
+CalendarDate = date
+
 SegmentKey = Annotated[str, Field(min_length=1, max_length=128)]
 TemplateKey = Annotated[str, Field(min_length=1, max_length=128)]
 Tier = Literal["core", "middle", "unprofitable"]
@@ -148,10 +151,10 @@ class Schedule(Strict):
     """A broadcast at `local_time` on `date` in each customer's own time zone; `every_days` repeats it."""
 
     kind: Literal["schedule"]
-    date: date
+    date: CalendarDate
     local_time: time = time(10, 0)
     every_days: Annotated[int, Field(ge=1, le=366)] | None = None
-    until: date | None = None
+    until: CalendarDate | None = None
 
     @model_validator(mode="after")
     def _until(self) -> Schedule:
@@ -229,7 +232,7 @@ class Limits(Strict):
 
 class Economics(Strict):
     guard_tiers: Annotated[list[Tier], Field(max_length=3)] = Field(
-        default_factory=lambda: ["unprofitable"], description="discount offers skip these tiers"
+        default_factory=lambda: list[Tier](["unprofitable"]), description="discount offers skip these tiers"
     )
     min_expected_margin: Annotated[Decimal, Field(ge=-(Decimal(10) ** 9), le=Decimal(10) ** 9)] | None = Field(
         None, description="skip customers whose expected margin per order minus the discount is below this"

@@ -204,7 +204,7 @@ async def on_events(
         await ensure_profiles(
             session=session,
             peers=peers,
-            customer_ids=sorted({x["k"] for x in cands if x["c"] in needy}),
+            customer_ids=sorted({str(x["k"]) for x in cands if x["c"] in needy}),
             now=now,
             settings=settings,
         )
@@ -260,7 +260,7 @@ async def on_segments(
     by_category = {c.id for c in running if c.definition.offer.category}
     if by_category:
         behind = await repo.behind_on_purchases(
-            sorted({x["k"] for x in cands if x["c"] in by_category}), now - timedelta(minutes=5)
+            sorted({str(x["k"]) for x in cands if x["c"] in by_category}), now - timedelta(minutes=5)
         )
         if behind:
             raise PurchasesBehind(f"{len(behind)} customers' purchases not applied yet, e.g. {behind[0]!r}")
@@ -269,7 +269,7 @@ async def on_segments(
         await ensure_profiles(
             session=session,
             peers=peers,
-            customer_ids=sorted({x["k"] for x in cands if x["c"] in needy}),
+            customer_ids=sorted({str(x["k"]) for x in cands if x["c"] in needy}),
             now=now,
             settings=settings,
         )

@@ -23,11 +23,16 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         if settings.install_builtin_segments:
             async with session_scope(runtime.sessionmaker) as session:
                 await install_builtin_segments(session=session, now=runtime.clock.now())
-        runtime.add_consumer("segmentation-events", [TOPIC_EVENTS], events_handler(settings, runtime.clock))
+        # One group member for both topics; their messages keep the inbox names of the two
+        # consumers they had before, so the first start after an upgrade re-applies nothing.
         runtime.add_consumer(
-            "segmentation-deliveries",
-            [TOPIC_DELIVERIES],
-            deliveries_handler(settings, runtime.clock),
+            "segmentation",
+            [TOPIC_EVENTS, TOPIC_DELIVERIES],
+            {
+                TOPIC_EVENTS: events_handler(settings, runtime.clock),
+                TOPIC_DELIVERIES: deliveries_handler(settings, runtime.clock),
+            },
+            inbox_names={TOPIC_EVENTS: "segmentation-events", TOPIC_DELIVERIES: "segmentation-deliveries"},
         )
         runtime.add_relay()
         runtime.add_sweep("segments", settings.segments_sweep_interval_s, sweep_segments)

@@ -299,5 +299,5 @@ async def test_delivery_outcomes_build_engagement_per_channel(db, broker, topic_
 
 async def _settled(client) -> bool:
     pipe = (await client.get("/v1/ops/pipeline")).json()
-    c = next(c for c in pipe["consumers"] if c["name"] == "segmentation-deliveries")
+    c = next(c for c in pipe["consumers"] if c["name"] == "segmentation")
     return c["applied"] + c["duplicates"] >= 12

@@ -36,8 +36,8 @@ def settings(url: str, broker: Any, prefix: str) -> Settings:
 async def _applied(client, n: int) -> bool:
     pipe = (await client.get("/v1/ops/pipeline")).json()
     return (
-        next(c for c in pipe["consumers"] if c["name"] == "segmentation-events")["applied"]
-        + next(c for c in pipe["consumers"] if c["name"] == "segmentation-events")["duplicates"]
+        next(c for c in pipe["consumers"] if c["name"] == "segmentation")["applied"]
+        + next(c for c in pipe["consumers"] if c["name"] == "segmentation")["duplicates"]
         >= n
     )
 
