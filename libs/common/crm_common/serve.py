@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 
 import uvicorn
 
 from crm_common.settings import SERVICE_PORTS
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn's server, ticking once a second instead of ten times.
+
+    The tick refreshes the Date header (once a second either way) and notices a requested exit;
+    ten wake-ups a second are most of what an idle service process costs, for nothing.
+    """
+
+    async def main_loop(self) -> None:
+        counter = 0
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            # on_tick does its once-a-second work when the counter is a multiple of 10.
+            counter = (counter + 10) % 864000
+            await asyncio.sleep(1.0)
+            should_exit = await self.on_tick(counter)
 
 
 def main() -> None:
@@ -17,7 +35,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=None)
     args = parser.parse_args()
     port = args.port or SERVICE_PORTS[args.service]
-    uvicorn.run(
+    config = uvicorn.Config(
         f"{args.service}.app:create_app",
         factory=True,
         host=args.host,
@@ -28,6 +46,7 @@ def main() -> None:
         log_config=None,
         timeout_graceful_shutdown=30,
     )
+    QuietServer(config).run()
 
 
 if __name__ == "__main__":
