@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from asyncpg.exceptions import DataError
+from asyncpg.exceptions import DataError, InvalidTextRepresentationError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import ORJSONResponse
@@ -121,13 +121,17 @@ def is_transient(exc: BaseException) -> bool:
 def unencodable_text(exc: BaseException) -> bool:
     """True when `exc` is the refusal of text that is not valid Unicode on its way out of the
     process: a lone surrogate, which JSON can carry as a `\\ud800` escape but UTF-8 cannot encode
-    (the database driver's codec, or orjson serialising it for a JSONB column or a message)."""
+    (the database driver's codec, or orjson serialising it for a JSONB column or a message), or
+    PostgreSQL's JSON parser refusing the `\ud800` escape itself."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         # The codec's UnicodeEncodeError, asyncpg's DataError quoting it, orjson's TypeError.
         if isinstance(current, TypeError | ValueError | DataError) and "surrogates not allowed" in str(current):
+            return True
+        # asyncpg's InvalidTextRepresentationError (22P02): "Unicode low surrogate must follow a high surrogate".
+        if isinstance(current, InvalidTextRepresentationError) and "surrogate" in str(current):
             return True
         current = current.__cause__ or current.__context__ or getattr(current, "orig", None)
     return False
