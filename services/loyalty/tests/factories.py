@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 from crm_common.contract.events import EventMessage
+from crm_common.testing.helpers import event_message
 
 SCENARIO4_PROGRAMME: dict[str, Any] = {
     "base_rate": "0.01",
@@ -24,17 +25,7 @@ def event(
     type_: str, customer_id: str, at: datetime, properties: dict[str, Any], *, event_id: str | None = None
 ) -> dict[str, Any]:
     """An event message as ingest publishes it on crm.events.v1."""
-    event_id = event_id or uuid.uuid4().hex
-    return {
-        "id": f"pos:{event_id}",
-        "source": "pos",
-        "event_id": event_id,
-        "type": type_,
-        "customer_id": customer_id,
-        "occurred_at": at.isoformat(),
-        "received_at": at.isoformat(),
-        "properties": properties,
-    }
+    return event_message(type_, customer_id, at, properties, event_id=event_id, source="pos")
 
 
 def purchase(

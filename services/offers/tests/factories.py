@@ -6,6 +6,8 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+from crm_common.testing.helpers import event_message
+
 # Every variable offers sends (evaluation.personalise); a template may declare any of them.
 VARIABLES = [
     "first_name",
@@ -36,17 +38,7 @@ def event(
     type_: str, customer_id: str, at: datetime, properties: dict[str, Any], *, event_id: str | None = None
 ) -> dict[str, Any]:
     """An event message as ingest publishes it on crm.events.v1."""
-    event_id = event_id or uuid.uuid4().hex
-    return {
-        "id": f"site:{event_id}",
-        "source": "site",
-        "event_id": event_id,
-        "type": type_,
-        "customer_id": customer_id,
-        "occurred_at": at.isoformat(),
-        "received_at": at.isoformat(),
-        "properties": properties,
-    }
+    return event_message(type_, customer_id, at, properties, event_id=event_id, source="site")
 
 
 def purchase(customer_id: str, at: datetime, total: str = "20", **kw: Any) -> dict[str, Any]:

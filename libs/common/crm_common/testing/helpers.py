@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
+from datetime import datetime
 from email import message_from_bytes
 from email import policy as email_policy
 from typing import Any, TypeVar
@@ -195,3 +196,26 @@ class ServiceProcess:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def event_message(
+    type_: str,
+    customer_id: str,
+    at: datetime,
+    properties: dict[str, Any],
+    *,
+    event_id: str | None = None,
+    source: str = "pos",
+) -> dict[str, Any]:
+    """An event message as ingest publishes it on crm.events.v1 (for tests that skip ingest)."""
+    event_id = event_id or uuid.uuid4().hex
+    return {
+        "id": f"{source}:{event_id}",
+        "source": source,
+        "event_id": event_id,
+        "type": type_,
+        "customer_id": customer_id,
+        "occurred_at": at.isoformat(),
+        "received_at": at.isoformat(),
+        "properties": properties,
+    }
