@@ -53,7 +53,7 @@ class BaseServiceSettings(BaseSettings):
     # from other processes); this timer only catches a wake-up that was missed.
     outbox_poll_interval_ms: int = 5000
     # A woken relay waits this long before its pass, so a burst of commits goes out as one batch.
-    outbox_coalesce_ms: int = 5
+    outbox_coalesce_ms: int = 25
     # Wake workers through LISTEN/NOTIFY (one connection per process); off, they use their timers.
     notify_enabled: bool = True
     # The cyclic GC's generation-0 threshold (0 keeps Python's 700): batch handlers allocate many
