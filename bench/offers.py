@@ -38,20 +38,17 @@ from typing import Any
 import asyncpg
 import httpx
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from sqlalchemy import text
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from crm_common import serde
 from crm_common.clock import SystemClock
-from crm_common.consumer import ConsumerRunner, Record
+from crm_common.consumer import ConsumerRunner
 from crm_common.db import create_engine, create_sessionmaker
 from crm_common.infra import BrokerServer, PostgresServer, free_port
 from crm_common.kafka import ensure_topics, make_producer
 from crm_common.migrations import upgrade_async
-from crm_common.outbox import OutboxRelay
 from crm_common.settings import ALL_TOPICS
+from crm_common.testing.bench import publish_events, raw_insert, relay_worker
 from crm_common.testing.helpers import TEST_API_KEY, ServiceProcess
-from crm_common.worker import Worker
 
 PARTITIONS = 6
 CATEGORIES = ["shoes", "shirts", "wine", "bread", "milk", "tea", "toys", "books", "garden", "beauty"]
@@ -208,30 +205,6 @@ def make_events(n: int, customers: int, rng: random.Random, start: datetime) -> 
     return out
 
 
-async def produce(bootstrap: str, topic: str, events: list[dict[str, Any]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=1 << 20)
-    await producer.start()
-    try:
-        futures = [await producer.send(topic, value=serde.dumps(e), key=e["customer_id"].encode()) for e in events]
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-
-
-async def raw_insert(session: Any, records: list[Record]) -> None:
-    await session.execute(
-        text(
-            "INSERT INTO raw_events (id, customer_id, body) SELECT * FROM unnest(CAST(:i AS text[]), "
-            "CAST(:c AS text[]), CAST(:b AS jsonb[]))"
-        ),
-        {
-            "i": [r.id for r in records],
-            "c": [r.value.get("customer_id") for r in records],
-            "b": [serde.dumps(r.value).decode() for r in records],
-        },
-    )
-
-
 async def consume_rate(
     *, name: str, url: str, bootstrap: str, topic: str, handler: Any, n: int, relay: bool = False
 ) -> tuple[float, Any]:
@@ -255,8 +228,7 @@ async def consume_rate(
     out_relay = None
     if relay:
         # The relay as the runtime runs it: a worker (here on a short timer, no NOTIFY listener).
-        publisher = OutboxRelay(name=name, sessionmaker=sm, producer=producer)
-        out_relay = Worker(f"relay:{name}", publisher.run_once, interval_s=0.05, full_batch=1000, drain_on_stop=True)
+        out_relay = relay_worker(name, sm, producer)
         out_relay.start()
     await runner.start()
     first_at = None
@@ -506,7 +478,7 @@ async def main() -> None:
         topic = prefix + "crm.events.v1"
         events = make_events(args.events, args.customers, rng, now - timedelta(days=1))
         t = time.perf_counter()
-        await produce(broker.bootstrap, topic, events)
+        await publish_events(broker.bootstrap, topic, events)
         print(f"machine: {os.cpu_count()} cores, shared with other engineers' test runs (figures are noisy)")
         print(
             f"published {len(events)} events for {args.customers} customers in {time.perf_counter() - t:.1f} s "

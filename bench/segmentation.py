@@ -30,7 +30,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -42,6 +42,7 @@ from crm_common.infra import BrokerServer, PostgresServer, create_database, free
 from crm_common.kafka import ensure_topics, make_producer
 from crm_common.migrations import upgrade_async
 from crm_common.service import tune_gc
+from crm_common.testing.bench import publish_events
 from segmentation.builtin import install_builtin_segments
 from segmentation.consumers import events_handler
 from segmentation.segments import create_segment, recompute_all
@@ -158,16 +159,6 @@ def generate_events(customers: int, seed: int = 1) -> list[dict[str, Any]]:
     return events
 
 
-async def publish_all(bootstrap: str, topic: str, events: list[dict[str, Any]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=1 << 20)
-    await producer.start()
-    try:
-        futures = [await producer.send(topic, value=serde.dumps(e), key=e["customer_id"].encode()) for e in events]
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-
-
 async def publish_generated(bootstrap: str, topic: str, customers: int) -> int:
     """Publish the generated history and return its size.
 
@@ -175,7 +166,7 @@ async def publish_generated(bootstrap: str, topic: str, customers: int) -> int:
     every full garbage collection during the measured phases would walk those objects.
     """
     events = generate_events(customers)
-    await publish_all(bootstrap, topic, events)
+    await publish_events(bootstrap, topic, events)
     total = len(events)
     del events
     gc.collect()
