@@ -10,6 +10,11 @@ import uvicorn
 
 from crm_common.settings import SERVICE_PORTS
 
+# How long an idle keep-alive connection stays open. uvicorn's default (5 s) equals the
+# Retry-After of a 503, so a client that waits it out and reuses its connection meets the
+# server closing it at that very moment (ECONNRESET); nginx's default is 75 s.
+KEEP_ALIVE_S = 75
+
 
 class QuietServer(uvicorn.Server):
     """uvicorn's server, ticking once a second instead of ten times.
@@ -45,6 +50,7 @@ def main() -> None:
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=30,
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     QuietServer(config).run()
 

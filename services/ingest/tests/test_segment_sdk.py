@@ -17,6 +17,7 @@ import uvicorn
 from segment.analytics import Client
 
 from crm_common.infra import free_port
+from crm_common.serve import KEEP_ALIVE_S
 from crm_common.testing.helpers import eventually, read_topic
 
 WRITE_KEY = "test-segment-site-key"
@@ -38,7 +39,14 @@ async def segment(ingest) -> AsyncIterator[Any]:
     await ingest.add_key(APP_KEY, source="app", scopes=["events:write", "events:read"])
     port = free_port()
     config = uvicorn.Config(
-        ingest.app, host="127.0.0.1", port=port, lifespan="off", log_config=None, access_log=False, log_level="warning"
+        ingest.app,
+        host="127.0.0.1",
+        port=port,
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        log_level="warning",
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     server = _Server(config)
     task = asyncio.create_task(server.serve())
