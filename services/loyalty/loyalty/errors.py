@@ -2,30 +2,11 @@
 
 from __future__ import annotations
 
-from crm_common.errors import Conflict, InvalidInput, NotFound
+from crm_common.errors import Conflict, InvalidInput, NotFound, coded
 
-
-class AccountNotFound(NotFound):
-    code = "account_not_found"
-
-
-class RedemptionNotFound(NotFound):
-    code = "redemption_not_found"
-
-
-class InsufficientPoints(Conflict):
-    code = "insufficient_points"
-
-
-class IdempotencyConflict(Conflict):
-    """The same idempotency key was used with a different request body."""
-
-    code = "idempotency_conflict"
-
-
-class RedemptionNotCancellable(Conflict):
-    code = "redemption_not_cancellable"
-
-
-class InvalidProgramme(InvalidInput):
-    code = "invalid_programme"
+AccountNotFound = coded(NotFound, "account_not_found")
+RedemptionNotFound = coded(NotFound, "redemption_not_found")
+InsufficientPoints = coded(Conflict, "insufficient_points")
+IdempotencyConflict = coded(Conflict, "idempotency_conflict", "The same idempotency key came with another body.")
+RedemptionNotCancellable = coded(Conflict, "redemption_not_cancellable")
+InvalidProgramme = coded(InvalidInput, "invalid_programme")

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-from crm_common.errors import Conflict, CRMError, Forbidden, InvalidInput, NotFound, Unauthorized
+from crm_common.errors import Conflict, CRMError, Forbidden, InvalidInput, NotFound, Unauthorized, coded
 
-
-class TemplateInvalid(InvalidInput):
-    code = "template_invalid"
-
-
-class TemplateNotFound(NotFound):
-    code = "template_not_found"
-
-
-class MessageNotFound(NotFound):
-    code = "message_not_found"
-
-
-class ContactNotFound(NotFound):
-    code = "contact_not_found"
+TemplateInvalid = coded(InvalidInput, "template_invalid")
+TemplateNotFound = coded(NotFound, "template_not_found")
+MessageNotFound = coded(NotFound, "message_not_found")
+ContactNotFound = coded(NotFound, "contact_not_found")
 
 
 class RenderFailed(InvalidInput):
@@ -40,25 +29,11 @@ class RenderTimeout(RenderFailed):
         return self.code
 
 
-class BadToken(Forbidden):
-    code = "bad_token"
-
-
-class MissingSignature(Unauthorized):
-    code = "missing_signature"
-
-
-class BadSignature(Forbidden):
-    code = "bad_signature"
-
-
-class UnknownProvider(NotFound):
-    code = "unknown_provider"
-
-
-class IdempotencyConflict(Conflict):
-    code = "idempotency_conflict"
-
+BadToken = coded(Forbidden, "bad_token")
+MissingSignature = coded(Unauthorized, "missing_signature")
+BadSignature = coded(Forbidden, "bad_signature")
+UnknownProvider = coded(NotFound, "unknown_provider")
+IdempotencyConflict = coded(Conflict, "idempotency_conflict")
 
 __all__ = [
     "BadSignature",

@@ -30,6 +30,7 @@ from jinja2.nodes import EvalContext
 from jinja2.runtime import Context, LoopContext
 from jinja2.sandbox import SandboxedEnvironment
 
+from crm_common.errors import InvalidInput
 from notifier.errors import RenderFailed, RenderTimeout, TemplateInvalid
 
 # Names every render provides on top of the message's own variables.
@@ -268,7 +269,7 @@ _TEXT = _env(False)
 _HTML = _env(True)
 
 
-def _invalid(field: str, error: str) -> TemplateInvalid:
+def _invalid(field: str, error: str) -> InvalidInput:
     return TemplateInvalid(f"{field}: {error}", details={"field": field, "error": error})
 
 

@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-from crm_common.errors import Conflict, InvalidInput, NotFound
+from crm_common.errors import Conflict, InvalidInput, NotFound, coded
 
-
-class InvalidRule(InvalidInput):
-    """A segment rule that does not validate; the message and details name the bad node."""
-
-    code = "invalid_rule"
-
-
-class SegmentNotFound(NotFound):
-    code = "segment_not_found"
-
-
-class SegmentKeyTaken(Conflict):
-    code = "segment_key_taken"
-
-
-class ProfileNotFound(NotFound):
-    code = "profile_not_found"
+# A segment rule that does not validate; the message and details name the bad node.
+InvalidRule = coded(InvalidInput, "invalid_rule")
+SegmentNotFound = coded(NotFound, "segment_not_found")
+SegmentKeyTaken = coded(Conflict, "segment_key_taken")
+ProfileNotFound = coded(NotFound, "profile_not_found")

@@ -1,9 +1,4 @@
-"""api keys, accepted-event archive and its publish queue
-
-Revision ID: 0002
-Revises: 0001
-Create Date: 2026-11-23
-"""
+"""api keys, accepted-event archive and its publish queue"""
 
 import sqlalchemy as sa
 from alembic import op
@@ -11,8 +6,6 @@ from sqlalchemy.dialects import postgresql
 
 revision = "0002"
 down_revision = "0001"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:

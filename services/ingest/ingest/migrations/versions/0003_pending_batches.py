@@ -1,9 +1,5 @@
 """publish queue of the archive: one row per accepted batch instead of one per event
 
-Revision ID: 0003
-Revises: 0002
-Create Date: 2026-12-01
-
 A batch of 500 events queued as 500 rows costs 500 index entries on insert and 500 index
 lookups and dead tuples on delete; as one row holding the 500 sequence numbers it costs one.
 """
@@ -14,8 +10,6 @@ from sqlalchemy.dialects import postgresql
 
 revision = "0003"
 down_revision = "0002"
-branch_labels = None
-depends_on = None
 
 # Queued events carried over from the per-event queue, this many to a row.
 _CHUNK = 1000

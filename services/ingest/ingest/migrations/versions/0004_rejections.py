@@ -1,9 +1,5 @@
 """rejected messages of the Segment-compatible routes, with their reasons
 
-Revision ID: 0004
-Revises: 0003
-Create Date: 2026-12-02
-
 A Segment SDK reads only the status of its batch; a message of an accepted batch that fails our
 validation is kept here (and shown by GET /v1/rejections) instead of vanishing.
 """
@@ -13,8 +9,6 @@ from alembic import op
 
 revision = "0004"
 down_revision = "0003"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:

@@ -1,16 +1,9 @@
-"""programme, accounts, lots, immutable ledger, purchases, redemptions, goals
-
-Revision ID: 0002
-Revises: 0001
-Create Date: 2026-11-23
-"""
+"""programme, accounts, lots, immutable ledger, purchases, redemptions, goals"""
 
 from alembic import op
 
 revision = "0002"
 down_revision = "0001"
-branch_labels = None
-depends_on = None
 
 
 STATEMENTS = [

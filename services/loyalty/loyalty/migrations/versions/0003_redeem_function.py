@@ -1,9 +1,5 @@
 """loyalty_redeem(): a new redemption applied in one statement (one round trip instead of five)
 
-Revision ID: 0003
-Revises: 0002
-Create Date: 2026-11-23
-
 The function does what loyalty.redemptions.redeem does for a new redemption on an existing account with
 spendable points, with the same rules: lock the account row, take the oldest spendable lots first
 (expires_at, earned_at, id in code-point order), write the redemption, its lots, one immutable ledger entry,
@@ -18,8 +14,6 @@ from alembic import op
 
 revision = "0003"
 down_revision = "0002"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:

@@ -1,9 +1,5 @@
 """spend_months: each customer's spend per UTC month, kept by accrual, so the tier's window spend is not re-summed
 
-Revision ID: 0004
-Revises: 0003
-Create Date: 2026-12-01
-
 The 12-month spend that decides the tier was the sum of `paid - refunded` over every purchase in the window,
 read again for every buyer of every batch: its cost grew with each customer's history. Accrual now adds each
 purchase's paid amount (and subtracts each refund) to its month here, in the transaction that writes the
@@ -15,8 +11,6 @@ from alembic import op
 
 revision = "0004"
 down_revision = "0003"
-branch_labels = None
-depends_on = None
 
 
 STATEMENTS = [

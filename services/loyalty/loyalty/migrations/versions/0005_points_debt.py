@@ -1,9 +1,5 @@
 """points debt: a reversal larger than the spendable points is owed, not forgotten
 
-Revision ID: 0005
-Revises: 0004
-Create Date: 2026-12-01
-
 A refund reverses the points its purchase accrued. When some of them were spent already, the balance cannot go
 below zero, and the part that could not be taken used to be dropped: the customer kept points never earned.
 Now that part is the account's `points_debt`, netted against the next credits before they become spendable.
@@ -20,8 +16,6 @@ from alembic import op
 
 revision = "0005"
 down_revision = "0004"
-branch_labels = None
-depends_on = None
 
 
 STATEMENTS = [

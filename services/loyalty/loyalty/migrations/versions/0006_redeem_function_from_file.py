@@ -1,9 +1,5 @@
 """loyalty_redeem() from its versioned file loyalty/sql/loyalty_redeem.sql, which now also wakes the relay
 
-Revision ID: 0006
-Revises: 0005
-Create Date: 2026-12-02
-
 The function's definition lives in `loyalty/sql/loyalty_redeem.sql` (package data), its one home, which this
 migration applies with CREATE OR REPLACE. What changed against 0003: the ledger entry names `debt_change` (0, its
 default), and the function notifies `crm_outbox` after writing its outbox row, so the relay publishes it at
@@ -21,8 +17,6 @@ from alembic import op
 
 revision = "0006"
 down_revision = "0005"
-branch_labels = None
-depends_on = None
 
 
 def _apply(name: str) -> None:

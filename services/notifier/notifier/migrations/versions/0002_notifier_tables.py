@@ -1,9 +1,4 @@
-"""contacts, templates, messages, delivery attempts and message events
-
-Revision ID: 0002
-Revises: 0001
-Create Date: 2026-11-23
-"""
+"""contacts, templates, messages, delivery attempts and message events"""
 
 import sqlalchemy as sa
 from alembic import op
@@ -11,8 +6,6 @@ from sqlalchemy.dialects import postgresql
 
 revision = "0002"
 down_revision = "0001"
-branch_labels = None
-depends_on = None
 
 TS = sa.DateTime(timezone=True)
 

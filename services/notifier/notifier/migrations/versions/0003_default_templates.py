@@ -1,9 +1,5 @@
 """default templates for the transactional and loyalty messages other services request
 
-Revision ID: 0003
-Revises: 0002
-Create Date: 2026-11-23
-
 Loyalty asks for `points_expiring` (transactional) and `loyalty_goal_offer` (marketing); without a
 template such a message would fail with `template_not_found`. These English defaults can be edited
 or replaced through the templates API; an existing template for the same slot is never touched.
@@ -17,8 +13,6 @@ from alembic import op
 
 revision = "0003"
 down_revision = "0002"
-branch_labels = None
-depends_on = None
 
 EXPIRING_VARS = ["points", "amount", "expires_on"]
 EXPIRING_SAMPLE = {"points": "250.00", "amount": "2.50", "expires_on": "2026-07-01"}

@@ -1,9 +1,4 @@
-"""campaigns, versions, customer cache, memberships, timers, decision log; bucket and condition functions
-
-Revision ID: 0002
-Revises: 0001
-Create Date: 2026-12-02
-"""
+"""campaigns, versions, customer cache, memberships, timers, decision log; bucket and condition functions"""
 
 import sqlalchemy as sa
 from alembic import op
@@ -11,8 +6,6 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 revision = "0002"
 down_revision = "0001"
-branch_labels = None
-depends_on = None
 
 TS = sa.DateTime(timezone=True)
 MONEY = sa.Numeric(20, 4)

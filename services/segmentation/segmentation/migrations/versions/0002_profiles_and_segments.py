@@ -1,9 +1,5 @@
 """facts, profiles, segments, memberships, size history, feature statistics
 
-Revision ID: 0002
-Revises: 0001
-Create Date: 2026-11-23
-
 Profiles are derived from facts (purchases, items, refunds, trait facts, deliveries) so that
 duplicates, late and out-of-order events give the same profile: a fact is stored once by its
 natural key and the profile is recomputed from all facts of the customer.
@@ -13,8 +9,6 @@ from alembic import op
 
 revision = "0002"
 down_revision = "0001"
-branch_labels = None
-depends_on = None
 
 DDL = r"""
 CREATE TABLE purchases (
