@@ -507,6 +507,38 @@ def test_k8s_each_service_has_probes_resources_autoscaling_disruption_budget_and
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_peer_urls_name_platform_services_that_the_network_policy_lets_the_caller_reach(overlay: str) -> None:
+    """Every `http://<name>:<port>` a service is configured with is a Service of the overlay on that port, and the
+    egress of a service with peers allows exactly its peers' pods on their ports (offers: segmentation and the
+    notifier). The services without peers keep their rule to every service's port range (unused)."""
+    docs = render(overlay)
+    deployments, services, policies = (by_kind(docs, k) for k in ("Deployment", "Service", "NetworkPolicy"))
+    peers_of: dict[str, set[tuple[str, int]]] = {}
+    for service in SERVICES:
+        (container,) = deployments[service]["spec"]["template"]["spec"]["containers"]
+        for name, value in container_env(docs, container)[0].items():
+            parts = urlsplit(value or "")
+            if parts.scheme not in ("http", "https") or parts.hostname not in SERVICE_PORTS:
+                continue
+            assert parts.port == SERVICE_PORTS[parts.hostname], f"{service} {name}: {value}"
+            assert services[parts.hostname]["spec"]["ports"][0]["port"] == parts.port, f"{service} {name}"
+            peers_of.setdefault(service, set()).add((parts.hostname, parts.port))
+    assert peers_of.get("offers") == {("segmentation", 8002), ("notifier", 8005)}
+    for service, peers in peers_of.items():
+        reached = set()
+        for rule in policies[service]["spec"]["egress"]:
+            for peer in rule["to"]:
+                labels = peer.get("podSelector", {}).get("matchLabels", {})
+                if labels.get("app.kubernetes.io/component") != "service":
+                    continue
+                assert labels.get("app.kubernetes.io/name") in SERVICE_PORTS, f"{service}: egress to any service"
+                for port in rule.get("ports", []):
+                    assert "endPort" not in port, f"{service}: a port range to the services"
+                    reached.add((labels["app.kubernetes.io/name"], port["port"]))
+        assert reached == peers, f"{service} reaches {reached}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_k8s_topics_are_the_platform_topics_with_enough_partitions_for_the_consumers(overlay: str) -> None:
     docs = render(overlay)
     topics = by_kind(docs, "KafkaTopic")

@@ -11,11 +11,11 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from crm_common.contract.events import EventMessage, PurchaseProps, RefundProps
-from loyalty import goals, referrals
+from loyalty import goals, point_offers, referrals
 from loyalty.ledger import ZERO, Book, floor_points, round_points
 from loyalty.repository import utc_month
 from loyalty.schemas import ProgrammeConfig
-from loyalty.state import AccountState, GoalState, PurchaseState
+from loyalty.state import AccountState, GoalState, PointOfferState, PurchaseState
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class EventApplier:
         self.purchases: dict[tuple[str, str], PurchaseState] = {}
         self.goals: dict[str, GoalState] = {}
         self.spend_by_month: dict[tuple[str, date], Decimal] = {}
+        self.offers: dict[str, list[PointOfferState]] = {}  # open points-multiplier offers per buyer
+        self.offer_of_order: dict[tuple[str, str], PointOfferState] = {}  # the offer a recorded purchase used
 
     async def apply(self, events: list[EventMessage]) -> None:
         book = self.book
@@ -80,6 +82,7 @@ class EventApplier:
         await book.load_redemptions([p.redemption_id for _, e, p in parsed if e.type == "purchase" and p.redemption_id])
         if buyers:
             self.goals = {g.customer_id: g for g in await book.repo.active_goals(buyers)}
+        await self.load_offers(parsed)
         for cid, e, props in parsed:
             acct = book.accounts[cid]
             if e.type == "purchase":
@@ -114,6 +117,11 @@ class EventApplier:
                 data={"paid": str(paid), "tier": acct.tier},
                 event_type="points.accrued" if book.publish_accruals else None,
             )
+            offer = point_offers.best(self.offers.get(acct.customer_id, []), e.occurred_at)
+            if offer is not None and point_offers.award(
+                book, acct, offer, order_id=p.order_id, base_points=points, at=e.occurred_at
+            ):
+                self.offer_of_order[key] = offer
         self.purchases[key] = PurchaseState(
             customer_id=acct.customer_id,
             order_id=p.order_id,
@@ -141,6 +149,19 @@ class EventApplier:
             goals.count_purchase(book, acct, goal, at=e.occurred_at)
         if acct.purchases_count == 1:
             await referrals.reward_first_purchase(book, acct, at=e.occurred_at)
+
+    async def load_offers(self, parsed: list[tuple[str, EventMessage, Any]]) -> None:
+        """The buyers' open points-multiplier offers, and the offers used by the orders refunded in the batch."""
+        buyers = sorted({cid for cid, e, _ in parsed if e.type == "purchase"})
+        refunded = {(cid, p.order_id) for cid, e, p in parsed if e.type == "refund"}
+        if not buyers and not refunded:
+            return
+        since = min(e.occurred_at for _, e, _ in parsed if e.type == "purchase") if buyers else self.book.now
+        for o in await self.book.repo.point_offers_for(buyers, since, sorted(refunded)):
+            if o.order_id is None:
+                self.offers.setdefault(o.customer_id, []).append(o)
+            else:
+                self.offer_of_order[(o.customer_id, o.order_id)] = o
 
     def reconcile(self, acct: AccountState, e: EventMessage, p: PurchaseProps) -> tuple[Decimal, Decimal, str | None]:
         """Match the purchase's redemption: (money paid with points, points redeemed, reconciliation status)."""
@@ -238,6 +259,11 @@ class EventApplier:
                 event_type="points.reversed",
             )
             pur.points_reversed += to_reverse
+        offer = self.offer_of_order.get((acct.customer_id, r.order_id))
+        if offer is not None:
+            await point_offers.reverse(
+                book, acct, offer, share=None if full else share, ref=f"bonus_reversal:{e.id}", at=e.occurred_at
+            )
         self.add_spend(acct.customer_id, pur.occurred_at, -amount)
         self.update_tier(acct, -amount, cause=e.id, at=e.occurred_at)
 
@@ -265,6 +291,10 @@ class EventApplier:
         await repo.update_purchases([p for p in self.purchases.values() if p.dirty and not p.is_new])
         await repo.add_monthly_spend({key: amount for key, amount in self.spend_by_month.items() if amount})
         await repo.update_goals([g for g in self.goals.values() if g.dirty])
+        offers = {o.message_id: o for os in self.offers.values() for o in os} | {
+            o.message_id: o for o in self.offer_of_order.values()
+        }
+        await repo.update_point_offers([o for o in offers.values() if o.dirty])
         await self.book.flush()
 
 

@@ -11,7 +11,7 @@ from crm_common.service import ServiceRuntime, create_service_app
 from loyalty import consumers, expiry
 from loyalty.api import router
 from loyalty.deps import ProgrammeCache
-from loyalty.settings import TOPIC_EVENTS, TOPIC_SEGMENTS, Settings
+from loyalty.settings import TOPIC_EVENTS, TOPIC_MESSAGES, TOPIC_SEGMENTS, Settings
 
 
 def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
@@ -20,13 +20,15 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
 
     def configure(runtime: ServiceRuntime) -> None:
         # One group member for both topics; their messages keep the inbox names of the two
-        # consumers they had before, so the first start after an upgrade re-applies nothing.
+        # consumers they had before, so the first start after an upgrade re-applies nothing. Of crm.messages.v1
+        # only offers' points-multiplier requests are applied (after the batch's events).
         runtime.add_consumer(
             "loyalty",
-            [TOPIC_EVENTS, TOPIC_SEGMENTS],
+            [TOPIC_EVENTS, TOPIC_SEGMENTS, TOPIC_MESSAGES],
             {
                 TOPIC_EVENTS: consumers.events_handler(runtime.clock, publish_accruals=settings.publish_accruals),
                 TOPIC_SEGMENTS: consumers.segments_handler(runtime.clock),
+                TOPIC_MESSAGES: consumers.messages_handler(runtime.clock),
             },
             inbox_names={TOPIC_EVENTS: "loyalty-events", TOPIC_SEGMENTS: "loyalty-segments"},
         )

@@ -10,8 +10,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from crm_common.clock import Clock
 from crm_common.consumer import PoisonMessage, Record
 from crm_common.contract.events import EventMessage
-from crm_common.contract.messages import SegmentMembershipChanged
-from loyalty import goals
+from crm_common.contract.messages import MessageRequested, SegmentMembershipChanged
+from loyalty import goals, point_offers
 from loyalty.accrual import UnusableEvent, apply_events
 from loyalty.ledger import Book, load_programme
 
@@ -66,3 +66,29 @@ def segments_handler(clock: Clock) -> Handler:
         await book.flush()
 
     return handle
+
+
+def messages_handler(clock: Clock) -> Handler:
+    """crm.messages.v1: of the message requests, only offers' points-multiplier offers matter here."""
+
+    async def handle(session: AsyncSession, records: list[Record]) -> None:
+        wanted = [r for r in records if isinstance(r.value, dict) and _is_point_offer(r.value)]
+        if not wanted:
+            return
+        try:
+            messages = [MessageRequested.model_validate(r.value) for r in wanted]
+        except ValidationError as exc:
+            raise PoisonMessage(f"not a message request: {exc.errors()[:3]}") from exc
+        try:
+            await point_offers.record_requests(
+                session=session, messages=messages, programme=await load_programme(session), now=clock.now()
+            )
+        except point_offers.UnusableOffer as exc:
+            raise PoisonMessage(str(exc)) from exc
+
+    return handle
+
+
+def _is_point_offer(value: dict[str, object]) -> bool:
+    variables = value.get("variables")
+    return isinstance(variables, dict) and variables.get("offer_kind") == point_offers.KIND

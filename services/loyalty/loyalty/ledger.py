@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 CENT = Decimal("0.01")
 ZERO = Decimal(0)
-CREDIT_KINDS = ("accrual", "goal_bonus", "referral_bonus", "welcome_bonus", "birthday_bonus")
+CREDIT_KINDS = ("accrual", "goal_bonus", "referral_bonus", "welcome_bonus", "birthday_bonus", "offer_bonus")
 
 
 def floor_points(value: Decimal) -> Decimal:

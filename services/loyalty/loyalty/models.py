@@ -1,5 +1,5 @@
 """Tables owned by the loyalty service: programme, accounts, point lots, the immutable ledger, purchases and their
-monthly spend, redemptions, goals."""
+monthly spend, redemptions, goals, and the points-multiplier offers of campaigns."""
 
 from __future__ import annotations
 
@@ -191,4 +191,35 @@ class Goal(Base):
             postgresql_where=text("status = 'active'"),
         ),
         Index("ix_goals_active_due", "due_at", postgresql_where=text("status = 'active'")),
+    )
+
+
+class PointOffer(Base):
+    """A bonus-points multiplier offers sent the customer (a `points_multiplier` MessageRequested on
+    crm.messages.v1, one row per message): the first purchase in [requested_at, valid_until) earns its base
+    points times `multiplier`, the extra booked as an `offer_bonus` entry. Used once: `order_id` names the purchase,
+    `points` the extra points, `points_reversed` what refunds took back."""
+
+    __tablename__ = "point_offers"
+    message_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    customer_id: Mapped[str] = mapped_column(Text)
+    campaign_id: Mapped[str] = mapped_column(Text)
+    offer_id: Mapped[str] = mapped_column(Text)
+    multiplier: Mapped[Decimal] = mapped_column(Numeric(8, 4))
+    requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    valid_until: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    order_id: Mapped[str | None] = mapped_column(Text, nullable=True)
+    points: Mapped[Decimal] = mapped_column(POINTS, server_default=text("0"))
+    points_reversed: Mapped[Decimal] = mapped_column(POINTS, server_default=text("0"))
+    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    __table_args__ = (
+        Index("ix_point_offers_open", "customer_id", "valid_until", postgresql_where=text("order_id IS NULL")),
+        # One bonus per purchase.
+        Index(
+            "uq_point_offers_order",
+            "customer_id",
+            "order_id",
+            unique=True,
+            postgresql_where=text("order_id IS NOT NULL"),
+        ),
     )

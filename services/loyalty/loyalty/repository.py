@@ -27,7 +27,16 @@ from crm_common.outbox import enqueue_models, enqueue_select
 from loyalty import models
 from loyalty.schemas import GoalRead, LedgerEntryRead, LotRead, ProgrammeConfig
 from loyalty.settings import TOPIC_LOYALTY, TOPIC_MESSAGES
-from loyalty.state import AccountState, Allocation, Entry, GoalState, LotState, PurchaseState, RedemptionState
+from loyalty.state import (
+    AccountState,
+    Allocation,
+    Entry,
+    GoalState,
+    LotState,
+    PointOfferState,
+    PurchaseState,
+    RedemptionState,
+)
 
 ACCOUNTS = cast(Table, models.Account.__table__)
 LOTS = cast(Table, models.Lot.__table__)
@@ -37,6 +46,7 @@ REDEMPTIONS = cast(Table, models.Redemption.__table__)
 REDEMPTION_LOTS = cast(Table, models.RedemptionLot.__table__)
 GOALS = cast(Table, models.Goal.__table__)
 PROGRAMME = cast(Table, models.Programme.__table__)
+POINT_OFFERS = cast(Table, models.PointOffer.__table__)
 
 _PG = postgresql.dialect()
 _BIND = re.compile(r"(?<![:\w]):(\w+)")
@@ -111,6 +121,34 @@ _ALLOCATION_UPSERT = (
     + " ON CONFLICT (redemption_id, lot_id) DO UPDATE SET points = EXCLUDED.points, returned = EXCLUDED.returned"
 )
 _GOAL_UPDATE = _update_sql(GOALS, ("id",), ("progress", "status", "closed_at"))
+_POINT_OFFER_INSERT = (
+    _insert_sql(POINT_OFFERS, PointOfferState.COLUMNS) + " ON CONFLICT (message_id) DO NOTHING RETURNING message_id"
+)
+_POINT_OFFER_WRITTEN = ("order_id", "points", "points_reversed", "used_at")
+_POINT_OFFER_UPDATE = _update_sql(POINT_OFFERS, ("message_id",), _POINT_OFFER_WRITTEN)
+_PO_COLS = ", ".join(f"o.{c}" for c in PointOfferState.COLUMNS)
+# The open offers of the batch's buyers still valid at the earliest purchase, and the offers the refunded orders
+# used (two index ranges: ix_point_offers_open, uq_point_offers_order).
+_POINT_OFFERS_FOR_SQL = f"""
+SELECT {_PO_COLS} FROM unnest(CAST(:buyers AS text[])) AS t(c)
+JOIN point_offers o ON o.customer_id = t.c AND o.order_id IS NULL AND o.valid_until > :since
+UNION ALL
+SELECT {_PO_COLS} FROM unnest(CAST(:customers AS text[]), CAST(:orders AS text[])) AS t(c, o_id)
+JOIN point_offers o ON o.customer_id = t.c AND o.order_id = t.o_id
+"""
+# For each offer that arrived after the purchases it covers: the customer's first purchase in its validity that
+# earned points, was not refunded and used no other offer.
+_PURCHASES_FOR_OFFERS_SQL = f"""
+SELECT t.m AS offer_message_id, {", ".join(f"p.{c}" for c in PurchaseState.COLUMNS)}
+FROM unnest(CAST(:messages AS text[]), CAST(:customers AS text[]), CAST(:starts AS timestamptz[]),
+            CAST(:ends AS timestamptz[])) AS t(m, c, s, e)
+JOIN LATERAL (
+    SELECT * FROM purchases p WHERE p.customer_id = t.c AND p.occurred_at >= t.s AND p.occurred_at < t.e
+      AND p.points_accrued > 0 AND p.refunded = 0
+      AND NOT EXISTS (SELECT 1 FROM point_offers o WHERE o.customer_id = p.customer_id AND o.order_id = p.order_id)
+    ORDER BY p.occurred_at, p.order_id LIMIT 1
+) p ON true
+"""
 
 _LOCKED_IDS = _ids()
 _LOCK_ACCOUNTS = (
@@ -322,8 +360,8 @@ _MONTHS_SQL = """
 WITH m AS (
     SELECT date_trunc('month', occurred_at AT TIME ZONE 'UTC')::date AS month,
            coalesce(sum(points) FILTER (WHERE kind IN ('accrual', 'goal_bonus', 'referral_bonus', 'welcome_bonus',
-                                                       'birthday_bonus')), 0) AS issued,
-           coalesce(-sum(points) FILTER (WHERE (kind = 'reversal' AND data->>'reverses' = 'accrual')
+                                                       'birthday_bonus', 'offer_bonus')), 0) AS issued,
+           coalesce(-sum(points) FILTER (WHERE (kind = 'reversal' AND data->>'reverses' IN ('accrual', 'offer_bonus'))
                                                OR kind = 'debt_settlement'), 0) AS reversed,
            coalesce(-sum(points) FILTER (WHERE kind = 'redemption'), 0)
              - coalesce(sum(points) FILTER (WHERE kind = 'reversal' AND data->>'reverses' = 'redemption'), 0)
@@ -552,6 +590,64 @@ class LoyaltyRepository:
             names = ("customer_id", "order_id", "refunded", "points_reversed", "points_returned")
             await self._write(
                 _PURCHASE_UPDATE, {"rows": _records(names, purchases), "keys": [p.customer_id for p in purchases]}
+            )
+
+    # -- points-multiplier offers ----------------------------------------------------------------
+
+    async def insert_point_offers(self, offers: Sequence[PointOfferState]) -> set[str]:
+        """Record offers not seen before; return the message ids inserted (a redelivery inserts nothing)."""
+        if not offers:
+            return set()
+        result = await self._exec(_POINT_OFFER_INSERT, {"rows": _records(PointOfferState.COLUMNS, offers)})
+        return set(result.scalars())
+
+    async def point_offers_for(
+        self, buyers: list[str], since: datetime, refunded: Iterable[tuple[str, str]]
+    ) -> list[PointOfferState]:
+        """The buyers' unused offers valid after `since`, and the offers used by these (customer_id, order_id)."""
+        refunded = list(refunded)
+        if not buyers and not refunded:
+            return []
+        result = await self._exec(
+            _POINT_OFFERS_FOR_SQL,
+            {
+                "buyers": buyers,
+                "since": since,
+                "customers": [c for c, _ in refunded],
+                "orders": [o for _, o in refunded],
+            },
+        )
+        return [PointOfferState(**m) for m in result.mappings()]
+
+    async def purchases_for_offers(self, offers: Sequence[PointOfferState]) -> dict[str, PurchaseState]:
+        """Per offer (message id): the first recorded purchase it covers that no offer has used yet."""
+        if not offers:
+            return {}
+        result = await self._exec(
+            _PURCHASES_FOR_OFFERS_SQL,
+            {
+                "messages": [o.message_id for o in offers],
+                "customers": [o.customer_id for o in offers],
+                "starts": [o.requested_at for o in offers],
+                "ends": [o.valid_until for o in offers],
+            },
+        )
+        found = {}
+        for m in result.mappings():
+            row = dict(m)
+            message_id = row.pop("offer_message_id")
+            found[message_id] = PurchaseState(**row)
+        return found
+
+    async def update_point_offers(self, offers: Sequence[PointOfferState]) -> None:
+        """Write what accrual and refunds change: order_id, points, points_reversed, used_at."""
+        if offers:
+            await self._write(
+                _POINT_OFFER_UPDATE,
+                {
+                    "rows": _records(("message_id", *_POINT_OFFER_WRITTEN), offers),
+                    "keys": [o.message_id for o in offers],
+                },
             )
 
     # -- redemptions -----------------------------------------------------------------------------

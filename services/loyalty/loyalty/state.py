@@ -219,3 +219,34 @@ class GoalState:
     due_at: datetime
     closed_at: datetime | None
     dirty: bool = False
+
+
+@dataclass(slots=True)
+class PointOfferState:
+    """A row of `point_offers`."""
+
+    COLUMNS: ClassVar[tuple[str, ...]] = (
+        "message_id",
+        "customer_id",
+        "campaign_id",
+        "offer_id",
+        "multiplier",
+        "requested_at",
+        "valid_until",
+        "order_id",
+        "points",
+        "points_reversed",
+        "used_at",
+    )
+    message_id: str
+    customer_id: str
+    campaign_id: str
+    offer_id: str
+    multiplier: Decimal
+    requested_at: datetime
+    valid_until: datetime
+    order_id: str | None = None
+    points: Decimal = Decimal(0)
+    points_reversed: Decimal = Decimal(0)
+    used_at: datetime | None = None
+    dirty: bool = False

@@ -75,3 +75,33 @@ def segment_entered(customer_id: str, segment_key: str, at: datetime, msg_id: st
         "segment_key": segment_key,
         "profile": {},
     }
+
+
+def offer_request(
+    customer_id: str,
+    msg_id: str,
+    at: datetime,
+    *,
+    multiplier: str = "2",
+    valid_until: str | None = None,
+    campaign_id: str = "cmp-1",
+    offer_kind: str = "points_multiplier",
+) -> dict[str, Any]:
+    """A MessageRequested as offers writes it for a campaign's offer (kind marketing)."""
+    return {
+        "id": msg_id,
+        "type": "message.requested",
+        "customer_id": customer_id,
+        "occurred_at": at.isoformat(),
+        "kind": "marketing",
+        "template": "bonus_points",
+        "variables": {
+            "offer_kind": offer_kind,
+            "multiplier": multiplier,
+            "discount": f"x{multiplier} bonus points",
+            "valid_until": valid_until if valid_until is not None else at.date().isoformat(),
+        },
+        "campaign_id": campaign_id,
+        "offer_id": f"{campaign_id}:v1",
+        "source_service": "offers",
+    }

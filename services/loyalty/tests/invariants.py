@@ -20,16 +20,17 @@ SELECT a.balance, a.points_debt,
        (SELECT count(*) FROM ledger WHERE customer_id = a.customer_id AND (
             (kind = 'debt_settlement' AND (debt_change <> points OR points >= 0))
          OR (kind <> 'debt_settlement' AND debt_change < 0)
-         OR (debt_change > 0 AND NOT (kind = 'reversal' AND data->>'reverses' = 'accrual')))),
+         OR (debt_change > 0 AND NOT (kind = 'reversal' AND data->>'reverses' IN ('accrual', 'offer_bonus'))))),
        (SELECT coalesce(sum(points), 0) FROM ledger WHERE customer_id = a.customer_id
-         AND (kind IN ('accrual', 'goal_bonus', 'referral_bonus', 'welcome_bonus', 'birthday_bonus')
+         AND (kind IN ('accrual', 'goal_bonus', 'referral_bonus', 'welcome_bonus', 'birthday_bonus', 'offer_bonus')
               OR (kind = 'adjustment'))),
-       (SELECT coalesce(sum(points_reversed), 0) FROM purchases WHERE customer_id = a.customer_id),
+       (SELECT coalesce(sum(points_reversed), 0) FROM purchases WHERE customer_id = a.customer_id)
+         + (SELECT coalesce(sum(points_reversed), 0) FROM point_offers WHERE customer_id = a.customer_id),
        (SELECT coalesce(sum(points_applied - points_returned), 0) FROM redemptions WHERE customer_id = a.customer_id),
        (SELECT coalesce(sum(expired_points), 0) FROM lots WHERE customer_id = a.customer_id),
        (SELECT coalesce(-sum(points), 0) FROM ledger WHERE customer_id = a.customer_id AND kind = 'expiry'),
        (SELECT coalesce(sum(-points + debt_change), 0) FROM ledger WHERE customer_id = a.customer_id
-         AND kind = 'reversal' AND data->>'reverses' = 'accrual')
+         AND kind = 'reversal' AND data->>'reverses' IN ('accrual', 'offer_bonus'))
 FROM accounts a WHERE a.customer_id = :c
 """
 

@@ -163,3 +163,26 @@ async def test_scenario_4_base_rate_tiers_goals_redemption_refund_reminder_and_e
         "redemption.cancelled",
     } <= types
     assert len([m for m in loyalty if m["type"] == "goal.completed"]) == 1
+
+
+async def test_a_points_multiplier_offer_on_crm_messages_doubles_the_next_accrual(app, broker, topic_prefix, clock):
+    client, sm = app
+    t0 = clock.now()
+    messages = topic_prefix + "crm.messages.v1"
+    offer = f.offer_request("mx", "ofr-mx", t0, multiplier="2", valid_until=(t0 + timedelta(days=7)).date().isoformat())
+    broken = f.offer_request("mx", "ofr-broken", t0, multiplier="none")
+    other = f.offer_request("mx", "ofr-percent", t0, offer_kind="percent")
+    await publish(broker.bootstrap, messages, [offer, other, broken, offer])
+    await publish(
+        broker.bootstrap, topic_prefix + "crm.events.v1", [f.purchase("mx", "m1", "100", t0 + timedelta(minutes=1))]
+    )
+    await eventually(lambda: balance_is(client, "mx", "200"), timeout=40, what="the doubled accrual")
+    dlq = await read_topic(broker.bootstrap, topic_prefix + "crm.dlq.v1", min_count=1)
+    assert "ofr-broken" in [m["message_id"] for m in dlq]
+    bonus = [
+        m
+        for m in await read_topic(broker.bootstrap, topic_prefix + "crm.loyalty.v1", min_count=2)
+        if m["data"].get("reason") == "offer_bonus"
+    ]
+    assert [(m["customer_id"], D(m["points"]), m["data"]["campaign_id"]) for m in bonus] == [("mx", D("100"), "cmp-1")]
+    await check_invariants(sm, "mx")

@@ -12,7 +12,7 @@ from offers import consumers, triggers
 from offers.api import router
 from offers.evaluation import CampaignCache
 from offers.peers import Peers
-from offers.settings import TOPIC_DELIVERIES, TOPIC_EVENTS, TOPIC_SEGMENTS, Settings
+from offers.settings import TOPIC_DELIVERIES, TOPIC_EVENTS, TOPIC_LOYALTY, TOPIC_SEGMENTS, Settings
 
 
 def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
@@ -23,12 +23,14 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     def configure(runtime: ServiceRuntime) -> None:
         peers = Peers(runtime.http, settings)
         runtime.state.peers = peers
-        # One group member for the three topics (one fetch and heartbeat for all of them). Events
-        # come first in a batch: a digest that is ahead of the purchases waits for them.
+        # One group member for the four topics (one fetch and heartbeat for all of them). Events
+        # come first in a batch: a digest that is ahead of the purchases waits for them. Loyalty's
+        # balances and tiers come before the evaluations, so a message names the newest known.
         runtime.add_consumer(
             "offers",
-            [TOPIC_EVENTS, TOPIC_SEGMENTS, TOPIC_DELIVERIES],
+            [TOPIC_EVENTS, TOPIC_SEGMENTS, TOPIC_DELIVERIES, TOPIC_LOYALTY],
             {
+                TOPIC_LOYALTY: consumers.loyalty_handler(),
                 TOPIC_EVENTS: consumers.events_handler(runtime.clock, settings, cache, peers),
                 TOPIC_SEGMENTS: consumers.segments_handler(runtime.clock, settings, cache, peers),
                 TOPIC_DELIVERIES: consumers.deliveries_handler(),

@@ -134,6 +134,7 @@ def personalise(
     message_id: str,
     at: datetime,
     favourite: dict[str, Any] | None = None,
+    loyalty: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The message's variables: the same names for every campaign, empty where a value is unknown.
 
@@ -183,6 +184,8 @@ def personalise(
         "valid_until": valid_until,
         "products": ", ".join(str(i.get("name") or i.get("sku")) for i in items),
         "items": items,
+        "points_balance": _fmt((loyalty or {}).get("points_balance")),
+        "loyalty_tier": (loyalty or {}).get("loyalty_tier") or "",
     }
 
 
@@ -241,6 +244,7 @@ async def decide_and_request(
         if ids:
             for k, product in (await repo.favourite_products(ids, cat)).items():
                 favourites[(k, cat)] = product
+    loyalty = await repo.loyalty_of([r["customer_id"] for r in rows])
     messages = []
     variables = []
     for r in rows:
@@ -255,6 +259,7 @@ async def decide_and_request(
             message_id=r["message_id"],
             at=r["at"],
             favourite=favourites.get((r["customer_id"], d.offer.category or "")),
+            loyalty=loyalty.get(r["customer_id"]),
         )
         variables.append({"id": r["id"], "v": v})
         messages.append(

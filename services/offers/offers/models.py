@@ -157,3 +157,32 @@ class Decision(Base):
         Index("ix_decisions_message_id", "message_id", postgresql_where=text("message_id IS NOT NULL")),
         Index("ix_decisions_campaign_id_outcome", "campaign_id", "outcome"),
     )
+
+
+class CampaignPoints(Base):
+    """Bonus points loyalty awarded because of a campaign (a crm.loyalty.v1 event naming `data.campaign_id`):
+    positive for a points-multiplier bonus, negative for its reversal by a refund. `value` is their money value
+    (points x the programme's point value, as loyalty's event states it; NULL when the event carries neither).
+    The campaign report reads it for the campaign's cost."""
+
+    __tablename__ = "campaign_points"
+    event_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    campaign_id: Mapped[str] = mapped_column(Text)
+    offer_id: Mapped[str | None] = mapped_column(Text, nullable=True)
+    customer_id: Mapped[str] = mapped_column(Text)
+    points: Mapped[Decimal] = mapped_column(Numeric(20, 2))
+    value: Mapped[Decimal | None] = mapped_column(MONEY, nullable=True)
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (Index("ix_campaign_points_campaign_id", "campaign_id"),)
+
+
+class CustomerLoyalty(Base):
+    """The latest loyalty balance and tier of a customer from crm.loyalty.v1 (each kept by the time of the event
+    that set it, so a late event never overwrites a newer one): `points_balance` and `loyalty_tier` of messages."""
+
+    __tablename__ = "customer_loyalty"
+    customer_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    points_balance: Mapped[Decimal | None] = mapped_column(Numeric(20, 2), nullable=True)
+    balance_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    loyalty_tier: Mapped[str | None] = mapped_column(Text, nullable=True)
+    tier_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

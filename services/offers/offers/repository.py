@@ -574,6 +574,51 @@ class OffersRepository:
         )
         return int(result.rowcount or 0)
 
+    async def record_campaign_points(self, rows: Sequence[dict[str, Any]]) -> int:
+        """Bonus points loyalty booked because of a campaign, one row per loyalty event (a redelivery adds none)."""
+        if not rows:
+            return 0
+        result = await self._exec(
+            """
+            INSERT INTO campaign_points (event_id, campaign_id, offer_id, customer_id, points, value, occurred_at)
+            SELECT event_id, campaign_id, offer_id, customer_id, points, value, occurred_at
+            FROM json_to_recordset(CAST(:rows AS json)) AS x(event_id text, campaign_id text, offer_id text,
+                customer_id text, points numeric, value numeric, occurred_at timestamptz)
+            ON CONFLICT (event_id) DO NOTHING
+            """,
+            {"rows": _json(rows)},
+        )
+        return int(result.rowcount or 0)
+
+    async def upsert_loyalty(self, rows: Sequence[dict[str, Any]]) -> None:
+        """The latest balance and tier per customer (`balance` / `tier` None: that one is unchanged)."""
+        if not rows:
+            return
+        await self._exec(
+            """
+            INSERT INTO customer_loyalty AS c (customer_id, points_balance, balance_at, loyalty_tier, tier_at)
+            SELECT k, balance, CASE WHEN balance IS NOT NULL THEN at END, tier, CASE WHEN tier IS NOT NULL THEN at END
+            FROM json_to_recordset(CAST(:rows AS json)) AS x(k text, balance numeric, tier text, at timestamptz)
+            ON CONFLICT (customer_id) DO UPDATE SET
+                points_balance = coalesce(EXCLUDED.points_balance, c.points_balance),
+                balance_at = coalesce(EXCLUDED.balance_at, c.balance_at),
+                loyalty_tier = coalesce(EXCLUDED.loyalty_tier, c.loyalty_tier),
+                tier_at = coalesce(EXCLUDED.tier_at, c.tier_at)
+            """,
+            {"rows": _json(rows)},
+        )
+
+    async def loyalty_of(self, customer_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Each customer's cached loyalty balance and tier (only those loyalty told of)."""
+        if not customer_ids:
+            return {}
+        rows = await self._exec(
+            "SELECT c.customer_id, c.points_balance, c.loyalty_tier FROM unnest(CAST(:ids AS text[])) AS t(k) "
+            "JOIN customer_loyalty c ON c.customer_id = t.k",
+            {"ids": list(dict.fromkeys(customer_ids))},
+        )
+        return {r.customer_id: {"points_balance": r.points_balance, "loyalty_tier": r.loyalty_tier} for r in rows}
+
     async def customer_decisions(
         self, customer_id: str, *, campaign_id: str | None, limit: int
     ) -> list[dict[str, Any]]:

@@ -1,9 +1,16 @@
-"""bonus points loyalty awarded for campaigns (filled by the loyalty-link change)
+"""bonus points loyalty awarded for campaigns, and each customer's loyalty balance and tier (from crm.loyalty.v1)
 
 Revision ID: 0005
 Revises: 0004
 Create Date: 2026-12-02
+
+`campaign_points`: one row per crm.loyalty.v1 event that names a campaign (`data.campaign_id`): a points-multiplier
+offer's extra points (positive) or their reversal by a refund (negative), with their money value. The campaign
+report reads it for the campaign's cost. `customer_loyalty`: the latest balance and tier loyalty published for a
+customer, personalisation's `points_balance` and `loyalty_tier`. Two new tables: nothing existing is rewritten.
 """
+
+from alembic import op
 
 revision = "0005"
 down_revision = "0004"
@@ -11,9 +18,38 @@ branch_labels = None
 depends_on = None
 
 
+STATEMENTS = [
+    """
+    CREATE TABLE campaign_points (
+        event_id text NOT NULL,
+        campaign_id text NOT NULL,
+        offer_id text,
+        customer_id text NOT NULL,
+        points numeric(20,2) NOT NULL,
+        value numeric(20,4),
+        occurred_at timestamptz NOT NULL,
+        CONSTRAINT pk_campaign_points PRIMARY KEY (event_id)
+    )
+    """,
+    "CREATE INDEX ix_campaign_points_campaign_id ON campaign_points (campaign_id)",
+    """
+    CREATE TABLE customer_loyalty (
+        customer_id text NOT NULL,
+        points_balance numeric(20,2),
+        balance_at timestamptz,
+        loyalty_tier text,
+        tier_at timestamptz,
+        CONSTRAINT pk_customer_loyalty PRIMARY KEY (customer_id)
+    )
+    """,
+]
+
+
 def upgrade() -> None:
-    pass
+    for statement in STATEMENTS:
+        op.execute(statement)
 
 
 def downgrade() -> None:
-    pass
+    op.execute("DROP TABLE customer_loyalty")
+    op.execute("DROP TABLE campaign_points")
