@@ -243,3 +243,79 @@ async def test_bad_input_is_refused_naming_the_field(make_stack):
             f"/v1/campaigns/{v['id']}/backtest", json={"from": "2026-01-01T00:00:00Z", "to": "2026-01-02T00:00:00Z"}
         )
         assert r.status_code == 422 and "product_viewed" in r.json()["error"]["message"]
+
+
+def _bucket(salt: str, customer: str) -> float:
+    import hashlib
+
+    return int(hashlib.md5(f"{salt}:{customer}".encode()).hexdigest()[:8], 16) / 4294967296.0
+
+
+def _wine(customer: str, at: Any, total: str, category: str = "wine") -> dict[str, Any]:
+    p = f.purchase(customer, at, total)
+    p["properties"]["items"][0]["category"] = category
+    return p
+
+
+async def test_backtest_replays_purchase_and_inactivity_triggers_without_writing(make_stack, clock):
+    from offers.settings import TOPIC_EVENTS
+
+    async with make_stack(global_control_share=0.0) as st:
+        await st.templates("t_bt", "email")
+        now = clock.now()
+        d0 = now - timedelta(days=60)
+        customers = [f"b{i}" for i in range(30)]
+        events = []
+        for i, k in enumerate(customers):
+            # Wine at d0 (b0-b19), bread for the rest; every one buys 25 three days later, 7 more 20 days later.
+            events.append(_wine(k, d0 + timedelta(hours=i), "40", "wine" if i < 20 else "bread"))
+            events.append(_wine(k, d0 + timedelta(days=3), "25", "bread"))
+            if i % 2:
+                events.append(_wine(k, d0 + timedelta(days=20), "7", "bread"))
+        await st.publish(TOPIC_EVENTS, events)
+
+        async def recorded() -> bool:
+            return (await st.sql("SELECT count(*) AS n FROM purchases"))[0]["n"] == len(events)
+
+        from crm_common.testing.helpers import eventually
+
+        await eventually(recorded, what="the purchases")
+        wine = await st.create(
+            f.campaign(
+                "After wine",
+                {"kind": "event", "event_type": "purchase", "properties": {"category": "wine"}},
+                "t_bt",
+                control_share=0.3,
+                attribution_days=5,
+            ),
+            activate=False,
+        )
+        period = {"from": (d0 - timedelta(days=1)).isoformat(), "to": (d0 + timedelta(days=2)).isoformat()}
+        r = await st.offers.post(f"/v1/campaigns/{wine['id']}/backtest", json=period)
+        assert r.status_code == 200, r.text
+        bt = r.json()
+        assert bt["evaluated"] == 20 and bt["from"] == period["from"].replace("+00:00", "Z")
+        arms = {c["customer_id"]: c["arm"] for c in bt["customers"]}
+        expected = {k: "control" if _bucket(wine["id"], k) < 0.3 else "treated" for k in customers[:20]}
+        assert arms == expected
+        # What they bought after: the 25 three days later (the triggering wine itself not counted).
+        assert {c["revenue"] for c in bt["customers"]} == {25.0}
+        n_t = sum(1 for a in expected.values() if a == "treated")
+        assert bt["arms"]["treated"] == {"members": n_t, "converted": n_t, "revenue": 25.0 * n_t, "revenue_per_member": 25.0}
+
+        # Inactivity over the purchase history: 10 days without a purchase after the last one.
+        lapse = await st.create(
+            f.campaign("Lapsed", {"kind": "inactivity", "days": 10}, "t_bt", control_share=0.0, limits={"once_per_customer": True}),
+            activate=False,
+        )
+        period = {"from": d0.isoformat(), "to": (d0 + timedelta(days=40)).isoformat()}
+        bt = (await st.offers.post(f"/v1/campaigns/{lapse['id']}/backtest", json=period)).json()
+        # Everyone lapses 10 days after the purchase on day 3; the odd ones again 10 days after day 20 (once only).
+        assert bt["evaluated"] == 30 + 15 and bt["outcomes"] == {"requested": 30, "once_per_customer": 15}
+        at = {c["customer_id"]: c["at"] for c in bt["customers"]}
+        assert at["b1"].startswith((d0 + timedelta(days=13)).date().isoformat())
+        revenue = {c["customer_id"]: c["revenue"] for c in bt["customers"]}
+        assert revenue["b1"] == 7 and revenue["b2"] == 0
+        # Nothing was written or sent.
+        assert (await st.sql("SELECT count(*) AS n FROM decisions"))[0]["n"] == 0
+        assert (await st.sql("SELECT count(*) AS n FROM outbox"))[0]["n"] == 0
