@@ -269,8 +269,10 @@ async def backtest(
     if reached:
         rows = await session.execute(
             text(REVENUE_SQL),
-            {"rows": orjson.dumps([{"k": x["k"], "at": x["at"]} for x in reached], default=str).decode(),
-             "days": definition.attribution_days},
+            {
+                "rows": orjson.dumps([{"k": x["k"], "at": x["at"]} for x in reached], default=str).decode(),
+                "days": definition.attribution_days,
+            },
         )
         revenue = {r["k"]: dict(r) for r in rows.mappings()}
     arms: dict[str, dict[str, Any]] = {}

@@ -290,9 +290,7 @@ async def campaign_report(
     cid = campaign["id"]
     q = settings.report_cap_percentile if cap_percentile is None else cap_percentile
     margin = settings.report_margin_rate if margin_rate is None else margin_rate
-    control_share = (
-        definition.control_share if definition.control_share is not None else settings.default_control_share
-    )
+    control_share = definition.control_share if definition.control_share is not None else settings.default_control_share
     raw = (await session.execute(text(MEMBERS_SQL), {"c": cid, "days": definition.attribution_days})).mappings()
     members: dict[str, list[dict[str, Any]]] = {a: [] for a in ARMS.values()}
     for r in raw:
@@ -343,9 +341,7 @@ async def campaign_report(
     minimum = settings.report_min_sample_per_arm
     for arm, n in (("treated", n_t), ("control", n_c)):
         if n < minimum:
-            warnings.append(
-                f"only {n} {arm} members (fewer than {minimum}): the intervals are not to be trusted yet"
-            )
+            warnings.append(f"only {n} {arm} members (fewer than {minimum}): the intervals are not to be trusted yet")
     srm = None
     test = stats.sample_ratio(n_t, n_c, control_share)
     if test is not None:
@@ -407,4 +403,3 @@ async def campaign_report(
         "warnings": warnings,
         "series": series,
     }
-

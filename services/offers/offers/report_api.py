@@ -47,7 +47,10 @@ async def campaign_report(
     "/campaigns/{campaign_id}/backtest",
     response_model=bt.BacktestRead,
     summary="Evaluate the campaign over stored history: who it would have reached and what they bought",
-    responses={404: {"description": "unknown campaign"}, 422: {"description": "bad period or a trigger it cannot replay"}},
+    responses={
+        404: {"description": "unknown campaign"},
+        422: {"description": "bad period or a trigger it cannot replay"},
+    },
 )
 async def backtest(
     campaign_id: CampaignId, body: bt.BacktestRequest, session: SessionDep, settings: SettingsDep

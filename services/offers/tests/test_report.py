@@ -68,7 +68,10 @@ async def _seed(st: Any, cid: str, at: Any) -> None:
     # A later decision about t1 (another occurrence) opens no second window: t1 counts once.
     decisions.append({"k": "t1", "outcome": "requested", "at": at + timedelta(days=2), "o": "again"})
     # Not members: not in the audience, or skipped by the guard.
-    decisions += [{"k": "x1", "outcome": "not_in_audience", "at": at}, {"k": "x2", "outcome": "economics_guard", "at": at}]
+    decisions += [
+        {"k": "x1", "outcome": "not_in_audience", "at": at},
+        {"k": "x2", "outcome": "economics_guard", "at": at},
+    ]
     async with st.sm() as s, s.begin():
         await s.execute(
             text(
@@ -147,7 +150,9 @@ async def test_report_equals_an_independent_computation(make_stack, clock):
         assert [d["audience"] for d in days] == [15, 1] and days[0]["members"]["treated"] == 8
 
         # CUPED: theta = cov(y, x) / var(x) over both arms, y - theta (x - mean x).
-        cuped = (await st.offers.get(f"/v1/campaigns/{c['id']}/report", params={"cuped": "true", "cap_percentile": 100})).json()
+        cuped = (
+            await st.offers.get(f"/v1/campaigns/{c['id']}/report", params={"cuped": "true", "cap_percentile": 100})
+        ).json()
         y = [post for post, _ in TREATED.values()] + [post for post, _ in CONTROL.values()]
         x = [pre for _, pre in TREATED.values()] + [pre for _, pre in CONTROL.values()]
         theta = statistics.covariance(x, y) / statistics.variance(x)
@@ -207,7 +212,9 @@ async def test_bad_input_is_refused_naming_the_field(make_stack):
         await st.templates("t_bad", "email")
         r = await st.offers.get("/v1/campaigns/cmp_nope/report")
         assert r.status_code == 404 and r.json()["error"]["code"] == "campaign_not_found"
-        r = await st.offers.post("/v1/campaigns/cmp_nope/backtest", json={"from": "2026-01-01T00:00:00Z", "to": "2026-01-02T00:00:00Z"})
+        r = await st.offers.post(
+            "/v1/campaigns/cmp_nope/backtest", json={"from": "2026-01-01T00:00:00Z", "to": "2026-01-02T00:00:00Z"}
+        )
         assert r.status_code == 404
         c = await st.create(f.campaign("B", {"kind": "inactivity", "days": 30}, "t_bad"), activate=False)
         for params, field in (
@@ -236,9 +243,7 @@ async def test_bad_input_is_refused_naming_the_field(make_stack):
             assert "attribution_days" in r.text
         assert c["definition"]["attribution_days"] == 7
         # A trigger offers cannot replay: 422 naming it.
-        v = await st.create(
-            f.campaign("V", {"kind": "event", "event_type": "product_viewed"}, "t_bad"), activate=False
-        )
+        v = await st.create(f.campaign("V", {"kind": "event", "event_type": "product_viewed"}, "t_bad"), activate=False)
         r = await st.offers.post(
             f"/v1/campaigns/{v['id']}/backtest", json={"from": "2026-01-01T00:00:00Z", "to": "2026-01-02T00:00:00Z"}
         )
@@ -301,11 +306,22 @@ async def test_backtest_replays_purchase_and_inactivity_triggers_without_writing
         # What they bought after: the 25 three days later (the triggering wine itself not counted).
         assert {c["revenue"] for c in bt["customers"]} == {25.0}
         n_t = sum(1 for a in expected.values() if a == "treated")
-        assert bt["arms"]["treated"] == {"members": n_t, "converted": n_t, "revenue": 25.0 * n_t, "revenue_per_member": 25.0}
+        assert bt["arms"]["treated"] == {
+            "members": n_t,
+            "converted": n_t,
+            "revenue": 25.0 * n_t,
+            "revenue_per_member": 25.0,
+        }
 
         # Inactivity over the purchase history: 10 days without a purchase after the last one.
         lapse = await st.create(
-            f.campaign("Lapsed", {"kind": "inactivity", "days": 10}, "t_bt", control_share=0.0, limits={"once_per_customer": True}),
+            f.campaign(
+                "Lapsed",
+                {"kind": "inactivity", "days": 10},
+                "t_bt",
+                control_share=0.0,
+                limits={"once_per_customer": True},
+            ),
             activate=False,
         )
         period = {"from": d0.isoformat(), "to": (d0 + timedelta(days=40)).isoformat()}

@@ -126,8 +126,10 @@ async def test_planted_uplift_is_covered_and_no_uplift_covers_zero(make_stack, c
             await insert_population(st, cid0, rows0, purchases0)
             inc0 = (await st.offers.get(f"/v1/campaigns/{cid0}/report")).json()["incremental_revenue"]
             covered_zero += inc0["low"] <= 0 <= inc0["high"]
-        print(f"covered {covered}/20, with CUPED {covered_cuped}/20, zero covered {covered_zero}/20, "
-              f"CUPED width {sum(widths_cuped) / sum(widths):.3f} of plain")
+        print(
+            f"covered {covered}/20, with CUPED {covered_cuped}/20, zero covered {covered_zero}/20, "
+            f"CUPED width {sum(widths_cuped) / sum(widths):.3f} of plain"
+        )
         assert covered >= 17, covered
         assert covered_cuped >= 17, covered_cuped
         assert covered_zero >= 17, covered_zero
@@ -164,7 +166,9 @@ async def test_report_through_the_pipeline(make_stack, clock):
         buys = [f.purchase(k, later, "10") for k in treated] + [f.purchase(control[0], later, "10")]
         buys += [f.purchase(k, now + timedelta(days=4), "500") for k in treated]
         refund = f.event(
-            "refund", treated[0], later + timedelta(hours=1),
+            "refund",
+            treated[0],
+            later + timedelta(hours=1),
             {"order_id": buys[0]["properties"]["order_id"], "amount": "4"},
         )
         await st.publish(TOPIC_EVENTS, [*buys, refund])
