@@ -1,5 +1,6 @@
 """Tables owned by the offers service: campaigns and their versions, the customer cache (profile digest,
-memberships, time zone, birthday, last purchase), abandonment timers and the decision log."""
+memberships, time zone, birthday, last purchase), abandonment timers, the decision log, and the
+purchases and refunds kept for attribution."""
 
 from __future__ import annotations
 
