@@ -47,6 +47,14 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("event_id", name="pk_refunds"),
     )
     op.create_index("ix_refunds_customer_id_order_id", "refunds", ["customer_id", "order_id"])
+    # attribution_days was bounded 1-365 (default 14) before the report used it; it is 1-90 now.
+    # Definitions saved above 90 would no longer load: they keep the longest window allowed.
+    for table in ("campaigns", "campaign_versions"):
+        op.execute(
+            f"UPDATE {table} SET definition = jsonb_set(definition, '{{attribution_days}}', '90') "
+            "WHERE jsonb_typeof(definition -> 'attribution_days') = 'number' "
+            "AND CAST(definition ->> 'attribution_days' AS numeric) > 90"
+        )
 
 
 def downgrade() -> None:
