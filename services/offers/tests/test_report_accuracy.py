@@ -3,7 +3,8 @@ treated customers buys more) over 20 seeds: the 95% interval of the incremental 
 the planted amount in at least 17; with nothing planted it must contain zero in at least 17.
 
 For speed the 20-seed populations are written straight into offers' tables (decisions as
-DECIDE_SQL writes them, with the arm from the same `offers_bucket` hash, and purchases as
+DECIDE_SQL writes them, with the arm from the `offers_bucket` hash salted by the seed, so every run
+draws the same populations, and purchases as
 `attribution.record_purchases` writes them). `test_report_through_the_pipeline` goes the real way:
 events on the broker, the consumer, the decision statement, the delivery verdicts, the report.
 """
@@ -66,7 +67,9 @@ def population(seed: int, campaign_id: str, start: Any, *, n: int, share: float,
         at = start + timedelta(minutes=rng.randrange(0, 3 * 24 * 60))
         if bucket(GSALT, k) < GSHARE:
             outcome = "global_control"
-        elif bucket(campaign_id, k) < CONTROL:
+        # The campaign's own hash salted by the seed, not by the (random) campaign id: the same
+        # populations, arms and verdicts on every run.
+        elif bucket(f"seed-{seed}", k) < CONTROL:
             outcome = "control"
         else:
             outcome = "requested"
