@@ -156,3 +156,8 @@ async def customer_decisions(
     return await decisions.customer_decisions(
         session=session, customer_id=customer_id, campaign_id=campaign_id, limit=limit
     )
+
+
+from offers.report_api import router as report_router  # noqa: E402 (the report's routes, under /v1)
+
+router.include_router(report_router)

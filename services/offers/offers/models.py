@@ -1,5 +1,6 @@
 """Tables owned by the offers service: campaigns and their versions, the customer cache (profile digest,
-memberships, time zone, birthday, last purchase), abandonment timers and the decision log."""
+memberships, time zone, birthday, last purchase), abandonment timers, the decision log, and the
+purchases and refunds kept for attribution."""
 
 from __future__ import annotations
 
@@ -157,6 +158,37 @@ class Decision(Base):
         Index("ix_decisions_message_id", "message_id", postgresql_where=text("message_id IS NOT NULL")),
         Index("ix_decisions_campaign_id_outcome", "campaign_id", "outcome"),
     )
+
+
+class Purchase(Base):
+    """An order offers consumed from crm.events.v1 (the paid total), for attributing revenue to campaigns."""
+
+    __tablename__ = "purchases"
+    event_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    customer_id: Mapped[str] = mapped_column(Text)
+    order_id: Mapped[str] = mapped_column(Text)
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revenue: Mapped[Decimal] = mapped_column(MONEY)
+    properties: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (
+        UniqueConstraint("customer_id", "order_id", name="uq_purchases_order"),
+        Index("ix_purchases_customer_id_occurred_at", "customer_id", "occurred_at"),
+        Index("ix_purchases_occurred_at", "occurred_at"),
+    )
+
+
+class Refund(Base):
+    """A refund of (part of) an order: it reduces that order's revenue."""
+
+    __tablename__ = "refunds"
+    event_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    customer_id: Mapped[str] = mapped_column(Text)
+    order_id: Mapped[str] = mapped_column(Text)
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    amount: Mapped[Decimal] = mapped_column(MONEY)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (Index("ix_refunds_customer_id_order_id", "customer_id", "order_id"),)
 
 
 class CampaignPoints(Base):

@@ -254,7 +254,9 @@ class CampaignDefinition(Strict):
         None, description="share of the audience held out (0-0.5; default the service's setting)"
     )
     economics: Economics = Field(default_factory=Economics)
-    attribution_days: Annotated[int, Field(ge=1, le=365)] = 14
+    attribution_days: Annotated[int, Field(ge=1, le=90)] = Field(
+        7, description="days after each assignment (treated or held out) whose purchases count for the campaign"
+    )
 
 
 class CampaignUpdate(Strict):
@@ -269,7 +271,7 @@ class CampaignUpdate(Strict):
     limits: Limits | None = None
     control_share: Annotated[float, Field(ge=0, le=0.5)] | None = None
     economics: Economics | None = None
-    attribution_days: Annotated[int, Field(ge=1, le=365)] | None = None
+    attribution_days: Annotated[int, Field(ge=1, le=90)] | None = None
 
 
 class CampaignRead(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from crm_common.settings import (
@@ -59,3 +60,11 @@ class Settings(BaseServiceSettings):
     sweep_batch: int = 20_000
     # Campaigns are re-read at most this often by the consumers (a change reaches every replica within it).
     campaign_cache_ttl_s: float = 2.0
+
+    # Campaign report: revenue per member is capped at this percentile of its arm before the
+    # statistics (one huge order cannot decide a campaign); below this many members in an arm the
+    # report warns that its interval is not to be trusted; the margin rate turns incremental revenue
+    # into incremental margin (a query parameter overrides it).
+    report_cap_percentile: float = Field(99.9, ge=50, le=100)
+    report_min_sample_per_arm: int = Field(150, ge=2)
+    report_margin_rate: float = Field(0.3, ge=0, le=1)
