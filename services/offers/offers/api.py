@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query
 
 from offers import campaigns as domain
 from offers import decisions
+from offers.coupons_api import router as coupons_router
 from offers.deps import CacheDep, CampaignId, CustomerId, NowDep, PeersDep, SessionDep, SettingsDep
 from offers.repository import OffersRepository
 from offers.schemas import (
@@ -156,3 +157,6 @@ async def customer_decisions(
     return await decisions.customer_decisions(
         session=session, customer_id=customer_id, campaign_id=campaign_id, limit=limit
     )
+
+
+router.include_router(coupons_router)
