@@ -104,6 +104,15 @@ def _cents(value: Decimal) -> Decimal:
     return value.quantize(CENT, rounding=ROUND_HALF_UP)
 
 
+def money(value: Any) -> Decimal | None:
+    """Cents, or 4 places when the amount has them: the same text for a fresh answer and a replay."""
+    if value is None:
+        return None
+    value = Decimal(str(value))
+    cents = value.quantize(CENT)
+    return cents if cents == value else value.quantize(Decimal("0.0001"), rounding=ROUND_HALF_UP)
+
+
 def resolve_target(offer: Offer, variables: dict[str, Any]) -> tuple[str, list[str], str | None]:
     """(target, target_skus, target_category) of the coupon: the personalised product or category as the
     message named it, so the coupon gives what the message promised."""
@@ -245,7 +254,9 @@ def _discount(c: dict[str, Any], hits: list[Line], delivery_cost: Decimal) -> Ap
             rest -= take
     else:
         shares = [Decimal(0)] * len(hits)
-    applies = [{"sku": x.sku, "amount": x.amount, "discount": s} for x, s in zip(hits, shares, strict=True)]
+    applies = [
+        {"sku": x.sku, "amount": money(x.amount), "discount": money(s)} for x, s in zip(hits, shares, strict=True)
+    ]
     discount = sum(shares, Decimal(0))
     free = kind == "free_delivery"
     if free:
@@ -305,6 +316,9 @@ def state_of(c: dict[str, Any], now: datetime) -> str:
 def _redemption_read(r: dict[str, Any], c: dict[str, Any]) -> dict[str, Any]:
     return {
         **r,
+        "discount": money(r["discount"]),
+        "order_total": money(r["order_total"]),
+        "applies_to": [{**a, "amount": money(a["amount"]), "discount": money(a["discount"])} for a in r["applies_to"]],
         "kind": c["kind"],
         "free_delivery": c["kind"] == "free_delivery",
         "multiplier": c["multiplier"] if c["kind"] == "points_multiplier" else None,
@@ -373,7 +387,7 @@ async def validate(
     return {
         **out,
         "valid": True,
-        "discount": applied.discount,
+        "discount": money(applied.discount),
         "free_delivery": applied.free_delivery,
         "multiplier": applied.multiplier,
         "applies_to": applied.applies_to,
