@@ -21,7 +21,7 @@ from offers.schemas import (
 
 router = APIRouter(tags=["coupons"])
 
-_REFUSALS = {
+_REFUSALS: dict[int | str, dict[str, Any]] = {
     409: {
         "description": "the coupon cannot be redeemed: `error.code` (and `error.details.reason`) is one of "
         "other_customer, expired, not_yet_valid, used, customer_limit, minimum_basket, minimum_quantity, "
