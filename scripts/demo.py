@@ -62,21 +62,12 @@ def grocery_history(rng: random.Random, customers: int, now: datetime, prefix: s
     events: list[dict[str, Any]] = []
     for c in range(customers):
         cid = f"{prefix}-g{c:05d}"
-        events.append(
-            {
-                "event_id": f"{prefix}-cu-{cid}",
-                "type": "customer_updated",
-                "customer_id": cid,
-                "occurred_at": iso(now - timedelta(days=70)),
-                "properties": {
-                    "email": f"{cid}@example.com",
-                    "first_name": f"Alex{c}",
-                    "consents": {"email": True},
-                    "timezone": "Europe/Berlin",
-                    "acquisition_channel": rng.choice(["store", "web", "referral"]),
-                },
-            }
-        )
+        events.append({
+            "event_id": f"{prefix}-cu-{cid}", "type": "customer_updated", "customer_id": cid,
+            "occurred_at": iso(now - timedelta(days=70)),
+            "properties": {"email": f"{cid}@example.com", "first_name": f"Alex{c}", "consents": {"email": True},
+                           "timezone": "Europe/Berlin", "acquisition_channel": rng.choice(["store", "web", "referral"])},
+        })
         wine_lover = c % 3 == 0
         wine = WINES[c % len(WINES)]
         n = 0
@@ -87,27 +78,11 @@ def grocery_history(rng: random.Random, customers: int, now: datetime, prefix: s
                 at = monday + timedelta(days=day, hours=rng.randint(0, 6))
                 if at > now:
                     continue
-                items = [
-                    {
-                        "sku": f"sku-{rng.randint(1, 40)}",
-                        "name": "Groceries",
-                        "category": "grocery",
-                        "quantity": 1,
-                        "unit_price": f"{rng.uniform(12, 28):.2f}",
-                        "cost": "9.00",
-                    }
-                ]
+                items = [{"sku": f"sku-{rng.randint(1, 40)}", "name": "Groceries", "category": "grocery",
+                          "quantity": 1, "unit_price": f"{rng.uniform(12, 28):.2f}", "cost": "9.00"}]
                 if wine_lover and day == 4 and rng.random() < 0.7:
-                    items.append(
-                        {
-                            "sku": f"wine-{c % len(WINES)}",
-                            "name": wine,
-                            "category": "wine",
-                            "quantity": 1,
-                            "unit_price": "10.00",
-                            "cost": "6.00",
-                        }
-                    )
+                    items.append({"sku": f"wine-{c % len(WINES)}", "name": wine, "category": "wine",
+                                  "quantity": 1, "unit_price": "10.00", "cost": "6.00"})
                 events.append(purchase(cid, n, at, items, prefix))
                 n += 1
     return events
@@ -121,43 +96,19 @@ def cleaning_history(rng: random.Random, customers: int, now: datetime, prefix: 
         start = now - timedelta(days=210 + rng.randint(0, 10))
         for m in range(4):
             at = start + timedelta(days=30 * m)
-            events.append(
-                purchase(
-                    cid,
-                    m,
-                    at,
-                    [
-                        {
-                            "sku": "cleaning",
-                            "name": "Home cleaning",
-                            "category": "cleaning",
-                            "quantity": 1,
-                            "unit_price": "50.00",
-                            "cost": "35.00",
-                        }
-                    ],
-                    prefix,
-                )
-            )
+            events.append(purchase(cid, m, at, [{"sku": "cleaning", "name": "Home cleaning", "category": "cleaning",
+                                                  "quantity": 1, "unit_price": "50.00", "cost": "35.00"}], prefix))
         if c % 4 == 0:
-            events.append(
-                {
-                    "event_id": f"{prefix}-fb-{cid}",
-                    "type": "feedback",
-                    "customer_id": cid,
-                    "occurred_at": iso(start + timedelta(days=95)),
-                    "properties": {"rating": 2, "topic": "quality", "comment": "missed the kitchen"},
-                }
-            )
+            events.append({"event_id": f"{prefix}-fb-{cid}", "type": "feedback", "customer_id": cid,
+                           "occurred_at": iso(start + timedelta(days=95)),
+                           "properties": {"rating": 2, "topic": "quality", "comment": "missed the kitchen"}})
     return events
 
 
 def post_events(client: httpx.Client, events: list[dict[str, Any]]) -> tuple[int, int]:
     accepted = duplicates = 0
     for i in range(0, len(events), 500):
-        r = client.post(
-            f"{INGEST}/v1/events", json={"events": events[i : i + 500]}, headers={"Authorization": f"Bearer {KEY}"}
-        )
+        r = client.post(f"{INGEST}/v1/events", json={"events": events[i : i + 500]}, headers={"Authorization": f"Bearer {KEY}"})
         if r.status_code != 202:
             raise SystemExit(f"ingest answered {r.status_code}: {r.text[:500]}")
         body = r.json()
@@ -197,20 +148,12 @@ def maybe_start_stack() -> subprocess.Popen[bytes] | None:
     except httpx.HTTPError:
         pass
     say("no platform running: starting the embedded stack (`make run`) for the demo")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "crm_common.devstack", "run"],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = subprocess.Popen([sys.executable, "-m", "crm_common.devstack", "run"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            if all(
-                httpx.get(f"{b}/readyz", timeout=2).status_code == 200
-                for b in (INGEST, SEGMENTATION, LOYALTY, NOTIFIER)
-            ):
+            if all(httpx.get(f"{b}/readyz", timeout=2).status_code == 200 for b in (INGEST, SEGMENTATION, LOYALTY, NOTIFIER)):
                 return proc
         except httpx.HTTPError:
             pass
@@ -235,10 +178,8 @@ def main() -> None:
             events = grocery_history(rng, args.grocery, now, prefix) + cleaning_history(rng, args.cleaning, now, prefix)
             started = time.monotonic()
             accepted, dups = post_events(client, events)
-            say(
-                f"  posted {len(events)} events: {accepted} accepted, {dups} duplicates (a re-run is all duplicates) "
-                f"in {time.monotonic() - started:.1f} s"
-            )
+            say(f"  posted {len(events)} events: {accepted} accepted, {dups} duplicates (a re-run is all duplicates) "
+                f"in {time.monotonic() - started:.1f} s")
             wait_drained(client)
             for sweep_base in (SEGMENTATION, LOYALTY):
                 doc = client.get(f"{sweep_base}/v1/ops/pipeline").json()
@@ -249,48 +190,33 @@ def main() -> None:
             say("\n== scenario 1 (grocery): Friday wine lovers")
             segs = {s["key"]: s for s in client.get(f"{SEGMENTATION}/v1/segments").json()}
             wine = segs.get("friday_wine_lovers")
-            say(
-                f"  segment size: {wine['size'] if wine else 'n/a'} of {args.grocery} customers "
-                f"(generator made {len(range(0, args.grocery, 3))} Friday wine buyers, each buys on ~70% of Fridays)"
-            )
+            say(f"  segment size: {wine['size'] if wine else 'n/a'} of {args.grocery} customers "
+                f"(generator made {len(range(0, args.grocery, 3))} Friday wine buyers, each buys on ~70% of Fridays)")
             if wine and wine["size"]:
-                member = client.get(
-                    f"{SEGMENTATION}/v1/segments/friday_wine_lovers/members", params={"limit": 1}
-                ).json()["items"][0]
+                member = client.get(f"{SEGMENTATION}/v1/segments/friday_wine_lovers/members", params={"limit": 1}).json()["items"][0]
                 prof = client.get(f"{SEGMENTATION}/v1/profiles/{member['customer_id']}").json()
                 feats = prof.get("features", prof)
-                say(
-                    f"  e.g. {member['customer_id']}: favourite product {feats.get('favourite_product')}, "
-                    f"orders {feats.get('orders')}, revenue {feats.get('revenue')}"
-                )
+                say(f"  e.g. {member['customer_id']}: favourite product {feats.get('favourite_product')}, "
+                    f"orders {feats.get('orders')}, revenue {feats.get('revenue')}")
             say("  campaign e-mail with a personal coupon: NOT BUILT (offers service pending)")
 
             say("\n== scenario 3 (cleaning): lapsed regulars")
             lapsed = segs.get("lapsed_regulars")
-            say(
-                f"  segment size: {lapsed['size'] if lapsed else 'n/a'} of {args.cleaning} (all stopped ~3 months ago after 4 orders)"
-            )
+            say(f"  segment size: {lapsed['size'] if lapsed else 'n/a'} of {args.cleaning} (all stopped ~3 months ago after 4 orders)")
             say("  recovery message vs 15% SMS offer: NOT BUILT (offers service pending)")
 
             say("\n== scenario 4 (loyalty): accrual, redemption at the POS, refund")
             cid = f"{prefix}-g00000"
             acct = client.get(f"{LOYALTY}/v1/accounts/{cid}").json()
             say(f"  {cid}: balance {acct.get('balance')} points, tier {acct.get('tier')}")
-            red = {
-                "redemption_id": f"{prefix}-r1",
-                "customer_id": cid,
-                "check_amount": "40.00",
-                "order_id": f"{prefix}-pos-1",
-            }
+            red = {"redemption_id": f"{prefix}-r1", "customer_id": cid, "check_amount": "40.00", "order_id": f"{prefix}-pos-1"}
             r1 = client.post(f"{LOYALTY}/v1/redemptions", json=red)
             r2 = client.post(f"{LOYALTY}/v1/redemptions", json=red)
             if r1.status_code in (200, 201):
                 b = r1.json()
-                say(
-                    f"  redeem on a 40.00 check: {b['points_applied']} points = {b['money_applied']} money "
+                say(f"  redeem on a 40.00 check: {b['points_applied']} points = {b['money_applied']} money "
                     f"(at most 30% of the check may be paid with points); repeated request answered {r2.status_code} with the same result: "
-                    f"{r2.json().get('points_applied') == b['points_applied']}"
-                )
+                    f"{r2.json().get('points_applied') == b['points_applied']}")
             else:
                 say(f"  redemption answered {r1.status_code}: {r1.text[:200]}")
             report = client.get(f"{LOYALTY}/v1/reports/points").json()
