@@ -56,21 +56,33 @@ RETURNING message_id, code
 
 # The coupon, locked. This order's redemption is read by the next statement: one joined here would come
 # from the snapshot taken before the lock was granted, and miss a redemption committed meanwhile.
-LOCK_SQL = f"SELECT {_COUPON_COLS} FROM coupons c WHERE c.code = :code FOR UPDATE OF c"
+COUPON_SQL = f"SELECT {_COUPON_COLS} FROM coupons c WHERE c.code = $1"
+LOCK_SQL = COUPON_SQL + " FOR UPDATE OF c"
+REDEMPTIONS_SQL = (
+    f"SELECT {_REDEMPTION_COLS.replace('applies_to', 'applies_to::text AS applies_to')} FROM coupon_redemptions "
+    "WHERE code = $1 AND ($2::text IS NULL OR order_id = $2) ORDER BY id"
+)
+CUSTOMER_USES_SQL = (
+    "SELECT count(*) FROM coupon_redemptions WHERE campaign_id = $1 AND customer_id = $2 AND rolled_back_at IS NULL"
+)
+ROLLBACK_SQL = """
+WITH rb AS (UPDATE coupon_redemptions SET rolled_back_at = $3 WHERE code = $1 AND order_id = $2
+    AND rolled_back_at IS NULL RETURNING 1)
+UPDATE coupons SET uses = uses - (SELECT count(*) FROM rb) WHERE code = $1
+"""
 
 APPLY_SQL = """
 WITH red AS (
     INSERT INTO coupon_redemptions (code, campaign_id, version, customer_id, order_id, discount, order_total,
         applies_to, redeemed_at, source)
-    VALUES (:code, :campaign_id, :version, :customer_id, :order_id, :discount, :order_total,
-        CAST(:applies_to AS jsonb), :at, :source)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, CAST($8::text AS jsonb), $9, $10)
     ON CONFLICT (code, order_id) DO UPDATE SET rolled_back_at = NULL, redeemed_at = excluded.redeemed_at,
         discount = excluded.discount, order_total = excluded.order_total, applies_to = excluded.applies_to,
         source = excluded.source
     WHERE coupon_redemptions.rolled_back_at IS NOT NULL
     RETURNING 1
 )
-UPDATE coupons SET uses = uses + (SELECT count(*) FROM red) WHERE code = :code
+UPDATE coupons SET uses = uses + (SELECT count(*) FROM red) WHERE code = $1
 """
 
 
@@ -272,35 +284,30 @@ def _discount(c: dict[str, Any], hits: list[Line], delivery_cost: Decimal) -> Ap
 # --- Reads ----------------------------------------------------------------------------------------
 
 
-async def _coupon(session: AsyncSession, code: str) -> dict[str, Any]:
-    row = await session.execute(text(f"SELECT {_COUPON_COLS} FROM coupons c WHERE c.code = :code"), {"code": code})
-    found = row.mappings().first()
+async def _raw(session: AsyncSession) -> Any:
+    """The session's asyncpg connection: the POS path skips SQLAlchemy's statement handling (its CPU per
+    statement is most of a request's). Inside the session's transaction when one is open."""
+    conn = await session.connection()
+    return (await conn.get_raw_connection()).driver_connection
+
+
+async def _coupon(raw: Any, code: str, *, lock: bool = False) -> dict[str, Any]:
+    found = await raw.fetchrow(LOCK_SQL if lock else COUPON_SQL, code)
     if found is None:
         raise CouponNotFound(code)
     return dict(found)
 
 
-async def _customer_uses(session: AsyncSession, c: dict[str, Any], *, lock: bool) -> int:
+async def _customer_uses(raw: Any, c: dict[str, Any], *, lock: bool) -> int:
     """The customer's live redemptions of the campaign (under a transaction lock when redeeming, so two
     codes of one campaign redeemed at once cannot both pass the per-customer limit)."""
     if c["max_uses_per_customer"] is None:
         return 0
     if lock:
-        await session.execute(
-            text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
-            {"key": f"coupons:{c['campaign_id']}:{c['customer_id']}"},
+        await raw.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"coupons:{c['campaign_id']}:{c['customer_id']}"
         )
-    return int(
-        (
-            await session.execute(
-                text(
-                    "SELECT count(*) FROM coupon_redemptions WHERE campaign_id = :c AND customer_id = :k "
-                    "AND rolled_back_at IS NULL"
-                ),
-                {"c": c["campaign_id"], "k": c["customer_id"]},
-            )
-        ).scalar_one()
-    )
+    return int(await raw.fetchval(CUSTOMER_USES_SQL, c["campaign_id"], c["customer_id"]))
 
 
 def state_of(c: dict[str, Any], now: datetime) -> str:
@@ -326,21 +333,18 @@ def _redemption_read(r: dict[str, Any], c: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def _redemptions(session: AsyncSession, code: str, order_id: str | None = None) -> list[dict[str, Any]]:
-    where = "code = :code" + (" AND order_id = :o" if order_id is not None else "")
-    rows = await session.execute(
-        text(f"SELECT {_REDEMPTION_COLS} FROM coupon_redemptions WHERE {where} ORDER BY id"),
-        {"code": code, "o": order_id},
-    )
-    return [dict(r) for r in rows.mappings()]
+async def _redemptions(raw: Any, code: str, order_id: str | None = None) -> list[dict[str, Any]]:
+    rows = await raw.fetch(REDEMPTIONS_SQL, code, order_id)
+    return [{**dict(r), "applies_to": orjson.loads(r["applies_to"])} for r in rows]
 
 
 async def get(session: AsyncSession, code: str, now: datetime) -> dict[str, Any]:
-    c = await _coupon(session, code)
+    raw = await _raw(session)
+    c = await _coupon(raw, code)
     return {
         **c,
         "state": state_of(c, now),
-        "redemptions": [_redemption_read(r, c) for r in await _redemptions(session, code)],
+        "redemptions": [_redemption_read(r, c) for r in await _redemptions(raw, code)],
     }
 
 
@@ -370,7 +374,8 @@ async def validate(
     delivery_cost: Decimal,
 ) -> dict[str, Any]:
     """Whether the coupon applies to this basket now, and what it gives; nothing is written."""
-    c = await _coupon(session, code)
+    raw = await _raw(session)
+    c = await _coupon(raw, code)
     out: dict[str, Any] = {"code": c["code"], "kind": c["kind"], "valid_until": c["valid_until"]}
     try:
         applied = check(
@@ -379,7 +384,7 @@ async def validate(
             lines=lines,
             order_total=order_total,
             at=now,
-            customer_uses=await _customer_uses(session, c, lock=False) if c["customer_id"] == customer_id else 0,
+            customer_uses=await _customer_uses(raw, c, lock=False) if c["customer_id"] == customer_id else 0,
             delivery_cost=delivery_cost,
         )
     except CouponRefused as refused:
@@ -394,13 +399,11 @@ async def validate(
     }
 
 
-async def _locked(session: AsyncSession, code: str, order_id: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+async def _locked(raw: Any, code: str, order_id: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The coupon (row-locked until the transaction ends) and this order's redemption of it."""
-    row = (await session.execute(text(LOCK_SQL), {"code": code})).mappings().first()
-    if row is None:
-        raise CouponNotFound(code)
-    found = await _redemptions(session, code, order_id)
-    return dict(row), (found[0] if found else None)
+    c = await _coupon(raw, code, lock=True)
+    found = await _redemptions(raw, code, order_id)
+    return c, (found[0] if found else None)
 
 
 async def redeem(
@@ -420,36 +423,38 @@ async def redeem(
     A rolled-back redemption of the same order is applied again by the API (the cashier re-applied
     the coupon), never by a purchase event.
     """
-    c, existing = await _locked(session, code, order_id)
-    if c["customer_id"] != customer_id:
-        raise _refusal(c, "other_customer", "the coupon belongs to another customer")
-    if existing is not None and (existing["rolled_back_at"] is None or source == "event"):
-        return _redemption_read(existing, c)
-    applied = check(
-        c,
-        customer_id=customer_id,
-        lines=lines,
-        order_total=order_total,
-        at=at,
-        customer_uses=await _customer_uses(session, c, lock=True),
-        delivery_cost=delivery_cost,
-    )
-    total = order_total if order_total is not None else sum((x.amount for x in lines), Decimal(0))
-    await session.execute(
-        text(APPLY_SQL),
-        {
-            "code": code,
-            "campaign_id": c["campaign_id"],
-            "version": c["version"],
-            "customer_id": customer_id,
-            "order_id": order_id,
-            "discount": applied.discount,
-            "order_total": total,
-            "applies_to": _json(applied.applies_to),
-            "at": at,
-            "source": source,
-        },
-    )
+    raw = await _raw(session)
+    # Its own transaction, or a savepoint inside the session's (a consumer batch): the row lock lasts
+    # until the redemption is written, and a refusal leaves nothing behind.
+    async with raw.transaction():
+        c, existing = await _locked(raw, code, order_id)
+        if c["customer_id"] != customer_id:
+            raise _refusal(c, "other_customer", "the coupon belongs to another customer")
+        if existing is not None and (existing["rolled_back_at"] is None or source == "event"):
+            return _redemption_read(existing, c)
+        applied = check(
+            c,
+            customer_id=customer_id,
+            lines=lines,
+            order_total=order_total,
+            at=at,
+            customer_uses=await _customer_uses(raw, c, lock=True),
+            delivery_cost=delivery_cost,
+        )
+        total = order_total if order_total is not None else sum((x.amount for x in lines), Decimal(0))
+        await raw.execute(
+            APPLY_SQL,
+            code,
+            c["campaign_id"],
+            c["version"],
+            customer_id,
+            order_id,
+            applied.discount,
+            total,
+            _json(applied.applies_to),
+            at,
+            source,
+        )
     return _redemption_read(
         {
             "code": code,
@@ -470,19 +475,14 @@ async def redeem(
 
 async def rollback(session: AsyncSession, *, code: str, order_id: str, now: datetime) -> dict[str, Any]:
     """Undo the order's redemption of the coupon (idempotent: a second roll back changes nothing)."""
-    c, existing = await _locked(session, code, order_id)
-    if existing is None:
-        raise RedemptionNotFound(code, order_id)
-    if existing["rolled_back_at"] is None:
-        await session.execute(
-            text(
-                "WITH rb AS (UPDATE coupon_redemptions SET rolled_back_at = :now WHERE code = :code "
-                "AND order_id = :o AND rolled_back_at IS NULL RETURNING 1) "
-                "UPDATE coupons SET uses = uses - (SELECT count(*) FROM rb) WHERE code = :code"
-            ),
-            {"now": now, "o": order_id, "code": code},
-        )
-        existing["rolled_back_at"] = now
+    raw = await _raw(session)
+    async with raw.transaction():
+        c, existing = await _locked(raw, code, order_id)
+        if existing is None:
+            raise RedemptionNotFound(code, order_id)
+        if existing["rolled_back_at"] is None:
+            await raw.execute(ROLLBACK_SQL, code, order_id, now)
+            existing["rolled_back_at"] = now
     return _redemption_read(existing, c)
 
 
