@@ -6,7 +6,7 @@ from datetime import date, datetime, time
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from crm_common.contract.events import EventType
 from crm_common.contract.types import MAX_AMOUNT, Id, Money, Name, Quantity, ShortText
@@ -375,21 +375,32 @@ def _code(v: str) -> str:
     return value
 
 
+def _encodable(v: str) -> str:
+    # The POS path sends text to PostgreSQL itself: a lone surrogate (a JSON "\\ud800") is refused here.
+    try:
+        v.encode()
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    return v
+
+
+PosId = Annotated[Id, AfterValidator(_encodable)]
+PosText = Annotated[ShortText, AfterValidator(_encodable)]
 CouponCode = Annotated[str, Field(min_length=1, max_length=codes.MAX_CODE_LENGTH + 8, description="as printed")]
 
 
 class PosLine(Strict):
     """A basket line: `quantity` x `price` (the unit price before any coupon)."""
 
-    sku: Id
-    category: ShortText | None = None
+    sku: PosId
+    category: PosText | None = None
     quantity: Quantity
     price: Money
 
 
 class Basket(Strict):
     code: CouponCode
-    customer_id: Id
+    customer_id: PosId
     lines: Annotated[list[PosLine], Field(min_length=1, max_length=MAX_LINES)]
     order_total: Money | None = Field(None, description="the basket's total for min_basket (default: sum of lines)")
 
@@ -411,11 +422,11 @@ class ValidateRequest(Basket):
 
 
 class RedeemRequest(Basket):
-    order_id: Id
+    order_id: PosId
 
 
 class RollbackRequest(Strict):
-    order_id: Id
+    order_id: PosId
 
 
 class AppliedLine(BaseModel):

@@ -6,6 +6,7 @@ redemption of one order count once, and hostile input is a 422 naming the field.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import re
 from collections import Counter
@@ -453,6 +454,25 @@ async def test_hostile_codes_and_baskets_are_422_naming_the_field_and_change_not
                 assert r.status_code == 422, (path, loc, r.text)
                 locs = [e["loc"] for e in r.json()["error"]["details"]]
                 assert any(x[: len(loc)] == loc for x in locs), (loc, locs)
+        # Lone surrogates (JSON "\ud800" escapes) in any text the POS path sends to the database.
+        for body, loc in (
+            (basket(code, "ana\ud800", order_id="h"), ["body", "customer_id"]),
+            (basket(code, "ana", order_id="\udfff"), ["body", "order_id"]),
+            (basket(code, "ana", [{**line, "sku": "s\ud800"}], order_id="h"), ["body", "lines", 0, "sku"]),
+            (basket(code, "ana", [{**line, "category": "\ud800"}], order_id="h"), ["body", "lines", 0, "category"]),
+        ):
+            for path in ("/v1/coupons/validate", "/v1/coupons/redeem"):
+                r = await st.offers.post(
+                    path, content=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+                )
+                assert r.status_code == 422, (path, loc, r.text)
+                assert loc in [e["loc"] for e in r.json()["error"]["details"]], r.text
+        r = await st.offers.post(
+            f"/v1/coupons/{code}/rollback",
+            content=json.dumps({"order_id": "\ud800"}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        assert r.status_code == 422 and ["body", "order_id"] in [e["loc"] for e in r.json()["error"]["details"]]
         for bad in ("WINE%00X", "%EF%BC%B7INE", "A" * 80):
             for r in (
                 await st.offers.get(f"/v1/coupons/{bad}"),
