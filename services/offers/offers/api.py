@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query
 
 from offers import campaigns as domain
 from offers import decisions
+from offers.coupons_api import router as coupons_router
 from offers.deps import CacheDep, CampaignId, CustomerId, NowDep, PeersDep, SessionDep, SettingsDep
 from offers.repository import OffersRepository
 from offers.schemas import (
@@ -161,3 +162,4 @@ async def customer_decisions(
 from offers.report_api import router as report_router  # noqa: E402 (the report's routes, under /v1)
 
 router.include_router(report_router)
+router.include_router(coupons_router)

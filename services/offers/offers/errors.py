@@ -44,3 +44,27 @@ class PeerUnavailable(Unavailable, ConnectionError):
 class PurchasesBehind(ConnectionError):
     """Segmentation has seen purchases this service has not applied yet: retry the batch shortly
     (transient), so a favourite product is not read before the purchases that make it."""
+
+
+class CouponNotFound(NotFound):
+    code = "unknown_code"
+
+    def __init__(self, code: str) -> None:
+        super().__init__(f"no coupon {code!r}", details={"reason": "unknown_code", "code": code})
+
+
+class CouponRefused(Conflict):
+    """A coupon that cannot be redeemed for this basket: `code` is the reason (expired, used, ...)."""
+
+    def __init__(self, reason: str, message: str, code: str) -> None:
+        super().__init__(message, details={"reason": reason, "code": code})
+        self.code = reason
+
+
+class RedemptionNotFound(NotFound):
+    code = "redemption_not_found"
+
+    def __init__(self, code: str, order_id: str) -> None:
+        super().__init__(
+            f"coupon {code!r} was not redeemed for order {order_id!r}", details={"code": code, "order_id": order_id}
+        )

@@ -4,7 +4,6 @@ personalised MessageRequested per `requested` decision through the outbox."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -16,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from crm_common.contract.messages import MessageRequested
 from crm_common.outbox import enqueue_models
+from offers import coupons
 from offers.peers import Peers, digest_of_profile
 from offers.repository import OffersRepository
 from offers.schemas import CampaignDefinition
@@ -114,11 +114,6 @@ def base_params(campaigns: list[Active], settings: Settings, now: datetime) -> d
     }
 
 
-def coupon_code(message_id: str) -> str:
-    """A personal single-use code derived from the message id (the same request, the same code)."""
-    return "C" + hashlib.sha256(message_id.encode()).hexdigest()[:11].upper()
-
-
 def _fmt(value: Decimal | None) -> str:
     if value is None:
         return ""
@@ -131,7 +126,6 @@ def personalise(
     digest: dict[str, Any] | None,
     first_name: str | None,
     context: dict[str, Any] | None,
-    message_id: str,
     at: datetime,
     favourite: dict[str, Any] | None = None,
     loyalty: dict[str, Any] | None = None,
@@ -180,7 +174,8 @@ def personalise(
         "min_basket": _fmt(offer.min_basket),
         "min_quantity": offer.min_quantity or "",
         "multiplier": _fmt(offer.multiplier),
-        "coupon_code": coupon_code(message_id) if offer.coupon and offer.kind != "info" else "",
+        # The stored code, filled by decide_and_request once coupons.issue has drawn it.
+        "coupon_code": "",
         "valid_until": valid_until,
         "products": ", ".join(str(i.get("name") or i.get("sku")) for i in items),
         "items": items,
@@ -245,23 +240,41 @@ async def decide_and_request(
             for k, product in (await repo.favourite_products(ids, cat)).items():
                 favourites[(k, cat)] = product
     loyalty = await repo.loyalty_of([r["customer_id"] for r in rows])
-    messages = []
     variables = []
+    issued: list[dict[str, Any]] = []
     for r in rows:
-        campaign = by_id[r["campaign_id"]]
-        d = campaign.definition
+        d = by_id[r["campaign_id"]].definition
         ctx = (contexts or {}).get((r["campaign_id"], r["customer_id"], r["occurrence"]))
         v = personalise(
             definition=d,
             digest=r["digest"],
             first_name=r["first_name"],
             context=ctx,
-            message_id=r["message_id"],
             at=r["at"],
             favourite=favourites.get((r["customer_id"], d.offer.category or "")),
             loyalty=loyalty.get(r["customer_id"]),
         )
         variables.append({"id": r["id"], "v": v})
+        if coupons.issues_coupon(d.offer):
+            issued.append(
+                {
+                    "message_id": r["message_id"],
+                    "campaign_id": r["campaign_id"],
+                    "version": r["version"],
+                    "customer_id": r["customer_id"],
+                    "at": r["at"],
+                    "offer": d.offer,
+                    "variables": v,
+                }
+            )
+    # The coupons in the transaction of their decisions and messages: the message carries the stored code.
+    drawn = await coupons.issue(session, issued, now)
+    for spec in issued:
+        spec["variables"]["coupon_code"] = drawn[spec["message_id"]]
+    messages = []
+    for r, v in zip(rows, (x["v"] for x in variables), strict=True):
+        campaign = by_id[r["campaign_id"]]
+        d = campaign.definition
         messages.append(
             MessageRequested(
                 id=r["message_id"],

@@ -1,6 +1,6 @@
 """Tables owned by the offers service: campaigns and their versions, the customer cache (profile digest,
-memberships, time zone, birthday, last purchase), abandonment timers, the decision log, and the
-purchases and refunds kept for attribution."""
+memberships, time zone, birthday, last purchase), abandonment timers, the decision log, the purchases
+and refunds kept for attribution, and coupons with their redemptions."""
 
 from __future__ import annotations
 
@@ -8,8 +8,20 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import BigInteger, Date, DateTime, Identity, Index, Integer, Numeric, Text, UniqueConstraint, text
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Date,
+    DateTime,
+    Identity,
+    Index,
+    Integer,
+    Numeric,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from crm_common.db import service_metadata
@@ -218,3 +230,60 @@ class CustomerLoyalty(Base):
     balance_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     loyalty_tier: Mapped[str | None] = mapped_column(Text, nullable=True)
     tier_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Coupon(Base):
+    """A personal coupon code issued with a `requested` decision (one per decision, by its message id),
+    holding what it gives as it was when issued: the offer's kind, value, resolved target and rules."""
+
+    __tablename__ = "coupons"
+    code: Mapped[str] = mapped_column(Text, primary_key=True)
+    message_id: Mapped[str] = mapped_column(Text)
+    campaign_id: Mapped[str] = mapped_column(Text)
+    version: Mapped[int] = mapped_column(Integer)
+    customer_id: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(Text)  # percent | fixed | free_delivery | points_multiplier
+    value: Mapped[Decimal | None] = mapped_column(MONEY, nullable=True)
+    multiplier: Mapped[Decimal | None] = mapped_column(MONEY, nullable=True)
+    target: Mapped[str] = mapped_column(Text)  # basket | skus | category
+    target_skus: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default=text("'{}'"))
+    target_category: Mapped[str | None] = mapped_column(Text, nullable=True)
+    min_basket: Mapped[Decimal | None] = mapped_column(MONEY, nullable=True)
+    min_quantity: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_uses: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    max_uses_per_customer: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    uses: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    valid_from: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    valid_until: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (
+        UniqueConstraint("message_id", name="uq_coupons_message_id"),
+        CheckConstraint("uses >= 0 AND uses <= max_uses", name="uses_within_max"),
+        Index("ix_coupons_customer_id_created_at", "customer_id", "created_at"),
+    )
+
+
+class CouponRedemption(Base):
+    """A coupon applied to an order (by the POS API or a purchase event), once per (code, order_id);
+    `rolled_back_at` is set by an explicit roll back or the order's refund. Redemptions count as
+    conversions and `discount` as cost in campaign reports."""
+
+    __tablename__ = "coupon_redemptions"
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=False), primary_key=True)
+    code: Mapped[str] = mapped_column(Text)
+    campaign_id: Mapped[str] = mapped_column(Text)
+    version: Mapped[int] = mapped_column(Integer)
+    customer_id: Mapped[str] = mapped_column(Text)
+    order_id: Mapped[str] = mapped_column(Text)
+    discount: Mapped[Decimal] = mapped_column(MONEY)
+    order_total: Mapped[Decimal | None] = mapped_column(MONEY, nullable=True)
+    applies_to: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, server_default=text("'[]'"))
+    redeemed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    rolled_back_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    source: Mapped[str] = mapped_column(Text)  # api | event
+    __table_args__ = (
+        UniqueConstraint("code", "order_id", name="uq_coupon_redemptions_code_order_id"),
+        CheckConstraint("source IN ('api', 'event')", name="source_known"),
+        Index("ix_coupon_redemptions_order_id", "order_id"),
+        Index("ix_coupon_redemptions_campaign_id_customer_id", "campaign_id", "customer_id"),
+    )

@@ -6,10 +6,11 @@ from datetime import date, datetime, time
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from crm_common.contract.events import EventType
-from crm_common.contract.types import Id, Money, Name, ShortText
+from crm_common.contract.types import MAX_AMOUNT, Id, Money, Name, Quantity, ShortText
+from offers import codes
 
 # A field named `date` shadows the type inside its class.
 CalendarDate = date
@@ -188,7 +189,21 @@ class Offer(Strict):
     min_basket: Money | None = None
     min_quantity: Annotated[int, Field(ge=1, le=1000)] | None = None
     validity_days: Annotated[int, Field(ge=1, le=365)] = 14
-    coupon: bool = Field(True, description="issue a personal single-use coupon code")
+    coupon: bool = Field(True, description="issue a personal coupon code with each message (not for info offers)")
+    coupon_pattern: Annotated[str, Field(max_length=codes.MAX_CODE_LENGTH)] = Field(
+        codes.DEFAULT_PATTERN,
+        description=f"the code's shape: X is a random symbol of {codes.ALPHABET!r}, anything else (A-Z, 0-9, '-') "
+        f"is kept; at least {codes.MIN_BITS} bits of randomness ({codes.BITS_PER_SYMBOL:.2f} bits per X)",
+    )
+    max_uses: Annotated[int, Field(ge=1, le=1000)] = Field(1, description="redemptions per code")
+    max_uses_per_customer: Annotated[int, Field(ge=1, le=1000)] | None = Field(
+        None, description="redemptions per customer over all codes of the campaign (none: no limit)"
+    )
+
+    @field_validator("coupon_pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        return codes.check_pattern(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> Offer:
@@ -338,3 +353,143 @@ class DryRunRead(BaseModel):
     channel_cost: Decimal
     expected_cost: Decimal
     expected_redemption_rate: float
+
+
+# --- Coupons at the POS -------------------------------------------------------------------------
+
+CouponReason = Literal[
+    "expired",
+    "not_yet_valid",
+    "used",
+    "customer_limit",
+    "other_customer",
+    "minimum_basket",
+    "minimum_quantity",
+    "not_applicable",
+]
+MAX_LINES = 1000
+
+
+def _code(v: str) -> str:
+    value = codes.normalise(v)
+    if value is None:
+        raise ValueError(f"must be a coupon code: 1-{codes.MAX_CODE_LENGTH} characters of A-Z, 0-9 and '-'")
+    return value
+
+
+def _encodable(v: str) -> str:
+    # The POS path sends text to PostgreSQL itself: a lone surrogate (a JSON "\\ud800") is refused here.
+    try:
+        v.encode()
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    return v
+
+
+PosId = Annotated[Id, AfterValidator(_encodable)]
+PosText = Annotated[ShortText, AfterValidator(_encodable)]
+CouponCode = Annotated[str, Field(min_length=1, max_length=codes.MAX_CODE_LENGTH + 8, description="as printed")]
+
+
+class PosLine(Strict):
+    """A basket line: `quantity` x `price` (the unit price before any coupon)."""
+
+    sku: PosId
+    category: PosText | None = None
+    quantity: Quantity
+    price: Money
+
+
+class Basket(Strict):
+    code: CouponCode
+    customer_id: PosId
+    lines: Annotated[list[PosLine], Field(min_length=1, max_length=MAX_LINES)]
+    order_total: Money | None = Field(None, description="the basket's total for min_basket (default: sum of lines)")
+
+    @field_validator("code")
+    @classmethod
+    def _normal_code(cls, v: str) -> str:
+        return _code(v)
+
+    @field_validator("lines")
+    @classmethod
+    def _bounded_total(cls, v: list[PosLine]) -> list[PosLine]:
+        if sum((line.quantity * line.price for line in v), Decimal(0)) > MAX_AMOUNT:
+            raise ValueError(f"the lines add up to more than {MAX_AMOUNT}")
+        return v
+
+
+class ValidateRequest(Basket):
+    pass
+
+
+class RedeemRequest(Basket):
+    order_id: PosId
+
+
+class RollbackRequest(Strict):
+    order_id: PosId
+
+
+class AppliedLine(BaseModel):
+    sku: str
+    amount: Decimal
+    discount: Decimal
+
+
+class ValidateRead(BaseModel):
+    valid: bool
+    reason: CouponReason | None = None
+    message: str | None = None
+    code: str
+    kind: str
+    discount: Decimal | None = None
+    free_delivery: bool = False
+    multiplier: Decimal | None = None
+    applies_to: list[AppliedLine] = Field(default_factory=list)
+    valid_until: datetime
+
+
+class RedemptionRead(BaseModel):
+    code: str
+    order_id: str
+    customer_id: str
+    campaign_id: str
+    version: int
+    kind: str
+    discount: Decimal
+    free_delivery: bool
+    multiplier: Decimal | None
+    applies_to: list[AppliedLine]
+    order_total: Decimal | None
+    redeemed_at: datetime
+    rolled_back_at: datetime | None
+    source: Literal["api", "event"]
+    state: Literal["applied", "rolled_back"]
+
+
+class CouponSummary(BaseModel):
+    code: str
+    state: Literal["active", "used", "expired", "not_yet_valid"]
+    customer_id: str
+    campaign_id: str
+    version: int
+    message_id: str
+    kind: str
+    value: Decimal | None
+    multiplier: Decimal | None
+    target: Literal["basket", "skus", "category"]
+    target_skus: list[str]
+    target_category: str | None
+    min_basket: Decimal | None
+    min_quantity: int | None
+    uses: int
+    max_uses: int
+    max_uses_per_customer: int | None
+    valid_from: datetime
+    valid_until: datetime
+    created_at: datetime
+
+
+class CouponRead(CouponSummary):
+    redemptions: list[RedemptionRead]

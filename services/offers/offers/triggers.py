@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from crm_common.contract.events import EventMessage
 from crm_common.contract.messages import SegmentMembershipChanged
-from offers import attribution
+from offers import attribution, coupons
 from offers.errors import PurchasesBehind
 from offers.evaluation import Active, active_of, decide_and_request, ensure_profiles
 from offers.peers import Peers
@@ -161,6 +161,7 @@ async def on_events(
     await repo.upsert_customer_facts([x for x in facts if len(x) > 2 or x["purchases"]], now)
     await repo.add_purchased_items(bought)
     await attribution.record_purchases(session, events, now)
+    await coupons.on_events(session, events, now, settings.delivery_cost)  # coupon_code redeems, refund rolls back
     running = [c for c in campaigns if c.running(now)]
     immediate = [c for c in running if c.kind == "event"]
     waits = [c for c in running if c.kind == "no_purchase_after"]
