@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import cast
 
+import asyncpg
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -112,3 +114,12 @@ async def session_scope(sessionmaker: async_sessionmaker[AsyncSession]) -> Async
             # Roll back explicitly so a connection is never returned to the pool mid-transaction.
             await session.rollback()
             raise
+
+
+async def driver_connection(session: AsyncSession) -> asyncpg.Connection:
+    """The session's own asyncpg connection, inside its transaction when one is open: for hot
+    paths that skip SQLAlchemy's statement handling (prepared statements, COPY)."""
+    raw = await (await session.connection()).get_raw_connection()
+    conn = raw.driver_connection
+    assert conn is not None
+    return cast("asyncpg.Connection", conn)

@@ -23,6 +23,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from crm_common.contract.messages import LoyaltyEvent, MessageRequested
+from crm_common.db import driver_connection
 from crm_common.outbox import enqueue_models, enqueue_select
 from loyalty import models
 from loyalty.schemas import GoalRead, LedgerEntryRead, LotRead, ProgrammeConfig
@@ -687,9 +688,7 @@ class LoyaltyRepository:
         statement handling. The call is one statement, so it is atomic on its own; inside the session's
         transaction when one is open. The function notifies the relay, which publishes at the commit.
         """
-        conn = await self.session.connection()
-        raw = (await conn.get_raw_connection()).driver_connection
-        assert raw is not None
+        raw = await driver_connection(self.session)
         return await raw.fetchrow(_REDEEM_SQL, *(args[a] for a in _REDEEM_ARGS))
 
     async def update_redemptions(self, redemptions: Sequence[RedemptionState]) -> None:

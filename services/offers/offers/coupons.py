@@ -21,6 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from crm_common.contract.events import EventMessage
+from crm_common.db import driver_connection
 from offers import codes
 from offers.errors import CouponNotFound, CouponRefused, RedemptionNotFound
 from offers.schemas import Offer
@@ -287,8 +288,7 @@ def _discount(c: dict[str, Any], hits: list[Line], delivery_cost: Decimal) -> Ap
 async def _raw(session: AsyncSession) -> Any:
     """The session's asyncpg connection: the POS path skips SQLAlchemy's statement handling (its CPU per
     statement is most of a request's). Inside the session's transaction when one is open."""
-    conn = await session.connection()
-    return (await conn.get_raw_connection()).driver_connection
+    return await driver_connection(session)
 
 
 async def _coupon(raw: Any, code: str, *, lock: bool = False) -> dict[str, Any]:

@@ -80,16 +80,9 @@ FROM decisions WHERE campaign_id = :c AND delivery_status = 'suppressed' GROUP B
 """
 
 
-async def _table_exists(session: AsyncSession, name: str) -> bool:
-    return bool((await session.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": name})).scalar())
-
-
 async def coupon_redemptions_of(session: AsyncSession, campaign_id: str) -> dict[str, Any]:
-    """Redemptions of the campaign's coupons and the discount they gave, from `coupon_redemptions`
-    (built by the coupons change, not on this branch: zeros while that table does not exist).
-    A rolled-back redemption counts for nothing."""
-    if not await _table_exists(session, "coupon_redemptions"):
-        return {"redemptions": 0, "discount": Decimal(0), "available": False}
+    """Redemptions of the campaign's coupons and the discount they gave, from `coupon_redemptions`;
+    a rolled-back redemption counts for nothing."""
     row = (
         await session.execute(
             text(
@@ -99,14 +92,12 @@ async def coupon_redemptions_of(session: AsyncSession, campaign_id: str) -> dict
             {"c": campaign_id},
         )
     ).one()
-    return {"redemptions": int(row.n), "discount": Decimal(str(row.discount)), "available": True}
+    return {"redemptions": int(row.n), "discount": Decimal(str(row.discount))}
 
 
 async def campaign_points_of(session: AsyncSession, campaign_id: str) -> dict[str, Any]:
-    """Bonus points loyalty awarded for the campaign and their value, from `campaign_points`
-    (built by the loyalty-link change, not on this branch: zeros while that table does not exist)."""
-    if not await _table_exists(session, "campaign_points"):
-        return {"points": Decimal(0), "value": Decimal(0), "available": False}
+    """Bonus points loyalty awarded for the campaign (net of reversals) and their money value,
+    from `campaign_points`."""
     row = (
         await session.execute(
             text(
@@ -116,7 +107,7 @@ async def campaign_points_of(session: AsyncSession, campaign_id: str) -> dict[st
             {"c": campaign_id},
         )
     ).one()
-    return {"points": Decimal(str(row.points)), "value": Decimal(str(row.value)), "available": True}
+    return {"points": Decimal(str(row.points)), "value": Decimal(str(row.value))}
 
 
 class IntervalRead(BaseModel):
@@ -171,7 +162,6 @@ class CostRead(BaseModel):
     points: float
     points_value: float
     total: float
-    sources: dict[str, bool]
 
 
 class ReportRead(BaseModel):
@@ -395,7 +385,6 @@ async def campaign_report(
             "points": float(points["points"]),
             "points_value": float(points["value"]),
             "total": round(total_cost, 4),
-            "sources": {"coupon_redemptions": coupons["available"], "campaign_points": points["available"]},
         },
         "incremental_margin": inc_margin,
         "roi": roi,

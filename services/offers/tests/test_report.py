@@ -163,7 +163,7 @@ async def test_report_equals_an_independent_computation(make_stack, clock):
         assert cuped["incremental_revenue_per_member"]["high"] == pytest.approx(wc["high"], abs=1e-3)
 
 
-async def test_costs_come_from_the_coupon_and_points_tables_when_they_exist(make_stack, clock):
+async def test_costs_count_coupon_discounts_and_bonus_points(make_stack, clock):
     async with make_stack(global_control_share=0.0) as st:
         await st.templates("t_cost", "email")
         c = await st.create(
@@ -171,37 +171,32 @@ async def test_costs_come_from_the_coupon_and_points_tables_when_they_exist(make
         )
         await _seed(st, c["id"], clock.now() - timedelta(days=20))
         before = (await st.offers.get(f"/v1/campaigns/{c['id']}/report")).json()["cost"]
-        assert before["total"] == 0 and before["sources"] == {"coupon_redemptions": False, "campaign_points": False}
-        # The tables as the coupons and loyalty-link changes define them (not on this branch).
+        assert before["total"] == 0 and before["redemptions"] == 0
+        # Rows as the coupons API and the crm.loyalty.v1 consumer write them; a rolled-back
+        # redemption and another campaign's rows count for nothing.
         async with st.sm() as s, s.begin():
             await s.execute(
                 text(
-                    "CREATE TABLE coupon_redemptions (code text, campaign_id text, version int, customer_id text, "
-                    "order_id text, discount numeric, redeemed_at timestamptz, rolled_back_at timestamptz, source text)"
-                )
-            )
-            await s.execute(
-                text(
-                    "CREATE TABLE campaign_points (campaign_id text, customer_id text, points numeric, value numeric, "
-                    "occurred_at timestamptz)"
-                )
-            )
-            await s.execute(
-                text(
-                    "INSERT INTO coupon_redemptions VALUES ('A', :c, 1, 't1', 'o1', 12.5, now(), NULL, 'pos'), "
-                    "('B', :c, 1, 't3', 'o2', 7.5, now(), NULL, 'pos'), ('C', :c, 1, 't4', 'o3', 100, now(), now(), 'pos'), "
-                    "('D', 'other', 1, 't4', 'o4', 50, now(), NULL, 'pos')"
+                    "INSERT INTO coupon_redemptions (code, campaign_id, version, customer_id, order_id, discount, "
+                    "redeemed_at, rolled_back_at, source) VALUES ('A', :c, 1, 't1', 'o1', 12.5, now(), NULL, 'api'), "
+                    "('B', :c, 1, 't3', 'o2', 7.5, now(), NULL, 'event'), "
+                    "('C', :c, 1, 't4', 'o3', 100, now(), now(), 'api'), "
+                    "('D', 'other', 1, 't4', 'o4', 50, now(), NULL, 'api')"
                 ),
                 {"c": c["id"]},
             )
             await s.execute(
-                text("INSERT INTO campaign_points VALUES (:c, 't1', 200, 2, now()), (:c, 't6', 300, 3, now())"),
+                text(
+                    "INSERT INTO campaign_points (event_id, campaign_id, customer_id, points, value, occurred_at) "
+                    "VALUES ('l1', :c, 't1', 200, 2, now()), ('l2', :c, 't6', 400, 4, now()), "
+                    "('l3', :c, 't6', -100, -1, now()), ('l4', 'other', 't6', 900, 9, now())"
+                ),
                 {"c": c["id"]},
             )
         rep = (await st.offers.get(f"/v1/campaigns/{c['id']}/report", params={"margin_rate": 0.4})).json()
         cost = rep["cost"]
         assert (cost["redemptions"], cost["discounts"], cost["points"], cost["points_value"]) == (2, 20, 500, 5)
-        assert cost["total"] == 25 and cost["sources"] == {"coupon_redemptions": True, "campaign_points": True}
+        assert cost["total"] == 25
         inc = rep["incremental_revenue"]["estimate"]
         assert rep["incremental_margin"]["estimate"] == pytest.approx(inc * 0.4 - 25, abs=1e-3)
         assert rep["roi"]["estimate"] == pytest.approx((inc * 0.4 - 25) / 25, abs=1e-3)

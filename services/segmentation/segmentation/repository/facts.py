@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from crm_common import serde
 from crm_common.contract.messages import DeliveryEvent
+from crm_common.db import driver_connection
 from segmentation import models
 
 
@@ -231,9 +232,8 @@ class FactRepository:
     async def _copy(self, table: str, columns: Sequence[str], records: list[tuple[Any, ...]]) -> None:
         """Bulk insert through COPY on the session's connection (in its transaction): the
         cheapest way in for plain inserts of many rows, with nothing to parse on the server."""
-        connection = await self.session.connection()
-        raw = await connection.get_raw_connection()
-        await raw.driver_connection.copy_records_to_table(table, records=records, columns=columns)  # type: ignore[union-attr]
+        raw = await driver_connection(self.session)
+        await raw.copy_records_to_table(table, records=records, columns=columns)
 
     async def insert_refunds(self, facts: Sequence[RefundFact]) -> None:
         """Refunds, once per (customer, refund id)."""
