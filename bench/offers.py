@@ -301,6 +301,22 @@ class RawHttpPool:
             self.idle.get_nowait()[1].close()
 
 
+async def _print_relay_passes(url: str, worker: str) -> None:
+    """How often the relay ran and how long a pass took (its worker metrics), to place the latency."""
+    async with httpx.AsyncClient() as http:
+        text_ = (await http.get(f"{url}/metrics")).text
+    values = {}
+    for line in text_.splitlines():
+        if f'worker="{worker}"' in line and not line.startswith("#"):
+            name = line.split("{", 1)[0]
+            if name.endswith(("_sum", "_count")) or "outcome=\"ok\"" in line:
+                values[name] = float(line.rsplit(" ", 1)[1])
+    n = values.get("crm_worker_pass_seconds_count", 0)
+    if n:
+        mean = 1000 * values["crm_worker_pass_seconds_sum"] / n
+        print(f"  {worker}: {n:.0f} passes, mean pass {mean:.1f} ms", flush=True)
+
+
 async def latency(
     *, ingest_url: str, offers_url: str, bootstrap: str, prefix: str, rate: int, seconds: float
 ) -> list[float]:
@@ -402,6 +418,8 @@ async def latency(
             await pool.close()
         stop.set()
         await listener
+        await _print_relay_passes(f"http://127.0.0.1:{ingest.port}", "relay:ingest-events")
+        await _print_relay_passes(f"http://127.0.0.1:{offers.port}", "relay:offers")
         conn = await asyncpg.connect(offers_url.replace("+asyncpg", ""))
         try:
             print(
