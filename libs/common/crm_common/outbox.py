@@ -199,6 +199,7 @@ class OutboxRelay:
         if missing:
             raise TopicMissing(f"topics {missing} do not exist on the broker")
 
-    async def backlog(self) -> int:
-        async with self.sessionmaker() as session:
+    async def backlog(self, sessionmaker: async_sessionmaker[AsyncSession] | None = None) -> int:
+        """Rows waiting; `sessionmaker`: the caller's, when the relay's own lives on another loop."""
+        async with (sessionmaker or self.sessionmaker)() as session:
             return int((await session.execute(text(self.queue.backlog_sql))).scalar() or 0)

@@ -32,6 +32,7 @@ from crm_common.kafka import make_producer
 from crm_common.logging import configure_logging
 from crm_common.notify import OUTBOX_CHANNEL, Listener
 from crm_common.outbox import OutboxRelay
+from crm_common.relay_thread import RelayThread
 from crm_common.settings import TOPIC_DLQ, BaseServiceSettings
 from crm_common.worker import RunOnce, Worker
 
@@ -87,6 +88,8 @@ class ServiceRuntime:
         self.workers: dict[str, Worker] = {}
         self.sweeps: dict[str, tuple[float, SweepFn]] = {}
         self.listener = Listener(settings.database_url)
+        # The relays run on a loop of their own when `relays_in_thread` (see crm_common.relay_thread).
+        self.relay_thread = RelayThread(settings) if settings.relays_in_thread else None
         # The app's state (set by create_service_app): where `configure` puts what routes read.
         self.state: Any = None
         self._closers: list[Callable[[], Awaitable[Any]]] = []
@@ -95,6 +98,8 @@ class ServiceRuntime:
         self._stopping = asyncio.Event()
         # Workers that need the broker start once the producer is up; the others at once.
         self._kafka_workers: set[str] = set()
+        # Workers the relay thread starts and stops.
+        self._threaded: set[str] = set()
         self.add_sweep(retention.INBOX_SWEEP, settings.retention_sweep_interval_s, retention.inbox_sweep(settings))
 
     def topic(self, name: str) -> str:
@@ -172,16 +177,19 @@ class ServiceRuntime:
             topic_prefix=s.topic_prefix,
         )
         self.relays.append(relay)
-        self.add_worker(
+        worker = self.add_worker(
             f"relay:{relay.name}",
             relay.run_once,
             interval_s=s.outbox_poll_interval_ms / 1000,
             channels=(OUTBOX_CHANNEL,),
-            needs_broker=True,
+            needs_broker=self.relay_thread is None,
             full_batch=relay.batch_size,
             drain_on_stop=True,
             coalesce_s=s.outbox_coalesce_ms / 1000,
         )
+        if self.relay_thread is not None:
+            self._threaded.add(worker.name)
+            self.relay_thread.add(relay, worker)
         return relay
 
     def add_sweep(self, name: str, interval_s: float, fn: SweepFn) -> None:
@@ -225,8 +233,10 @@ class ServiceRuntime:
         if self.settings.notify_enabled:
             self.listener.start()
         for name, worker in self.workers.items():
-            if name not in self._kafka_workers:
+            if name not in self._kafka_workers and name not in self._threaded:
                 worker.start()
+        if self.relay_thread is not None:
+            self.relay_thread.start()
         self._tasks.append(asyncio.create_task(self._start_kafka(), name="kafka-start"))
 
     async def _start_kafka(self) -> None:
@@ -260,7 +270,11 @@ class ServiceRuntime:
         relay_names = {f"relay:{r.name}" for r in self.relays}
         others = [w for n, w in self.workers.items() if n not in relay_names]
         await asyncio.gather(*(w.stop() for w in others), return_exceptions=True)
-        await asyncio.gather(*(self.workers[n].stop() for n in relay_names), return_exceptions=True)
+        await asyncio.gather(
+            *(self.workers[n].stop() for n in relay_names if n not in self._threaded), return_exceptions=True
+        )
+        if self.relay_thread is not None:
+            await self.relay_thread.stop()
         await self.listener.stop()
         for close in self._closers:
             try:
@@ -397,7 +411,7 @@ def _ops_router() -> APIRouter:
         backlog = 0
         for r in runtime.relays:
             try:
-                backlog += await r.backlog()
+                backlog += await r.backlog(runtime.sessionmaker)
             except Exception:
                 backlog = -1
         return {"consumers": consumers, "outbox_backlog": backlog, "sweeps": sorted(runtime.sweeps)}

@@ -55,6 +55,9 @@ class BaseServiceSettings(BaseSettings):
     outbox_poll_interval_ms: int = 5000
     # A woken relay waits this long before its pass, so a burst of commits goes out as one batch.
     outbox_coalesce_ms: int = 25
+    # Relays on a loop of their own in a thread, with their own engine and producer, so that a
+    # busy service loop does not stretch their passes (crm_common.relay_thread).
+    relays_in_thread: bool = True
     # Wake workers through LISTEN/NOTIFY (one connection per process); off, they use their timers.
     notify_enabled: bool = True
     # The cyclic GC's generation-0 threshold (0 keeps Python's 700): batch handlers allocate many

@@ -23,6 +23,13 @@ log = logging.getLogger(__name__)
 RunOnce = Callable[[], Awaitable[int]]
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 class Worker:
     """Run `run_once` (returns how much it did) on wake-ups, with a timer only as a fallback."""
 
@@ -64,10 +71,16 @@ class Worker:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def wake(self) -> None:
-        """Ask for a pass now instead of at the fallback timer."""
-        self._wake.set()
+        """Ask for a pass now instead of at the fallback timer; from any thread (a worker may run
+        on a loop of its own, as the relays do: crm_common.relay_thread)."""
+        loop = self._loop
+        if loop is None or _running_loop() is loop:
+            self._wake.set()
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake.set)
 
     @property
     def running(self) -> bool:
@@ -76,6 +89,7 @@ class Worker:
     def start(self) -> None:
         if not self.running:
             self._stopping.clear()
+            self._loop = asyncio.get_running_loop()
             self._task = asyncio.create_task(self._run(), name=f"worker:{self.name}")
 
     async def stop(self) -> None:
