@@ -40,7 +40,8 @@ from crm_common.infra import BrokerServer, PostgresServer, free_port
 from crm_common.kafka import ensure_topics
 from crm_common.migrations import upgrade_async
 from crm_common.settings import ALL_TOPICS
-from crm_common.testing.helpers import TEST_API_KEY, TEST_AUTH, ServiceProcess
+from crm_common.testing.bench import RawHttpPool
+from crm_common.testing.helpers import TEST_API_KEY, ServiceProcess
 
 PARTITIONS = 6
 LINES = [
@@ -48,54 +49,6 @@ LINES = [
     {"sku": "bread", "category": "bakery", "quantity": "1", "price": "2.40"},
     {"sku": "cheese", "category": "deli", "quantity": "1", "price": "7.90"},
 ]
-
-
-class RawHttpPool:
-    """A minimal HTTP/1.1 client (as in bench/loyalty.py): keep-alive connections, pre-encoded requests.
-    httpx costs 1-2 ms of CPU per request, which on 2 shared cores would measure the client."""
-
-    def __init__(self, host: str, port: int, size: int) -> None:
-        self.host, self.port, self.size = host, port, size
-        self.idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
-
-    async def open(self) -> None:
-        for _ in range(self.size):
-            self.idle.put_nowait(await asyncio.open_connection(self.host, self.port))
-
-    def encode_post(self, path: str, body: bytes) -> bytes:
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
-            f"Authorization: {TEST_AUTH['Authorization']}\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
-        return head.encode() + body
-
-    def encode_get(self, path: str) -> bytes:
-        return (
-            f"GET {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-            f"Authorization: {TEST_AUTH['Authorization']}\r\n\r\n"
-        ).encode()
-
-    async def send(self, request: bytes) -> int:
-        reader, writer = await self.idle.get()
-        try:
-            writer.write(request)
-            status = int((await reader.readuntil(b"\r\n")).split(b" ", 2)[1])
-            length = 0
-            while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            if length:
-                await reader.readexactly(length)
-        except BaseException:
-            writer.close()  # the connection's state is unknown: replace it
-            self.idle.put_nowait(await asyncio.open_connection(self.host, self.port))
-            raise
-        self.idle.put_nowait((reader, writer))
-        return status
-
-    async def close(self) -> None:
-        while not self.idle.empty():
-            self.idle.get_nowait()[1].close()
 
 
 async def seed(url: str, n: int, customers: int, now: datetime) -> None:

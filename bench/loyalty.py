@@ -34,17 +34,14 @@ from typing import Any
 
 import asyncpg
 import httpx
-from sqlalchemy import text
 
 from crm_common import serde
 from crm_common.clock import SystemClock
-from crm_common.consumer import ConsumerRunner
-from crm_common.db import create_engine, create_sessionmaker
 from crm_common.infra import BrokerServer, PostgresServer, free_port
-from crm_common.kafka import ensure_topics, make_producer
+from crm_common.kafka import ensure_topics
 from crm_common.migrations import upgrade_async
 from crm_common.settings import ALL_TOPICS
-from crm_common.testing.bench import publish_events, raw_insert, relay_worker
+from crm_common.testing.bench import RawHttpPool, consume_rate, publish_events, raw_insert
 from crm_common.testing.helpers import TEST_API_KEY, TEST_AUTH, ServiceProcess
 
 PARTITIONS = 6
@@ -91,114 +88,6 @@ def make_events(n: int, customers: int, seed: int = 7) -> list[dict[str, Any]]:
             }
         )
     return out
-
-
-async def consume_rate(
-    *,
-    name: str,
-    url: str,
-    bootstrap: str,
-    topic: str,
-    handler: Any,
-    count_sql: str,
-    n: int,
-    relay: bool = False,
-) -> float:
-    """Run one consumer over the topic until `n` rows exist; rate from the first applied batch."""
-    engine = create_engine(url, pool_size=4)
-    sm = create_sessionmaker(engine)
-    producer = make_producer(bootstrap)
-    await producer.start()
-    runner = ConsumerRunner(
-        name=name,
-        topics=[topic],
-        handler=handler,
-        sessionmaker=sm,
-        bootstrap_servers=bootstrap,
-        producer=producer,
-        dlq_topic=topic + ".dlq",
-        group_id=f"bench-{name}",
-        batch_max=500,
-        batch_timeout_ms=100,
-    )
-    out_relay = None
-    if relay:
-        out_relay = relay_worker(name, sm, producer)
-        out_relay.start()
-    await runner.start()
-    first_at = None
-    first_count = 0
-    try:
-        while True:
-            async with sm() as s:
-                count = (await s.execute(text(count_sql))).scalar() or 0
-            now = time.perf_counter()
-            if count and first_at is None:
-                first_at, first_count = now, count
-            if count >= n:
-                break
-            await asyncio.sleep(0.02)
-        assert first_at is not None
-        elapsed = now - first_at
-        rate = (n - first_count) / elapsed if elapsed > 0 else float("inf")
-        print(
-            f"  {name}: {n} events, {n - first_count} after the first batch in {elapsed:.2f} s "
-            f"-> {rate:,.0f} /s (dead-lettered {runner.stats.dead_lettered})",
-            flush=True,
-        )
-        return rate
-    finally:
-        await runner.stop()
-        if out_relay:
-            await out_relay.stop()
-        await producer.stop()
-        await engine.dispose()
-
-
-class RawHttpPool:
-    """A minimal HTTP/1.1 client for the open-loop phase: a fixed pool of keep-alive connections, requests
-    pre-encoded as bytes, responses read by status line and Content-Length. httpx costs ~1-2 ms of CPU per
-    request here, which on 2 shared cores would measure the client rather than the service."""
-
-    def __init__(self, host: str, port: int, size: int) -> None:
-        self.host, self.port, self.size = host, port, size
-        self.idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
-
-    async def open(self) -> None:
-        for _ in range(self.size):
-            self.idle.put_nowait(await asyncio.open_connection(self.host, self.port))
-
-    def encode_post(self, path: str, body: bytes) -> bytes:
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
-            f"Authorization: {TEST_AUTH['Authorization']}\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
-        return head.encode() + body
-
-    async def send(self, request: bytes) -> int:
-        """Send one pre-encoded request on an idle connection; return the status (the body is read and dropped)."""
-        reader, writer = await self.idle.get()
-        try:
-            writer.write(request)
-            status_line = await reader.readuntil(b"\r\n")
-            status = int(status_line.split(b" ", 2)[1])
-            length = 0
-            while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            if length:
-                await reader.readexactly(length)
-        except BaseException:
-            writer.close()  # the connection's state is unknown: replace it
-            self.idle.put_nowait(await asyncio.open_connection(self.host, self.port))
-            raise
-        self.idle.put_nowait((reader, writer))
-        return status
-
-    async def close(self) -> None:
-        while not self.idle.empty():
-            _, writer = self.idle.get_nowait()
-            writer.close()
 
 
 async def redemption_latency(
@@ -426,7 +315,7 @@ async def main() -> None:
         tune_gc(Settings().gc_gen0_threshold)
 
         print("accruals from the topic (one consumer process):")
-        raw_rate = await consume_rate(
+        raw_rate, _ = await consume_rate(
             name="raw",
             url=raw_url,
             bootstrap=broker.bootstrap,
@@ -437,7 +326,7 @@ async def main() -> None:
         )
         from loyalty.consumers import events_handler
 
-        loyalty_rate = await consume_rate(
+        loyalty_rate, _ = await consume_rate(
             name="loyalty",
             url=loyalty_url,
             bootstrap=broker.bootstrap,

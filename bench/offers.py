@@ -41,13 +41,12 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from crm_common.clock import SystemClock
-from crm_common.consumer import ConsumerRunner
 from crm_common.db import create_engine, create_sessionmaker
 from crm_common.infra import BrokerServer, PostgresServer, free_port
-from crm_common.kafka import ensure_topics, make_producer
+from crm_common.kafka import ensure_topics
 from crm_common.migrations import upgrade_async
 from crm_common.settings import ALL_TOPICS
-from crm_common.testing.bench import publish_events, raw_insert, relay_worker
+from crm_common.testing.bench import RawHttpPool, consume_rate, publish_events, raw_insert
 from crm_common.testing.helpers import TEST_API_KEY, ServiceProcess
 
 PARTITIONS = 6
@@ -205,102 +204,6 @@ def make_events(n: int, customers: int, rng: random.Random, start: datetime) -> 
     return out
 
 
-async def consume_rate(
-    *, name: str, url: str, bootstrap: str, topic: str, handler: Any, n: int, relay: bool = False
-) -> tuple[float, Any]:
-    """Run one consumer over the topic until it applied `n` messages; rate from the first applied batch."""
-    engine = create_engine(url, pool_size=4)
-    sm = create_sessionmaker(engine)
-    producer = make_producer(bootstrap)
-    await producer.start()
-    runner = ConsumerRunner(
-        name=name,
-        topics=[topic],
-        handler=handler,
-        sessionmaker=sm,
-        bootstrap_servers=bootstrap,
-        producer=producer,
-        dlq_topic=topic + ".dlq",
-        group_id=f"bench-{name}",
-        batch_max=2000,
-        batch_timeout_ms=100,
-    )
-    out_relay = None
-    if relay:
-        # The relay as the runtime runs it: a worker (here on a short timer, no NOTIFY listener).
-        out_relay = relay_worker(name, sm, producer)
-        out_relay.start()
-    await runner.start()
-    first_at = None
-    first_count = 0
-    try:
-        while True:
-            count = runner.stats.applied + runner.stats.dead_lettered
-            now = time.perf_counter()
-            if count and first_at is None:
-                first_at, first_count = now, count
-            if count >= n:
-                break
-            await asyncio.sleep(0.01)
-        assert first_at is not None
-        elapsed = now - first_at
-        rate = (n - first_count) / elapsed if elapsed > 0 else float("inf")
-        print(
-            f"  {name}: {n} events, {n - first_count} after the first batch in {elapsed:.2f} s -> {rate:,.0f} /s "
-            f"(dead-lettered {runner.stats.dead_lettered})",
-            flush=True,
-        )
-        return rate, runner.stats
-    finally:
-        await runner.stop()
-        if out_relay:
-            await out_relay.stop()
-        await producer.stop()
-        await engine.dispose()
-
-
-class RawHttpPool:
-    """A minimal HTTP/1.1 client (as in bench/loyalty.py): keep-alive connections, pre-encoded requests.
-    httpx costs 1-2 ms of CPU per request, which at 500/s on 2 shared cores would measure the client."""
-
-    def __init__(self, host: str, port: int, size: int) -> None:
-        self.host, self.port, self.size = host, port, size
-        self.idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
-
-    async def open(self) -> None:
-        for _ in range(self.size):
-            self.idle.put_nowait(await asyncio.open_connection(self.host, self.port))
-
-    def encode_post(self, path: str, body: bytes) -> bytes:
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
-            f"Authorization: Bearer {INGEST_KEY}\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
-        return head.encode() + body
-
-    async def send(self, request: bytes) -> int:
-        reader, writer = await self.idle.get()
-        try:
-            writer.write(request)
-            status = int((await reader.readuntil(b"\r\n")).split(b" ", 2)[1])
-            length = 0
-            while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            if length:
-                await reader.readexactly(length)
-        except BaseException:
-            writer.close()
-            self.idle.put_nowait(await asyncio.open_connection(self.host, self.port))
-            raise
-        self.idle.put_nowait((reader, writer))
-        return status
-
-    async def close(self) -> None:
-        while not self.idle.empty():
-            self.idle.get_nowait()[1].close()
-
-
 async def _print_relay_passes(url: str, worker: str) -> None:
     """How often the relay ran and how long a pass took (its worker metrics), to place the latency."""
     async with httpx.AsyncClient() as http:
@@ -309,7 +212,7 @@ async def _print_relay_passes(url: str, worker: str) -> None:
     for line in text_.splitlines():
         if f'worker="{worker}"' in line and not line.startswith("#"):
             name = line.split("{", 1)[0]
-            if name.endswith(("_sum", "_count")) or "outcome=\"ok\"" in line:
+            if name.endswith(("_sum", "_count")) or 'outcome="ok"' in line:
                 values[name] = float(line.rsplit(" ", 1)[1])
     n = values.get("crm_worker_pass_seconds_count", 0)
     if n:
@@ -368,7 +271,7 @@ async def latency(
 
         listener = asyncio.create_task(listen())
         host, _, port_text = ingest.url.removeprefix("http://").partition(":")
-        pool = RawHttpPool(host, int(port_text), 48)
+        pool = RawHttpPool(host, int(port_text), 48, authorization=f"Bearer {INGEST_KEY}")
         await pool.open()
         try:
 
@@ -518,7 +421,13 @@ async def main() -> None:
 
         print("evaluation from the topic (one consumer process):")
         raw_rate, _ = await consume_rate(
-            name="raw", url=raw_url, bootstrap=broker.bootstrap, topic=topic, handler=raw_insert, n=args.events
+            name="raw",
+            url=raw_url,
+            bootstrap=broker.bootstrap,
+            topic=topic,
+            handler=raw_insert,
+            n=args.events,
+            batch_max=2000,
         )
         async with httpx.AsyncClient() as http:
             handler = events_handler(SystemClock(), settings, CampaignCache(ttl=2.0), Peers(http, settings))
@@ -529,6 +438,7 @@ async def main() -> None:
                 topic=topic,
                 handler=handler,
                 n=args.events,
+                batch_max=2000,
                 relay=True,
             )
         oc = await asyncpg.connect(offers_url.replace("+asyncpg", ""))

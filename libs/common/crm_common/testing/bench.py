@@ -1,8 +1,10 @@
-"""Pieces the benchmarks under bench/ share: filling a topic, the raw-consume ceiling, a relay worker."""
+"""Pieces the benchmarks under bench/ share: filling a topic, the raw-consume ceiling, a relay worker,
+and a minimal HTTP client for open-loop latency phases."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -10,8 +12,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from crm_common import serde
-from crm_common.consumer import Record
+from crm_common.consumer import ConsumerRunner, ConsumerStats, Record
+from crm_common.db import create_engine, create_sessionmaker
+from crm_common.kafka import make_producer
 from crm_common.outbox import OutboxRelay
+from crm_common.testing.helpers import TEST_AUTH
 from crm_common.worker import Worker
 
 
@@ -45,3 +50,122 @@ def relay_worker(name: str, sessionmaker: async_sessionmaker[AsyncSession], prod
     """The outbox relay as the runtime runs it, on a short timer instead of NOTIFY (not started)."""
     publisher = OutboxRelay(name=name, sessionmaker=sessionmaker, producer=producer)
     return Worker(f"relay:{name}", publisher.run_once, interval_s=0.05, full_batch=1000, drain_on_stop=True)
+
+
+async def consume_rate(
+    *,
+    name: str,
+    url: str,
+    bootstrap: str,
+    topic: str,
+    handler: Any,
+    n: int,
+    relay: bool = False,
+    batch_max: int = 500,
+    count_sql: str | None = None,
+) -> tuple[float, ConsumerStats]:
+    """Run one consumer (the runtime's consume loop) over the topic until `n` are done: rows
+    counted by `count_sql`, or else messages applied or dead-lettered. The rate counts from the
+    first applied batch (joining the group is not measured). `relay`: publish the handler's
+    outbox as the runtime does, with a relay worker."""
+    engine = create_engine(url, pool_size=4)
+    sm = create_sessionmaker(engine)
+    producer = make_producer(bootstrap)
+    await producer.start()
+    runner = ConsumerRunner(
+        name=name,
+        topics=[topic],
+        handler=handler,
+        sessionmaker=sm,
+        bootstrap_servers=bootstrap,
+        producer=producer,
+        dlq_topic=topic + ".dlq",
+        group_id=f"bench-{name}",
+        batch_max=batch_max,
+        batch_timeout_ms=100,
+    )
+    out_relay = relay_worker(name, sm, producer) if relay else None
+    if out_relay:
+        out_relay.start()
+    await runner.start()
+    first_at = None
+    first_count = 0
+    try:
+        while True:
+            if count_sql is None:
+                count = runner.stats.applied + runner.stats.dead_lettered
+            else:
+                async with sm() as session:
+                    count = (await session.execute(text(count_sql))).scalar() or 0
+            now = time.perf_counter()
+            if count and first_at is None:
+                first_at, first_count = now, count
+            if count >= n:
+                break
+            await asyncio.sleep(0.01)
+        assert first_at is not None
+        elapsed = now - first_at
+        rate = (n - first_count) / elapsed if elapsed > 0 else float("inf")
+        print(
+            f"  {name}: {n} events, {n - first_count} after the first batch in {elapsed:.2f} s -> {rate:,.0f} /s "
+            f"(dead-lettered {runner.stats.dead_lettered})",
+            flush=True,
+        )
+        return rate, runner.stats
+    finally:
+        await runner.stop()
+        if out_relay:
+            await out_relay.stop()
+        await producer.stop()
+        await engine.dispose()
+
+
+class RawHttpPool:
+    """A minimal HTTP/1.1 client for open-loop phases: a fixed pool of keep-alive connections,
+    requests pre-encoded as bytes, responses read by status line and Content-Length. httpx costs
+    1-2 ms of CPU per request, which at hundreds a second on 2 shared cores would measure the
+    client rather than the service."""
+
+    def __init__(self, host: str, port: int, size: int, *, authorization: str = TEST_AUTH["Authorization"]) -> None:
+        self.host, self.port, self.size = host, port, size
+        self.authorization = authorization
+        self.idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+
+    async def open(self) -> None:
+        for _ in range(self.size):
+            self.idle.put_nowait(await asyncio.open_connection(self.host, self.port))
+
+    def encode_post(self, path: str, body: bytes) -> bytes:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+            f"Authorization: {self.authorization}\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        return head.encode() + body
+
+    def encode_get(self, path: str) -> bytes:
+        return (
+            f"GET {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nAuthorization: {self.authorization}\r\n\r\n"
+        ).encode()
+
+    async def send(self, request: bytes) -> int:
+        """Send one pre-encoded request on an idle connection; the status (the body is read and dropped)."""
+        reader, writer = await self.idle.get()
+        try:
+            writer.write(request)
+            status = int((await reader.readuntil(b"\r\n")).split(b" ", 2)[1])
+            length = 0
+            while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            if length:
+                await reader.readexactly(length)
+        except BaseException:
+            writer.close()  # the connection's state is unknown: replace it
+            self.idle.put_nowait(await asyncio.open_connection(self.host, self.port))
+            raise
+        self.idle.put_nowait((reader, writer))
+        return status
+
+    async def close(self) -> None:
+        while not self.idle.empty():
+            self.idle.get_nowait()[1].close()
