@@ -7,18 +7,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import (
-    BigInteger,
-    Boolean,
-    Date,
-    DateTime,
-    Identity,
-    Index,
-    Integer,
-    Numeric,
-    Text,
-    text,
-)
+from sqlalchemy import BigInteger, Boolean, Date, DateTime, Identity, Index, Integer, Numeric, Text, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
