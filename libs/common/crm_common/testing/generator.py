@@ -193,9 +193,7 @@ class _Builder:
         self.event("customer_updated", c, self.now - timedelta(days=400), props)
         return c
 
-    def purchase(
-        self, c: Customer, at: datetime, items: list[dict[str, Any]], *, refund: Decimal | None = None
-    ) -> str:
+    def purchase(self, c: Customer, at: datetime, items: list[dict[str, Any]], *, refund: Decimal | None = None) -> str:
         total = sum((Decimal(str(i["unit_price"])) * Decimal(str(i.get("quantity", 1))) for i in items), Decimal(0))
         order = self._id("o")
         self.event(
@@ -230,9 +228,7 @@ class _Builder:
         tz = ZoneInfo(c.timezone)
         today = self.now.astimezone(tz)
         last = today - timedelta(days=(today.weekday() - 4) % 7 or 7)
-        out = [
-            (last - timedelta(weeks=w)).replace(hour=18, minute=0, second=0, microsecond=0) for w in range(weeks)
-        ]
+        out = [(last - timedelta(weeks=w)).replace(hour=18, minute=0, second=0, microsecond=0) for w in range(weeks)]
         return [d.astimezone(UTC) for d in reversed(out) if d.astimezone(UTC) < self.now]
 
     def grocery(self, n: int) -> None:
@@ -286,15 +282,41 @@ class _Builder:
                     c,
                     at,
                     [
-                        {"sku": "shirt-w-m", "name": "Shirt white M", "category": "shirts", "quantity": 2,
-                         "unit_price": "70.00", "size": "M", "color": "white"},
-                        {"sku": "shirt-b-m", "name": "Shirt blue M", "category": "shirts", "quantity": 1,
-                         "unit_price": "60.00", "size": "M", "color": "blue"},
+                        {
+                            "sku": "shirt-w-m",
+                            "name": "Shirt white M",
+                            "category": "shirts",
+                            "quantity": 2,
+                            "unit_price": "70.00",
+                            "size": "M",
+                            "color": "white",
+                        },
+                        {
+                            "sku": "shirt-b-m",
+                            "name": "Shirt blue M",
+                            "category": "shirts",
+                            "quantity": 1,
+                            "unit_price": "60.00",
+                            "size": "M",
+                            "color": "blue",
+                        },
                     ],
                 )
             if i % 5 == 4:
-                self.purchase(c, self.now - timedelta(days=5), [{"sku": "shirt-w-m", "name": "Shirt white M",
-                              "category": "shirts", "unit_price": "70.00", "size": "M", "color": "white"}])
+                self.purchase(
+                    c,
+                    self.now - timedelta(days=5),
+                    [
+                        {
+                            "sku": "shirt-w-m",
+                            "name": "Shirt white M",
+                            "category": "shirts",
+                            "unit_price": "70.00",
+                            "size": "M",
+                            "color": "white",
+                        }
+                    ],
+                )
 
     def cleaning(self, n: int) -> None:
         """Monthly cleanings (50) for 4 months, stopped ~3 months ago; a quarter left a low `quality`
@@ -378,7 +400,8 @@ class _Builder:
         plans = ["push+email", "email", "sms", "email+sms", "noconsent"]
         for i in range(n):
             c = self.customer("broadcast", i, channels=plans[i % len(plans)], tz=TIMEZONES[i % len(TIMEZONES)])
-            self.purchase(c, self.now - timedelta(days=20 + i % 9), [self.basket(20, 120)])
+            gift = self.basket(20, 120) | {"sku": f"gift-{i % 7}", "name": "Gift box", "category": "gifts"}
+            self.purchase(c, self.now - timedelta(days=20 + i % 9), [gift])
             chans = c.channels()
             self.truth.broadcast[c.customer_id] = chans[0] if chans else None
 
@@ -459,7 +482,9 @@ def plant_uplift(
                     "occurred_at": when.astimezone(tz).isoformat(),
                     "properties": {
                         "order_id": order,
-                        "items": [{"sku": "after", "name": "Goods", "category": "grocery", "unit_price": money(amount)}],
+                        "items": [
+                            {"sku": "after", "name": "Goods", "category": "grocery", "unit_price": money(amount)}
+                        ],
                         "total": money(amount),
                         "currency": "EUR",
                     },
