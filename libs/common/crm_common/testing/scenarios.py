@@ -266,6 +266,13 @@ TEMPLATES: list[dict[str, Any]] = [
         "subject": "Still thinking about it?",
         "body": "{{ first_name }}, your cart is waiting: {{ products }}.",
     },
+    {
+        "key": "retention",
+        "channel": "email",
+        "subject": "New {{ category }} in your size {{ size }}",
+        "body": "{{ first_name }}, new {{ color }} {{ category }} in size {{ size }} are in, with free delivery: "
+        "code {{ coupon_code }}, valid until {{ valid_until }}.",
+    },
     {"key": "cart_reminder", "channel": "push", "subject": "Your cart", "body": "Still there: {{ products }}"},
     {"key": "new_year", "channel": "push", "subject": "New Year sale", "body": "New Year sale, {{ first_name }}!"},
     {"key": "new_year", "channel": "email", "subject": "New Year sale", "body": "New Year sale, {{ first_name }}!"},
@@ -323,6 +330,16 @@ def campaigns(now: datetime, control_share: float) -> dict[str, dict[str, Any]]:
             "limits": {"once_per_customer": True},
             "control_share": control_share,
             "attribution_days": 30,
+            "economics": {"guard_tiers": []},
+        },
+        "retention": {
+            "name": "Before the next purchase",
+            "trigger": {"kind": "purchase_window", "min_days": 7, "max_days": 14},
+            "offer": {"kind": "free_delivery", "target": "favourite_category", "validity_days": 21, "coupon": True},
+            "delivery": {"template": "retention", "channel": "email"},
+            "limits": {"cooldown_days": 60},
+            "control_share": control_share,
+            "attribution_days": 21,
             "economics": {"guard_tiers": []},
         },
         "cart": {
@@ -436,7 +453,10 @@ class World:
         self.log(f"posting {len(self.history.events)} events through ingest")
         await p.post_events(self.history.events)
         await p.drain()
-        # Day 0: segment entries fired scenarios 1 and 3; the carts' timers are waiting.
+        # Day 0: segment entries fired scenarios 1 and 3; the carts' timers are waiting; the
+        # triggers sweep finds the clothing customers 7-14 days before their predicted purchase.
+        self.sweep_results.append(await p.sweep("offers", "triggers"))
+        await p.drain()
         # Day 1 (+25 h): the carts not bought within 24 h get their reminder; loyalty's expiry sweep
         # finds the points that expire within 14 days.
         clock.set(t0 + timedelta(hours=25))
