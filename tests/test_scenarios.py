@@ -312,3 +312,24 @@ def test_generator_is_deterministic_by_seed_and_posts_valid_events() -> None:
     # 3,000 treated, 30% of them buy 30 more: 27,000 planted; the realised draw is near it.
     assert planted.expected_incremental_revenue == Decimal("27000.00")
     assert abs(planted.incremental_revenue - planted.expected_incremental_revenue) < Decimal("2000")
+
+
+async def test_scenario5_value_tiers_guard_skips_the_unprofitable_and_pareto_matches(world: World) -> None:
+    truth = world.history.truth
+    members = await world.p.get("segmentation", "/v1/segments/unprofitable/members", limit=1000)
+    unprofitable = {m["customer_id"] for m in members["items"]}
+    assert truth.deal_hunters <= unprofitable  # every deal hunter is in the tier
+    # The dry-run of a discount for every purchaser skips them (the default economics guard).
+    assert world.dry_run["outcomes"].get("economics_guard", 0) >= len(truth.deal_hunters)
+    # Pareto: revenue of the history and the planted purchases, net of refunds.
+    revenue = dict(truth.revenue)
+    for planted in world.uplift.values():
+        for e in planted.events:
+            revenue[e["customer_id"]] = revenue.get(e["customer_id"], Decimal(0)) + Decimal(e["properties"]["total"])
+    pareto = await world.p.get("segmentation", "/v1/reports/pareto")
+    assert pareto["customers"] == len([v for v in revenue.values()])
+    assert Decimal(str(pareto["revenue"])) == sum(revenue.values())
+    values = sorted(revenue.values(), reverse=True)
+    top = -(-len(values) * 20 // 100)
+    share = {s["top_percent"]: s["share"] for s in pareto["shares"]}[20]
+    assert share == pytest.approx(float(sum(values[:top]) / sum(values)), abs=1e-6)

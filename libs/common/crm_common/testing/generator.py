@@ -102,6 +102,8 @@ class Truth:
     anonymous_links: dict[str, str] = field(default_factory=dict)  # anonymous_id -> customer
     # scenario 7: broadcast audience -> the channel the notifier should choose (None: no consent)
     broadcast: dict[str, str | None] = field(default_factory=dict)
+    # scenario 5: grocery customers who buy only at a loss to the shop (the unprofitable tier)
+    deal_hunters: set[str] = field(default_factory=set)
     # scenario 5: revenue per customer (net of refunds), for the Pareto share
     revenue: dict[str, Decimal] = field(default_factory=dict)
     refunded_orders: set[str] = field(default_factory=set)
@@ -194,7 +196,13 @@ class _Builder:
         return c
 
     def purchase(self, c: Customer, at: datetime, items: list[dict[str, Any]], *, refund: Decimal | None = None) -> str:
-        total = sum((Decimal(str(i["unit_price"])) * Decimal(str(i.get("quantity", 1))) for i in items), Decimal(0))
+        total = sum(
+            (
+                Decimal(str(i["unit_price"])) * Decimal(str(i.get("quantity", 1))) - Decimal(str(i.get("discount", 0)))
+                for i in items
+            ),
+            Decimal(0),
+        )
         order = self._id("o")
         self.event(
             "purchase",
@@ -211,15 +219,19 @@ class _Builder:
         self.truth.revenue[c.customer_id] = self.truth.revenue.get(c.customer_id, Decimal(0)) + net
         return order
 
-    def basket(self, low: float = 12, high: float = 28) -> dict[str, Any]:
-        return {
+    def basket(self, low: float = 12, high: float = 28, *, deal: bool = False) -> dict[str, Any]:
+        price = Decimal(money(self.rng.uniform(low, high)))
+        item = {
             "sku": f"groc-{self.rng.randint(1, 60)}",
             "name": "Groceries",
             "category": "grocery",
             "quantity": 1,
-            "unit_price": money(self.rng.uniform(low, high)),
+            "unit_price": money(price),
             "cost": "9.00",
         }
+        if deal:  # a deal hunter: pays less than the goods cost (negative margin after discounts)
+            item["discount"] = money(price - Decimal("6.00"))
+        return item
 
     # -- businesses -------------------------------------------------------------------------------
 
@@ -233,7 +245,8 @@ class _Builder:
 
     def grocery(self, n: int) -> None:
         """Twice-weekly shoppers (check ~20). A fifth are Friday wine lovers who buy their own wine on
-        3-6 of the last 8 Fridays; a few buy wine on only two Fridays, or on Thursdays (not members)."""
+        3-6 of the last 8 Fridays; a few buy wine on only two Fridays, or on Thursdays (not members);
+        a tenth are deal hunters who only buy below cost (the unprofitable tier)."""
         for i in range(n):
             kind = i % 10
             c = self.customer("grocery", i, channels="noconsent" if i % 23 == 7 else "email")
@@ -247,8 +260,11 @@ class _Builder:
             elif kind == 3:  # near miss: two Fridays only
                 wine_fridays = {len(fridays) - 1, len(fridays) - 4}
                 self.truth.wine_near_misses.add(c.customer_id)
+            deal = kind == 9
+            if deal:
+                self.truth.deal_hunters.add(c.customer_id)
             for w, friday in enumerate(fridays):
-                items = [self.basket()]
+                items = [self.basket(deal=deal)]
                 if w in wine_fridays:
                     items.append(
                         {
@@ -267,15 +283,15 @@ class _Builder:
                 refund = Decimal(items[0]["unit_price"]) if self.rng.random() < 0.02 else None
                 self.purchase(c, friday - timedelta(hours=self.rng.randint(0, 3)), items, refund=refund)
                 # the other visit of the week, on Tuesday
-                self.purchase(c, friday - timedelta(days=3, hours=self.rng.randint(0, 5)), [self.basket()])
+                self.purchase(c, friday - timedelta(days=3, hours=self.rng.randint(0, 5)), [self.basket(deal=deal)])
 
     def clothing(self, n: int) -> None:
         """Two years of two white and one blue shirt, size M, about every 90 days (~800 a year). The
-        last visit was 76-83 days ago, so the next is predicted 7-14 days from now; every fifth
+        last visit was 78-81 days ago, so the next is predicted 8-13 days from now; every fifth
         bought again last week (already bought in the cycle)."""
         for i in range(n):
             c = self.customer("clothing", i, channels="email")
-            last = self.now - timedelta(days=76 + i % 8)
+            last = self.now - timedelta(days=78 + i % 4)
             for k in range(8, -1, -1):
                 at = last - timedelta(days=90 * k + self.rng.randint(-3, 3))
                 self.purchase(

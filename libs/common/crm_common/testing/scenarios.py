@@ -378,6 +378,14 @@ PROGRAMME = {
     "point_value": "0.01",
 }
 
+# Scenario 5's dry-run: 10% off for every purchaser; the default guard skips the unprofitable tier.
+DISCOUNT_FOR_ALL = {
+    "name": "10% for everyone (dry-run)",
+    "trigger": {"kind": "event", "event_type": "purchase"},
+    "offer": {"kind": "percent", "value": "10", "target": "basket"},
+    "delivery": {"template": "new_year"},
+}
+
 NEW_YEAR_SEGMENT = {
     "key": "new_year_list",
     "name": "New Year mailing list",
@@ -399,6 +407,8 @@ class World:
     expiry_reminders: int = 0
     expiry_reminders_again: int = 0
     expired: Any = None
+    rfm: Any = None
+    dry_run: dict[str, Any] = field(default_factory=dict)
     timers_fired: Any = None
     uplift: dict[str, PlantedUplift] = field(default_factory=dict)
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -487,6 +497,13 @@ class World:
         self.expired = await p.sweep("loyalty", "expiry")
         await p.drain()
         await self.settle()
+        # Scenario 5: the value tiers and RFM scores, then a dry-run of a discount for everyone.
+        self.rfm = await p.sweep("segmentation", "rfm")
+        await p.drain()
+        r = await p.offers.post("/v1/campaigns/dry-run", json={"definition": DISCOUNT_FOR_ALL})
+        if r.status_code != 200:
+            raise AssertionError(f"dry-run: {r.status_code} {r.text}")
+        self.dry_run = r.json()
         for name, cid in self.campaign_ids.items():
             self.reports[name] = await p.get("offers", f"/v1/campaigns/{cid}/report", cap_percentile=100)
 
