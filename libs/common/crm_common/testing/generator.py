@@ -280,7 +280,8 @@ class _Builder:
                     items.append({"sku": "wine-0", "name": WINES[0], "category": "wine", "unit_price": "10.00"})
                     self.purchase(c, friday - timedelta(days=1), items)
                     continue
-                refund = Decimal(items[0]["unit_price"]) if self.rng.random() < 0.02 else None
+                line = Decimal(items[0]["unit_price"]) - Decimal(items[0].get("discount", "0"))
+                refund = line if self.rng.random() < 0.02 else None  # the first line returned
                 self.purchase(c, friday - timedelta(hours=self.rng.randint(0, 3)), items, refund=refund)
                 # the other visit of the week, on Tuesday
                 self.purchase(c, friday - timedelta(days=3, hours=self.rng.randint(0, 5)), [self.basket(deal=deal)])
