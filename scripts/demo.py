@@ -152,7 +152,8 @@ async def campaign_block(w: World, name: str, truth_line: str | None = None) -> 
 def planted(w: World, name: str) -> str:
     u = w.uplift[name]
     return (
-        f"{num(u.expected_incremental_revenue)} expected ({u.treated} treated x 30% x amount), "
+        f"{num(u.expected_incremental_revenue)} expected ({u.treated} treated x 30% x "
+        f"{num(u.expected_incremental_revenue / max(1, u.treated) / Decimal('0.3'))}), "
         f"{num(u.incremental_revenue)} drawn"
     )
 
