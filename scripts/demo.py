@@ -201,6 +201,17 @@ async def report(w: World, elapsed: float) -> None:
         [
             ["expiry reminders on day 1 (sweep)", w.expiry_reminders],
             ["the same sweep again", w.expiry_reminders_again],
+            *(
+                [
+                    [
+                        f"POS redemption on a 1.00 check ({w.redemptions[0]['customer_id']})",
+                        f"{w.redemptions[0]['points_applied']} points = {w.redemptions[0]['money_applied']} "
+                        f"(30% cap); retry answered the same: {w.redemptions[1] == w.redemptions[0]}",
+                    ]
+                ]
+                if w.redemptions
+                else []
+            ),
             *[[f"expiry sweep on day 14: {k}", v] for k, v in w.expired.items()],
         ],
     )

@@ -187,6 +187,13 @@ async def test_scenario4_accrual_expiry_reminder_once_then_expiry_in_the_ledger(
     }
     assert set(truth.loyalty_paid) <= due
     assert world.expiry_reminders == len(due) and world.expiry_reminders_again == 0
+    # Redemption at the POS: at most 30% of the 1.00 check (30 points at 0.01); the retry applies once.
+    first, again = world.redemptions
+    member = sorted(truth.loyalty_paid)[0]
+    paid = truth.loyalty_paid[member]
+    paid_points = paid * (3 if paid >= 300 else 1)  # 1% (3% in the top tier) of the paid amount, at 0.01
+    assert (Decimal(first["points_applied"]), Decimal(first["money_applied"])) == (Decimal(30), Decimal("0.30"))
+    assert again == first and Decimal(first["balance"]) == paid_points - 30
     for cid, paid in truth.loyalty_paid.items():
         rate = Decimal("0.03") if paid >= 300 else Decimal("0.01")
         points = paid * rate / Decimal("0.01")

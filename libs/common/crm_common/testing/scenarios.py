@@ -408,6 +408,7 @@ class World:
     expiry_reminders_again: int = 0
     expired: Any = None
     rfm: Any = None
+    redemptions: list[dict[str, Any]] = field(default_factory=list)
     dry_run: dict[str, Any] = field(default_factory=dict)
     timers_fired: Any = None
     uplift: dict[str, PlantedUplift] = field(default_factory=dict)
@@ -473,6 +474,15 @@ class World:
         self.timers_fired = await p.sweep("offers", "timers")
         self.expiry_reminders = (await p.sweep("loyalty", "expiry"))["reminders"]
         self.expiry_reminders_again = (await p.sweep("loyalty", "expiry"))["reminders"]
+        # A loyalty member pays part of a 1.00 check with points at the POS, and the till retries.
+        members = sorted(self.history.truth.loyalty_paid)
+        if members:
+            body = {"redemption_id": f"pos-{members[0]}", "customer_id": members[0], "check_amount": "1.00"}
+            for _ in range(2):
+                r = await p.loyalty.post("/v1/redemptions", json=body)
+                if r.status_code not in (200, 201):
+                    raise AssertionError(f"redemption: {r.status_code} {r.text}")
+                self.redemptions.append(r.json())
         await p.drain()
         # Day 6: the purchases that followed the wine and win-back campaigns, with the planted uplift.
         clock.set(t0 + timedelta(days=6))
