@@ -151,10 +151,18 @@ async def campaign_block(w: World, name: str, truth_line: str | None = None) -> 
 
 def planted(w: World, name: str) -> str:
     u = w.uplift[name]
+    iv = w.reports[name]["incremental_revenue"]
+    inside = (
+        "no interval"
+        if not iv
+        else "inside the interval"
+        if iv["low"] <= u.expected_incremental_revenue <= iv["high"]
+        else "OUTSIDE the interval (see the warnings: too few control members at this scale)"
+    )
     return (
         f"{num(u.expected_incremental_revenue)} expected ({u.treated} treated x 30% x "
         f"{num(u.expected_incremental_revenue / max(1, u.treated) / Decimal('0.3'))}), "
-        f"{num(u.incremental_revenue)} drawn"
+        f"{num(u.incremental_revenue)} drawn; {inside}"
     )
 
 
