@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import collections
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,8 @@ class Received:
     path: str
     headers: dict[str, str]
     body: dict[str, Any] = field(default_factory=dict)
+    # time.perf_counter() when the request was read (benchmarks time end-to-end latency with it)
+    at: float = field(default_factory=time.perf_counter)
 
 
 class LoopbackProvider:

@@ -1,0 +1,336 @@
+"""Pipeline benchmark: sustained load through all five services, end to end.
+
+1. Its own PostgreSQL and broker (crm_common.infra); the five services under uvicorn in their own
+   processes (`crm_common.serve`), each on its own database, consumers on, sweeps off, the global
+   control off; a loopback push provider (crm_common.sinks) in this process.
+2. Through the ops APIs: a push template and one active campaign, an `event` trigger on the custom
+   event `bench_ping`, an `info` offer on push, no control group, once per customer. Through ingest:
+   one `customer_updated` per customer (push token and consent), then waits until every service
+   has drained.
+3. Steps of load at rising rates (`--rates`, `--seconds` each): `bench_ping` events posted to
+   ingest in requests of `--batch` events (default 10; open loop, keep-alive connections; with
+   `--batch 1` the load generator itself tops out near 250 requests/s on the shared 2 cores), each
+   for a customer of its own (so neither the
+   frequency cap nor once-per-customer stops a message). Each message is timed from ingest's 202
+   to the push provider reading the notifier's request: ingest -> crm.events.v1 -> segmentation,
+   loyalty and offers -> crm.messages.v1 -> notifier -> provider.
+
+Prints p50, p90, p99 per rate and the largest rate whose p99 stays within 1 s. Last line
+`BENCH pipeline_e2e_p99_ms <p99 at --target-rate>`.
+"""
+
+# ruff: noqa: E402
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse
+import asyncio
+import gc
+import os
+import shutil
+import tempfile
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+
+from crm_common.devstack import pipeline_pending
+from crm_common.infra import BrokerServer, PostgresServer, free_port
+from crm_common.kafka import ensure_topics
+from crm_common.migrations import upgrade_async
+from crm_common.settings import ALL_TOPICS
+from crm_common.sinks import LoopbackProvider
+from crm_common.testing.helpers import TEST_API_KEY, ServiceProcess
+
+PARTITIONS = 6
+INGEST_KEY = "bench-pipeline-key"
+SERVICES = ("ingest", "segmentation", "loyalty", "offers", "notifier")
+
+
+class RawHttpPool:
+    """Keep-alive HTTP/1.1 connections with pre-encoded requests (httpx would measure the client)."""
+
+    def __init__(self, host: str, port: int, size: int) -> None:
+        self.host, self.port, self.size = host, port, size
+        self.idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+
+    async def open(self) -> None:
+        for _ in range(self.size):
+            self.idle.put_nowait(await asyncio.open_connection(self.host, self.port))
+
+    def encode_post(self, path: str, body: bytes) -> bytes:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {INGEST_KEY}\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        return head.encode() + body
+
+    async def send(self, request: bytes) -> int:
+        reader, writer = await self.idle.get()
+        try:
+            writer.write(request)
+            status = int((await reader.readuntil(b"\r\n")).split(b" ", 2)[1])
+            length = 0
+            while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            if length:
+                await reader.readexactly(length)
+        except BaseException:
+            writer.close()
+            self.idle.put_nowait(await asyncio.open_connection(self.host, self.port))
+            raise
+        self.idle.put_nowait((reader, writer))
+        return status
+
+    async def close(self) -> None:
+        while not self.idle.empty():
+            self.idle.get_nowait()[1].close()
+
+
+async def drained(urls: dict[str, str], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {TEST_API_KEY}"}, timeout=30) as http:
+        while time.monotonic() < deadline:
+            pending: list[str] = []
+            for name, url in urls.items():
+                pending += pipeline_pending(name, (await http.get(f"{url}/v1/ops/pipeline")).json())
+            if not pending:
+                return
+            await asyncio.sleep(0.5)
+    raise RuntimeError(f"not drained after {timeout}s: {pending[:5]}")
+
+
+def customer_event(cid: str) -> dict[str, Any]:
+    return {
+        "event_id": f"cu-{cid}",
+        "type": "customer_updated",
+        "customer_id": cid,
+        "occurred_at": datetime.now(UTC).isoformat(),
+        "properties": {"push_tokens": [f"tok-{cid}"], "consents": {"push": True}, "timezone": "UTC"},
+    }
+
+
+async def step(
+    pool: RawHttpPool, push: LoopbackProvider, rate: int, seconds: float, tag: str, batch: int = 1
+) -> list[float]:
+    """Open loop at `rate` events/s, `batch` events per request; answers the sorted latencies (s),
+    30 s for each lost message."""
+    accepted: dict[str, float] = {}
+    total = int(rate * seconds)
+
+    async def post(first: int) -> None:
+        cids = [f"{tag}{i}" for i in range(first, min(total, first + batch))]
+        now = datetime.now(UTC).isoformat()
+        events = [
+            {
+                "event_id": f"ping-{cid}",
+                "type": "custom",
+                "customer_id": cid,
+                "occurred_at": now,
+                "properties": {"name": "bench_ping"},
+            }
+            for cid in cids
+        ]
+        try:
+            status = await pool.send(pool.encode_post("/v1/events", orjson.dumps({"events": events})))
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            print(f"  request {cids[0]} failed: {exc!r}", flush=True)
+            return
+        if status == 202:
+            t = time.perf_counter()
+            for cid in cids:
+                accepted[f"tok-{cid}"] = t
+
+    gc.collect()
+    start = time.perf_counter()
+    tasks = []
+    for i in range(0, total, batch):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(post(i)))
+    await asyncio.gather(*tasks)
+    sent_for = time.perf_counter() - start
+
+    def arrivals() -> dict[str, float]:
+        out: dict[str, float] = {}
+        for r in list(push.received):
+            token = r.body.get("message", {}).get("token")
+            if token in accepted:
+                out.setdefault(token, r.at)
+        return out
+
+    deadline = time.monotonic() + 60
+    while len(arrivals()) < len(accepted) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.2)
+    got = arrivals()
+    lost = len(accepted) - len(got)
+    lat = sorted(got[k] - accepted[k] for k in got) + [30.0] * lost
+    print(
+        f"  {rate}/s asked ({batch} per request): {len(accepted)} accepted of {total} in {sent_for:.1f} s "
+        f"(offered {len(accepted) / sent_for:,.0f}/s), {len(got)} pushes received, {lost} missing",
+        flush=True,
+    )
+    return lat
+
+
+def q(xs: list[float], f: float) -> float:
+    return xs[min(len(xs) - 1, int(f * len(xs)))] * 1000 if xs else float("nan")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rates", default="250,500,1000", help="comma-separated events/s, in rising order")
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--target-rate", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=10, help="events per request (a shop backend's batch)")
+    args = parser.parse_args()
+    rates = [int(r) for r in args.rates.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    os.chmod(tmp, 0o755)
+    pg = PostgresServer(tmp / "pg", free_port(), durable=False)
+    broker = BrokerServer(free_port(), log_path=tmp / "broker.log")
+    push = LoopbackProvider().start()
+    pg.start()
+    broker.start()
+    procs: list[ServiceProcess] = []
+    try:
+        admin = await asyncpg.connect(pg.admin_url)
+        for s in SERVICES:
+            await admin.execute(f'CREATE DATABASE "{s}"')
+        await admin.close()
+        for s in SERVICES:
+            await upgrade_async(s, pg.url(s))
+        from crm_common.db import create_engine, create_sessionmaker
+        from ingest.keys import add_known_key
+
+        engine = create_engine(pg.url("ingest"), pool_size=1)
+        async with create_sessionmaker(engine)() as session:
+            await add_known_key(
+                session=session,
+                key=INGEST_KEY,
+                name="bench",
+                source="pos",
+                scopes=["events:write"],
+                rate_limit_per_s=1e7,
+            )
+            await session.commit()
+        await engine.dispose()
+        prefix = "pipe."
+        await ensure_topics(broker.bootstrap, [prefix + t for t in ALL_TOPICS], partitions=PARTITIONS)
+        ports = {s: free_port() for s in SERVICES}
+        urls = {s: f"http://127.0.0.1:{p}" for s, p in ports.items()}
+        env = {
+            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+            "CRM_TOPIC_PREFIX": prefix,
+            "CRM_LOG_LEVEL": "WARNING",
+            "CRM_LOG_JSON": "false",
+            "CRM_API_KEYS": TEST_API_KEY,
+            "OFFERS_SEGMENTATION_URL": urls["segmentation"],
+            "OFFERS_NOTIFIER_URL": urls["notifier"],
+            "OFFERS_GLOBAL_CONTROL_SHARE": "0",
+            "NOTIFIER_PUSH_BASE_URL": push.url,
+            "NOTIFIER_QUIET_HOURS_START": "00:00",
+            "NOTIFIER_QUIET_HOURS_END": "00:00",
+        }
+        for s in SERVICES:
+            upper = s.upper()
+            procs.append(
+                ServiceProcess(
+                    s,
+                    ports[s],
+                    {**env, f"{upper}_DATABASE_URL": pg.url(s), f"{upper}_SWEEPS_ENABLED": "false"},
+                )
+            )
+        for p in procs:
+            p.start(timeout=60)
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {TEST_API_KEY}"}, timeout=30) as http:
+            for s, url in urls.items():
+                deadline = time.monotonic() + 60
+                while (await http.get(f"{url}/readyz")).status_code != 200:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{s} not ready")
+                    await asyncio.sleep(0.2)
+            r = await http.post(
+                f"{urls['notifier']}/v1/templates",
+                json={
+                    "key": "ping",
+                    "channel": "push",
+                    "locale": "en",
+                    "subject": "Ping",
+                    "body": "Ping",
+                    "variables": [],
+                },
+            )
+            assert r.status_code == 201, r.text
+            r = await http.post(
+                f"{urls['offers']}/v1/campaigns",
+                json={
+                    "name": "bench ping",
+                    "trigger": {"kind": "event", "event_type": "custom", "name": "bench_ping"},
+                    "offer": {"kind": "info"},
+                    "delivery": {"template": "ping", "channel": "push"},
+                    "limits": {"once_per_customer": True, "collision_minutes": 0},
+                    "control_share": 0,
+                },
+            )
+            assert r.status_code == 201, r.text
+            r = await http.post(f"{urls['offers']}/v1/campaigns/{r.json()['id']}/activate")
+            assert r.status_code == 200, r.text
+            tags = ["warm", *[f"r{rate}-" for rate in rates]]
+            counts = [50, *[int(rate * args.seconds) for rate in rates]]
+            events = [customer_event(f"{t}{i}") for t, n in zip(tags, counts, strict=True) for i in range(n)]
+            for i in range(0, len(events), 500):
+                r = await http.post(
+                    f"{urls['ingest']}/v1/events",
+                    json={"events": events[i : i + 500]},
+                    headers={"Authorization": f"Bearer {INGEST_KEY}"},
+                )
+                assert r.status_code == 202 and not r.json()["rejected"], r.text[:500]
+        print(f"machine: {os.cpu_count()} cores, shared with other engineers' work (figures are noisy)")
+        print(f"  {len(events)} customers posted; waiting for every service to drain", flush=True)
+        t = time.perf_counter()
+        await drained(urls)
+        print(f"  drained in {time.perf_counter() - t:.1f} s", flush=True)
+        pool = RawHttpPool("127.0.0.1", ports["ingest"], 64)
+        await pool.open()
+        try:
+            await step(pool, push, 10, 5, "warm")
+            results: dict[int, list[float]] = {}
+            for rate in rates:
+                await pool.close()
+                await pool.open()
+                results[rate] = await step(pool, push, rate, args.seconds, f"r{rate}-", args.batch)
+                await drained(urls)
+        finally:
+            await pool.close()
+        print("end to end, ingest's 202 -> the push provider reading the notifier's request:")
+        for rate, lat in results.items():
+            print(
+                f"  {rate:>5}/s: p50 {q(lat, 0.5):.0f} ms, p90 {q(lat, 0.9):.0f} ms, p99 {q(lat, 0.99):.0f} ms, "
+                f"max {lat[-1] * 1000 if lat else float('nan'):.0f} ms",
+                flush=True,
+            )
+        within = [rate for rate, lat in results.items() if q(lat, 0.99) <= 1000]
+        print(f"largest rate with p99 <= 1,000 ms: {max(within) if within else 'none'} events/s (of {rates})")
+        target = results.get(args.target_rate) or results[rates[-1]]
+        print(f"BENCH pipeline_e2e_p99_ms {q(target, 0.99):.0f}")
+    finally:
+        for p in procs:
+            p.stop()
+        push.stop()
+        broker.stop()
+        pg.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

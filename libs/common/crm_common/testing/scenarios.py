@@ -1,0 +1,537 @@
+"""The reference scenarios driven end to end through all five services, on one simulated clock.
+
+`platform(...)` starts ingest, segmentation, loyalty, offers and the notifier in this process (the
+same `create_app` each service deploys, each on its own database, all on one broker), sharing one
+`ManualClock`; segmentation and the notifier are served over real HTTP (uvicorn) because offers asks
+them over HTTP; e-mail goes to an SMTP server, SMS and push to loopback HTTP providers.
+`World(platform, history).run()` then plays the scenarios in steps of simulated time, only through
+the public HTTP APIs (events through ingest, campaigns and segments through the ops APIs, sweeps
+through `/v1/ops/sweeps/{name}`), and keeps what each step answered. The end-to-end tests
+(`tests/test_scenarios.py`) assert on it; `make demo` prints it.
+
+Service packages are imported inside `platform()`: crm_common does not depend on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import httpx
+
+from crm_common.clock import ManualClock
+from crm_common.devstack import pipeline_pending
+from crm_common.infra import free_port
+from crm_common.sinks import LoopbackProvider
+from crm_common.testing.generator import History, PlantedUplift, plant_uplift
+from crm_common.testing.helpers import TEST_AUTH, Mailbox, smtp_mailbox
+
+VARIABLES = [
+    "first_name",
+    "campaign",
+    "offer_kind",
+    "discount",
+    "product_name",
+    "product_sku",
+    "category",
+    "size",
+    "color",
+    "min_basket",
+    "min_quantity",
+    "multiplier",
+    "coupon_code",
+    "valid_until",
+    "products",
+]
+POS_KEY = "scenario-pos-key"
+SMS_COST = Decimal("0.05")
+
+
+@dataclass
+class Platform:
+    ingest: httpx.AsyncClient
+    seg: httpx.AsyncClient
+    loyalty: httpx.AsyncClient
+    offers: httpx.AsyncClient
+    notifier: httpx.AsyncClient
+    clock: ManualClock
+    mailbox: Mailbox
+    sms: LoopbackProvider
+    push: LoopbackProvider
+    site_key: str = ""
+
+    def services(self) -> dict[str, httpx.AsyncClient]:
+        return {
+            "ingest": self.ingest,
+            "segmentation": self.seg,
+            "loyalty": self.loyalty,
+            "offers": self.offers,
+            "notifier": self.notifier,
+        }
+
+    async def post_events(self, events: list[dict[str, Any]], batch: int = 500) -> int:
+        """Post through ingest in batches; anonymous site events with a `site` key. Answers accepted."""
+        accepted = 0
+        for i in range(0, len(events), batch):
+            chunk = events[i : i + batch]
+            for anon in (False, True):
+                part = [e for e in chunk if ("customer_id" not in e) == anon]
+                if not part:
+                    continue
+                key = self.site_key if anon else POS_KEY
+                r = await self.ingest.post(
+                    "/v1/events", json={"events": part}, headers={"Authorization": f"Bearer {key}"}
+                )
+                body = r.json()
+                if r.status_code != 202 or body["rejected"]:
+                    raise AssertionError(f"ingest answered {r.status_code}: {r.text[:1000]}")
+                accepted += body["accepted"]
+        return accepted
+
+    async def drain(self, timeout: float = 90) -> None:
+        """Wait until every consumer's lag and every outbox is empty, twice in a row."""
+        deadline = time.monotonic() + timeout
+        quiet = 0
+        pending: list[str] = []
+        while time.monotonic() < deadline:
+            pending = []
+            for name, client in self.services().items():
+                r = await client.get("/v1/ops/pipeline")
+                pending += pipeline_pending(name, r.json())
+            quiet = quiet + 1 if not pending else 0
+            if quiet >= 2:
+                return
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"pipeline not drained after {timeout}s: {pending}")
+
+    async def sweep(self, service: str, name: str) -> dict[str, Any]:
+        r = await self.services()[service].post(f"/v1/ops/sweeps/{name}")
+        if r.status_code != 200:
+            raise AssertionError(f"sweep {service}/{name}: {r.status_code} {r.text[:500]}")
+        return r.json()["result"]  # type: ignore[no-any-return]
+
+    async def get(self, service: str, path: str, **params: Any) -> Any:
+        r = await self.services()[service].get(path, params=params or None)
+        if r.status_code != 200:
+            raise AssertionError(f"GET {service}{path}: {r.status_code} {r.text[:500]}")
+        return r.json()
+
+
+@asynccontextmanager
+async def _serve(app: Any) -> AsyncIterator[str]:
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on", access_log=False)
+    )
+    server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@asynccontextmanager
+async def platform(
+    make_database: Callable[[str], Awaitable[str]],
+    bootstrap: str,
+    topic_prefix: str,
+    clock: ManualClock,
+    **notifier_kw: Any,
+) -> AsyncIterator[Platform]:
+    """All five services in this process on one clock; `make_database(package)` answers a migrated
+    database URL (the pytest plugin's fixture, or the demo's)."""
+    from crm_common.testing.helpers import run_app
+    from ingest.app import create_app as ingest_app
+    from ingest.keys import ensure_bootstrap_key
+    from ingest.settings import Settings as IngestSettings
+    from loyalty.app import create_app as loyalty_app
+    from loyalty.settings import Settings as LoyaltySettings
+    from notifier.app import create_app as notifier_app
+    from notifier.settings import Settings as NotifierSettings
+    from offers.app import create_app as offers_app
+    from offers.settings import Settings as OffersSettings
+    from segmentation.app import create_app as segmentation_app
+    from segmentation.settings import Settings as SegmentationSettings
+
+    def settings(cls: type, url: str, **kw: Any) -> Any:
+        return cls(
+            database_url=url,
+            kafka_bootstrap_servers=bootstrap,
+            topic_prefix=topic_prefix,
+            consumers_enabled=True,
+            sweeps_enabled=False,  # the scenarios run every sweep themselves, at simulated times
+            log_json=False,
+            kafka_consumer_batch_timeout_ms=50,
+            **kw,
+        )
+
+    async with AsyncExitStack() as stack:
+        box, smtp_port = stack.enter_context(smtp_mailbox())
+        sms = LoopbackProvider().start()
+        stack.callback(sms.stop)
+        push = LoopbackProvider().start()
+        stack.callback(push.stop)
+        ingest_url = await make_database("ingest")
+        await ensure_bootstrap_key(ingest_url, POS_KEY)
+        seg_app = segmentation_app(settings(SegmentationSettings, await make_database("segmentation")), clock=clock)
+        note_app = notifier_app(
+            settings(
+                NotifierSettings,
+                await make_database("notifier"),
+                smtp_port=smtp_port,
+                sms_url=f"{sms.url}/v1/sms",
+                push_base_url=push.url,
+                sms_cost_per_message=SMS_COST,
+                public_base_url="http://test",
+                dispatch_poll_interval_s=0.1,
+                **notifier_kw,
+            ),
+            clock=clock,
+        )
+        seg_url = await stack.enter_async_context(_serve(seg_app))
+        note_url = await stack.enter_async_context(_serve(note_app))
+        offers = await stack.enter_async_context(
+            run_app(
+                offers_app(
+                    settings(
+                        OffersSettings,
+                        await make_database("offers"),
+                        segmentation_url=seg_url,
+                        notifier_url=note_url,
+                        campaign_cache_ttl_s=0.0,
+                        sms_cost_per_message=SMS_COST,
+                    ),
+                    clock=clock,
+                )
+            )
+        )
+        loyalty = await stack.enter_async_context(
+            run_app(loyalty_app(settings(LoyaltySettings, await make_database("loyalty")), clock=clock))
+        )
+        ingest = await stack.enter_async_context(
+            run_app(ingest_app(settings(IngestSettings, ingest_url), clock=clock), headers={})
+        )
+        seg = await stack.enter_async_context(httpx.AsyncClient(base_url=seg_url, headers=TEST_AUTH, timeout=60))
+        note = await stack.enter_async_context(httpx.AsyncClient(base_url=note_url, headers=TEST_AUTH, timeout=60))
+        p = Platform(ingest, seg, loyalty, offers, note, clock, box, sms, push)
+        r = await ingest.post(
+            "/v1/keys",
+            json={"name": "site", "source": "site", "scopes": ["events:write"]},
+            headers={"Authorization": f"Bearer {POS_KEY}"},
+        )
+        if r.status_code != 201:
+            raise AssertionError(f"site key: {r.status_code} {r.text}")
+        p.site_key = r.json()["key"]
+        yield p
+
+
+# -- the scenarios' configuration (ops APIs) ---------------------------------------------------------
+
+TEMPLATES: list[dict[str, Any]] = [
+    {
+        "key": "wine_lovers",
+        "channel": "email",
+        "subject": "{{ discount }} off {{ product_name }}",
+        "body": "Hello {{ first_name }}, we noticed you buy {{ product_name }}: {{ discount }} off your next "
+        "purchase of {{ min_quantity }} bottles with code {{ coupon_code }}, valid until {{ valid_until }}.",
+    },
+    {
+        "key": "service_recovery",
+        "channel": "sms",
+        "body": "{{ first_name }}, we are sorry about our last visit. Reply and we will make it right.",
+    },
+    {
+        "key": "winback_discount",
+        "channel": "sms",
+        "body": "{{ first_name }}, {{ discount }} off your next 2 cleanings: "
+        "code {{ coupon_code }}, valid until {{ valid_until }}.",
+    },
+    {
+        "key": "cart_reminder",
+        "channel": "email",
+        "subject": "Still thinking about it?",
+        "body": "{{ first_name }}, your cart is waiting: {{ products }}.",
+    },
+    {
+        "key": "retention",
+        "channel": "email",
+        "subject": "New {{ category }} in your size {{ size }}",
+        "body": "{{ first_name }}, new {{ color }} {{ category }} in size {{ size }} are in, with free delivery: "
+        "code {{ coupon_code }}, valid until {{ valid_until }}.",
+    },
+    {"key": "cart_reminder", "channel": "push", "subject": "Your cart", "body": "Still there: {{ products }}"},
+    {"key": "new_year", "channel": "push", "subject": "New Year sale", "body": "New Year sale, {{ first_name }}!"},
+    {"key": "new_year", "channel": "email", "subject": "New Year sale", "body": "New Year sale, {{ first_name }}!"},
+    {"key": "new_year", "channel": "sms", "body": "New Year sale, {{ first_name }}!"},
+]
+
+
+def campaigns(now: datetime, control_share: float) -> dict[str, dict[str, Any]]:
+    start = now.date()
+    return {
+        "wine": {
+            "name": "Friday wine lovers",
+            "trigger": {"kind": "segment_entered", "segment_key": "friday_wine_lovers"},
+            "offer": {
+                "kind": "percent",
+                "value": "20",
+                "target": "favourite_product",
+                "category": "wine",
+                "min_quantity": 2,
+                "validity_days": 14,
+                "coupon": True,
+            },
+            "delivery": {"template": "wine_lovers", "channel": "email"},
+            "limits": {"once_per_customer": True},
+            "control_share": control_share,
+            "attribution_days": 7,
+        },
+        "recovery": {
+            "name": "Service recovery",
+            "audience": {
+                "conditions": [
+                    {"field": "last_feedback_topic", "op": "=", "value": "quality"},
+                    {"field": "last_feedback_rating", "op": "<=", "value": 2},
+                ]
+            },
+            "trigger": {"kind": "segment_entered", "segment_key": "lapsed_regulars"},
+            "offer": {"kind": "info"},
+            "delivery": {"template": "service_recovery"},
+            "limits": {"once_per_customer": True},
+            "control_share": control_share,
+        },
+        "winback": {
+            "name": "Win back lapsed regulars",
+            "audience": {"conditions": [{"field": "last_feedback_topic", "op": "!=", "value": "quality"}]},
+            "trigger": {"kind": "segment_entered", "segment_key": "lapsed_regulars"},
+            "offer": {
+                "kind": "percent",
+                "value": "15",
+                "target": "basket",
+                "validity_days": 60,
+                "coupon": True,
+                "max_uses": 2,
+            },
+            "delivery": {"template": "winback_discount"},
+            "limits": {"once_per_customer": True},
+            "control_share": control_share,
+            "attribution_days": 30,
+            "economics": {"guard_tiers": []},
+        },
+        "retention": {
+            "name": "Before the next purchase",
+            "trigger": {"kind": "purchase_window", "min_days": 7, "max_days": 14},
+            "offer": {"kind": "free_delivery", "target": "favourite_category", "validity_days": 21, "coupon": True},
+            "delivery": {"template": "retention", "channel": "email"},
+            "limits": {"cooldown_days": 60},
+            "control_share": control_share,
+            "attribution_days": 21,
+            "economics": {"guard_tiers": []},
+        },
+        "cart": {
+            "name": "Abandoned cart",
+            "trigger": {"kind": "no_purchase_after", "event_type": "cart_updated", "wait_hours": 24},
+            "offer": {"kind": "info"},
+            "delivery": {"template": "cart_reminder"},
+            "limits": {"once_per_customer": True},
+            "control_share": control_share,
+        },
+        "broadcast": {
+            "name": "New Year sale",
+            "audience": {"include_segments": ["new_year_list"]},
+            "trigger": {
+                "kind": "schedule",
+                "date": (start + timedelta(days=8)).isoformat(),
+                "local_time": "10:00",
+                "every_days": 1,
+                "until": (start + timedelta(days=11)).isoformat(),
+            },
+            "offer": {"kind": "info"},
+            "delivery": {"template": "new_year"},
+            "control_share": control_share,
+        },
+    }
+
+
+# Scenario 4: 1% of the paid amount, 3% from 300 of 12-month spend; points expire after 180 days,
+# with a reminder 14 days before.
+PROGRAMME = {
+    "base_rate": "0.01",
+    "tiers": [{"name": "top", "min_spend": "300", "rate": "0.03"}],
+    "expiry_days": 180,
+    "reminder_days": 14,
+    "max_redeem_share": "0.30",
+    "point_value": "0.01",
+}
+
+# Scenario 5's dry-run: 10% off for every purchaser; the default guard skips the unprofitable tier.
+DISCOUNT_FOR_ALL = {
+    "name": "10% for everyone (dry-run)",
+    "trigger": {"kind": "event", "event_type": "purchase"},
+    "offer": {"kind": "percent", "value": "10", "target": "basket"},
+    "delivery": {"template": "new_year"},
+}
+
+NEW_YEAR_SEGMENT = {
+    "key": "new_year_list",
+    "name": "New Year mailing list",
+    "rule": {"purchases": {"measure": "orders", "category": "gifts", "within_days": 365}, "op": ">=", "value": 1},
+}
+
+
+@dataclass
+class World:
+    """The scenarios over one history; `run()` plays them and fills the fields below."""
+
+    p: Platform
+    history: History
+    control_share: float = 0.1
+    seed: int = 42
+    log: Callable[[str], None] = lambda msg: None
+    campaign_ids: dict[str, str] = field(default_factory=dict)
+    t0: datetime | None = None
+    expiry_reminders: int = 0
+    expiry_reminders_again: int = 0
+    expired: Any = None
+    rfm: Any = None
+    redemptions: list[dict[str, Any]] = field(default_factory=list)
+    dry_run: dict[str, Any] = field(default_factory=dict)
+    timers_fired: Any = None
+    uplift: dict[str, PlantedUplift] = field(default_factory=dict)
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sweep_results: list[Any] = field(default_factory=list)
+
+    async def configure(self) -> None:
+        for t in TEMPLATES:
+            body = {"locale": "en", "variables": VARIABLES, "subject": None, **t}
+            r = await self.p.notifier.post("/v1/templates", json=body)
+            if r.status_code != 201:
+                raise AssertionError(f"template {t['key']}/{t['channel']}: {r.status_code} {r.text}")
+        r = await self.p.loyalty.put("/v1/programme", json=PROGRAMME)
+        if r.status_code != 200:
+            raise AssertionError(f"programme: {r.status_code} {r.text}")
+        r = await self.p.seg.post("/v1/segments", json=NEW_YEAR_SEGMENT)
+        if r.status_code != 201:
+            raise AssertionError(f"segment: {r.status_code} {r.text}")
+        for name, definition in campaigns(self.p.clock.now(), self.control_share).items():
+            r = await self.p.offers.post("/v1/campaigns", json=definition)
+            if r.status_code != 201:
+                raise AssertionError(f"campaign {name}: {r.status_code} {r.text}")
+            cid = r.json()["id"]
+            r = await self.p.offers.post(f"/v1/campaigns/{cid}/activate")
+            if r.status_code != 200:
+                raise AssertionError(f"activate {name}: {r.status_code} {r.text}")
+            self.campaign_ids[name] = cid
+
+    async def decisions(self, campaign: str) -> dict[str, str]:
+        """customer -> outcome of the campaign's first decision (the `why` of each one)."""
+        out: dict[str, str] = {}
+        for cid in self.history.customers:
+            doc = await self.p.get("offers", f"/v1/customers/{cid}/decisions", campaign_id=self.campaign_ids[campaign])
+            items = doc["items"] if isinstance(doc, dict) else doc
+            if items:
+                out[cid] = items[-1]["outcome"]
+        return out
+
+    async def assignments(self, campaign: str) -> list[tuple[str, str, datetime]]:
+        out = []
+        for cid in self.history.customers:
+            doc = await self.p.get("offers", f"/v1/customers/{cid}/decisions", campaign_id=self.campaign_ids[campaign])
+            for d in (doc["items"] if isinstance(doc, dict) else doc)[-1:]:
+                arm = {"requested": "treated", "control": "control", "global_control": "control"}.get(d["outcome"])
+                if arm:
+                    out.append((cid, arm, datetime.fromisoformat(d["at"])))
+        return out
+
+    async def run(self) -> None:
+        p, clock = self.p, self.p.clock
+        self.t0 = t0 = clock.now()
+        await self.configure()
+        self.log(f"posting {len(self.history.events)} events through ingest")
+        await p.post_events(self.history.events)
+        await p.drain()
+        # Day 0: segment entries fired scenarios 1 and 3; the carts' timers are waiting; the
+        # triggers sweep finds the clothing customers 7-14 days before their predicted purchase.
+        self.sweep_results.append(await p.sweep("offers", "triggers"))
+        await p.drain()
+        # Day 1 (+25 h): the carts not bought within 24 h get their reminder; loyalty's expiry sweep
+        # finds the points that expire within 14 days.
+        clock.set(t0 + timedelta(hours=25))
+        self.timers_fired = await p.sweep("offers", "timers")
+        self.expiry_reminders = (await p.sweep("loyalty", "expiry"))["reminders"]
+        self.expiry_reminders_again = (await p.sweep("loyalty", "expiry"))["reminders"]
+        # A loyalty member pays part of a 1.00 check with points at the POS, and the till retries.
+        members = sorted(self.history.truth.loyalty_paid)
+        if members:
+            body = {"redemption_id": f"pos-{members[0]}", "customer_id": members[0], "check_amount": "1.00"}
+            for _ in range(2):
+                r = await p.loyalty.post("/v1/redemptions", json=body)
+                if r.status_code not in (200, 201):
+                    raise AssertionError(f"redemption: {r.status_code} {r.text}")
+                self.redemptions.append(r.json())
+        await p.drain()
+        # Day 6: the purchases that followed the wine and win-back campaigns, with the planted uplift.
+        clock.set(t0 + timedelta(days=6))
+        for name, amount in (("wine", Decimal("20.00")), ("winback", Decimal("50.00"))):
+            planted = plant_uplift(
+                await self.assignments(name), seed=self.seed, uplift_amount=amount, prefix=f"up-{name}-{self.seed}"
+            )
+            self.uplift[name] = planted
+            await p.post_events(planted.events)
+        await p.drain()
+        # Days 8-11: the New Year sale at 10:00 local, every day for four days, each customer in
+        # their own time zone: the triggers sweep runs every 3 simulated hours.
+        clock.set((t0 + timedelta(days=7)).replace(hour=0, minute=0))
+        end = (t0 + timedelta(days=12)).replace(hour=0, minute=0)
+        while clock.now() < end:
+            self.sweep_results.append(await p.sweep("offers", "triggers"))
+            await p.drain()
+            clock.advance(timedelta(hours=3))
+        await p.drain()
+        # Day 14: the loyalty members' points (earned 167 days before day 0) have expired.
+        clock.set(t0 + timedelta(days=14))
+        self.expired = await p.sweep("loyalty", "expiry")
+        await p.drain()
+        await self.settle()
+        # Scenario 5: the value tiers and RFM scores, then a dry-run of a discount for everyone.
+        self.rfm = await p.sweep("segmentation", "rfm")
+        await p.drain()
+        r = await p.offers.post("/v1/campaigns/dry-run", json={"definition": DISCOUNT_FOR_ALL})
+        if r.status_code != 200:
+            raise AssertionError(f"dry-run: {r.status_code} {r.text}")
+        self.dry_run = r.json()
+        for name, cid in self.campaign_ids.items():
+            self.reports[name] = await p.get("offers", f"/v1/campaigns/{cid}/report", cap_percentile=100)
+
+    async def settle(self, timeout: float = 60) -> None:
+        """Wait until every message a campaign requested has the notifier's final verdict in the
+        campaign's report (sent or better, failed, expired or suppressed)."""
+        deadline = time.monotonic() + timeout
+        waiting: dict[str, int] = {}
+        while time.monotonic() < deadline:
+            waiting = {}
+            for name, cid in self.campaign_ids.items():
+                report = await self.p.get("offers", f"/v1/campaigns/{cid}/report")
+                d = report["delivery"]
+                final = d["sent"] + d["failed"] + d["expired"] + sum(d["suppressed"].values())
+                treated = sum(day["treated"] for day in report["series"])
+                if final < treated:
+                    waiting[name] = treated - final
+            if not waiting:
+                return
+            await asyncio.sleep(0.3)
+        raise AssertionError(f"messages without a final verdict after {timeout}s: {waiting}")
