@@ -154,6 +154,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def _driver_refused(_: Request, exc: Exception) -> ORJSONResponse:
         # Raised before the statement ran (or before the message was queued): the transaction rolls back.
+        if _sqlstate(exc) == "22021":  # character_not_in_repertoire: a NUL in text a route let through
+            return ORJSONResponse(
+                error_body("invalid_text", "text must not contain NUL characters (\\u0000)"), status_code=422
+            )
         if unencodable_text(exc):
             return ORJSONResponse(
                 error_body(

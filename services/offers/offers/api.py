@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from offers import campaigns as domain
 from offers import decisions
 from offers.coupons_api import router as coupons_router
-from offers.deps import CacheDep, CampaignId, CustomerId, NowDep, PeersDep, SessionDep, SettingsDep
+from offers.deps import CacheDep, CampaignId, CampaignIdQuery, CustomerId, NowDep, PeersDep, SessionDep, SettingsDep
 from offers.repository import OffersRepository
 from offers.schemas import (
     CampaignDefinition,
@@ -151,7 +151,7 @@ async def why(campaign_id: CampaignId, customer_id: CustomerId, session: Session
 async def customer_decisions(
     customer_id: CustomerId,
     session: SessionDep,
-    campaign_id: Annotated[str | None, Query(max_length=128)] = None,
+    campaign_id: CampaignIdQuery,
     limit: Limit = 100,
 ) -> list[dict[str, Any]]:
     return await decisions.customer_decisions(

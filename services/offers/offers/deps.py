@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Path, Query, Request
 
 from crm_common.errors import InvalidInput
 from crm_common.service import RuntimeDep, SessionDep
@@ -30,16 +30,18 @@ async def get_cache(request: Request) -> CampaignCache:
     return request.app.state.campaign_cache  # type: ignore[no-any-return]
 
 
-def _checked(value: str, name: str) -> str:
+def _checked(value: str, name: str, where: str = "path") -> str:
     if "\x00" in value or value.isspace():
-        raise InvalidInput(
-            f"{name} must be 1-128 characters, not blank, without NUL", details=[{"loc": ["path", name]}]
-        )
+        raise InvalidInput(f"{name} must be 1-128 characters, not blank, without NUL", details=[{"loc": [where, name]}])
     return value
 
 
 async def campaign_path(campaign_id: Annotated[str, Path(min_length=1, max_length=128)]) -> str:
     return _checked(campaign_id, "campaign_id")
+
+
+async def campaign_query(campaign_id: Annotated[str | None, Query(min_length=1, max_length=128)] = None) -> str | None:
+    return None if campaign_id is None else _checked(campaign_id, "campaign_id", "query")
 
 
 async def customer_path(customer_id: Annotated[str, Path(min_length=1, max_length=128)]) -> str:
@@ -52,4 +54,15 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 CacheDep = Annotated[CampaignCache, Depends(get_cache)]
 CampaignId = Annotated[str, Depends(campaign_path)]
 CustomerId = Annotated[str, Depends(customer_path)]
-__all__ = ["CacheDep", "CampaignId", "CustomerId", "NowDep", "PeersDep", "RuntimeDep", "SessionDep", "SettingsDep"]
+CampaignIdQuery = Annotated[str | None, Depends(campaign_query)]
+__all__ = [
+    "CacheDep",
+    "CampaignId",
+    "CampaignIdQuery",
+    "CustomerId",
+    "NowDep",
+    "PeersDep",
+    "RuntimeDep",
+    "SessionDep",
+    "SettingsDep",
+]

@@ -117,3 +117,13 @@ async def test_segmentation_down_at_create_is_503_with_retry_after_and_nothing_s
         assert r.headers["retry-after"] == "5"
         assert r.json()["error"]["code"] == "peer_unavailable"
         assert (await st.offers.get("/v1/campaigns")).json()["total"] == 0
+
+
+async def test_hostile_query_ids_are_refused_naming_the_field(make_stack):
+    async with make_stack() as st:
+        for value in ("\x00", "c\x00x", " "):
+            r = await st.offers.get("/v1/customers/c1/decisions", params={"campaign_id": value})
+            assert r.status_code == 422, (repr(value), r.status_code, r.text)
+            assert "campaign_id" in r.text
+        r = await st.offers.get("/v1/customers/c1/decisions", params={"campaign_id": "cmp_none"})
+        assert r.status_code == 200 and r.json() == []
