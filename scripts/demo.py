@@ -353,8 +353,12 @@ def main() -> None:
     args = parser.parse_args()
     # The ops APIs of the in-process services take this key (the scenarios' clients send it).
     os.environ["CRM_API_KEYS"] = TEST_API_KEY
+    # The services' request and lifecycle logs would bury the report; warnings and errors still show.
+    os.environ.setdefault("CRM_LOG_LEVEL", "WARNING")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # FastAPI's notice about ORJSONResponse (a UserWarning subclass), once per route: not for a marketer.
+    warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
     asyncio.run(run(args))
 
 
