@@ -47,52 +47,12 @@ from crm_common.kafka import ensure_topics
 from crm_common.migrations import upgrade_async
 from crm_common.settings import ALL_TOPICS
 from crm_common.sinks import LoopbackProvider
+from crm_common.testing.bench import RawHttpPool
 from crm_common.testing.helpers import TEST_API_KEY, ServiceProcess
 
 PARTITIONS = 6
 INGEST_KEY = "bench-pipeline-key"
 SERVICES = ("ingest", "segmentation", "loyalty", "offers", "notifier")
-
-
-class RawHttpPool:
-    """Keep-alive HTTP/1.1 connections with pre-encoded requests (httpx would measure the client)."""
-
-    def __init__(self, host: str, port: int, size: int) -> None:
-        self.host, self.port, self.size = host, port, size
-        self.idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
-
-    async def open(self) -> None:
-        for _ in range(self.size):
-            self.idle.put_nowait(await asyncio.open_connection(self.host, self.port))
-
-    def encode_post(self, path: str, body: bytes) -> bytes:
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
-            f"Authorization: Bearer {INGEST_KEY}\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
-        return head.encode() + body
-
-    async def send(self, request: bytes) -> int:
-        reader, writer = await self.idle.get()
-        try:
-            writer.write(request)
-            status = int((await reader.readuntil(b"\r\n")).split(b" ", 2)[1])
-            length = 0
-            while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            if length:
-                await reader.readexactly(length)
-        except BaseException:
-            writer.close()
-            self.idle.put_nowait(await asyncio.open_connection(self.host, self.port))
-            raise
-        self.idle.put_nowait((reader, writer))
-        return status
-
-    async def close(self) -> None:
-        while not self.idle.empty():
-            self.idle.get_nowait()[1].close()
 
 
 async def drained(urls: dict[str, str], timeout: float = 300) -> None:
@@ -300,7 +260,7 @@ async def main() -> None:
         t = time.perf_counter()
         await drained(urls)
         print(f"  drained in {time.perf_counter() - t:.1f} s", flush=True)
-        pool = RawHttpPool("127.0.0.1", ports["ingest"], 64)
+        pool = RawHttpPool("127.0.0.1", ports["ingest"], 64, authorization=f"Bearer {INGEST_KEY}")
         await pool.open()
         try:
             await step(pool, push, 10, 5, "warm")

@@ -19,8 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from crm_common.db import create_engine, create_sessionmaker
 from crm_common.kafka import make_producer
@@ -29,8 +28,6 @@ from crm_common.settings import BaseServiceSettings
 from crm_common.worker import Worker
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 class RelayThread:
@@ -43,7 +40,6 @@ class RelayThread:
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._stopping: asyncio.Event | None = None
-        self.producer_ready = threading.Event()
 
     def add(self, relay: OutboxRelay, worker: Worker) -> None:
         self.relays.append((relay, worker))
@@ -105,15 +101,8 @@ class RelayThread:
                     pass
                 delay = min(delay * 2, 5)
                 continue
-            self.producer_ready.set()
             return True
         return False
-
-    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run a coroutine on the relay thread's loop (its engine and producer live there)."""
-        if self.loop is None:
-            raise RuntimeError("the relay thread is not running")
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(fn(), self.loop))  # type: ignore[arg-type]
 
     async def stop(self, timeout_s: float = 60) -> None:
         """Drain and stop the relays (bounded by each worker's stop timeout), then join the thread."""

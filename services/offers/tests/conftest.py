@@ -3,21 +3,17 @@ app under test in-process, and helpers to feed its topics."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import pytest_asyncio
-import uvicorn
-from fastapi import FastAPI
 from sqlalchemy import text
 
 from crm_common import serde
 from crm_common.db import create_engine, create_sessionmaker
-from crm_common.infra import free_port
-from crm_common.testing.helpers import TEST_AUTH, eventually, publish, read_topic, run_app
+from crm_common.testing.helpers import TEST_AUTH, eventually, publish, read_topic, run_app, serve_app
 from notifier.app import create_app as notifier_app
 from notifier.settings import Settings as NotifierSettings
 from offers.app import create_app as offers_app
@@ -26,26 +22,6 @@ from segmentation.app import create_app as segmentation_app
 from segmentation.settings import Settings as SegmentationSettings
 
 from .factories import template
-
-
-@asynccontextmanager
-async def serve(app: FastAPI, port: int | None = None) -> AsyncIterator[str]:
-    """Serve an app with uvicorn on a loopback port in this event loop; yield its base URL."""
-    port = port or free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on", access_log=False)
-    )
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 def stack_settings(url: str, broker: Any, prefix: str, **kw: Any) -> dict[str, Any]:
@@ -159,7 +135,7 @@ async def make_stack(make_database, broker, topic_prefix, clock) -> AsyncIterato
             clock=clock,
         )
         offers_url = await make_database("offers")
-        async with serve(seg) as seg_url, serve(note) as note_url:
+        async with serve_app(seg) as seg_url, serve_app(note) as note_url:
             settings = Settings(
                 **stack_settings(
                     offers_url,

@@ -6,26 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from crm_common.testing.helpers import event_message
-
-# Every variable offers sends (evaluation.personalise); a template may declare any of them.
-VARIABLES = [
-    "first_name",
-    "campaign",
-    "offer_kind",
-    "discount",
-    "product_name",
-    "product_sku",
-    "category",
-    "size",
-    "color",
-    "min_basket",
-    "min_quantity",
-    "multiplier",
-    "coupon_code",
-    "valid_until",
-    "products",
-]
+from crm_common.testing.helpers import OFFER_VARIABLES, event_message
 
 
 def campaign(name: str, trigger: dict[str, Any], template: str, **sections: Any) -> dict[str, Any]:
@@ -89,5 +70,5 @@ def template(
         "locale": "en",
         "subject": subject if channel != "sms" else None,
         "body": body,
-        "variables": VARIABLES,
+        "variables": OFFER_VARIABLES,
     }

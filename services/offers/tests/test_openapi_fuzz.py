@@ -6,13 +6,13 @@ import asyncio
 
 from crm_common.infra import free_port
 from crm_common.testing.fuzz import fuzz_openapi
-from crm_common.testing.helpers import ServiceProcess
+from crm_common.testing.helpers import ServiceProcess, serve_app
 from notifier.app import create_app as notifier_app
 from notifier.settings import Settings as NotifierSettings
 from segmentation.app import create_app as segmentation_app
 from segmentation.settings import Settings as SegmentationSettings
 
-from .conftest import serve, stack_settings
+from .conftest import stack_settings
 
 MAX_EXAMPLES = 15
 
@@ -31,7 +31,7 @@ async def test_fuzzing_the_openapi_finds_no_server_error(make_database, service_
             )
         )
     )
-    async with serve(seg) as seg_url, serve(note) as note_url:
+    async with serve_app(seg) as seg_url, serve_app(note) as note_url:
         env = {
             **service_env,
             "OFFERS_DATABASE_URL": url,

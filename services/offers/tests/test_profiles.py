@@ -8,7 +8,7 @@ import asyncio
 import httpx
 
 from crm_common.infra import free_port
-from crm_common.testing.helpers import TEST_AUTH, eventually
+from crm_common.testing.helpers import TEST_AUTH, eventually, serve_app
 from crm_common.testing.schema import schema_drift
 from offers.models import Base
 from offers.settings import TOPIC_EVENTS
@@ -16,7 +16,7 @@ from segmentation.app import create_app as segmentation_app
 from segmentation.settings import Settings as SegmentationSettings
 
 from . import factories as f
-from .conftest import serve, stack_settings
+from .conftest import stack_settings
 
 
 async def test_models_match_migrations(make_database):
@@ -42,7 +42,10 @@ async def test_missing_profile_is_read_from_segmentation_and_waits_while_it_is_d
         purchase = f.event(
             "purchase", "kim", clock.now(), {"order_id": "o1", "items": tea, "total": "4", "currency": "EUR"}
         )
-        async with serve(segmentation(True), port) as url, httpx.AsyncClient(base_url=url, headers=TEST_AUTH) as seg:
+        async with (
+            serve_app(segmentation(True), port) as url,
+            httpx.AsyncClient(base_url=url, headers=TEST_AUTH) as seg,
+        ):
             c = await st.create(
                 f.campaign(
                     "fav",
@@ -65,7 +68,7 @@ async def test_missing_profile_is_read_from_segmentation_and_waits_while_it_is_d
         pipeline = (await st.offers.get("/v1/ops/pipeline")).json()
         events = next(x for x in pipeline["consumers"] if x["name"] == "offers")
         assert events["retries"] >= 1 and events["dead_lettered"] == 0
-        async with serve(segmentation(False), port):
+        async with serve_app(segmentation(False), port):
             await eventually(lambda: st.decisions(c["id"]), timeout=60, what="the decision once segmentation is back")
         assert await st.decisions(c["id"]) == {"kim": "requested"}
         [msg] = await st.requested(c["id"])

@@ -219,3 +219,46 @@ def event_message(
         "received_at": at.isoformat(),
         "properties": properties,
     }
+
+
+# Every variable offers sends with a message (offers.evaluation.personalise); a test template
+# declares them so that any campaign's message renders.
+OFFER_VARIABLES = [
+    "first_name",
+    "campaign",
+    "offer_kind",
+    "discount",
+    "product_name",
+    "product_sku",
+    "category",
+    "size",
+    "color",
+    "min_basket",
+    "min_quantity",
+    "multiplier",
+    "coupon_code",
+    "valid_until",
+    "products",
+]
+
+
+@asynccontextmanager
+async def serve_app(app: FastAPI, port: int | None = None) -> AsyncIterator[str]:
+    """Serve an app with uvicorn on a loopback port in this event loop (lifespan on); yield its base URL."""
+    import uvicorn
+
+    port = port or free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on", access_log=False)
+    )
+    server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
+    task = asyncio.create_task(server.serve())
+    while not server.started:  # uvicorn offers no event for it
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task

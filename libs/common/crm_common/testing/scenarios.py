@@ -27,28 +27,10 @@ import httpx
 
 from crm_common.clock import ManualClock
 from crm_common.devstack import pipeline_pending
-from crm_common.infra import free_port
 from crm_common.sinks import LoopbackProvider
 from crm_common.testing.generator import History, PlantedUplift, plant_uplift
-from crm_common.testing.helpers import TEST_AUTH, Mailbox, smtp_mailbox
+from crm_common.testing.helpers import OFFER_VARIABLES, TEST_AUTH, Mailbox, serve_app, smtp_mailbox
 
-VARIABLES = [
-    "first_name",
-    "campaign",
-    "offer_kind",
-    "discount",
-    "product_name",
-    "product_sku",
-    "category",
-    "size",
-    "color",
-    "min_basket",
-    "min_quantity",
-    "multiplier",
-    "coupon_code",
-    "valid_until",
-    "products",
-]
 POS_KEY = "scenario-pos-key"
 SMS_COST = Decimal("0.05")
 
@@ -124,27 +106,6 @@ class Platform:
 
 
 @asynccontextmanager
-async def _serve(app: Any) -> AsyncIterator[str]:
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on", access_log=False)
-    )
-    server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-
-
-@asynccontextmanager
 async def platform(
     make_database: Callable[[str], Awaitable[str]],
     bootstrap: str,
@@ -202,8 +163,8 @@ async def platform(
             ),
             clock=clock,
         )
-        seg_url = await stack.enter_async_context(_serve(seg_app))
-        note_url = await stack.enter_async_context(_serve(note_app))
+        seg_url = await stack.enter_async_context(serve_app(seg_app))
+        note_url = await stack.enter_async_context(serve_app(note_app))
         offers = await stack.enter_async_context(
             run_app(
                 offers_app(
@@ -417,7 +378,7 @@ class World:
 
     async def configure(self) -> None:
         for t in TEMPLATES:
-            body = {"locale": "en", "variables": VARIABLES, "subject": None, **t}
+            body = {"locale": "en", "variables": OFFER_VARIABLES, "subject": None, **t}
             r = await self.p.notifier.post("/v1/templates", json=body)
             if r.status_code != 201:
                 raise AssertionError(f"template {t['key']}/{t['channel']}: {r.status_code} {r.text}")

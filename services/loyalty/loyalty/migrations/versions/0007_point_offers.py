@@ -1,9 +1,5 @@
 """point_offers: the bonus-points multipliers that offers' campaigns promised a customer
 
-Revision ID: 0007
-Revises: 0006
-Create Date: 2026-12-02
-
 Offers requests a `points_multiplier` message on crm.messages.v1 (campaign_id, offer_id, variables.multiplier,
 variables.valid_until); loyalty consumes those requests and keeps one row per message here. Accrual multiplies
 the base points of the customer's first purchase within its validity and records which order used it; a refund
@@ -14,8 +10,6 @@ from alembic import op
 
 revision = "0007"
 down_revision = "0006"
-branch_labels = None
-depends_on = None
 
 
 STATEMENTS = [

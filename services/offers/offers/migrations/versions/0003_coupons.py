@@ -1,9 +1,4 @@
-"""coupon codes and their redemptions
-
-Revision ID: 0003
-Revises: 0002
-Create Date: 2026-12-02
-"""
+"""coupon codes and their redemptions"""
 
 import sqlalchemy as sa
 from alembic import op
@@ -11,8 +6,6 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 revision = "0003"
 down_revision = "0002"
-branch_labels = None
-depends_on = None
 
 TS = sa.DateTime(timezone=True)
 MONEY = sa.Numeric(20, 4)

@@ -1,9 +1,4 @@
-"""purchases and refunds offers consumed, for attributing revenue to campaigns
-
-Revision ID: 0004
-Revises: 0003
-Create Date: 2026-12-02
-"""
+"""purchases and refunds offers consumed, for attributing revenue to campaigns"""
 
 import sqlalchemy as sa
 from alembic import op
@@ -11,8 +6,6 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 revision = "0004"
 down_revision = "0003"
-branch_labels = None
-depends_on = None
 
 TS = sa.DateTime(timezone=True)
 MONEY = sa.Numeric(20, 4)

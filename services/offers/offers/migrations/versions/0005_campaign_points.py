@@ -1,9 +1,5 @@
 """bonus points loyalty awarded for campaigns, and each customer's loyalty balance and tier (from crm.loyalty.v1)
 
-Revision ID: 0005
-Revises: 0004
-Create Date: 2026-12-02
-
 `campaign_points`: one row per crm.loyalty.v1 event that names a campaign (`data.campaign_id`): a points-multiplier
 offer's extra points (positive) or their reversal by a refund (negative), with their money value. The campaign
 report reads it for the campaign's cost. `customer_loyalty`: the latest balance and tier loyalty published for a
@@ -14,8 +10,6 @@ from alembic import op
 
 revision = "0005"
 down_revision = "0004"
-branch_labels = None
-depends_on = None
 
 
 STATEMENTS = [
