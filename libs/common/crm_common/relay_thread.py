@@ -30,6 +30,15 @@ from crm_common.worker import Worker
 log = logging.getLogger(__name__)
 
 
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where it is installed, as uvicorn runs the service loop: the relays' sends and commits cost less."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 class RelayThread:
     """Runs the given relay workers on a private loop; start and stop from the service's loop."""
 
@@ -52,7 +61,7 @@ class RelayThread:
         self._started.wait(30)
 
     def _main(self) -> None:
-        loop = asyncio.new_event_loop()
+        loop = _new_loop()
         self.loop = loop
         asyncio.set_event_loop(loop)
         try:
@@ -65,7 +74,9 @@ class RelayThread:
     async def _serve(self) -> None:
         s = self.settings
         self._stopping = asyncio.Event()
-        engine = create_engine(s.database_url, pool_size=2, command_timeout_s=s.db_command_timeout_s)
+        engine = create_engine(
+            s.database_url, pool_size=2, command_timeout_s=s.db_command_timeout_s, plan_cache_mode=s.db_plan_cache_mode
+        )
         producer = make_producer(
             s.kafka_bootstrap_servers,
             enable_idempotence=s.kafka_enable_idempotence,

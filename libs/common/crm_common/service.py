@@ -74,7 +74,10 @@ class ServiceRuntime:
         self.settings = settings
         self.clock: Clock = clock or SystemClock()
         self.engine: AsyncEngine = create_engine(
-            settings.database_url, pool_size=settings.db_pool_size, command_timeout_s=settings.db_command_timeout_s
+            settings.database_url,
+            pool_size=settings.db_pool_size,
+            command_timeout_s=settings.db_command_timeout_s,
+            plan_cache_mode=settings.db_plan_cache_mode,
         )
         self.sessionmaker: async_sessionmaker[AsyncSession] = create_sessionmaker(self.engine)
         self.producer: AIOKafkaProducer = make_producer(
@@ -392,6 +395,7 @@ async def _consumer_report(c: ConsumerRunner) -> dict[str, Any]:
         "lag": lag,
         "group": group,
         "applied": c.stats.applied,
+        "batches": c.stats.batches,
         "duplicates": c.stats.duplicates,
         "dead_lettered": c.stats.dead_lettered,
         "retries": c.stats.retries,

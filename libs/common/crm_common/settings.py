@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,6 +33,8 @@ class BaseServiceSettings(BaseSettings):
     db_pool_size: int = 10
     # Client-side limit for one statement; set-based sweeps over millions of rows need minutes.
     db_command_timeout_s: float = 600
+    # PostgreSQL's plan_cache_mode for the service's connections (see crm_common.db.create_engine).
+    db_plan_cache_mode: Literal["auto", "force_custom_plan", "force_generic_plan"] = "auto"
     kafka_bootstrap_servers: str = shared("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
     kafka_enable_idempotence: bool = shared("KAFKA_ENABLE_IDEMPOTENCE", False)
     kafka_topic_partitions: int = shared("KAFKA_TOPIC_PARTITIONS", 12)

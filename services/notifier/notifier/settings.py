@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Literal
 
 from pydantic_settings import SettingsConfigDict
 
@@ -14,6 +15,9 @@ class Settings(BaseServiceSettings):
 
     service_name: str = "notifier"
     database_url: str = "postgresql+asyncpg://crm:crm@127.0.0.1:55432/notifier"
+    # Every call planned: the messages table grows fast from empty, and a generic plan made early kept
+    # scanning it whole (crm_common.db.create_engine).
+    db_plan_cache_mode: Literal["auto", "force_custom_plan", "force_generic_plan"] = "force_custom_plan"
 
     # Public base URL of this service: tracking pixels, click redirects and unsubscribe links.
     public_base_url: str = "http://127.0.0.1:8005"
