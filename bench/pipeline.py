@@ -47,12 +47,62 @@ from crm_common.kafka import ensure_topics
 from crm_common.migrations import upgrade_async
 from crm_common.settings import ALL_TOPICS
 from crm_common.sinks import LoopbackProvider
-from crm_common.testing.bench import RawHttpPool
+from crm_common.testing.bench import RawHttpPool, cpu_by_role
 from crm_common.testing.helpers import TEST_API_KEY, ServiceProcess
 
 PARTITIONS = 6
 INGEST_KEY = "bench-pipeline-key"
 SERVICES = ("ingest", "segmentation", "loyalty", "offers", "notifier")
+
+
+async def consumer_counts(urls: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """(messages applied, batches) of every consumer so far, by `service/consumer`."""
+    out = {}
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {TEST_API_KEY}"}, timeout=30) as http:
+        for name, url in urls.items():
+            for c in (await http.get(f"{url}/v1/ops/pipeline")).json()["consumers"]:
+                out[f"{name}/{c['name']}"] = (c["applied"], c["batches"])
+    return out
+
+
+def print_breakdown(
+    events: int, cpu: dict[str, float], counts: dict[str, tuple[int, int]], before: dict[str, tuple[int, int]]
+) -> None:
+    """Where the step's CPU went (µs per event, each service beside its database) and how big the
+    consumers' batches were: the per-stage breakdown of the latency."""
+    parts = []
+    for s in SERVICES:
+        parts.append(f"{s} {cpu.get(s, 0) / events * 1e6:.0f} + db {cpu.get('pg:' + s, 0) / events * 1e6:.0f}")
+    rest = {k: v for k, v in cpu.items() if k not in SERVICES and k.removeprefix("pg:") not in SERVICES}
+    parts += [f"{k} {v / events * 1e6:.0f}" for k, v in sorted(rest.items(), key=lambda kv: -kv[1])]
+    total = sum(cpu.values())
+    print(f"    CPU, µs per event: {', '.join(parts)}; total {total / events * 1e6:.0f}", flush=True)
+    sizes = []
+    for name, (applied, batches) in counts.items():
+        a, b = applied - before.get(name, (0, 0))[0], batches - before.get(name, (0, 0))[1]
+        if b:
+            sizes.append(f"{name} {a / b:.0f}")
+    print(f"    consumers, messages per batch: {', '.join(sizes)}", flush=True)
+
+
+async def statement_stats(admin_url: str, *, reset: bool = False, top: int = 12) -> None:
+    """pg_stat_statements: start afresh (`reset`), or print the statements that took the most time."""
+    conn = await asyncpg.connect(admin_url)
+    try:
+        if reset:
+            await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            await conn.execute("SELECT pg_stat_statements_reset()")
+            return
+        rows = await conn.fetch(
+            "SELECT d.datname, s.calls, s.total_exec_time, s.rows, left(regexp_replace(s.query, '\\s+', ' ', 'g'), 110) q"
+            " FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid ORDER BY s.total_exec_time DESC LIMIT $1",
+            top,
+        )
+    finally:
+        await conn.close()
+    print("    statements by time (database, ms, calls, rows, statement):")
+    for r in rows:
+        print(f"      {r['datname']:<13} {r['total_exec_time']:7.0f} {r['calls']:6} {r['rows']:7}  {r['q']}")
 
 
 async def drained(urls: dict[str, str], timeout: float = 300) -> None:
@@ -152,11 +202,17 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--target-rate", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=10, help="events per request (a shop backend's batch)")
+    parser.add_argument(
+        "--pg-stats",
+        action="store_true",
+        help="load pg_stat_statements and print each step's most expensive statements by database",
+    )
     args = parser.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     os.chmod(tmp, 0o755)
-    pg = PostgresServer(tmp / "pg", free_port(), durable=False)
+    stats = ["shared_preload_libraries=pg_stat_statements", "pg_stat_statements.track=all"]
+    pg = PostgresServer(tmp / "pg", free_port(), durable=False, extra_settings=stats if args.pg_stats else ())
     broker = BrokerServer(free_port(), log_path=tmp / "broker.log")
     push = LoopbackProvider().start()
     pg.start()
@@ -198,6 +254,7 @@ async def main() -> None:
             "OFFERS_NOTIFIER_URL": urls["notifier"],
             "OFFERS_GLOBAL_CONTROL_SHARE": "0",
             "NOTIFIER_PUSH_BASE_URL": push.url,
+            "NOTIFIER_PUSH_RATE_PER_S": os.environ.get("NOTIFIER_PUSH_RATE_PER_S", "5000"),
             "NOTIFIER_QUIET_HOURS_START": "00:00",
             "NOTIFIER_QUIET_HOURS_END": "00:00",
         }
@@ -268,8 +325,14 @@ async def main() -> None:
             for rate in rates:
                 await pool.close()
                 await pool.open()
+                if args.pg_stats:
+                    await statement_stats(pg.admin_url, reset=True)
+                counts, cpu = await consumer_counts(urls), cpu_by_role()
                 results[rate] = await step(pool, push, rate, args.seconds, f"r{rate}-", args.batch)
                 await drained(urls)
+                print_breakdown(int(rate * args.seconds), cpu_by_role() - cpu, await consumer_counts(urls), counts)
+                if args.pg_stats:
+                    await statement_stats(pg.admin_url)
         finally:
             await pool.close()
         print("end to end, ingest's 202 -> the push provider reading the notifier's request:")

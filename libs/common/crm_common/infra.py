@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -60,10 +61,12 @@ def free_port() -> int:
 class PostgresServer:
     """A PostgreSQL cluster in a directory this project owns, reachable on 127.0.0.1:port."""
 
-    def __init__(self, data_dir: Path, port: int, *, durable: bool = True) -> None:
+    def __init__(self, data_dir: Path, port: int, *, durable: bool = True, extra_settings: Sequence[str] = ()) -> None:
+        """`extra_settings`: more `name=value` server settings (a benchmark's pg_stat_statements, say)."""
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.durable = durable
+        self.extra_settings = tuple(extra_settings)
         self.user = _run_as()
         self.bin = pg_bin_dir()
 
@@ -117,6 +120,7 @@ class PostgresServer:
             "-c unix_socket_directories=''",
             "-c max_connections=300",
             "-c shared_buffers=256MB",
+            *(f"-c {o}" for o in self.extra_settings),
         ]
         if not self.durable:
             opts += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]

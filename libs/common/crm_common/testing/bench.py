@@ -1,10 +1,14 @@
 """Pieces the benchmarks under bench/ share: filling a topic, the raw-consume ceiling, a relay worker,
-and a minimal HTTP client for open-loop latency phases."""
+a minimal HTTP client for open-loop latency phases, and CPU time by platform role."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import time
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -169,3 +173,43 @@ class RawHttpPool:
     async def close(self) -> None:
         while not self.idle.empty():
             self.idle.get_nowait()[1].close()
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_role() -> Counter[str]:
+    """CPU seconds used so far by each part of a running platform, from /proc: a service by its name
+    (`crm_common.serve <name>`), PostgreSQL's backends by database (`pg:<db>`), PostgreSQL's own
+    processes (`pg`), the broker (`broker`), and this process (`bench`). Subtract two readings to
+    see where a load's CPU went."""
+    out: Counter[str] = Counter()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        role = _role(int(entry), cmd)
+        if role:
+            out[role] += (int(fields[11]) + int(fields[12])) / _TICKS
+    return out
+
+
+_PG_OWN = {"checkpointer", "background", "walwriter", "autovacuum", "logical", "archiver", "startup"}
+
+
+def _role(pid: int, cmd: str) -> str | None:
+    if pid == os.getpid():
+        return "bench"
+    if m := re.search(r"crm_common\.serve (\w+)", cmd):
+        return m.group(1)
+    if "tansu" in cmd:
+        return "broker"
+    if cmd.startswith("postgres: "):
+        words = cmd.split()
+        # "postgres: <user> <db> <client> <state>" for a backend; "postgres: walwriter" etc. otherwise.
+        return f"pg:{words[2]}" if len(words) >= 4 and words[1] not in _PG_OWN else "pg"
+    return None
