@@ -23,11 +23,13 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
 import warnings
 from collections import Counter
+from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -36,13 +38,13 @@ from typing import Any
 import asyncpg
 
 from crm_common.clock import ManualClock
-from crm_common.infra import BrokerServer, PostgresServer, free_port
+from crm_common.infra import BrokerServer, PostgresServer, free_port, port_open
 from crm_common.kafka import ensure_topics
 from crm_common.migrations import upgrade_async
-from crm_common.settings import ALL_TOPICS
+from crm_common.settings import ALL_TOPICS, SERVICE_PORTS
 from crm_common.testing.generator import DEFAULT_COUNTS, generate, scaled
-from crm_common.testing.helpers import TEST_API_KEY
-from crm_common.testing.scenarios import World, platform
+from crm_common.testing.helpers import TEST_API_KEY, serve_app
+from crm_common.testing.scenarios import POS_KEY, World, platform
 
 
 def say(msg: str = "") -> None:
@@ -295,6 +297,28 @@ async def report(w: World, elapsed: float) -> None:
     )
 
 
+async def stay(p: Any) -> None:
+    """Keep the filled platform up for browsing until Ctrl-C: every service on a loopback port."""
+    async with AsyncExitStack() as stack:
+        urls = dict(p.urls)
+        for name, app in p.apps.items():
+            if name not in urls:
+                port = SERVICE_PORTS[name] if not port_open("127.0.0.1", SERVICE_PORTS[name]) else None
+                urls[name] = await stack.enter_async_context(serve_app(app, port, lifespan=False))
+        say("")
+        say("== the demo's platform stays up, filled, until Ctrl-C (its clock stays at the demo's last day):")
+        for name in SERVICE_PORTS:
+            say(f"  {name:<13} {urls[name]}   docs: {urls[name]}/docs")
+        say(f"  ops key of segmentation, loyalty, offers, notifier: Bearer {TEST_API_KEY}; ingest: Bearer {POS_KEY}")
+        say(f"  try: curl -s -H 'Authorization: Bearer {TEST_API_KEY}' {urls['offers']}/v1/campaigns")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        say("stopping the demo's platform")
+
+
 async def run(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="crm-demo-"))
     os.chmod(tmp, 0o755)  # PostgreSQL runs as the `postgres` user when the demo runs as root
@@ -334,6 +358,8 @@ async def run(args: argparse.Namespace) -> None:
                 f"{len(p.sms.received)}, push: {len(p.push.received)}"
             )
             await report(w, time.monotonic() - started)
+            if args.stay:
+                await stay(p)
     finally:
         broker.stop()
         pg.stop()
@@ -350,6 +376,13 @@ def main() -> None:
         help=f"fraction of SCENARIOS.md's sizes {DEFAULT_COUNTS} (default 0.003: about 450 customers)",
     )
     parser.add_argument("--control-share", type=float, default=0.1)
+    parser.add_argument(
+        "--stay",
+        action=argparse.BooleanOptionalAction,
+        default=sys.stdin.isatty(),
+        help="after the report, keep the filled platform up for browsing until Ctrl-C "
+        "(default: when run from a terminal)",
+    )
     args = parser.parse_args()
     # The ops APIs of the in-process services take this key (the scenarios' clients send it).
     os.environ["CRM_API_KEYS"] = TEST_API_KEY

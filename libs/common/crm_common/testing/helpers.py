@@ -243,13 +243,16 @@ OFFER_VARIABLES = [
 
 
 @asynccontextmanager
-async def serve_app(app: FastAPI, port: int | None = None) -> AsyncIterator[str]:
-    """Serve an app with uvicorn on a loopback port in this event loop (lifespan on); yield its base URL."""
+async def serve_app(app: FastAPI, port: int | None = None, *, lifespan: bool = True) -> AsyncIterator[str]:
+    """Serve an app with uvicorn on a loopback port in this event loop; yield its base URL. `lifespan=False`
+    for an app whose lifespan already runs (one started by `run_app`, now also to be reached on a port)."""
     import uvicorn
 
     port = port or free_port()
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on", access_log=False)
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_config=None, lifespan="on" if lifespan else "off", access_log=False
+        )
     )
     server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
     task = asyncio.create_task(server.serve())

@@ -47,6 +47,9 @@ class Platform:
     sms: LoopbackProvider
     push: LoopbackProvider
     site_key: str = ""
+    # The five apps, and the base URL of those already served on a port (segmentation, notifier).
+    apps: dict[str, Any] = field(default_factory=dict)
+    urls: dict[str, str] = field(default_factory=dict)
 
     def services(self) -> dict[str, httpx.AsyncClient]:
         return {
@@ -76,21 +79,33 @@ class Platform:
                 accepted += body["accepted"]
         return accepted
 
-    async def drain(self, timeout: float = 90) -> None:
-        """Wait until every consumer's lag and every outbox is empty, twice in a row."""
-        deadline = time.monotonic() + timeout
+    async def drain(self, stall_timeout: float = 90, say: Callable[[str], None] | None = None) -> None:
+        """Wait until every consumer's lag and every outbox is empty, twice in a row. Gives up only when the
+        work left has not shrunk for `stall_timeout` s, so a large history drains however long it takes;
+        `say` hears how much is left every 10 s."""
         quiet = 0
+        best: int | None = None
+        progress_at = last_said = time.monotonic()
         pending: list[str] = []
-        while time.monotonic() < deadline:
-            pending = []
+        while True:
+            pending, left = [], 0
             for name, client in self.services().items():
-                r = await client.get("/v1/ops/pipeline")
-                pending += pipeline_pending(name, r.json())
+                doc = (await client.get("/v1/ops/pipeline")).json()
+                pending += pipeline_pending(name, doc)
+                left += max(doc.get("outbox_backlog") or 0, 0)
+                left += sum(c["lag"] for c in doc.get("consumers", []) if isinstance(c.get("lag"), int))
             quiet = quiet + 1 if not pending else 0
             if quiet >= 2:
                 return
+            now = time.monotonic()
+            if best is None or left < best:
+                best, progress_at = left, now
+            if now - progress_at > stall_timeout:
+                raise AssertionError(f"pipeline not drained: no progress for {stall_timeout:.0f} s: {pending}")
+            if say is not None and left and now - last_said >= 10:
+                say(f"draining: {left:,} messages and outbox rows left")
+                last_said = now
             await asyncio.sleep(0.2)
-        raise AssertionError(f"pipeline not drained after {timeout}s: {pending}")
 
     async def sweep(self, service: str, name: str) -> dict[str, Any]:
         r = await self.services()[service].post(f"/v1/ops/sweeps/{name}")
@@ -103,6 +118,11 @@ class Platform:
         if r.status_code != 200:
             raise AssertionError(f"GET {service}{path}: {r.status_code} {r.text[:500]}")
         return r.json()
+
+
+def _app_of(client: httpx.AsyncClient) -> Any:
+    """The app behind an in-process client (crm_common.testing.helpers.run_app)."""
+    return client._transport.app  # type: ignore[attr-defined]
 
 
 @asynccontextmanager
@@ -189,6 +209,14 @@ async def platform(
         seg = await stack.enter_async_context(httpx.AsyncClient(base_url=seg_url, headers=TEST_AUTH, timeout=60))
         note = await stack.enter_async_context(httpx.AsyncClient(base_url=note_url, headers=TEST_AUTH, timeout=60))
         p = Platform(ingest, seg, loyalty, offers, note, clock, box, sms, push)
+        p.apps = {
+            "ingest": _app_of(ingest),
+            "segmentation": seg_app,
+            "loyalty": _app_of(loyalty),
+            "offers": _app_of(offers),
+            "notifier": note_app,
+        }
+        p.urls = {"segmentation": seg_url, "notifier": note_url}
         r = await ingest.post(
             "/v1/keys",
             json={"name": "site", "source": "site", "scopes": ["events:write"]},
@@ -422,9 +450,15 @@ class World:
         p, clock = self.p, self.p.clock
         self.t0 = t0 = clock.now()
         await self.configure()
-        self.log(f"posting {len(self.history.events)} events through ingest")
-        await p.post_events(self.history.events)
-        await p.drain()
+        events = self.history.events
+        self.log(f"posting {len(events):,} events through ingest")
+        step = max(500, -(-len(events) // 10 // 500) * 500)  # about a tenth, in whole batches of 500
+        for i in range(0, len(events), step):
+            await p.post_events(events[i : i + step])
+            done = min(len(events), i + step)
+            bar = "#" * (20 * done // len(events))
+            self.log(f"[{bar:<20}] {done:,} of {len(events):,} events posted")
+        await p.drain(say=self.log)
         # Day 0: segment entries fired scenarios 1 and 3; the carts' timers are waiting; the
         # triggers sweep finds the clothing customers 7-14 days before their predicted purchase.
         self.sweep_results.append(await p.sweep("offers", "triggers"))
@@ -478,11 +512,15 @@ class World:
         for name, cid in self.campaign_ids.items():
             self.reports[name] = await p.get("offers", f"/v1/campaigns/{cid}/report", cap_percentile=100)
 
-    async def settle(self, timeout: float = 60) -> None:
+    async def settle(self, timeout: float = 60, *, max_advance: timedelta = timedelta(hours=36)) -> None:
         """Wait until every message a campaign requested has the notifier's final verdict in the
-        campaign's report (sent or better, failed, expired or suppressed)."""
+        campaign's report (sent or better, failed, expired or suppressed). Messages deferred to the
+        morning by quiet hours wait for the simulated clock: when nothing has moved for 3 s, the clock
+        goes on by an hour, at most `max_advance` in all."""
         deadline = time.monotonic() + timeout
         waiting: dict[str, int] = {}
+        advanced = timedelta(0)
+        last, moved_at = -1, time.monotonic()
         while time.monotonic() < deadline:
             waiting = {}
             for name, cid in self.campaign_ids.items():
@@ -494,5 +532,14 @@ class World:
                     waiting[name] = treated - final
             if not waiting:
                 return
+            left = sum(waiting.values())
+            if left != last:
+                last, moved_at = left, time.monotonic()
+                deadline = max(deadline, moved_at + timeout)
+            elif time.monotonic() - moved_at > 3 and advanced < max_advance:
+                self.p.clock.advance(timedelta(hours=1))
+                advanced += timedelta(hours=1)
+                moved_at = time.monotonic()
+                await self.p.drain()
             await asyncio.sleep(0.3)
         raise AssertionError(f"messages without a final verdict after {timeout}s: {waiting}")
