@@ -22,55 +22,13 @@ from pathlib import Path
 
 import httpx
 
+from crm_common.testing.bench import TICKS, command_line, cpu_ticks, descendants
+
 ROOT = Path(__file__).resolve().parents[1]
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        tree.setdefault(ppid, []).append(int(entry))
-    return tree
-
-
-def _descendants(roots: list[int]) -> set[int]:
-    tree = _children()
-    out: set[int] = set()
-    todo = list(roots)
-    while todo:
-        pid = todo.pop()
-        if pid in out:
-            continue
-        out.add(pid)
-        todo.extend(tree.get(pid, []))
-    return out
-
-
-def _cpu_ticks(pid: int) -> int:
-    """utime + stime of the process plus what its reaped children used (cutime + cstime)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0
-    return sum(int(fields[i]) for i in (11, 12, 13, 14))
 
 
 def _per_process(pids: set[int]) -> dict[int, tuple[str, int]]:
-    out = {}
-    for pid in pids:
-        try:
-            name = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:90]
-        except OSError:
-            continue
-        out[pid] = (name, _cpu_ticks(pid))
-    return out
+    return {pid: (command_line(pid)[:90], cpu_ticks(pid)) for pid in pids}
 
 
 def main() -> None:
@@ -121,10 +79,10 @@ def main() -> None:
         time.sleep(args.settle)
         postmaster = int((local / "pg" / "postmaster.pid").read_text().split()[0])
         roots = [stack.pid, postmaster]
-        before = _per_process(_descendants(roots))
+        before = _per_process(descendants(roots))
         started = time.monotonic()
         time.sleep(args.seconds)
-        after = _per_process(_descendants(roots))
+        after = _per_process(descendants(roots))
         elapsed = time.monotonic() - started
         used: dict[str, float] = {}
         for pid, (name, ticks) in after.items():

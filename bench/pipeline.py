@@ -327,10 +327,11 @@ async def main() -> None:
                 await pool.open()
                 if args.pg_stats:
                     await statement_stats(pg.admin_url, reset=True)
-                counts, cpu = await consumer_counts(urls), cpu_by_role()
+                roots = [os.getpid(), int((pg.data_dir / "postmaster.pid").read_text().split()[0])]
+                counts, cpu = await consumer_counts(urls), cpu_by_role(roots)
                 results[rate] = await step(pool, push, rate, args.seconds, f"r{rate}-", args.batch)
                 await drained(urls)
-                print_breakdown(int(rate * args.seconds), cpu_by_role() - cpu, await consumer_counts(urls), counts)
+                print_breakdown(int(rate * args.seconds), cpu_by_role(roots) - cpu, await consumer_counts(urls), counts)
                 if args.pg_stats:
                     await statement_stats(pg.admin_url)
         finally:

@@ -8,6 +8,7 @@ import os
 import re
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -175,41 +176,68 @@ class RawHttpPool:
             self.idle.get_nowait()[1].close()
 
 
-_TICKS = os.sysconf("SC_CLK_TCK")
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_by_role() -> Counter[str]:
-    """CPU seconds used so far by each part of a running platform, from /proc: a service by its name
-    (`crm_common.serve <name>`), PostgreSQL's backends by database (`pg:<db>`), PostgreSQL's own
-    processes (`pg`), the broker (`broker`), and this process (`bench`). Subtract two readings to
-    see where a load's CPU went."""
-    out: Counter[str] = Counter()
+def descendants(roots: Iterable[int]) -> set[int]:
+    """The processes of the trees under `roots` (roots included), from /proc."""
+    tree: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        role = _role(int(entry), cmd)
-        if role:
-            out[role] += (int(fields[11]) + int(fields[12])) / _TICKS
+        tree.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    out: set[int] = set()
+    todo = list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in out:
+            out.add(pid)
+            todo.extend(tree.get(pid, []))
+    return out
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of the process plus what its reaped children used (cutime + cstime); 0 once gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return sum(int(fields[i]) for i in (11, 12, 13, 14))
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def cpu_by_role(roots: Iterable[int]) -> Counter[str]:
+    """CPU seconds used so far by each part of the platform under `roots` (this process and the PostgreSQL
+    postmaster, say; other engineers' stacks on the machine are not counted): a service by its name
+    (`crm_common.serve <name>`), PostgreSQL's backends by database (`pg:<db>`), PostgreSQL's own processes
+    (`pg`), the broker (`broker`), the rest of this process tree (`bench`). Subtract two readings to see
+    where a load's CPU went."""
+    out: Counter[str] = Counter()
+    for pid in descendants(roots):
+        out[_role(command_line(pid))] += cpu_ticks(pid) / TICKS
     return out
 
 
 _PG_OWN = {"checkpointer", "background", "walwriter", "autovacuum", "logical", "archiver", "startup"}
 
 
-def _role(pid: int, cmd: str) -> str | None:
-    if pid == os.getpid():
-        return "bench"
+def _role(cmd: str) -> str:
     if m := re.search(r"crm_common\.serve (\w+)", cmd):
         return m.group(1)
     if "tansu" in cmd:
         return "broker"
-    if cmd.startswith("postgres: "):
+    if cmd.startswith("postgres"):
         words = cmd.split()
         # "postgres: <user> <db> <client> <state>" for a backend; "postgres: walwriter" etc. otherwise.
         return f"pg:{words[2]}" if len(words) >= 4 and words[1] not in _PG_OWN else "pg"
-    return None
+    return "bench"
