@@ -47,7 +47,7 @@ from crm_common.kafka import ensure_topics
 from crm_common.migrations import upgrade_async
 from crm_common.settings import ALL_TOPICS
 from crm_common.sinks import LoopbackProvider
-from crm_common.testing.bench import RawHttpPool, cpu_by_role
+from crm_common.testing.bench import RawHttpPool, cpu_snapshot, cpu_used
 from crm_common.testing.helpers import TEST_API_KEY, ServiceProcess
 
 PARTITIONS = 6
@@ -328,10 +328,12 @@ async def main() -> None:
                 if args.pg_stats:
                     await statement_stats(pg.admin_url, reset=True)
                 roots = [os.getpid(), int((pg.data_dir / "postmaster.pid").read_text().split()[0])]
-                counts, cpu = await consumer_counts(urls), cpu_by_role(roots)
+                counts, cpu = await consumer_counts(urls), cpu_snapshot(roots)
                 results[rate] = await step(pool, push, rate, args.seconds, f"r{rate}-", args.batch)
                 await drained(urls)
-                print_breakdown(int(rate * args.seconds), cpu_by_role(roots) - cpu, await consumer_counts(urls), counts)
+                print_breakdown(
+                    int(rate * args.seconds), cpu_used(cpu, cpu_snapshot(roots)), await consumer_counts(urls), counts
+                )
                 if args.pg_stats:
                     await statement_stats(pg.admin_url)
         finally:

@@ -83,15 +83,11 @@ def interval(iv: dict[str, Any] | None) -> str:
 
 
 async def channels_of(w: World, campaign: str) -> Counter[tuple[str, str]]:
-    """(channel, state) of the campaign's messages, as the notifier records them."""
+    """(channel, state) of the campaign's messages, as the notifier counts them."""
+    doc = await w.p.get("notifier", f"/v1/campaigns/{w.campaign_ids[campaign]}/messages")
     out: Counter[tuple[str, str]] = Counter()
-    cid = w.campaign_ids[campaign]
-    for customer in w.history.customers:
-        doc = await w.p.get("notifier", f"/v1/customers/{customer}/messages")
-        for m in doc["items"]:
-            if m["campaign_id"] == cid:
-                state = m["state"] + (f" ({m['reason']})" if m["state"] == "suppressed" and m["reason"] else "")
-                out[(m["channel"] or "-", state)] += 1
+    for c in doc["counts"]:
+        out[(c["channel"], c["state"] + (f" ({c['reason']})" if c["reason"] else ""))] += c["messages"]
     return out
 
 

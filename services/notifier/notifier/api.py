@@ -29,10 +29,12 @@ from notifier.repository import NotifierRepository
 from notifier.schemas import (
     AttemptRead,
     CallbackIn,
+    CampaignMessages,
     CallbackRead,
     ContactRead,
     EventRead,
     Key,
+    MessageCount,
     MessageCreate,
     MessageDetail,
     MessagePage,
@@ -243,6 +245,19 @@ def _differing_fields(message: Any, request: MessageRequested) -> list[str]:
         "source": (message.source_service, request.source_service),
     }
     return [name for name, (stored, asked) in pairs.items() if stored != asked]
+
+
+@router.get(
+    "/campaigns/{campaign_id}/messages",
+    response_model=CampaignMessages,
+    summary="A campaign's messages counted by channel, state and the reason of each suppression",
+)
+async def campaign_messages(campaign_id: PathId, session: SessionDep) -> CampaignMessages:
+    counts = [
+        MessageCount(channel=c, state=st, reason=why, messages=n)
+        for c, st, why, n in await NotifierRepository(session).campaign_counts(campaign_id)
+    ]
+    return CampaignMessages(campaign_id=campaign_id, total=sum(x.messages for x in counts), counts=counts)
 
 
 # -- providers ---------------------------------------------------------------------------------

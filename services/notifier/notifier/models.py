@@ -115,6 +115,7 @@ class Message(Base):
         ),
         Index("ix_messages_provider_message_id", "provider_message_id"),
         Index("ix_messages_sending", "lease_until", postgresql_where="state = 'sending'"),
+        Index("ix_messages_campaign", "campaign_id", postgresql_where="campaign_id IS NOT NULL"),
     )
 
 

@@ -258,6 +258,17 @@ class NotifierRepository:
         )
         return {(r[0], r[1]): int(r[2]) for r in rows}
 
+    async def campaign_counts(self, campaign_id: str) -> list[tuple[str, str, str | None, int]]:
+        """A campaign's messages by (channel, state, why suppressed), through ix_messages_campaign."""
+        rows = await self.session.execute(
+            text(
+                "SELECT COALESCE(channel, '-'), state, CASE WHEN state = 'suppressed' THEN reason END, count(*) "
+                "FROM messages WHERE campaign_id = :c GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+            ),
+            {"c": campaign_id},
+        )
+        return [(r[0], r[1], r[2], int(r[3])) for r in rows]
+
     # -- delivery events -------------------------------------------------------------------------
 
     async def add_events(self, rows: list[dict[str, Any]]) -> set[str]:

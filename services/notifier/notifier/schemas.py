@@ -238,6 +238,19 @@ class CallbackRead(BaseModel):
     applied: bool
 
 
+class MessageCount(BaseModel):
+    channel: str
+    state: str
+    reason: str | None = Field(description="why suppressed (frequency_cap, no_consented_channel, ...); null otherwise")
+    messages: int
+
+
+class CampaignMessages(BaseModel):
+    campaign_id: str
+    total: int
+    counts: list[MessageCount]
+
+
 class ProviderStatus(BaseModel):
     name: str
     channel: str

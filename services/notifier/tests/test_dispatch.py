@@ -328,3 +328,30 @@ async def test_push_token_reported_unregistered_is_dropped_and_the_next_message_
         )
         [after] = await _settled(client, ["pt-2"])
         assert after["channel"] == "email"
+
+
+async def test_a_campaigns_messages_are_counted_by_channel_state_and_suppression_reason(start_app, provider):
+    async with start_app() as (client, app):
+        await seed_contact(app, "c1", phone="+14155550101", consents={"sms": True})
+        await seed_contact(app, "c2", phone="+14155550102", consents={"sms": False})
+        await seed_contact(app, "c3", phone="+14155550103", consents={"sms": True})
+        await add_template(client, "sale", "sms", body="Sale")
+        sends = [("m1", "c1", "cmp-a"), ("m2", "c2", "cmp-a"), ("m3", "c3", "cmp-b")]
+        for mid, customer, campaign in sends:
+            body = {"id": mid, "customer_id": customer, "template": "sale", "kind": "marketing", "campaign_id": campaign}
+            assert (await client.post("/v1/messages", json=body)).status_code == 202
+        await _settled(client, ["m1", "m3"])
+        r = await client.get("/v1/campaigns/cmp-a/messages")
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert doc["total"] == 2
+        assert sorted((c["channel"], c["state"], c["reason"], c["messages"]) for c in doc["counts"]) == [
+            ("-", "suppressed", "no_consented_channel", 1),
+            ("sms", "sent", None, 1),
+        ]
+        assert (await client.get("/v1/campaigns/none-such/messages")).json() == {
+            "campaign_id": "none-such",
+            "total": 0,
+            "counts": [],
+        }
+        assert (await client.get("/v1/campaigns/%00/messages")).status_code == 422

@@ -216,15 +216,20 @@ def command_line(pid: int) -> str:
         return ""
 
 
-def cpu_by_role(roots: Iterable[int]) -> Counter[str]:
-    """CPU seconds used so far by each part of the platform under `roots` (this process and the PostgreSQL
-    postmaster, say; other engineers' stacks on the machine are not counted): a service by its name
-    (`crm_common.serve <name>`), PostgreSQL's backends by database (`pg:<db>`), PostgreSQL's own processes
-    (`pg`), the broker (`broker`), the rest of this process tree (`bench`). Subtract two readings to see
-    where a load's CPU went."""
+def cpu_snapshot(roots: Iterable[int]) -> dict[int, tuple[str, float]]:
+    """Each process of the platform under `roots` (this process and the PostgreSQL postmaster, say; other
+    engineers' stacks on the machine are not counted) with its role and the CPU seconds it used so far:
+    a service by its name (`crm_common.serve <name>`), PostgreSQL's backends by database (`pg:<db>`),
+    PostgreSQL's own processes (`pg`), the broker (`broker`), the rest of this process tree (`bench`)."""
+    return {pid: (_role(command_line(pid)), cpu_ticks(pid) / TICKS) for pid in descendants(roots)}
+
+
+def cpu_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> Counter[str]:
+    """CPU seconds by role between two snapshots, process by process: a process started in between counts
+    whole; one that ended in between (a pool's overflow connection, say) is missing from the figures."""
     out: Counter[str] = Counter()
-    for pid in descendants(roots):
-        out[_role(command_line(pid))] += cpu_ticks(pid) / TICKS
+    for pid, (role, seconds) in after.items():
+        out[role] += seconds - (before[pid][1] if pid in before and before[pid][0] == role else 0.0)
     return out
 
 
