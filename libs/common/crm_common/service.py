@@ -32,6 +32,7 @@ from crm_common.kafka import make_producer
 from crm_common.logging import configure_logging
 from crm_common.notify import OUTBOX_CHANNEL, Listener
 from crm_common.outbox import OutboxRelay
+from crm_common.pii import PiiMaskMiddleware
 from crm_common.relay_thread import RelayThread
 from crm_common.settings import TOPIC_DLQ, BaseServiceSettings
 from crm_common.worker import RunOnce, Worker
@@ -493,7 +494,9 @@ def create_service_app(
     """Build a service's FastAPI app with the runtime in its lifespan and the ops routes mounted.
 
     With `require_api_key` (the default), `routers` and the /v1/ops routes need
-    `Authorization: Bearer <key>` with a key of CRM_API_KEYS (`settings.api_keys`).
+    `Authorization: Bearer <key>` with a key of CRM_API_KEYS (`settings.api_keys`): any method
+    but GET and HEAD needs its `write` scope, and the answers to a key without `pii` have
+    e-mail addresses and phone numbers masked (`crm_common.pii`).
     `public_routers` are never behind it: only routes that authenticate their caller otherwise
     (signed callbacks, signed links) belong there. A service that checks keys itself (ingest)
     passes `require_api_key=False`, and its routes carry their own dependencies.
@@ -536,7 +539,10 @@ def create_service_app(
     if keys is not None:
         protected = {
             "dependencies": [Depends(api_key_dependency(keys))],
-            "responses": {401: {"description": "missing or unknown API key"}},
+            "responses": {
+                401: {"description": "missing or unknown API key"},
+                403: {"description": "the API key lacks the scope (`write` for any method but GET and HEAD)"},
+            },
         }
     app.include_router(_health_router(settings.service_name))
     app.include_router(_ops_router(), **protected)
@@ -545,5 +551,7 @@ def create_service_app(
     for router in public_routers:
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    if keys is not None:
+        app.add_middleware(PiiMaskMiddleware)
     app.add_middleware(_MetricsMiddleware, service=settings.service_name)
     return app
