@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import httpx
 import orjson
 from aiokafka import AIOKafkaProducer
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import ORJSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
@@ -26,6 +26,7 @@ from crm_common.auth import ApiKeys, api_key_dependency
 from crm_common.clock import Clock, SystemClock
 from crm_common.consumer import BatchHandler, ConsumerRunner, Record
 from crm_common.db import create_engine, create_sessionmaker
+from crm_common.dlq import read_dead_letters
 from crm_common.errors import NotFound, error_body, install_error_handlers, is_transient
 from crm_common.http import BodyLimitMiddleware
 from crm_common.kafka import make_producer
@@ -416,6 +417,21 @@ def _ops_router() -> APIRouter:
             except Exception:
                 backlog = -1
         return {"consumers": consumers, "outbox_backlog": backlog, "sweeps": sorted(runtime.sweeps)}
+
+    @router.get(
+        "/v1/ops/dlq",
+        summary="The latest dead-lettered messages of this service's consumers, with the error of each",
+    )
+    async def dead_letters(runtime: RuntimeDep, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> dict[str, Any]:
+        groups = {c.group_id for c in runtime.consumers}
+        items = (
+            await read_dead_letters(
+                runtime.settings.kafka_bootstrap_servers, runtime.topic(TOPIC_DLQ), consumers=groups, limit=limit
+            )
+            if groups
+            else []
+        )
+        return {"items": items, "consumers": sorted(groups)}
 
     @router.post("/v1/ops/sweeps/{name}", summary="Run a periodic sweep now (one replica at a time)")
     async def run_sweep(name: str, runtime: RuntimeDep) -> dict[str, Any]:

@@ -238,6 +238,21 @@ class CallbackRead(BaseModel):
     applied: bool
 
 
+class ChannelCostRow(BaseModel):
+    month: str = Field(description="YYYY-MM of sending, UTC")
+    channel: str
+    sent: int
+    delivered: int
+    failed: int
+    cost: Decimal
+
+
+class ChannelCostReport(BaseModel):
+    rows: list[ChannelCostRow]
+    by_channel: dict[str, Decimal] = Field(description="Total cost per channel over every month")
+    total: Decimal
+
+
 class ProviderStatus(BaseModel):
     name: str
     channel: str
