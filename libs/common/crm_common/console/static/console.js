@@ -258,7 +258,7 @@ async function campaignView(id) {
     h("div", { class: "panel" }, h("h2", {}, "Dry run"), h("p", { class: "muted" }, "Evaluates the campaign now over every profile without sending anything (needs a key with write, since it is a POST)."),
       h("button", { id: "dry-run", onclick: runDry }, "Dry run now"), dry),
     h("div", { class: "panel" }, h("h2", {}, "Why did or didn't a customer get it"),
-      h("form", { class: "inline", onsubmit: why }, whyInput, h("button", { type: "submit" }, "Explain")), whyOut),
+      h("form", { class: "inline", onsubmit: why }, whyInput, h("button", { type: "submit", id: "why-submit" }, "Explain")), whyOut),
   ];
 }
 
@@ -396,8 +396,8 @@ let rendering = 0;
 async function render() {
   const hash = location.hash || "#/campaigns";
   if (!key() && hash !== "#/login") { location.hash = "#/login"; return; }
-  const [, fn, nav] = ROUTES.find(([re]) => re.test(hash)) || ROUTES[2];
-  const arg = (hash.match(ROUTES.find(([re]) => re.test(hash))?.[0] || /$^/) || [])[1];
+  const [re, fn, nav] = ROUTES.find(([r]) => r.test(hash)) || ROUTES[2];
+  const arg = (hash.match(re) || [])[1];
   for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("active", a.dataset.nav === nav);
   document.getElementById("who").replaceChildren(key() ? h("span", {}, "signed in", h("button", { class: "secondary", id: "sign-out", onclick: () => { sessionStorage.removeItem(KEY_STORE); location.hash = "#/login"; } }, "Sign out")) : "");
   const mine = ++rendering;
