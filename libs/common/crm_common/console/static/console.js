@@ -251,7 +251,7 @@ async function campaignView(id) {
         h("details", {}, h("summary", {}, "the figures"), table([
           ["Day", (d) => day(d.day)], ["Treated", (d) => pct(d.conversion_rate.treated), { num: true, k: "treated" }],
           ["Control", (d) => pct(d.conversion_rate.control), { num: true, k: "control" }], ["Sent", (d) => int(d.sent), { num: true }]],
-        series, "series"))),
+        series.map((d) => ({ ...d, __id: day(d.day) })), "series"))),
       h("div", { class: "panel" }, h("h2", {}, "Decision outcomes"),
         table([["Outcome", (r) => r[0]], ["Decisions", (r) => int(r[1]), { num: true, k: "count" }]],
           Object.entries(outcomes).sort((a, b) => b[1] - a[1]).map(([o, n]) => Object.assign([o, n], { __id: o })), "outcomes"))),
@@ -406,7 +406,7 @@ async function render() {
   let nodes;
   try { nodes = await fn(arg === undefined ? undefined : decodeURIComponent(arg)); } catch (e) { nodes = [errorBox(e)]; }
   if (mine !== rendering) return;
-  view.replaceChildren(...nodes);
+  view.replaceChildren(...nodes.flat(Infinity));
   document.body.dataset.loaded = hash; // the browser tests wait for this
 }
 
