@@ -139,7 +139,7 @@ function barChart(labels, values, { color = "#2f6fde", yFormat = (v) => fmt(v), 
     const v = Number(values[i]);
     svg.append(s("rect", { x: L + i * bw + bw * 0.15, y: Y(v), width: bw * 0.7, height: Math.max(0, H - B - Y(v)), fill: color, "data-value": values[i] },
       s("title", {}, `${lab}: ${yFormat(v)}`)),
-    s("text", { x: L + i * bw + bw / 2, y: H - 8, "text-anchor": "middle" }, lab));
+    (i % Math.max(1, Math.ceil(labels.length / 8)) === 0 ? s("text", { x: L + i * bw + bw / 2, y: H - 8, "text-anchor": "middle" }, lab) : ""));
   });
   return svg;
 }
@@ -287,7 +287,8 @@ async function reportsView() {
   const [pareto, rfm, points, channels] = await Promise.all([
     api("segmentation", "/v1/reports/pareto"), api("segmentation", "/v1/reports/rfm"),
     api("loyalty", "/v1/reports/points"), api("notifier", "/v1/reports/channels")]);
-  const curve = [{ top_percent: 0, share: 0 }, ...pareto.shares, { top_percent: 100, share: pareto.revenue > 0 ? 1 : 0 }];
+  const curve = [{ top_percent: 0, share: 0 }, ...pareto.shares];
+  if (!pareto.shares.some((p) => p.top_percent === 100)) curve.push({ top_percent: 100, share: pareto.revenue > 0 ? 1 : 0 });
   const cell = {};
   for (const c of rfm.cells) cell[`${c.r}-${c.f}`] = c;
   const rs = [5, 4, 3, 2, 1], fs = [1, 2, 3, 4, 5];
@@ -303,7 +304,7 @@ async function reportsView() {
     h("div", { class: "grid2" },
       h("div", { class: "panel" }, h("h2", {}, "Pareto: share of revenue by top customers"),
         h("div", { class: "sub" }, `${int(pareto.customers)} buying customers, revenue ${fmt(pareto.revenue)}`),
-        lineChart(curve.map((p) => `${p.top_percent}%`), [{ name: "share of revenue", color: "var(--treated)", values: curve.map((p) => p.share) }], { yFormat: pct, k: "pareto-chart", xNumeric: false }),
+        lineChart(curve.map((p) => p.top_percent), [{ name: "share of revenue", color: "var(--treated)", values: curve.map((p) => p.share) }], { yFormat: pct, k: "pareto-chart", xNumeric: true }),
         table([["Top customers", (p) => `${p.top_percent}%`], ["Revenue", (p) => fmt(p.revenue), { num: true, k: "revenue" }], ["Share", (p) => pct(p.share), { num: true, k: "share" }]],
           pareto.shares.map((p) => ({ ...p, __id: p.top_percent })), "pareto")),
       h("div", { class: "panel" }, h("h2", {}, "RFM grid (customers)"), rfmGrid,
