@@ -22,6 +22,18 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
   fi
 fi
 
+# Headless Chromium for the console's browser tests (tests/test_console.py), driven by Playwright
+# with this binary: Playwright's own browser downloads are never used.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "bootstrap: installing Chromium from Debian packages (the console's browser tests)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  else
+    echo "bootstrap: chromium not found; install Debian's 'chromium' to run tests/test_console.py" >&2
+  fi
+fi
+
 if [ ! -x .venv/bin/uv ]; then
   echo "bootstrap: creating .venv"
   "$PY" -m venv .venv

@@ -38,6 +38,8 @@ from typing import Any
 import asyncpg
 
 from crm_common.clock import ManualClock
+from crm_common.console.app import CONSOLE_PORT, ConsoleSettings
+from crm_common.console.app import create_app as create_console
 from crm_common.infra import BrokerServer, PostgresServer, free_port, port_open
 from crm_common.kafka import ensure_topics
 from crm_common.migrations import upgrade_async
@@ -301,8 +303,12 @@ async def stay(p: Any) -> None:
             if name not in urls:
                 port = SERVICE_PORTS[name] if not port_open("127.0.0.1", SERVICE_PORTS[name]) else None
                 urls[name] = await stack.enter_async_context(serve_app(app, port, lifespan=False))
+        console = create_console(ConsoleSettings(service_urls=urls))
+        port = CONSOLE_PORT if not port_open("127.0.0.1", CONSOLE_PORT) else None
+        console_url = await stack.enter_async_context(serve_app(console, port))
         say("")
         say("== the demo's platform stays up, filled, until Ctrl-C (its clock stays at the demo's last day):")
+        say(f"  console       {console_url}   (sign in with the ops key below)")
         for name in SERVICE_PORTS:
             say(f"  {name:<13} {urls[name]}   docs: {urls[name]}/docs")
         say(f"  ops key of segmentation, loyalty, offers, notifier: Bearer {TEST_API_KEY}; ingest: Bearer {POS_KEY}")

@@ -1,5 +1,6 @@
 """Every /v1 route of segmentation, loyalty, offers and notifier refuses a request without the ops
-API key, except the notifier's routes that authenticate otherwise (signed callbacks and links)."""
+API key, except the notifier's routes that authenticate otherwise (signed callbacks and links); and
+every one that is not a GET refuses a key without the `write` scope."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 import httpx
 import pytest
 
+from crm_common.testing.helpers import TEST_API_KEY
 from loyalty.app import create_app as loyalty_app
 from notifier.app import create_app as notifier_app
 from offers.app import create_app as offers_app
@@ -54,6 +56,27 @@ async def test_every_v1_route_without_a_key_is_401_but_the_signed_public_ones(se
             r = await client.request(method, url, json={}, headers={"Authorization": "Bearer not-a-key"})
             assert r.status_code == 401, (label, r.status_code, r.text)
     assert PUBLIC.get(service, set()) <= {f"{m} {p}" for m, p in ops}
+
+
+@pytest.mark.parametrize("service", sorted(FACTORIES))
+async def test_a_read_only_key_changes_nothing_on_any_route(service, monkeypatch):
+    monkeypatch.setenv("CRM_API_KEYS", f"{TEST_API_KEY},ops-reader:read+pii")
+    app = FACTORIES[service]()
+    changes = [
+        (m, p) for m, p in operations(app) if m not in ("GET", "HEAD") and f"{m} {p}" not in PUBLIC.get(service, set())
+    ]
+    assert ("POST", "/v1/ops/sweeps/{name}") in changes
+    reader = {"Authorization": "Bearer ops-reader"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        for method, path in changes:
+            url = re.sub(r"\{[^}]+\}", "x", path)
+            r = await client.request(method, url, json={}, headers=reader)
+            assert r.status_code == 403, (method, path, r.status_code, r.text)
+            error = r.json()["error"]
+            assert error["code"] == "missing_scope", (method, path, error)
+            assert error["details"] == {"required_scope": "write", "scopes": ["pii", "read"]}
+    # The routes that change something are not left out of the check.
+    assert len(changes) >= {"segmentation": 4, "loyalty": 5, "offers": 12, "notifier": 5}[service]
 
 
 def test_the_public_routes_are_not_behind_the_key_in_the_openapi():

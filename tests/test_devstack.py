@@ -78,6 +78,18 @@ async def test_make_run_accepts_a_purchase_and_publishes_it():
             assert (await client.get(programme)).status_code == 401
             r = await client.get(programme, headers={"Authorization": "Bearer devstack-test-key"})
             assert r.status_code == 200, r.text
+            # The console is up beside them, and its proxy forwards the same key.
+            console = f"http://127.0.0.1:{8000 + offset}"
+            await eventually(lambda: port_open("127.0.0.1", 8000 + offset), timeout=30, what="the console")
+            assert "console.js" in (await client.get(f"{console}/")).text
+            r = await client.get(
+                f"{console}/api/loyalty/v1/programme", headers={"Authorization": "Bearer devstack-test-key"}
+            )
+            assert (
+                r.status_code == 200
+                and r.json()
+                == (await client.get(programme, headers={"Authorization": "Bearer devstack-test-key"})).json()
+            )
         import orjson
 
         event_id = orjson.loads(body)["event_id"]
@@ -97,4 +109,5 @@ async def test_make_run_accepts_a_purchase_and_publishes_it():
     assert "[crm] stopped" in text, text[-3000:]
     assert stopped_in < 90
     assert not port_open("127.0.0.1", SERVICE_PORTS["ingest"] + offset)
+    assert not port_open("127.0.0.1", 8000 + offset)
     assert not port_open("127.0.0.1", broker_port)

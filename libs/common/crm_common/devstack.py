@@ -250,6 +250,11 @@ def run() -> None:
             env=env,
             start_new_session=True,
         )
+    # The ops console (crm_common.console): not one of the five services, so not in PORTS.
+    from crm_common.console.app import CONSOLE_PORT
+
+    console_port = CONSOLE_PORT + PORT_OFFSET
+    sinks.append(subprocess.Popen([sys.executable, "-m", "crm_common.console", "--port", str(console_port)], env=env))
     PID_FILE.write_text(str(os.getpid()))
     stop = {"now": False}
 
@@ -268,6 +273,7 @@ def run() -> None:
     _say("the platform is up:")
     for service, port in PORTS.items():
         _say(f"  {service:<13} http://127.0.0.1:{port}   docs: http://127.0.0.1:{port}/docs")
+    _say(f"  console       http://127.0.0.1:{console_port}   (sign in with a key of CRM_API_KEYS)")
     _say(f"  PostgreSQL    127.0.0.1:{pg.port}   broker: {bootstrap}")
     _say(f"  bootstrap API key (source pos, all scopes): {api_key}")
     if ops_key == api_key:

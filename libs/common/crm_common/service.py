@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import httpx
 import orjson
 from aiokafka import AIOKafkaProducer
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import ORJSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
@@ -26,12 +26,14 @@ from crm_common.auth import ApiKeys, api_key_dependency
 from crm_common.clock import Clock, SystemClock
 from crm_common.consumer import BatchHandler, ConsumerRunner, Record
 from crm_common.db import create_engine, create_sessionmaker
+from crm_common.dlq import read_dead_letters
 from crm_common.errors import NotFound, error_body, install_error_handlers, is_transient
 from crm_common.http import BodyLimitMiddleware
 from crm_common.kafka import make_producer
 from crm_common.logging import configure_logging
 from crm_common.notify import OUTBOX_CHANNEL, Listener
 from crm_common.outbox import OutboxRelay
+from crm_common.pii import PiiMaskMiddleware
 from crm_common.relay_thread import RelayThread
 from crm_common.settings import TOPIC_DLQ, BaseServiceSettings
 from crm_common.worker import RunOnce, Worker
@@ -420,6 +422,21 @@ def _ops_router() -> APIRouter:
                 backlog = -1
         return {"consumers": consumers, "outbox_backlog": backlog, "sweeps": sorted(runtime.sweeps)}
 
+    @router.get(
+        "/v1/ops/dlq",
+        summary="The latest dead-lettered messages of this service's consumers, with the error of each",
+    )
+    async def dead_letters(runtime: RuntimeDep, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> dict[str, Any]:
+        groups = {c.group_id for c in runtime.consumers}
+        items = (
+            await read_dead_letters(
+                runtime.settings.kafka_bootstrap_servers, runtime.topic(TOPIC_DLQ), consumers=groups, limit=limit
+            )
+            if groups
+            else []
+        )
+        return {"items": items, "consumers": sorted(groups)}
+
     @router.post("/v1/ops/sweeps/{name}", summary="Run a periodic sweep now (one replica at a time)")
     async def run_sweep(name: str, runtime: RuntimeDep) -> dict[str, Any]:
         if name not in runtime.sweeps:
@@ -497,7 +514,9 @@ def create_service_app(
     """Build a service's FastAPI app with the runtime in its lifespan and the ops routes mounted.
 
     With `require_api_key` (the default), `routers` and the /v1/ops routes need
-    `Authorization: Bearer <key>` with a key of CRM_API_KEYS (`settings.api_keys`).
+    `Authorization: Bearer <key>` with a key of CRM_API_KEYS (`settings.api_keys`): any method
+    but GET and HEAD needs its `write` scope, and the answers to a key without `pii` have
+    e-mail addresses and phone numbers masked (`crm_common.pii`).
     `public_routers` are never behind it: only routes that authenticate their caller otherwise
     (signed callbacks, signed links) belong there. A service that checks keys itself (ingest)
     passes `require_api_key=False`, and its routes carry their own dependencies.
@@ -540,7 +559,10 @@ def create_service_app(
     if keys is not None:
         protected = {
             "dependencies": [Depends(api_key_dependency(keys))],
-            "responses": {401: {"description": "missing or unknown API key"}},
+            "responses": {
+                401: {"description": "missing or unknown API key"},
+                403: {"description": "the API key lacks the scope (`write` for any method but GET and HEAD)"},
+            },
         }
     app.include_router(_health_router(settings.service_name))
     app.include_router(_ops_router(), **protected)
@@ -549,5 +571,7 @@ def create_service_app(
     for router in public_routers:
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    if keys is not None:
+        app.add_middleware(PiiMaskMiddleware)
     app.add_middleware(_MetricsMiddleware, service=settings.service_name)
     return app

@@ -30,6 +30,19 @@ async def create_thing(body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+@things.get("/contacts/{contact_id}")
+async def read_contact(contact_id: str) -> dict[str, Any]:
+    return {
+        "id": contact_id,
+        "email": "john.doe@example.com",
+        "phone": "+447700900123",
+        "traits": {"mobile_phone": "07700 900123", "note": "wrote from ann@shop.example", "app": "ios"},
+        "consents": {"email": True, "sms": False},
+        "channel": "email",
+        "orders": [1, 2],
+    }
+
+
 @callbacks.post("/callbacks/{provider}")
 async def callback(provider: str) -> dict[str, str]:
     return {"provider": provider}
@@ -171,7 +184,8 @@ async def test_openapi_declares_the_bearer_scheme_on_the_protected_operations_on
     assert doc["components"]["securitySchemes"]["ApiKey"] == {
         "type": "http",
         "scheme": "bearer",
-        "description": "an ops API key, one of CRM_API_KEYS: `Authorization: Bearer <key>`",
+        "description": "an ops API key, one of CRM_API_KEYS: `Authorization: Bearer <key>`; a key without the "
+        "`write` scope may only GET, one without `pii` sees e-mail addresses and phone numbers masked",
     }
     paths = doc["paths"]
     for path, method in (("/v1/things/{thing_id}", "get"), ("/v1/things", "post"), ("/v1/ops/pipeline", "get")):
@@ -187,3 +201,61 @@ def test_a_malformed_digest_entry_is_refused_at_startup():
             ApiKeys(spec)
     assert not ApiKeys(" , ,")
     assert len(ApiKeys("a,b,sha256:" + "00" * 32)) == 3
+
+
+def test_scopes_follow_the_key_after_a_colon_and_a_bare_key_has_them_all():
+    digest = hashlib.sha256(b"digest-key").hexdigest()
+    keys = ApiKeys(f"all,reader:read,pii-reader:read+pii,writer:write,sha256:{digest}:read+write, spaced : PII ")
+    assert keys.scopes("all") == {"read", "write", "pii"}
+    assert keys.scopes("reader") == {"read"}
+    assert keys.scopes("pii-reader") == {"read", "pii"}
+    assert keys.scopes("writer") == {"read", "write"}  # every key reads
+    assert keys.scopes("digest-key") == {"read", "write"}
+    assert keys.scopes("spaced") == {"read", "pii"}
+    assert keys.scopes("reader:read") is None and keys.scopes(digest) is None
+    assert len(keys) == 6
+
+
+def test_an_unknown_scope_is_refused_at_startup():
+    for spec in ("k:admin", "k:read+", "k:", "sha256:" + "00" * 32 + ":everything"):
+        with pytest.raises(ValueError, match="scope"):
+            ApiKeys(spec)
+
+
+async def test_a_key_without_write_may_read_but_changes_nothing(start):
+    async with start(api_keys="k-all,k-read:read,k-write:read+write") as client:
+        assert (await client.get("/v1/things/a", headers=bearer("k-read"))).status_code == 200
+        assert (await client.head("/v1/things/a", headers=bearer("k-read"))).status_code in (200, 405)
+        for method, path in (("POST", "/v1/things"), ("POST", "/v1/ops/sweeps/retention")):
+            r = await client.request(method, path, json={"x": 1}, headers=bearer("k-read"))
+            assert r.status_code == 403, r.text
+            assert r.json()["error"] == {
+                "code": "missing_scope",
+                "message": f"this API key may not change anything: {method} needs the 'write' scope",
+                "details": {"required_scope": "write", "scopes": ["read"]},
+            }
+        for key in ("k-all", "k-write"):
+            r = await client.post("/v1/things", json={"x": 1}, headers=bearer(key))
+            assert r.status_code == 200 and r.json() == {"x": 1}
+
+
+async def test_contact_data_is_masked_for_a_key_without_pii(start):
+    async with start(api_keys="k-all,k-read:read,k-pii:read+pii") as client:
+        whole = (await client.get("/v1/contacts/c1", headers=bearer("k-pii"))).json()
+        assert whole == (await client.get("/v1/contacts/c1", headers=bearer("k-all"))).json()
+        assert whole["email"] == "john.doe@example.com" and whole["phone"] == "+447700900123"
+        r = await client.get("/v1/contacts/c1", headers=bearer("k-read"))
+        assert r.status_code == 200 and int(r.headers["content-length"]) == len(r.content)
+        masked = r.json()
+        assert masked["email"] == "j***@example.com"
+        assert masked["phone"] == "+44********23"
+        assert masked["traits"] == {
+            "mobile_phone": "07*** ****23",
+            "note": "wrote from a***@shop.example",
+            "app": "ios",
+        }
+        # What is not contact data is left alone.
+        for key in ("id", "consents", "channel", "orders"):
+            assert masked[key] == whole[key], key
+        # Errors and other answers too: nothing breaks on a non-contact body.
+        assert (await client.get("/v1/ops/pipeline", headers=bearer("k-read"))).json()["consumers"] == []

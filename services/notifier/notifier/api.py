@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from decimal import Decimal
 from typing import Annotated, Any
 
 import orjson
@@ -29,8 +30,10 @@ from notifier.repository import NotifierRepository
 from notifier.schemas import (
     AttemptRead,
     CallbackIn,
-    CampaignMessages,
     CallbackRead,
+    CampaignMessages,
+    ChannelCostReport,
+    ChannelCostRow,
     ContactRead,
     EventRead,
     Key,
@@ -275,6 +278,19 @@ async def providers_status(session: SessionDep, notifier: NotifierDep) -> list[P
         status["waiting"] = {state: n for (channel, state), n in waiting.items() if channel == status["channel"]}
         out.append(ProviderStatus.model_validate(status))
     return out
+
+
+@router.get(
+    "/reports/channels",
+    response_model=ChannelCostReport,
+    summary="Messages sent and their cost by month and channel (what the providers charge)",
+)
+async def channel_cost_report(session: SessionDep) -> ChannelCostReport:
+    rows = [ChannelCostRow.model_validate(r) for r in await NotifierRepository(session).channel_costs()]
+    by_channel: dict[str, Decimal] = {}
+    for row in rows:
+        by_channel[row.channel] = by_channel.get(row.channel, Decimal(0)) + row.cost
+    return ChannelCostReport(rows=rows, by_channel=by_channel, total=sum(by_channel.values(), Decimal(0)))
 
 
 @public.post(

@@ -269,6 +269,18 @@ class NotifierRepository:
         )
         return [(r[0], r[1], r[2], int(r[3])) for r in rows]
 
+    async def channel_costs(self) -> list[dict[str, Any]]:
+        """Messages sent and what they cost, by month of sending (UTC) and channel."""
+        rows = await self.session.execute(
+            text(
+                "SELECT to_char(date_trunc('month', sent_at AT TIME ZONE 'UTC'), 'YYYY-MM') AS month, channel, "
+                "count(*) AS sent, count(*) FILTER (WHERE state = 'delivered') AS delivered, "
+                "count(*) FILTER (WHERE state = 'failed') AS failed, COALESCE(sum(cost), 0) AS cost "
+                "FROM messages WHERE sent_at IS NOT NULL AND channel IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 2"
+            )
+        )
+        return [dict(r._mapping) for r in rows]
+
     # -- delivery events -------------------------------------------------------------------------
 
     async def add_events(self, rows: list[dict[str, Any]]) -> set[str]:

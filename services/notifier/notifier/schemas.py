@@ -251,6 +251,21 @@ class CampaignMessages(BaseModel):
     counts: list[MessageCount]
 
 
+class ChannelCostRow(BaseModel):
+    month: str = Field(description="YYYY-MM of sending, UTC")
+    channel: str
+    sent: int
+    delivered: int
+    failed: int
+    cost: Decimal
+
+
+class ChannelCostReport(BaseModel):
+    rows: list[ChannelCostRow]
+    by_channel: dict[str, Decimal] = Field(description="Total cost per channel over every month")
+    total: Decimal
+
+
 class ProviderStatus(BaseModel):
     name: str
     channel: str

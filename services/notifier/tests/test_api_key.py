@@ -48,3 +48,22 @@ async def test_callbacks_and_signed_links_work_without_a_key_and_the_ops_routes_
         assert {"delivered", "opened", "clicked", "unsubscribed"} <= events
         contact = (await client.get("/v1/customers/k1/contact")).json()
         assert contact["consents"]["sms"]["granted"] is False
+
+
+async def test_a_key_without_pii_sees_the_contact_masked_and_one_with_pii_sees_it_whole(start_app):
+    from crm_common.testing.helpers import TEST_API_KEY
+
+    async with start_app(api_keys=f"{TEST_API_KEY},reader:read,pii-reader:read+pii") as (client, app):
+        await seed_contact(app, "k2", email="jane.roe@example.com", phone="+447700900123", consents={"sms": True})
+        path = "/v1/customers/k2/contact"
+        whole = (await client.get(path, headers={"Authorization": "Bearer pii-reader"})).json()
+        assert (whole["email"], whole["phone"]) == ("jane.roe@example.com", "+447700900123")
+        masked = (await client.get(path, headers={"Authorization": "Bearer reader"})).json()
+        assert (masked["email"], masked["phone"]) == ("j***@example.com", "+44********23")
+        assert {k: v for k, v in masked.items() if k not in ("email", "phone")} == {
+            k: v for k, v in whole.items() if k not in ("email", "phone")
+        }
+        r = await client.post(
+            "/v1/messages", json={"customer_id": "k2", "template": "x"}, headers={"Authorization": "Bearer reader"}
+        )
+        assert r.status_code == 403 and r.json()["error"]["code"] == "missing_scope"

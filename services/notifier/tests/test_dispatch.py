@@ -338,7 +338,13 @@ async def test_a_campaigns_messages_are_counted_by_channel_state_and_suppression
         await add_template(client, "sale", "sms", body="Sale")
         sends = [("m1", "c1", "cmp-a"), ("m2", "c2", "cmp-a"), ("m3", "c3", "cmp-b")]
         for mid, customer, campaign in sends:
-            body = {"id": mid, "customer_id": customer, "template": "sale", "kind": "marketing", "campaign_id": campaign}
+            body = {
+                "id": mid,
+                "customer_id": customer,
+                "template": "sale",
+                "kind": "marketing",
+                "campaign_id": campaign,
+            }
             assert (await client.post("/v1/messages", json=body)).status_code == 202
         await _settled(client, ["m1", "m3"])
         r = await client.get("/v1/campaigns/cmp-a/messages")
@@ -355,3 +361,22 @@ async def test_a_campaigns_messages_are_counted_by_channel_state_and_suppression
             "counts": [],
         }
         assert (await client.get("/v1/campaigns/%00/messages")).status_code == 422
+
+
+async def test_the_channel_report_sums_what_the_sent_messages_cost_by_month_and_channel(start_app, provider):
+    async with start_app(sms_cost_per_message="0.05") as (client, app):
+        assert (await client.get("/v1/reports/channels")).json() == {"rows": [], "by_channel": {}, "total": "0"}
+        await seed_contact(app, "c1", phone="+14155550101", consents={"sms": True})
+        await seed_contact(app, "c2", phone="+14155550102", consents={"sms": True})
+        await seed_contact(app, "c3", consents={"sms": False})  # no channel: never sent, costs nothing
+        await add_template(client, "note", "sms", body="Hi")
+        for i, cid in enumerate(("c1", "c2", "c1", "c3")):
+            r = await client.post("/v1/messages", json={"id": f"cost-{i}", "customer_id": cid, "template": "note"})
+            assert r.status_code == 202, r.text
+        sent = await _settled(client, ["cost-0", "cost-1", "cost-2"], states=("sent", "delivered"))
+        month = sent[0]["sent_at"][:7]
+        doc = (await client.get("/v1/reports/channels")).json()
+        assert doc["rows"] == [
+            {"month": month, "channel": "sms", "sent": 3, "delivered": 0, "failed": 0, "cost": "0.1500"}
+        ]
+        assert doc["by_channel"] == {"sms": "0.1500"} and doc["total"] == "0.1500"

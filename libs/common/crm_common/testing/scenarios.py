@@ -47,7 +47,8 @@ class Platform:
     sms: LoopbackProvider
     push: LoopbackProvider
     site_key: str = ""
-    # The five apps, and the base URL of those already served on a port (segmentation, notifier).
+    # The five apps, and the base URLs of the services served over HTTP (segmentation and notifier; all five
+    # with `platform(over_http=True)`).
     apps: dict[str, Any] = field(default_factory=dict)
     urls: dict[str, str] = field(default_factory=dict)
 
@@ -120,21 +121,21 @@ class Platform:
         return r.json()
 
 
-def _app_of(client: httpx.AsyncClient) -> Any:
-    """The app behind an in-process client (crm_common.testing.helpers.run_app)."""
-    return client._transport.app  # type: ignore[attr-defined]
-
-
 @asynccontextmanager
 async def platform(
     make_database: Callable[[str], Awaitable[str]],
     bootstrap: str,
     topic_prefix: str,
     clock: ManualClock,
+    *,
+    over_http: bool = False,
+    api_keys: str | None = None,
     **notifier_kw: Any,
 ) -> AsyncIterator[Platform]:
     """All five services in this process on one clock; `make_database(package)` answers a migrated
-    database URL (the pytest plugin's fixture, or the demo's)."""
+    database URL (the pytest plugin's fixture, or the demo's). `over_http` serves every service
+    on a loopback port (the console's tests reach them through its proxy), not only the two that
+    offers calls; `api_keys` replaces CRM_API_KEYS (scoped keys) for the four ops APIs."""
     from crm_common.testing.helpers import run_app
     from ingest.app import create_app as ingest_app
     from ingest.keys import ensure_bootstrap_key
@@ -157,8 +158,20 @@ async def platform(
             sweeps_enabled=False,  # the scenarios run every sweep themselves, at simulated times
             log_json=False,
             kafka_consumer_batch_timeout_ms=50,
+            **({"api_keys": api_keys} if api_keys is not None else {}),
             **kw,
         )
+
+    urls: dict[str, str] = {}
+    apps: dict[str, Any] = {}
+
+    async def client(name: str, app: Any, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
+        apps[name] = app
+        if not over_http:
+            return await stack.enter_async_context(run_app(app, headers=headers))
+        urls[name] = await stack.enter_async_context(serve_app(app))
+        auth = TEST_AUTH if headers is None else headers
+        return await stack.enter_async_context(httpx.AsyncClient(base_url=urls[name], headers=auth, timeout=60))
 
     async with AsyncExitStack() as stack:
         box, smtp_port = stack.enter_context(smtp_mailbox())
@@ -185,38 +198,29 @@ async def platform(
         )
         seg_url = await stack.enter_async_context(serve_app(seg_app))
         note_url = await stack.enter_async_context(serve_app(note_app))
-        offers = await stack.enter_async_context(
-            run_app(
-                offers_app(
-                    settings(
-                        OffersSettings,
-                        await make_database("offers"),
-                        segmentation_url=seg_url,
-                        notifier_url=note_url,
-                        campaign_cache_ttl_s=0.0,
-                        sms_cost_per_message=SMS_COST,
-                    ),
-                    clock=clock,
-                )
-            )
+        urls.update(segmentation=seg_url, notifier=note_url)
+        offers = await client(
+            "offers",
+            offers_app(
+                settings(
+                    OffersSettings,
+                    await make_database("offers"),
+                    segmentation_url=seg_url,
+                    notifier_url=note_url,
+                    campaign_cache_ttl_s=0.0,
+                    sms_cost_per_message=SMS_COST,
+                ),
+                clock=clock,
+            ),
         )
-        loyalty = await stack.enter_async_context(
-            run_app(loyalty_app(settings(LoyaltySettings, await make_database("loyalty")), clock=clock))
+        loyalty = await client(
+            "loyalty", loyalty_app(settings(LoyaltySettings, await make_database("loyalty")), clock=clock)
         )
-        ingest = await stack.enter_async_context(
-            run_app(ingest_app(settings(IngestSettings, ingest_url), clock=clock), headers={})
-        )
+        ingest = await client("ingest", ingest_app(settings(IngestSettings, ingest_url), clock=clock), headers={})
         seg = await stack.enter_async_context(httpx.AsyncClient(base_url=seg_url, headers=TEST_AUTH, timeout=60))
         note = await stack.enter_async_context(httpx.AsyncClient(base_url=note_url, headers=TEST_AUTH, timeout=60))
-        p = Platform(ingest, seg, loyalty, offers, note, clock, box, sms, push)
-        p.apps = {
-            "ingest": _app_of(ingest),
-            "segmentation": seg_app,
-            "loyalty": _app_of(loyalty),
-            "offers": _app_of(offers),
-            "notifier": note_app,
-        }
-        p.urls = {"segmentation": seg_url, "notifier": note_url}
+        p = Platform(ingest, seg, loyalty, offers, note, clock, box, sms, push, urls=urls)
+        p.apps = {**apps, "segmentation": seg_app, "notifier": note_app}
         r = await ingest.post(
             "/v1/keys",
             json={"name": "site", "source": "site", "scopes": ["events:write"]},
