@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: bootstrap run stop test test-fast demo bench lint fmt clean
+.PHONY: bootstrap run stop test test-chaos test-fast demo bench lint fmt clean
 
 bootstrap:
 	@./scripts/bootstrap.sh
@@ -16,6 +16,11 @@ stop: bootstrap
 
 test: bootstrap
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The long chaos run (>= 50,000 events under kills and outages); `make test` runs only its short version.
+# CRM_CHAOS_SEED=n replays a seed (the run prints the one it used).
+test-chaos: bootstrap
+	CRM_CHAOS=long $(PY) -m pytest -s -q tests/chaos -k long $(PYTEST_ARGS)
 
 demo: bootstrap
 	$(PY) scripts/demo.py $(DEMO_ARGS)

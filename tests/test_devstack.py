@@ -1,5 +1,7 @@
 """`make run` end to end: the embedded stack starts, a purchase posted to ingest reaches crm.events.v1,
-the bootstrap key also opens the other services' APIs, and a clean stop brings everything down."""
+the bootstrap key also opens the other services' APIs, a service killed with -9 is restarted by the
+supervisor and the platform goes on accepting and applying events, and a clean stop brings
+everything down."""
 
 from __future__ import annotations
 
@@ -43,10 +45,13 @@ async def test_make_run_accepts_a_purchase_and_publishes_it():
     # Without CRM_API_KEYS the stack makes the bootstrap key the ops key of the other services.
     for name in ("KAFKA_BOOTSTRAP_SERVERS", "CRM_TOPIC_PREFIX", "CRM_API_KEYS"):
         env.pop(name, None)
+    # A file, not a pipe: the services log to the devstack's stdout, and a full pipe would block them.
+    log_path = local / "devstack.log"
+    log = open(log_path, "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "crm_common.devstack", "run"],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
@@ -96,18 +101,61 @@ async def test_make_run_accepts_a_purchase_and_publishes_it():
         msgs = await read_topic(f"127.0.0.1:{broker_port}", "crm.events.v1", min_count=1, timeout=20)
         assert [m["event_id"] for m in msgs] == [event_id]
         assert msgs[0]["type"] == "purchase" and msgs[0]["source"] == "pos"
+        await _kill_9_is_restarted_and_the_platform_goes_on(local, offset, broker_port, body, log_path)
     finally:
         started = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)
         try:
-            out, _ = await asyncio.to_thread(proc.communicate, timeout=90)
+            await asyncio.to_thread(proc.wait, timeout=90)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
+            proc.wait()
         stopped_in = time.monotonic() - started
-    text = out.decode(errors="replace")
+        log.close()
+    text = log_path.read_text(errors="replace")
     assert "[crm] stopped" in text, text[-3000:]
     assert stopped_in < 90
     assert not port_open("127.0.0.1", SERVICE_PORTS["ingest"] + offset)
     assert not port_open("127.0.0.1", 8000 + offset)
     assert not port_open("127.0.0.1", broker_port)
+
+
+async def _kill_9_is_restarted_and_the_platform_goes_on(
+    local: Path, offset: int, broker_port: int, body: bytes, log_path: Path
+) -> None:
+    """kill -9 loyalty: the supervisor starts it again (a new pid, /readyz 200, the restart logged),
+    and a second purchase posted after it is published and accrued by the restarted loyalty."""
+    import orjson
+
+    pid_file = local / "pids" / "loyalty.pid"
+    old = int(pid_file.read_text())
+    os.killpg(old, signal.SIGKILL)
+    loyalty = f"http://127.0.0.1:{SERVICE_PORTS['loyalty'] + offset}"
+    auth = {"Authorization": "Bearer devstack-test-key"}
+    async with httpx.AsyncClient(timeout=10) as client:
+
+        async def restarted() -> bool:
+            if not pid_file.exists() or int(pid_file.read_text()) == old:
+                return False
+            try:
+                return (await client.get(f"{loyalty}/readyz")).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        await eventually(restarted, timeout=60, interval=0.3, what="loyalty restarted and ready")
+        assert "loyalty exited with -9 (SIGKILL); restart #1 in 0.5 s" in log_path.read_text(errors="replace")
+        event = orjson.loads(body)
+        event["event_id"] += "-after-kill"
+        event["properties"]["order_id"] += "-after-kill"
+        r = await client.post(
+            f"http://127.0.0.1:{SERVICE_PORTS['ingest'] + offset}/v1/events", json=event, headers=auth
+        )
+        assert r.status_code == 202 and r.json()["accepted"] == 1, r.text
+        msgs = await read_topic(f"127.0.0.1:{broker_port}", "crm.events.v1", min_count=2, timeout=20)
+        assert event["event_id"] in [m["event_id"] for m in msgs]
+
+        async def both_accrued() -> bool:
+            r = await client.get(f"{loyalty}/v1/accounts/{event['customer_id']}", headers=auth)
+            return r.status_code == 200 and r.json()["purchases_count"] == 2
+
+        await eventually(both_accrued, timeout=60, interval=0.5, what="the restarted loyalty accrued the purchase")

@@ -3,7 +3,8 @@
 Starts PostgreSQL in `.local/pg` (port CRM_PG_PORT, default 55432), the Tansu broker (port
 CRM_BROKER_PORT, default 19092) unless KAFKA_BOOTSTRAP_SERVERS is set, creates one database per
 service (unless <SERVICE>_DATABASE_URL points elsewhere), the topics, runs migrations, creates the
-bootstrap API key and starts the five services. The other four services accept the same key
+bootstrap API key and starts the five services (and the local provider sinks) under a
+`Supervisor`: one that exits is restarted with backoff, never the whole platform stopped. The other four services accept the same key
 (CRM_API_KEYS is set to it unless already set), so one `Authorization: Bearer` header works
 everywhere. Ctrl-C or `make stop` stops it cleanly: the pipeline is drained before the broker
 goes away (group lag 0 for every consumer, every member assigned, outboxes empty; at most
@@ -28,6 +29,7 @@ from crm_common.infra import BrokerServer, PostgresServer, create_database, port
 from crm_common.kafka import ensure_topics
 from crm_common.migrations import upgrade
 from crm_common.settings import ALL_TOPICS, SERVICE_PORTS
+from crm_common.supervisor import Supervisor
 
 ROOT = Path(__file__).resolve().parents[3]
 LOCAL = Path(os.environ.get("CRM_LOCAL_DIR", ROOT / ".local")).resolve()
@@ -152,52 +154,38 @@ async def drain(
             await asyncio.sleep(interval)
 
 
-def _start_sinks(env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
+def _sink_commands(env: dict[str, str]) -> dict[str, list[str]]:
     """Local provider sinks so messages really leave the notifier: an SMTP server writing a
     Maildir under .local/mail, and loopback SMS and push providers. Off with CRM_LOCAL_SINKS=0;
-    skipped for any provider the environment already points elsewhere."""
+    skipped for any provider the environment already points elsewhere. Points the notifier's
+    settings in `env` at them and answers their commands, by name, for the supervisor."""
     if os.environ.get("CRM_LOCAL_SINKS", "1") == "0":
-        return []
-    procs = []
+        return {}
+    commands: dict[str, list[str]] = {}
     if "NOTIFIER_SMTP_HOST" not in env and "NOTIFIER_SMTP_PORT" not in env:
         port = 1025 + PORT_OFFSET
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "aiosmtpd",
-                    "-n",
-                    "-l",
-                    f"127.0.0.1:{port}",
-                    "-c",
-                    "aiosmtpd.handlers.Mailbox",
-                    str(LOCAL / "mail"),
-                ],
-                env=env,
-                start_new_session=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
+        commands["smtp-sink"] = [
+            sys.executable,
+            "-m",
+            "aiosmtpd",
+            "-n",
+            "-l",
+            f"127.0.0.1:{port}",
+            "-c",
+            "aiosmtpd.handlers.Mailbox",
+            str(LOCAL / "mail"),
+        ]
         env["NOTIFIER_SMTP_HOST"], env["NOTIFIER_SMTP_PORT"] = "127.0.0.1", str(port)
         _say(f"local SMTP sink on 127.0.0.1:{port}: e-mails land in {LOCAL / 'mail' / 'new'}")
     for setting, port, path in (("NOTIFIER_SMS_URL", 8091, "/v1/sms"), ("NOTIFIER_PUSH_BASE_URL", 8092, "")):
         if setting in env:
             continue
         port += PORT_OFFSET
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "crm_common.sinks", "--port", str(port)],
-                env=env,
-                start_new_session=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
+        name = "sms-sink" if "SMS" in setting else "push-sink"
+        commands[name] = [sys.executable, "-m", "crm_common.sinks", "--port", str(port)]
         env[setting] = f"http://127.0.0.1:{port}{path}"
         _say(f"local {'SMS' if 'SMS' in setting else 'push'} provider sink on 127.0.0.1:{port}")
-    return procs
+    return commands
 
 
 def run() -> None:
@@ -242,19 +230,16 @@ def run() -> None:
         env["CRM_API_KEYS"] = api_key
     ops_key = _ops_key(env, api_key)
 
-    sinks = _start_sinks(env)
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+    sup = Supervisor(say=_say, pid_dir=LOCAL / "pids")
+    for name, argv in _sink_commands(env).items():
+        sup.add(name, argv, env, stdout=subprocess.DEVNULL)
     for service, port in PORTS.items():
-        procs[service] = subprocess.Popen(
-            [sys.executable, "-m", "crm_common.serve", service, "--port", str(port)],
-            env=env,
-            start_new_session=True,
-        )
-    # The ops console (crm_common.console): not one of the five services, so not in PORTS.
+        sup.add(service, [sys.executable, "-m", "crm_common.serve", service, "--port", str(port)], env)
+    # The ops console (crm_common.console): not one of the five services, so not in PORTS; supervised too.
     from crm_common.console.app import CONSOLE_PORT
 
     console_port = CONSOLE_PORT + PORT_OFFSET
-    sinks.append(subprocess.Popen([sys.executable, "-m", "crm_common.console", "--port", str(console_port)], env=env))
+    sup.add("console", [sys.executable, "-m", "crm_common.console", "--port", str(console_port)], env)
     PID_FILE.write_text(str(os.getpid()))
     stop = {"now": False}
 
@@ -264,11 +249,9 @@ def run() -> None:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     deadline = time.monotonic() + 60
-    for service, port in PORTS.items():
+    for port in PORTS.values():
         while not port_open("127.0.0.1", port) and time.monotonic() < deadline and not stop["now"]:
-            if procs[service].poll() is not None:
-                _say(f"{service} exited with {procs[service].returncode}")
-                break
+            sup.step()
             time.sleep(0.1)
     _say("the platform is up:")
     for service, port in PORTS.items():
@@ -286,30 +269,19 @@ def run() -> None:
         + "' "
         "-H 'Content-Type: application/json' -d @docs/examples/purchase.json"
     )
-    _say("Ctrl-C or `make stop` stops everything")
+    _say("a service that exits is restarted; Ctrl-C or `make stop` stops everything")
     try:
+        # Only a signal ends this loop: an exited service or sink is restarted (with backoff).
         while not stop["now"]:
-            for service, proc in procs.items():
-                if proc.poll() is not None:
-                    _say(f"{service} exited with {proc.returncode}; stopping")
-                    stop["now"] = True
-            time.sleep(0.5)
+            sup.step()
+            time.sleep(0.2)
     finally:
         _say("stopping: draining the pipeline")
         try:
-            asyncio.run(
-                drain(PORTS, ops_key, timeout=DRAIN_TIMEOUT_S, alive=lambda service: procs[service].poll() is None)
-            )
+            asyncio.run(drain(PORTS, ops_key, timeout=DRAIN_TIMEOUT_S, alive=sup.alive))
         except Exception as exc:
             _say(f"drain failed: {exc!r}")
-        for proc in [*procs.values(), *sinks]:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in [*procs.values(), *sinks]:
-            try:
-                proc.wait(35)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        sup.stop_all(timeout=35)
         if broker:
             broker.stop()
         if need_pg:

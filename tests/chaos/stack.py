@@ -1,0 +1,214 @@
+"""The whole pipeline as separate processes under the devstack's supervisor, and the faults it suffers.
+
+Its own PostgreSQL and broker (the chaos pauses and kills them, so not the session's shared ones),
+the five services as `crm_common.serve` processes under `crm_common.supervisor.Supervisor` (a
+service killed with -9 is restarted exactly as under `make run`), loopback SMS and push providers
+in this process (scriptable: failing with 500, hanging past the notifier's timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import asyncpg
+import httpx
+
+from crm_common.infra import BrokerServer, PostgresServer, free_port, port_open
+from crm_common.kafka import ensure_topics
+from crm_common.migrations import upgrade_async
+from crm_common.settings import ALL_TOPICS
+from crm_common.sinks import LoopbackProvider
+from crm_common.supervisor import Supervisor
+from crm_common.testing.helpers import TEST_API_KEY
+
+SERVICES = ("ingest", "segmentation", "loyalty", "offers", "notifier")
+INGEST_KEY = "chaos-pos-key"
+AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
+# The notifier's provider timeout in the run; a hanging provider answers later than this.
+PROVIDER_TIMEOUT_S = 3.0
+
+
+def say(msg: str) -> None:
+    print(f"[chaos] {msg}", flush=True)
+
+
+class ChaosStack:
+    def __init__(self, tmp: Path, *, partitions: int = 3) -> None:
+        self.tmp = tmp
+        self.partitions = partitions
+        self.pg = PostgresServer(tmp / "pg", free_port(), durable=False)
+        self.broker = BrokerServer(free_port(), log_path=tmp / "broker.log")
+        self.sms = LoopbackProvider()
+        self.push = LoopbackProvider()
+        self.ports = {s: free_port() for s in SERVICES}
+        self.urls = {s: f"http://127.0.0.1:{p}" for s, p in self.ports.items()}
+        self.sup = Supervisor(say=lambda m: say(f"supervisor: {m}"), pid_dir=tmp / "pids")
+        self._logs: list[IO[bytes]] = []
+        self._stepper: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.pg.start()
+        self.broker.start()
+        self.sms.start()
+        self.push.start()
+        admin = await asyncpg.connect(self.pg.admin_url)
+        try:
+            for s in SERVICES:
+                await admin.execute(f'CREATE DATABASE "{s}"')
+        finally:
+            await admin.close()
+        for s in SERVICES:  # one at a time: Alembic's context is process-global
+            await upgrade_async(s, self.pg.url(s))
+        await self._add_ingest_key()
+        await ensure_topics(self.broker.bootstrap, list(ALL_TOPICS), partitions=self.partitions)
+        env = {**os.environ, **self._env()}
+        for s in SERVICES:
+            log = open(self.tmp / f"{s}.log", "ab")
+            self._logs.append(log)
+            self.sup.add(
+                s,
+                [sys.executable, "-m", "crm_common.serve", s, "--port", str(self.ports[s])],
+                {**env, f"{s.upper()}_DATABASE_URL": self.pg.url(s), f"{s.upper()}_SWEEPS_ENABLED": "false"},
+                stdout=log,
+            )
+        self._stepper = asyncio.create_task(self._step_supervisor())
+        for s in SERVICES:
+            await self.wait_ready(s, timeout=120)
+
+    def _env(self) -> dict[str, str]:
+        return {
+            "KAFKA_BOOTSTRAP_SERVERS": self.broker.bootstrap,
+            "CRM_TOPIC_PREFIX": "",
+            "CRM_LOG_LEVEL": "WARNING",
+            "CRM_LOG_JSON": "false",
+            "CRM_API_KEYS": TEST_API_KEY,
+            "OFFERS_SEGMENTATION_URL": self.urls["segmentation"],
+            "OFFERS_NOTIFIER_URL": self.urls["notifier"],
+            "OFFERS_GLOBAL_CONTROL_SHARE": "0",
+            "NOTIFIER_SMS_URL": f"{self.sms.url}/v1/sms",
+            "NOTIFIER_PUSH_BASE_URL": self.push.url,
+            "NOTIFIER_SMS_TIMEOUT_S": str(PROVIDER_TIMEOUT_S),
+            "NOTIFIER_PUSH_TIMEOUT_S": str(PROVIDER_TIMEOUT_S),
+            "NOTIFIER_QUIET_HOURS_START": "00:00",
+            "NOTIFIER_QUIET_HOURS_END": "00:00",
+            # A provider outage parks messages; short parks so the run does not wait minutes for them.
+            "NOTIFIER_PARK_BASE_S": "1",
+            "NOTIFIER_PARK_MAX_S": "4",
+            "NOTIFIER_BREAKER_COOLDOWN_S": "3",
+            "NOTIFIER_CONTACT_RECHECK_S": "2",
+        }
+
+    async def _add_ingest_key(self) -> None:
+        from crm_common.db import create_engine, create_sessionmaker
+        from ingest.keys import add_known_key
+
+        engine = create_engine(self.pg.url("ingest"), pool_size=1)
+        try:
+            async with create_sessionmaker(engine)() as session:
+                await add_known_key(
+                    session=session,
+                    key=INGEST_KEY,
+                    name="chaos",
+                    source="pos",
+                    scopes=["events:write"],
+                    rate_limit_per_s=1e7,
+                )
+                await session.commit()
+        finally:
+            await engine.dispose()
+
+    async def _step_supervisor(self) -> None:
+        while True:
+            self.sup.step()
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        if self._stepper is not None:
+            self._stepper.cancel()
+            await asyncio.gather(self._stepper, return_exceptions=True)
+        self.resume_broker()
+        await asyncio.to_thread(self.sup.stop_all, 35)
+        for log in self._logs:
+            log.close()
+        self.sms.stop()
+        self.push.stop()
+        self.broker.stop()
+        self.pg.stop()
+
+    async def wait_ready(self, service: str, timeout: float = 60) -> float:
+        """Wait until the service's /readyz answers 200; answer how long it took."""
+        started = time.monotonic()
+        async with httpx.AsyncClient(timeout=3) as http:
+            while True:
+                try:
+                    if (await http.get(f"{self.urls[service]}/readyz")).status_code == 200:
+                        return time.monotonic() - started
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() - started > timeout:
+                    raise AssertionError(f"{service} not ready within {timeout} s; log: {self.log_tail(service)}")
+                await asyncio.sleep(0.2)
+
+    def log_tail(self, service: str, chars: int = 3000) -> str:
+        path = self.tmp / f"{service}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    # -- faults ----------------------------------------------------------------------------------
+
+    def kill(self, service: str) -> int | None:
+        """kill -9 of the service's process group; the supervisor starts it again."""
+        return self.sup.kill(service, signal.SIGKILL)
+
+    def pause_broker(self) -> None:
+        assert self.broker.proc is not None
+        os.kill(self.broker.proc.pid, signal.SIGSTOP)
+
+    def resume_broker(self) -> None:
+        if self.broker.proc is not None and self.broker.proc.poll() is None:
+            os.kill(self.broker.proc.pid, signal.SIGCONT)
+
+    async def refuse_database(self, seconds: float) -> None:
+        """PostgreSQL refuses the five services' connections for `seconds`: new ones are refused
+        (ALLOW_CONNECTIONS false) and the open ones terminated, then both allowed again."""
+        admin = await asyncpg.connect(self.pg.admin_url)
+        try:
+            for s in SERVICES:
+                await admin.execute(f'ALTER DATABASE "{s}" ALLOW_CONNECTIONS false')
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ANY($1::text[])",
+                list(SERVICES),
+            )
+            await asyncio.sleep(seconds)
+        finally:
+            for s in SERVICES:
+                await admin.execute(f'ALTER DATABASE "{s}" ALLOW_CONNECTIONS true')
+            await admin.close()
+
+    @contextmanager
+    def provider_failing(self, provider: LoopbackProvider, mode: str) -> Iterator[None]:
+        """`500`: every request answered 500; `hang`: answers come after the notifier's timeout."""
+        if mode == "500":
+            provider.default_status = 500
+        else:
+            provider.delay_s = PROVIDER_TIMEOUT_S + 2
+        try:
+            yield
+        finally:
+            provider.default_status = 200
+            provider.delay_s = 0.0
+
+    async def db(self, service: str) -> Any:
+        return await asyncpg.connect(self.pg.url(service, driver="postgresql"))
+
+    def alive(self, service: str) -> bool:
+        return self.sup.alive(service) and port_open("127.0.0.1", self.ports[service])
