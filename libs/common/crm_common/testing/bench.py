@@ -7,7 +7,6 @@ import asyncio
 import os
 import re
 import time
-from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -224,12 +223,13 @@ def cpu_snapshot(roots: Iterable[int]) -> dict[int, tuple[str, float]]:
     return {pid: (_role(command_line(pid)), cpu_ticks(pid) / TICKS) for pid in descendants(roots)}
 
 
-def cpu_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> Counter[str]:
+def cpu_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
     """CPU seconds by role between two snapshots, process by process: a process started in between counts
     whole; one that ended in between (a pool's overflow connection, say) is missing from the figures."""
-    out: Counter[str] = Counter()
+    out: dict[str, float] = {}
     for pid, (role, seconds) in after.items():
-        out[role] += seconds - (before[pid][1] if pid in before and before[pid][0] == role else 0.0)
+        earlier = before[pid][1] if pid in before and before[pid][0] == role else 0.0
+        out[role] = out.get(role, 0.0) + seconds - earlier
     return out
 
 
