@@ -179,7 +179,7 @@ async def test_the_campaigns_page_shows_each_campaigns_state_reach_and_uplift(co
     assert any(v != "—" for v in uplift.values()), "no campaign showed an uplift: nothing was compared"
 
 
-async def test_a_campaign_page_shows_its_report_outcomes_and_the_dry_run_needs_write(console, tmp_path):
+async def test_a_campaign_page_shows_its_report_outcomes_dry_run_and_state_change_by_scope(console, tmp_path):
     cid = console.world.campaign_ids["wine"]
     page = await console.open(READ_KEY, f"#/campaigns/{cid}", tmp_path / "campaign.png")
     report = await console.api(READ_KEY, "offers", f"/v1/campaigns/{cid}/report")
@@ -202,10 +202,17 @@ async def test_a_campaign_page_shows_its_report_outcomes_and_the_dry_run_needs_w
     outcomes = await console.api(READ_KEY, "offers", f"/v1/campaigns/{cid}/outcomes")
     assert await cells(page, "outcomes", "count") == {o: fmt(n, 0) for o, n in outcomes.items()}
     assert "requested" in outcomes and "control" in outcomes
-    # A read-only key may not run the dry-run (a POST): the page says so and nothing ran.
+    # A read-only key may not pause the campaign: the page shows the API's 403 and the state is unchanged.
+    assert await page.inner_text("#state-change") == "Pause"
+    await page.click("#state-change")
+    await page.wait_for_selector("#state-result [data-k='error']")
+    assert "403 missing_scope" in await page.inner_text("#state-result")
+    assert (await console.api(READ_KEY, "offers", f"/v1/campaigns/{cid}"))["state"] == "active"
+    # It may run the dry-run: a POST that changes nothing (x-changes-nothing).
     await page.click("#dry-run")
-    await page.wait_for_selector("#dry-run-result [data-k='error']")
-    assert "403 missing_scope" in await page.inner_text("#dry-run-result")
+    await page.wait_for_selector("[data-k='dry-reached']")
+    read_dry = await console.api(READ_KEY, "offers", f"/v1/campaigns/{cid}/dry-run", method="POST")
+    assert await text(page, "dry-evaluated") == fmt(read_dry["evaluated"], 0)
     # The why of one control member.
     control = next(c for c, arm, _ in await console.world.assignments("wine") if arm == "control")
     await page.fill("#why-customer", control)
@@ -224,6 +231,13 @@ async def test_a_campaign_page_shows_its_report_outcomes_and_the_dry_run_needs_w
     assert await text(full, "dry-cost") == fmt(dry["expected_cost"])
     assert await cells(full, "dry-outcomes", "count") == {o: fmt(n, 0) for o, n in dry["outcomes"].items()}
     await full.screenshot(path=str(tmp_path / "campaign-dry-run.png"), full_page=True)
+    # The full key pauses it from the page, and resumes it (the other tests read it active).
+    await full.click("#state-change")
+    await full.wait_for_function("document.querySelector('#state-change')?.innerText === 'Resume'")
+    assert (await console.api(TEST_API_KEY, "offers", f"/v1/campaigns/{cid}"))["state"] == "paused"
+    await full.click("#state-change")
+    await full.wait_for_function("document.querySelector('#state-change')?.innerText === 'Pause'")
+    assert (await console.api(TEST_API_KEY, "offers", f"/v1/campaigns/{cid}"))["state"] == "active"
 
 
 async def test_the_segments_pages_show_sizes_over_time_and_the_rule(console, tmp_path):

@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -120,6 +120,16 @@ _bearer = HTTPBearer(
 )
 
 
+# For a POST that only reads (a dry-run, a preview, a coupon check): `@router.post(..., **CHANGES_NOTHING)`.
+# A key without `write` may call it; the OpenAPI shows the mark. tests/test_api_keys.py pins the list.
+CHANGES_NOTHING: dict[str, Any] = {"openapi_extra": {"x-changes-nothing": True}}
+
+
+def changes_nothing(request: Request) -> bool:
+    route = request.scope.get("route")
+    return bool((getattr(route, "openapi_extra", None) or {}).get("x-changes-nothing"))
+
+
 def api_key_dependency(keys: ApiKeys) -> Callable[..., Awaitable[None]]:
     """A route dependency: the request must carry `Authorization: Bearer <one of keys>`, with the
     `write` scope unless it is a GET or HEAD; a key without `pii` has the answer masked
@@ -141,7 +151,7 @@ def api_key_dependency(keys: ApiKeys) -> Callable[..., Awaitable[None]]:
         scopes = keys.scopes(token)
         if scopes is None:
             raise Unauthorized("unknown API key", headers=WWW_AUTHENTICATE)
-        if request.method not in READ_METHODS and "write" not in scopes:
+        if request.method not in READ_METHODS and "write" not in scopes and not changes_nothing(request):
             raise MissingScope(
                 f"this API key may not change anything: {request.method} needs the 'write' scope",
                 details={"required_scope": "write", "scopes": sorted(scopes)},

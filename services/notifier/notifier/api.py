@@ -11,6 +11,7 @@ from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import ValidationError
 
+from crm_common.auth import CHANGES_NOTHING
 from crm_common.contract.messages import MessageRequested
 from crm_common.contract.types import Locale
 from crm_common.errors import InvalidInput, PayloadTooLarge
@@ -130,6 +131,7 @@ async def delete_template(template_id: PathId, session: SessionDep) -> Response:
     "/templates/{template_id}/preview",
     response_model=PreviewRead,
     summary="Render a template with sample or given values",
+    **CHANGES_NOTHING,
 )
 async def preview_template(
     template_id: PathId, data: PreviewRequest, session: SessionDep, notifier: NotifierDep

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 
+from crm_common.auth import CHANGES_NOTHING
 from offers import campaigns as domain
 from offers import decisions
 from offers.coupons_api import router as coupons_router
@@ -52,7 +53,9 @@ async def list_campaigns(
     return {"items": items, "total": total}
 
 
-@router.post("/campaigns/dry-run", response_model=DryRunRead, summary="Dry-run an unsaved definition")
+@router.post(
+    "/campaigns/dry-run", response_model=DryRunRead, summary="Dry-run an unsaved definition", **CHANGES_NOTHING
+)
 async def dry_run_unsaved(
     body: DryRunRequest, session: SessionDep, peers: PeersDep, now: NowDep, settings: SettingsDep
 ) -> dict[str, Any]:
@@ -112,7 +115,12 @@ async def end(campaign_id: CampaignId, session: SessionDep, peers: PeersDep, now
     return await _transition("end", campaign_id, session, peers, now, cache)
 
 
-@router.post("/campaigns/{campaign_id}/dry-run", response_model=DryRunRead, summary="Dry-run a saved campaign now")
+@router.post(
+    "/campaigns/{campaign_id}/dry-run",
+    response_model=DryRunRead,
+    summary="Dry-run a saved campaign now",
+    **CHANGES_NOTHING,
+)
 async def dry_run_saved(
     campaign_id: CampaignId, session: SessionDep, now: NowDep, settings: SettingsDep
 ) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query
 
+from crm_common.auth import CHANGES_NOTHING
 from crm_common.errors import InvalidInput
 from offers import codes, coupons
 from offers.deps import CustomerId, NowDep, SessionDep, SettingsDep
@@ -50,6 +51,7 @@ Code = Annotated[str, Depends(code_path)]
     response_model=ValidateRead,
     summary="Would this coupon apply to this basket now, and what would it give (nothing is written)",
     responses={404: _REFUSALS[404], 422: _REFUSALS[422]},
+    **CHANGES_NOTHING,
 )
 async def validate(body: ValidateRequest, session: SessionDep, now: NowDep, settings: SettingsDep) -> dict[str, Any]:
     return await coupons.validate(

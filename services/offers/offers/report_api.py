@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
+from crm_common.auth import CHANGES_NOTHING
 from offers import backtest as bt
 from offers import campaigns as domain
 from offers import report
@@ -51,6 +52,7 @@ async def campaign_report(
         404: {"description": "unknown campaign"},
         422: {"description": "bad period or a trigger it cannot replay"},
     },
+    **CHANGES_NOTHING,
 )
 async def backtest(
     campaign_id: CampaignId, body: bt.BacktestRequest, session: SessionDep, settings: SettingsDep

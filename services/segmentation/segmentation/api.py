@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
+from crm_common.auth import CHANGES_NOTHING
 from crm_common.contract.types import Id
 from crm_common.http import PathId
 from segmentation import segments as seg_domain
@@ -72,6 +73,7 @@ async def create_segment(body: SegmentCreate, session: SessionDep, runtime: Runt
     "/segments/dry-run",
     response_model=DryRunResult,
     summary="How many customers a rule matches now",
+    **CHANGES_NOTHING,
 )
 async def dry_run(body: DryRunRequest, session: SessionDep, runtime: RuntimeDep) -> dict[str, Any]:
     return await seg_domain.dry_run(session=session, rule=body.rule, now=runtime.clock.now(), sample=body.sample)

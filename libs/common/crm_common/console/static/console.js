@@ -232,8 +232,17 @@ async function campaignView(id) {
     } catch (e) { whyOut.replaceChildren(errorBox(e)); }
   };
   const warnings = (report.warnings || []).map((w) => h("div", { class: "muted", "data-k": "warning" }, "⚠ " + w));
+  // Pause or resume (a change: the key needs the write scope; a read key is shown the API's 403).
+  const move = { active: ["pause", "Pause"], paused: ["resume", "Resume"] }[c.state];
+  const moveOut = h("span", { id: "state-result" });
+  const changeState = async () => {
+    try {
+      await api("offers", `${path}/${move[0]}`, { method: "POST" });
+      await render();
+    } catch (e) { moveOut.replaceChildren(errorBox(e)); }
+  };
   return [
-    h("h1", {}, c.name, " ", state(c.state)),
+    h("h1", {}, c.name, " ", state(c.state), " ", move ? h("button", { id: "state-change", onclick: changeState }, move[1]) : null, moveOut),
     h("div", { class: "sub" }, `version ${c.version} · attribution ${report.attribution_days} days · control share ${pct(report.control_share)}`),
     h("div", { class: "cards" },
       card("Treated", int(arms.treated.members), "treated-members", `converted ${int(arms.treated.converted)} (${pct(arms.treated.conversion_rate)})`),
@@ -255,7 +264,7 @@ async function campaignView(id) {
       h("div", { class: "panel" }, h("h2", {}, "Decision outcomes"),
         table([["Outcome", (r) => r[0]], ["Decisions", (r) => int(r[1]), { num: true, k: "count" }]],
           Object.entries(outcomes).sort((a, b) => b[1] - a[1]).map(([o, n]) => Object.assign([o, n], { __id: o })), "outcomes"))),
-    h("div", { class: "panel" }, h("h2", {}, "Dry run"), h("p", { class: "muted" }, "Evaluates the campaign now over every profile without sending anything (needs a key with write, since it is a POST)."),
+    h("div", { class: "panel" }, h("h2", {}, "Dry run"), h("p", { class: "muted" }, "Evaluates the campaign now over every profile without sending or storing anything (any key may run it)."),
       h("button", { id: "dry-run", onclick: runDry }, "Dry run now"), dry),
     h("div", { class: "panel" }, h("h2", {}, "Why did or didn't a customer get it"),
       h("form", { class: "inline", onsubmit: why }, whyInput, h("button", { type: "submit", id: "why-submit" }, "Explain")), whyOut),
