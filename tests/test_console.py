@@ -19,7 +19,6 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
@@ -27,11 +26,11 @@ import pytest_asyncio
 from crm_common.clock import ManualClock
 from crm_common.console.app import ConsoleSettings, create_app
 from crm_common.kafka import ensure_topics
-from crm_common.migrations import upgrade_async
 from crm_common.pii import mask_email
 from crm_common.settings import ALL_TOPICS
 from crm_common.testing.generator import generate
 from crm_common.testing.helpers import TEST_API_KEY, publish, serve_app, unique
+from crm_common.testing.plugin import database_maker
 from crm_common.testing.scenarios import World, platform
 
 # tests/test_scenarios.py's history: its wine campaign has a control arm large enough for an interval.
@@ -121,24 +120,13 @@ async def console(pg_server, broker) -> AsyncIterator[Console]:
     from playwright.async_api import async_playwright
 
     assert os.path.exists(CHROMIUM), "install Debian's chromium (scripts/bootstrap.sh does, as root)"
-    created: list[str] = []
-
-    async def make_database(package: str) -> str:
-        name = unique("con_")
-        admin = await asyncpg.connect(pg_server.admin_url)
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await admin.close()
-        created.append(name)
-        url = pg_server.url(name)
-        await upgrade_async(package, url)
-        return url
-
     prefix = unique("con") + "."
     await ensure_topics(broker.bootstrap, [prefix + t for t in ALL_TOPICS], partitions=3)
     clock = ManualClock(T0)
-    async with platform(make_database, broker.bootstrap, prefix, clock, over_http=True, api_keys=KEYS) as p:
+    async with (
+        database_maker(pg_server) as make_database,
+        platform(make_database, broker.bootstrap, prefix, clock, over_http=True, api_keys=KEYS) as p,
+    ):
         world = World(p, generate(SEED, T0, COUNTS), control_share=0.3, seed=SEED)
         await world.run()
         # A size history for the segments (one point per sweep), and a message nobody can read,
@@ -154,12 +142,6 @@ async def console(pg_server, broker) -> AsyncIterator[Console]:
                 yield Console(world, url, browser)
             finally:
                 await browser.close()
-    admin = await asyncpg.connect(pg_server.admin_url)
-    try:
-        for name in created:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 async def test_the_campaigns_page_shows_each_campaigns_state_reach_and_uplift(console, tmp_path):

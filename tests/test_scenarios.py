@@ -16,16 +16,15 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import asyncpg
 import pytest
 import pytest_asyncio
 
 from crm_common.clock import ManualClock
 from crm_common.kafka import ensure_topics
-from crm_common.migrations import upgrade_async
 from crm_common.settings import ALL_TOPICS
 from crm_common.testing.generator import generate
 from crm_common.testing.helpers import unique
+from crm_common.testing.plugin import database_maker
 from crm_common.testing.scenarios import SMS_COST, World, platform
 
 SEED = 11
@@ -38,34 +37,17 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def world(pg_server, broker) -> AsyncIterator[World]:
-    created: list[str] = []
-
-    async def make_database(package: str) -> str:
-        name = unique("scn_")
-        admin = await asyncpg.connect(pg_server.admin_url)
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await admin.close()
-        created.append(name)
-        url = pg_server.url(name)
-        await upgrade_async(package, url)
-        return url
-
     prefix = unique("scn") + "."
     await ensure_topics(broker.bootstrap, [prefix + t for t in ALL_TOPICS], partitions=3)
     clock = ManualClock(T0)
     history = generate(SEED, T0, COUNTS)
-    async with platform(make_database, broker.bootstrap, prefix, clock) as p:
+    async with (
+        database_maker(pg_server) as make_database,
+        platform(make_database, broker.bootstrap, prefix, clock) as p,
+    ):
         w = World(p, history, control_share=CONTROL_SHARE, seed=SEED)
         await w.run()
         yield w
-    admin = await asyncpg.connect(pg_server.admin_url)
-    try:
-        for name in created:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 def history_of(world: World, cid: str) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ import shutil
 import signal
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -113,8 +114,12 @@ _templates: dict[str, str] = {}
 _template_lock = asyncio.Lock()
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def make_database(pg_server: PostgresServer) -> AsyncIterator[Callable[..., Awaitable[str]]]:
+@asynccontextmanager
+async def database_maker(pg_server: PostgresServer) -> AsyncIterator[Callable[..., Awaitable[str]]]:
+    """`make(package)`: a new database migrated for the package (copied from a migrated template, so
+    each costs a file copy, not a migration run), or an empty one without a package; every database
+    made is dropped when the block ends. The `make_database` fixture, and module-scoped fixtures of
+    their own (the scenarios', the console's), use it."""
     created: list[str] = []
 
     async def _make(package: str | None = None) -> str:
@@ -140,13 +145,21 @@ async def make_database(pg_server: PostgresServer) -> AsyncIterator[Callable[...
         finally:
             await admin.close()
 
-    yield _make
-    admin = await asyncpg.connect(pg_server.admin_url)
     try:
-        for name in created:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield _make
     finally:
-        await admin.close()
+        admin = await asyncpg.connect(pg_server.admin_url)
+        try:
+            for name in created:
+                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def make_database(pg_server: PostgresServer) -> AsyncIterator[Callable[..., Awaitable[str]]]:
+    async with database_maker(pg_server) as make:
+        yield make
 
 
 @pytest_asyncio.fixture(loop_scope="session")
