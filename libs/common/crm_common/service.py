@@ -32,7 +32,7 @@ from crm_common.http import BodyLimitMiddleware
 from crm_common.kafka import make_producer
 from crm_common.logging import configure_logging
 from crm_common.notify import OUTBOX_CHANNEL, Listener
-from crm_common.outbox import OutboxRelay
+from crm_common.outbox import OUTBOX_SWEEP, OutboxQueue, OutboxRelay, outbox_sweep
 from crm_common.pii import PiiMaskMiddleware
 from crm_common.relay_thread import RelayThread
 from crm_common.settings import TOPIC_DLQ, BaseServiceSettings
@@ -180,8 +180,11 @@ class ServiceRuntime:
             producer=self.producer,
             batch_size=s.outbox_batch_size,
             topic_prefix=s.topic_prefix,
+            queue=OutboxQueue(retention_s=s.outbox_retention_s),
         )
         self.relays.append(relay)
+        if relay.queue.republishable and relay.queue.retention_s > 0 and OUTBOX_SWEEP not in self.sweeps:
+            self.add_sweep(OUTBOX_SWEEP, s.outbox_sweep_interval_s, outbox_sweep(relay.queue, s.retention_batch_size))
         worker = self.add_worker(
             f"relay:{relay.name}",
             relay.run_once,
