@@ -127,15 +127,17 @@ class BrokerRecovery:
 
     async def after_restart(self) -> Recovered | None:
         """Call once the restarted broker listens: recover when it lost data, else say so; what was done."""
-        previous_since, self.broker_since = self.broker_since, self.now()
+        restarted_at = self.now()
         missing, ends = await read_log_ends(self.bootstrap, self.topics)
         reason = loss_reason(self.recorded, missing, ends)
         if reason is None:
             self.say("broker restarted with its data: nothing to recover")
-            return None
-        done = await self.recover(reason, previous_since - MARGIN)
-        self.recoveries.append(done)
-        return done
+        else:
+            # From the start of the lost broker's life: a failed recovery, tried again, reaches as far.
+            done = await self.recover(reason, self.broker_since - MARGIN)
+            self.recoveries.append(done)
+        self.broker_since = restarted_at
+        return None if reason is None else self.recoveries[-1]
 
     async def recover(self, reason: str, since: datetime) -> Recovered:
         """Recreate the topics, restart the services, replay ingest's archive and republish the outboxes from `since`."""
@@ -216,3 +218,48 @@ def _earliest(r: httpx.Response, field: str) -> datetime | None:
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
     return None
+
+
+class BrokerWatch:
+    """Drive a `BrokerRecovery` from the supervisor that runs the broker as its child `name`.
+
+    While the same broker process runs, it records the log end offsets every `observe_every_s`;
+    when the supervisor has started a new one (a new pid) and its port is open, it calls
+    `after_restart` (which detects whether anything was lost before recovering).
+    """
+
+    def __init__(
+        self,
+        recovery: BrokerRecovery,
+        *,
+        pid: Callable[[], int | None],
+        port: int,
+        observe_every_s: float = 5.0,
+    ) -> None:
+        self.recovery = recovery
+        self.pid = pid
+        self.port = port
+        self.observe_every_s = observe_every_s
+        self.seen_pid = pid()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Watch until `stopping` is set; a failed recovery is said and tried again at the next pass."""
+        from crm_common.infra import port_open
+
+        last_observe = 0.0
+        loop = asyncio.get_running_loop()
+        while not stopping.is_set():
+            pid = self.pid()
+            try:
+                if pid is not None and pid != self.seen_pid and port_open("127.0.0.1", self.port):
+                    await self.recovery.after_restart()
+                    self.seen_pid = pid
+                elif pid is not None and pid == self.seen_pid and loop.time() - last_observe >= self.observe_every_s:
+                    last_observe = loop.time()
+                    await asyncio.wait_for(self.recovery.observe(), 20)
+            except Exception as exc:
+                self.recovery.say(f"broker watch: {exc!r}")
+            try:
+                await asyncio.wait_for(stopping.wait(), 0.5)
+            except TimeoutError:
+                pass
