@@ -52,8 +52,8 @@ async def read_log_ends(bootstrap: str, topics: Sequence[str]) -> tuple[list[str
     client = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, request_timeout_ms=10_000
     )
-    await client.start()
     try:
+        await client.start()
         listed = await client.topics()
         missing = sorted(t for t in topics if t not in listed)
         tps = [
