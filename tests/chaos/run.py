@@ -236,8 +236,10 @@ class ChaosRun:
         """Inject the plan's faults in a seeded order with seeded gaps and durations."""
         p, rnd = self.plan, self.rnd
         kinds = ["broker_pause", "db_refusal", "provider_500", "provider_hang"] + ["kill"] * p.kills
-        kinds += ["broker_kill"] * p.broker_kills
         rnd.shuffle(kinds)
+        # The broker's kill comes first, while the load is still being posted and applied: a loss
+        # with messages in flight, not after everything was consumed.
+        kinds = ["broker_kill"] * p.broker_kills + kinds
         for kind in kinds:
             await asyncio.sleep(rnd.uniform(*p.gap_s))
             started = time.monotonic()
@@ -250,6 +252,9 @@ class ChaosRun:
             elif kind == "broker_kill":
                 target = "broker"
                 say("kill -9 broker (the supervisor restarts it, empty)")
+                self.figures.notes.append(
+                    f"broker killed with {self.posted} of {len(self.load.stream)} events of the stream accepted"
+                )
                 seconds = await self.stack.kill_broker()
                 self.broker_lost.set()
             elif kind == "broker_pause":
