@@ -102,6 +102,7 @@ async def test_make_run_accepts_a_purchase_and_publishes_it():
         assert [m["event_id"] for m in msgs] == [event_id]
         assert msgs[0]["type"] == "purchase" and msgs[0]["source"] == "pos"
         await _kill_9_is_restarted_and_the_platform_goes_on(local, offset, broker_port, body, log_path)
+        await _a_broker_killed_comes_back_empty_and_is_recovered(local, offset, broker_port, body, log_path)
     finally:
         started = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)
@@ -159,3 +160,40 @@ async def _kill_9_is_restarted_and_the_platform_goes_on(
             return r.status_code == 200 and r.json()["purchases_count"] == 2
 
         await eventually(both_accrued, timeout=60, interval=0.5, what="the restarted loyalty accrued the purchase")
+
+
+async def _a_broker_killed_comes_back_empty_and_is_recovered(
+    local: Path, offset: int, broker_port: int, body: bytes, log_path: Path
+) -> None:
+    """kill -9 the broker: the supervisor starts it again, empty, on its port; the broker watch detects
+    the loss, recreates the topics and has ingest replay its archive (both events are on crm.events.v1
+    again), and loyalty, which had applied both, applies nothing twice."""
+    import orjson
+
+    pid_file = local / "pids" / "broker.pid"
+    old = int(pid_file.read_text())
+    os.killpg(old, signal.SIGKILL)
+    await eventually(
+        lambda: "broker watch: recovered:" in log_path.read_text(errors="replace"),
+        timeout=180,
+        interval=0.5,
+        what="the broker watch's recovery",
+    )
+    text = log_path.read_text(errors="replace")
+    assert "broker watch: broker lost its data (topics missing" in text or "partitions end below" in text, text[-3000:]
+    assert int(pid_file.read_text()) != old
+    event_id = orjson.loads(body)["event_id"]
+    msgs = await read_topic(f"127.0.0.1:{broker_port}", "crm.events.v1", min_count=2, timeout=30)
+    assert {event_id, event_id + "-after-kill"} <= {m["event_id"] for m in msgs}
+    loyalty = f"http://127.0.0.1:{SERVICE_PORTS['loyalty'] + offset}"
+    auth = {"Authorization": "Bearer devstack-test-key"}
+    customer = orjson.loads(body)["customer_id"]
+    async with httpx.AsyncClient(timeout=10) as client:
+
+        async def pipeline_settled() -> bool:
+            r = await client.get(f"{loyalty}/v1/ops/pipeline", headers=auth)
+            return r.status_code == 200 and all(c["lag"] == 0 and c["assigned"] for c in r.json()["consumers"])
+
+        await eventually(pipeline_settled, timeout=90, interval=0.5, what="loyalty caught up on the new broker")
+        r = await client.get(f"{loyalty}/v1/accounts/{customer}", headers=auth)
+        assert r.status_code == 200 and r.json()["purchases_count"] == 2, r.text

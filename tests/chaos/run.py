@@ -42,6 +42,8 @@ class Plan:
     db_refusal_s: tuple[float, float]
     provider_s: tuple[float, float]
     gap_s: tuple[float, float]
+    # kill -9 of the broker, restarted empty; the watch of the stack detects it and recovers.
+    broker_kills: int = 1
 
 
 @dataclass
@@ -64,13 +66,16 @@ class Figures:
 
     def report(self, seed: int, duration: float) -> str:
         kinds = Counter(f.kind for f in self.faults)
-        outage = sum(f.seconds for f in self.faults if f.kind != "kill")
+        outage = sum(f.seconds for f in self.faults if f.kind not in ("kill", "broker_kill"))
+        lost_broker = [f.seconds for f in self.faults if f.kind == "broker_kill"]
         down = sum(f.seconds for f in self.faults if f.kind == "kill")
         lines = [
             f"CHAOS seed={seed} events={self.events} accepted={self.accepted} duration={duration:.0f}s",
             "  faults: " + ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())),
             f"  outage seconds (broker paused, database refusing, providers failing): {outage:.1f}",
             f"  services down after kill -9 until ready again: {down:.1f} s in total",
+            "  broker kill -9, restarted empty, until recovered (topics, services restarted, replay, republish): "
+            + (", ".join(f"{s:.1f} s" for s in lost_broker) or "none"),
             f"  time to recover (last fault over -> drained, every message final): {self.recover_s:.1f} s",
         ]
         for kind in sorted(self.lost.keys() | self.doubled.keys()):
@@ -93,6 +98,11 @@ class ChaosRun:
         self.redeemed: dict[str, Decimal] = {}  # redemption id -> points applied (the till's receipts)
         self.refused: dict[str, int] = {}
         self.posted = 0
+        # Set once the broker's kill is over: what is produced straight onto a topic (the poison)
+        # is not the platform's to restore, so it comes after the loss.
+        self.broker_lost = asyncio.Event()
+        if not plan.broker_kills:
+            self.broker_lost.set()
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -201,6 +211,7 @@ class ChaosRun:
         """Unprocessable messages straight onto crm.events.v1: each consumer must dead-letter them."""
         while self.posted < len(self.load.stream) // 3:  # noqa: ASYNC110
             await asyncio.sleep(0.5)
+        await self.broker_lost.wait()
         producer = AIOKafkaProducer(bootstrap_servers=self.stack.broker.bootstrap, acks="all", request_timeout_ms=5000)
         while True:
             try:
@@ -226,6 +237,9 @@ class ChaosRun:
         p, rnd = self.plan, self.rnd
         kinds = ["broker_pause", "db_refusal", "provider_500", "provider_hang"] + ["kill"] * p.kills
         rnd.shuffle(kinds)
+        # The broker's kill comes first, while the load is still being posted and applied: a loss
+        # with messages in flight, not after everything was consumed.
+        kinds = ["broker_kill"] * p.broker_kills + kinds
         for kind in kinds:
             await asyncio.sleep(rnd.uniform(*p.gap_s))
             started = time.monotonic()
@@ -235,6 +249,14 @@ class ChaosRun:
                 say(f"kill -9 {target} (pid {pid})")
                 await asyncio.sleep(0.3)
                 seconds = 0.3 + await self.stack.wait_ready(target, timeout=120)
+            elif kind == "broker_kill":
+                target = "broker"
+                say("kill -9 broker (the supervisor restarts it, empty)")
+                self.figures.notes.append(
+                    f"broker killed with {self.posted} of {len(self.load.stream)} events of the stream accepted"
+                )
+                seconds = await self.stack.kill_broker()
+                self.broker_lost.set()
             elif kind == "broker_pause":
                 target, seconds = "broker", rnd.uniform(*p.broker_pause_s)
                 say(f"SIGSTOP broker for {seconds:.1f} s")
@@ -274,6 +296,10 @@ class ChaosRun:
         assert await drain(self.stack.ports, TEST_API_KEY, timeout=drain_timeout, say=say), "pipeline not drained"
         await self._messages_final(timeout=drain_timeout)
         self.figures.recover_s = time.monotonic() - calm
+        for r in self.stack.recovery.recoveries:
+            self.figures.notes.append(
+                f"broker loss detected ({r.reason}); ingest replayed {r.replayed}, republished {r.republished}"
+            )
         await self.check()
         return self.figures
 

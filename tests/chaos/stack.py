@@ -24,6 +24,7 @@ import httpx
 from crm_common.infra import BrokerServer, PostgresServer, free_port, port_open
 from crm_common.kafka import ensure_topics
 from crm_common.migrations import upgrade_async
+from crm_common.recovery import BrokerRecovery, BrokerWatch
 from crm_common.settings import ALL_TOPICS
 from crm_common.sinks import LoopbackProvider
 from crm_common.supervisor import Supervisor
@@ -53,12 +54,30 @@ class ChaosStack:
         self.sup = Supervisor(say=lambda m: say(f"supervisor: {m}"), pid_dir=tmp / "pids")
         self._logs: list[IO[bytes]] = []
         self._stepper: asyncio.Task[None] | None = None
+        # The broker is a child of the supervisor too (restarted on its port, empty); the watch
+        # detects that it lost its data and recovers (crm_common.recovery), as under `make run`.
+        self.recovery = BrokerRecovery(
+            bootstrap=self.broker.bootstrap,
+            topics=list(ALL_TOPICS),
+            partitions=partitions,
+            ingest_url=self.urls["ingest"],
+            ingest_key=INGEST_KEY,
+            outbox_urls={s: self.urls[s] for s in SERVICES if s != "ingest"},
+            ops_key=TEST_API_KEY,
+            restart_services=self.restart_services,
+            say=lambda m: say(f"recovery: {m}"),
+        )
+        self._watching = asyncio.Event()
+        self._watch: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
         self.pg.start()
-        self.broker.start()
+        broker_log = open(self.tmp / "broker.log", "ab")
+        self._logs.append(broker_log)
+        self.sup.add("broker", self.broker.command(), stdout=broker_log)
+        self.broker.wait_listening()
         self.sms.start()
         self.push.start()
         admin = await asyncpg.connect(self.pg.admin_url)
@@ -84,6 +103,8 @@ class ChaosStack:
         self._stepper = asyncio.create_task(self._step_supervisor())
         for s in SERVICES:
             await self.wait_ready(s, timeout=120)
+        watch = BrokerWatch(self.recovery, pid=lambda: self.sup.pid("broker"), port=self.broker.port)
+        self._watch = asyncio.create_task(watch.run(self._watching))
 
     def _env(self) -> dict[str, str]:
         return {
@@ -120,7 +141,7 @@ class ChaosStack:
                     key=INGEST_KEY,
                     name="chaos",
                     source="pos",
-                    scopes=["events:write"],
+                    scopes=["events:write", "replay"],
                     rate_limit_per_s=1e7,
                 )
                 await session.commit()
@@ -133,16 +154,19 @@ class ChaosStack:
             await asyncio.sleep(0.1)
 
     async def stop(self) -> None:
+        self._watching.set()
+        if self._watch is not None:
+            await asyncio.gather(self._watch, return_exceptions=True)
         if self._stepper is not None:
             self._stepper.cancel()
             await asyncio.gather(self._stepper, return_exceptions=True)
         self.resume_broker()
-        await asyncio.to_thread(self.sup.stop_all, 35)
+        await asyncio.to_thread(self.sup.stop_all, 35, list(SERVICES))
+        await asyncio.to_thread(self.sup.stop_all, 10, ["broker"])
         for log in self._logs:
             log.close()
         self.sms.stop()
         self.push.stop()
-        self.broker.stop()
         self.pg.stop()
 
     async def wait_ready(self, service: str, timeout: float = 60) -> float:
@@ -170,12 +194,33 @@ class ChaosStack:
         return self.sup.kill(service, signal.SIGKILL)
 
     def pause_broker(self) -> None:
-        assert self.broker.proc is not None
-        os.kill(self.broker.proc.pid, signal.SIGSTOP)
+        pid = self.sup.pid("broker")
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
 
     def resume_broker(self) -> None:
-        if self.broker.proc is not None and self.broker.proc.poll() is None:
-            os.kill(self.broker.proc.pid, signal.SIGCONT)
+        pid = self.sup.pid("broker") if "broker" in self.sup.children else None
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)
+
+    async def kill_broker(self, timeout: float = 300) -> float:
+        """kill -9 the broker; the supervisor starts it again, empty, on its port, and the watch
+        recovers. Answers the seconds until the recovery was done."""
+        started, before = time.monotonic(), len(self.recovery.recoveries)
+        self.sup.kill("broker", signal.SIGKILL)
+        while len(self.recovery.recoveries) == before:
+            if time.monotonic() - started > timeout:
+                raise AssertionError(f"no recovery within {timeout} s of the broker's kill")
+            await asyncio.sleep(0.2)
+        return time.monotonic() - started
+
+    async def restart_services(self) -> None:
+        """kill -9 every service (the supervisor restarts them) and wait until they are ready again."""
+        for s in SERVICES:
+            self.kill(s)
+        await asyncio.sleep(1)
+        for s in SERVICES:
+            await self.wait_ready(s, timeout=120)
 
     async def refuse_database(self, seconds: float) -> None:
         """PostgreSQL refuses the five services' connections for `seconds`: new ones are refused

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Table,
     Text,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import (
@@ -54,7 +55,8 @@ def service_metadata() -> MetaData:
         Column("processed_at", DateTime(timezone=True), server_default=func.now(), nullable=False),
         Index("ix_inbox_processed_at", "processed_at"),
     )
-    # A message to publish, written in the business transaction; the relay sends and deletes it.
+    # A message to publish, written in the business transaction; the relay sends it and sets `sent_at`
+    # (kept for outbox_retention_s, so it can be republished; crm_common.outbox).
     Table(
         "outbox",
         metadata,
@@ -64,6 +66,8 @@ def service_metadata() -> MetaData:
         Column("value", LargeBinary, nullable=False),
         Column("headers", JSONB, nullable=True),
         Column("created_at", DateTime(timezone=True), server_default=func.now(), nullable=False),
+        Column("sent_at", DateTime(timezone=True), nullable=True),
+        Index("ix_outbox_unsent", "id", postgresql_where=text("sent_at IS NULL")),
     )
     return metadata
 

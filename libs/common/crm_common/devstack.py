@@ -4,7 +4,9 @@ Starts PostgreSQL in `.local/pg` (port CRM_PG_PORT, default 55432), the Tansu br
 CRM_BROKER_PORT, default 19092) unless KAFKA_BOOTSTRAP_SERVERS is set, creates one database per
 service (unless <SERVICE>_DATABASE_URL points elsewhere), the topics, runs migrations, creates the
 bootstrap API key and starts the five services (and the local provider sinks) under a
-`Supervisor`: one that exits is restarted with backoff, never the whole platform stopped. The other four services accept the same key
+`Supervisor`: one that exits is restarted with backoff, never the whole platform stopped. The
+embedded broker is supervised too; after it restarted, a broker watch (crm_common.recovery)
+detects whether it came back empty and, if so, restores the platform's messages. The other four services accept the same key
 (CRM_API_KEYS is set to it unless already set), so one `Authorization: Bearer` header works
 everywhere. Ctrl-C or `make stop` stops it cleanly: the pipeline is drained before the broker
 goes away (group lag 0 for every consumer, every member assigned, outboxes empty; at most
@@ -197,13 +199,17 @@ def run() -> None:
         _say(f"starting PostgreSQL on 127.0.0.1:{pg.port} (data in {pg.data_dir})")
         pg.start()
     broker: BrokerServer | None = None
+    sup = Supervisor(say=_say, pid_dir=LOCAL / "pids")
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if not bootstrap:
         broker = BrokerServer(int(os.environ.get("CRM_BROKER_PORT", "19092")), log_path=LOCAL / "broker.log")
         if port_open("127.0.0.1", broker.port):
             raise SystemExit(f"port {broker.port} is taken: is the platform already running? (`make stop`)")
         _say(f"starting the Kafka-protocol broker (Tansu) on 127.0.0.1:{broker.port}")
-        broker.start()
+        # Supervised like the services: restarted on its port if it exits (empty: it keeps topics in
+        # memory), and the broker watch below recovers what it lost.
+        sup.add("broker", broker.command(), stdout=open(LOCAL / "broker.log", "ab"))
+        broker.wait_listening()
         bootstrap = broker.bootstrap
     partitions = int(os.environ.get("KAFKA_TOPIC_PARTITIONS", "12"))
     prefix = os.environ.get("CRM_TOPIC_PREFIX", "")
@@ -230,7 +236,6 @@ def run() -> None:
         env["CRM_API_KEYS"] = api_key
     ops_key = _ops_key(env, api_key)
 
-    sup = Supervisor(say=_say, pid_dir=LOCAL / "pids")
     for name, argv in _sink_commands(env).items():
         sup.add(name, argv, env, stdout=subprocess.DEVNULL)
     for service, port in PORTS.items():
@@ -270,24 +275,83 @@ def run() -> None:
         "-H 'Content-Type: application/json' -d @docs/examples/purchase.json"
     )
     _say("a service that exits is restarted; Ctrl-C or `make stop` stops everything")
+    watch = _start_broker_watch(sup, broker, env, api_key, ops_key, partitions, prefix) if broker else None
     try:
-        # Only a signal ends this loop: an exited service or sink is restarted (with backoff).
+        # Only a signal ends this loop: an exited service, sink or broker is restarted (with backoff).
         while not stop["now"]:
             sup.step()
             time.sleep(0.2)
     finally:
+        if watch is not None:
+            watch()
         _say("stopping: draining the pipeline")
         try:
             asyncio.run(drain(PORTS, ops_key, timeout=DRAIN_TIMEOUT_S, alive=sup.alive))
         except Exception as exc:
             _say(f"drain failed: {exc!r}")
-        sup.stop_all(timeout=35)
+        sup.stop_all(timeout=35, names=[n for n in sup.children if n != "broker"])
         if broker:
-            broker.stop()
+            sup.stop_all(timeout=10, names=["broker"])
         if need_pg:
             pg.stop()
         PID_FILE.unlink(missing_ok=True)
         _say("stopped")
+
+
+def _start_broker_watch(
+    sup: Supervisor,
+    broker: BrokerServer,
+    env: Mapping[str, str],
+    ingest_key: str,
+    ops_key: str | None,
+    partitions: int,
+    prefix: str,
+) -> Callable[[], None]:
+    """Watch the embedded broker in a thread of its own (`crm_common.recovery.BrokerWatch`): after the
+    supervisor restarted it, detect whether it came back empty and if so recover (topics, services
+    restarted, ingest's replay, the outboxes republished). Answers the function that stops the watch."""
+    import threading
+
+    from crm_common.recovery import BrokerRecovery, BrokerWatch
+
+    async def restart_services() -> None:
+        # kill -9 (crash-safe by design): a graceful stop would commit positions of the lost logs.
+        for service in SERVICES:
+            sup.kill(service)
+        await asyncio.sleep(1)
+        deadline = time.monotonic() + 120
+        async with httpx.AsyncClient(timeout=3) as http:
+            for port in PORTS.values():
+                while time.monotonic() < deadline:
+                    try:
+                        if (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    await asyncio.sleep(0.5)
+
+    recovery = BrokerRecovery(
+        bootstrap=broker.bootstrap,
+        topics=[prefix + t for t in ALL_TOPICS],
+        partitions=partitions,
+        ingest_url=f"http://127.0.0.1:{PORTS['ingest']}",
+        ingest_key=ingest_key,
+        outbox_urls={s: f"http://127.0.0.1:{p}" for s, p in PORTS.items() if s != "ingest"},
+        ops_key=ops_key,
+        restart_services=restart_services,
+        say=lambda m: _say(f"broker watch: {m}"),
+    )
+    watch = BrokerWatch(recovery, pid=lambda: sup.pid("broker"), port=broker.port)
+    loop = asyncio.new_event_loop()
+    stopping = asyncio.Event()
+    thread = threading.Thread(target=loop.run_until_complete, args=(watch.run(stopping),), daemon=True)
+    thread.start()
+
+    def stop_watch() -> None:
+        loop.call_soon_threadsafe(stopping.set)
+        thread.join(10)
+
+    return stop_watch
 
 
 def stop() -> None:

@@ -185,27 +185,30 @@ class BrokerServer:
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30) -> None:
+    def command(self) -> list[str]:
+        """The broker's command line: what `start` runs, and what a supervisor restarts on the same port."""
         url = f"tcp://127.0.0.1:{self.port}"
+        return [
+            str(tansu_binary()),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+
+    def start(self, timeout: float = 30) -> None:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(
-            [
-                str(tansu_binary()),
-                "broker",
-                "--listener-url",
-                url,
-                "--advertised-listener-url",
-                url,
-                "--storage-engine",
-                "memory://tansu/",
-            ],
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
-        )
+        self.proc = subprocess.Popen(self.command(), stdout=out, stderr=out, start_new_session=True)
+        self.wait_listening(timeout)
+
+    def wait_listening(self, timeout: float = 30) -> None:
+        """Wait for the port to open (the process of `start`, or one a supervisor started)."""
         deadline = time.monotonic() + timeout
         while not port_open("127.0.0.1", self.port):
-            if self.proc.poll() is not None:
+            if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"broker exited with {self.proc.returncode}")
             if time.monotonic() > deadline:
                 raise RuntimeError("broker did not open its port")

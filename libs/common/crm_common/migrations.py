@@ -80,6 +80,22 @@ def create_runtime_tables() -> None:
     )
 
 
+def add_outbox_sent_at() -> None:
+    """Keep sent outbox rows for a window (crm_common.outbox): `sent_at` is NULL until the relay sent the row.
+
+    The relay reads only unsent rows, in id order, through the partial index; sent rows stay until
+    the retention sweep deletes them, so that `POST /v1/ops/republish` can send them again after a
+    broker lost its data.
+    """
+    op.add_column("outbox", sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True))
+    op.create_index("ix_outbox_unsent", "outbox", ["id"], postgresql_where=sa.text("sent_at IS NULL"))
+
+
+def drop_outbox_sent_at() -> None:
+    op.drop_index("ix_outbox_unsent", table_name="outbox")
+    op.drop_column("outbox", "sent_at")
+
+
 def drop_runtime_tables() -> None:
     op.drop_table("outbox")
     op.drop_table("inbox")

@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from crm_common import metrics, serde
 from crm_common.contract.messages import DeliveryEvent, LoyaltyEvent, MessageRequested, SegmentMembershipChanged
 from crm_common.kafka import send_batched
 from crm_common.notify import OUTBOX_CHANNEL
+from crm_common.retention import delete_in_batches
 from crm_common.settings import TOPIC_DELIVERIES, TOPIC_LOYALTY, TOPIC_MESSAGES, TOPIC_SEGMENTS
 
 # The contract model of every topic a service publishes through its outbox.
@@ -111,20 +113,47 @@ class OutboxQueue:
     """Where a relay reads what to publish: the `outbox` table (every service's default).
 
     A subclass points the relay at another queue table with the same contract: `fetch` returns
-    an acknowledgement token and the (topic, key, value) rows in publication order, `ack` deletes
-    them in the relay's transaction, `backlog_sql` counts what waits.
+    an acknowledgement token and the (topic, key, value) rows in publication order, `ack` marks
+    them sent in the relay's transaction, `backlog_sql` counts what waits.
+
+    The outbox keeps sent rows for `retention_s` (`sent_at` set by the ack, the fetch reads the
+    unsent ones through a partial index), so that `republish` can mark them unsent again after a
+    broker lost its data; with 0 the ack deletes them as before. `republishable` says whether the
+    queue can do that (ingest's archive queue replays instead).
     """
 
-    fetch_sql = "SELECT id, topic, key, value FROM outbox ORDER BY id LIMIT :limit"
-    ack_sql = "DELETE FROM outbox WHERE id = ANY(CAST(:ids AS bigint[]))"
-    backlog_sql = "SELECT count(*) FROM outbox"
+    republishable = True
+    fetch_sql = "SELECT id, topic, key, value FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT :limit"
+    ack_sql = "UPDATE outbox SET sent_at = now() WHERE id = ANY(CAST(:ids AS bigint[]))"
+    delete_sql = "DELETE FROM outbox WHERE id = ANY(CAST(:ids AS bigint[]))"
+    backlog_sql = "SELECT count(*) FROM outbox WHERE sent_at IS NULL"
+    # Oldest first along the primary key (rows are sent in id order), so a batch stops early.
+    _sweep_sql = text(
+        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE sent_at < :before ORDER BY id LIMIT :limit)"
+    )
+    _republish_sql = text(
+        "WITH r AS (UPDATE outbox SET sent_at = NULL WHERE sent_at >= :since RETURNING 1)"
+        f" SELECT n, CASE WHEN n > 0 THEN pg_notify('{OUTBOX_CHANNEL}', '') END FROM (SELECT count(*) AS n FROM r) c"
+    )
+
+    def __init__(self, retention_s: float = 0) -> None:
+        self.retention_s = retention_s
 
     async def fetch(self, session: AsyncSession, limit: int) -> tuple[Any, list[tuple[str, str, bytes]]]:
         rows = (await session.execute(text(self.fetch_sql), {"limit": limit})).all()
         return [r.id for r in rows], [(r.topic, r.key, bytes(r.value)) for r in rows]
 
     async def ack(self, session: AsyncSession, token: Any) -> None:
-        await session.execute(text(self.ack_sql), {"ids": token})
+        await session.execute(text(self.ack_sql if self.retention_s > 0 else self.delete_sql), {"ids": token})
+
+    async def delete_sent_before(self, conn: AsyncConnection, before: datetime, limit: int) -> int:
+        """Delete at most `limit` rows sent before `before` (one batch of the retention sweep)."""
+        result = await conn.execute(self._sweep_sql, {"before": before, "limit": limit})
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+    async def republish(self, session: AsyncSession, since: datetime) -> int:
+        """Mark the rows sent at or after `since` unsent again (the relay sends them in id order); how many."""
+        return int((await session.execute(self._republish_sql, {"since": since})).scalar_one())
 
 
 class OutboxRelay:
@@ -185,7 +214,7 @@ class OutboxRelay:
             messages = [(self.topic_prefix + topic, key.encode(), value) for topic, key, value in rows]
             if self.failing:
                 await self._require_topics({m[0] for m in messages})
-            # Sent before the delete commits: a crash in between republishes, and consumers dedupe by id.
+            # Sent before the ack commits: a crash in between republishes, and consumers dedupe by id.
             await asyncio.wait_for(send_batched(self.producer, messages), self.send_timeout_s)
             await self.queue.ack(session, token)
             await session.commit()
@@ -203,3 +232,25 @@ class OutboxRelay:
         """Rows waiting; `sessionmaker`: the caller's, when the relay's own lives on another loop."""
         async with (sessionmaker or self.sessionmaker)() as session:
             return int((await session.execute(text(self.queue.backlog_sql))).scalar() or 0)
+
+
+OUTBOX_SWEEP = "outbox_retention"
+
+
+def outbox_horizon(retention_s: float, now: datetime) -> datetime:
+    """The oldest send time the outbox still keeps (and `republish` can reach)."""
+    return now - timedelta(seconds=retention_s)
+
+
+def outbox_sweep(queue: OutboxQueue, batch_size: int) -> Callable[[AsyncSession, datetime], Awaitable[int]]:
+    """The periodic sweep deleting outbox rows sent before the retention window, in batches."""
+
+    async def sweep(session: AsyncSession, now: datetime) -> int:
+        before = outbox_horizon(queue.retention_s, now)
+
+        async def step(conn: AsyncConnection, limit: int) -> int:
+            return await queue.delete_sent_before(conn, before, limit)
+
+        return await delete_in_batches(session=session, step=step, batch_size=batch_size)
+
+    return sweep

@@ -9,7 +9,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import httpx
@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaProducer
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import ORJSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import AwareDatetime, BaseModel, ConfigDict, field_validator
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -27,12 +28,12 @@ from crm_common.clock import Clock, SystemClock
 from crm_common.consumer import BatchHandler, ConsumerRunner, Record
 from crm_common.db import create_engine, create_sessionmaker
 from crm_common.dlq import read_dead_letters
-from crm_common.errors import NotFound, error_body, install_error_handlers, is_transient
+from crm_common.errors import InvalidInput, NotFound, error_body, install_error_handlers, is_transient
 from crm_common.http import BodyLimitMiddleware
 from crm_common.kafka import make_producer
 from crm_common.logging import configure_logging
 from crm_common.notify import OUTBOX_CHANNEL, Listener
-from crm_common.outbox import OutboxRelay
+from crm_common.outbox import OUTBOX_SWEEP, OutboxQueue, OutboxRelay, outbox_horizon, outbox_sweep
 from crm_common.pii import PiiMaskMiddleware
 from crm_common.relay_thread import RelayThread
 from crm_common.settings import TOPIC_DLQ, BaseServiceSettings
@@ -180,8 +181,11 @@ class ServiceRuntime:
             producer=self.producer,
             batch_size=s.outbox_batch_size,
             topic_prefix=s.topic_prefix,
+            queue=OutboxQueue(retention_s=s.outbox_retention_s),
         )
         self.relays.append(relay)
+        if relay.queue.republishable and relay.queue.retention_s > 0 and OUTBOX_SWEEP not in self.sweeps:
+            self.add_sweep(OUTBOX_SWEEP, s.outbox_sweep_interval_s, outbox_sweep(relay.queue, s.retention_batch_size))
         worker = self.add_worker(
             f"relay:{relay.name}",
             relay.run_once,
@@ -232,6 +236,34 @@ class ServiceRuntime:
             await session.commit()
         self.wake_relays()
         return result
+
+    def republishable(self) -> list[OutboxRelay]:
+        """The relays whose queue keeps sent rows for a window (not ingest's archive, which replays)."""
+        return [r for r in self.relays if r.queue.republishable and r.queue.retention_s > 0]
+
+    async def republish(self, since: datetime) -> int:
+        """Mark the outbox rows sent at or after `since` unsent again and wake the relays; how many.
+
+        The relays send them again in id order, before anything enqueued later; the consumers'
+        inboxes drop what they had already applied. After a broker lost its data (crm_common.recovery).
+        """
+        horizon = outbox_horizon(self.settings.outbox_retention_s, self.clock.now())
+        if since < horizon:
+            msg = f"since reaches past the outbox retention window; the earliest allowed is {horizon.isoformat()}"
+            raise InvalidInput(
+                msg,
+                details=[
+                    {"loc": ["body", "since"], "msg": msg, "type": "value_error", "earliest": horizon.isoformat()}
+                ],
+            )
+        count = 0
+        for relay in self.republishable():
+            async with self.sessionmaker() as session:
+                count += await relay.queue.republish(session, since)
+                await session.commit()
+        self.wake_relays()
+        log.info("republish: %d outbox rows sent since %s marked unsent", count, since.isoformat())
+        return count
 
     async def start(self) -> None:
         tune_gc(self.settings.gc_gen0_threshold)
@@ -404,6 +436,22 @@ async def _consumer_report(c: ConsumerRunner) -> dict[str, Any]:
     }
 
 
+class RepublishIn(BaseModel):
+    """Mark the outbox rows sent at or after `since` (an ISO datetime with its offset) unsent again."""
+
+    model_config = ConfigDict(extra="forbid")
+    since: AwareDatetime
+
+    @field_validator("since")
+    @classmethod
+    def _in_utc(cls, value: datetime) -> datetime:
+        # In UTC, as the database compares it; a time that does not exist there is bad input, not a 500.
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("since is out of the range of datetimes") from None
+
+
 def _ops_router() -> APIRouter:
     """Pipeline state and sweeps on demand: under /v1, so behind the API key like the service's routes."""
     router = APIRouter(tags=["ops"])
@@ -436,6 +484,20 @@ def _ops_router() -> APIRouter:
             else []
         )
         return {"items": items, "consumers": sorted(groups)}
+
+    @router.post(
+        "/v1/ops/republish",
+        summary="Send again the outbox rows sent since a time (after a broker lost its data; consumers dedupe)",
+        responses={
+            404: {"description": "this service keeps no outbox to republish"},
+            422: {"description": "bad since"},
+        },
+    )
+    async def republish(body: RepublishIn, runtime: RuntimeDep) -> dict[str, Any]:
+        if not runtime.republishable():
+            raise NotFound("this service keeps no sent outbox rows to republish (outbox_retention_s is 0 or no outbox)")
+        count = await runtime.republish(body.since)
+        return {"republished": count, "since": body.since.isoformat()}
 
     @router.post("/v1/ops/sweeps/{name}", summary="Run a periodic sweep now (one replica at a time)")
     async def run_sweep(name: str, runtime: RuntimeDep) -> dict[str, Any]:

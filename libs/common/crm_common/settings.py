@@ -75,6 +75,11 @@ class BaseServiceSettings(BaseSettings):
     # Rows deleted per transaction by retention sweeps.
     retention_batch_size: int = Field(5000, ge=1)
     outbox_batch_size: int = 1000
+    # How long sent outbox rows are kept (crm_common.outbox): `POST /v1/ops/republish` reaches back
+    # this far after a broker lost its data. 0 deletes a row once sent (no republish).
+    outbox_retention_s: float = Field(3600, ge=0)
+    # How often the outbox retention sweep deletes rows sent longer ago than outbox_retention_s.
+    outbox_sweep_interval_s: float = Field(60, gt=0)
     log_level: str = shared("CRM_LOG_LEVEL", "INFO")
     log_json: bool = shared("CRM_LOG_JSON", True)
     # Largest request body any route reads (413 beyond it, counted as it streams in). Ingest's

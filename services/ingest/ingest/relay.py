@@ -32,7 +32,9 @@ class EventArchiveQueue(OutboxQueue):
         " CROSS JOIN LATERAL unnest(b.seqs) AS p(seq) JOIN events e ON e.seq = p.seq"
         " WHERE b.id = ANY(CAST(:ids AS bigint[])) ORDER BY p.seq"
     )
-    ack_sql = "DELETE FROM event_pending_batches WHERE id = ANY(CAST(:ids AS bigint[]))"
+    # The archive itself is what a replay re-sends: a published batch's list is simply deleted.
+    republishable = False
+    ack_sql = delete_sql = "DELETE FROM event_pending_batches WHERE id = ANY(CAST(:ids AS bigint[]))"
     backlog_sql = "SELECT coalesce(sum(n), 0) FROM event_pending_batches"
 
     async def fetch(self, session: AsyncSession, limit: int) -> tuple[Any, list[tuple[str, str, bytes]]]:

@@ -137,7 +137,9 @@ async def test_control_and_global_control_are_held_out_and_recorded(make_stack, 
         assert decided == expected
         counts = {o: list(decided.values()).count(o) for o in set(decided.values())}
         assert 2 <= counts["global_control"] <= 25 and 35 <= counts["control"] <= 85
-        await eventually(lambda: st.sql("SELECT 1 FROM outbox HAVING count(*) = 0"), what="relay drained")
+        await eventually(
+            lambda: st.sql("SELECT 1 FROM outbox WHERE sent_at IS NULL HAVING count(*) = 0"), what="relay drained"
+        )
         msgs = await st.requested(c["id"])
         assert sorted(m["customer_id"] for m in msgs) == sorted(k for k, o in decided.items() if o == "requested")
         assert len({m["id"] for m in msgs}) == len(msgs)
