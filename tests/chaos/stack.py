@@ -41,6 +41,15 @@ def say(msg: str) -> None:
     print(f"[chaos] {msg}", flush=True)
 
 
+def _sweeps(service: str) -> dict[str, str]:
+    """Sweeps off (the run drives the clock-free load itself), but for the notifier's: its
+    `release_stale_leases` is how messages claimed by a dispatcher that was killed mid-send go back
+    to the queue (the recovery kill -9s every service at once), with a lease short enough for a run."""
+    if service == "notifier":
+        return {"NOTIFIER_SWEEPS_ENABLED": "true", "NOTIFIER_DISPATCH_LEASE_S": "20"}
+    return {f"{service.upper()}_SWEEPS_ENABLED": "false"}
+
+
 class ChaosStack:
     def __init__(self, tmp: Path, *, partitions: int = 3) -> None:
         self.tmp = tmp
@@ -97,7 +106,7 @@ class ChaosStack:
             self.sup.add(
                 s,
                 [sys.executable, "-m", "crm_common.serve", s, "--port", str(self.ports[s])],
-                {**env, f"{s.upper()}_DATABASE_URL": self.pg.url(s), f"{s.upper()}_SWEEPS_ENABLED": "false"},
+                {**env, f"{s.upper()}_DATABASE_URL": self.pg.url(s), **_sweeps(s)},
                 stdout=log,
             )
         self._stepper = asyncio.create_task(self._step_supervisor())
