@@ -41,7 +41,7 @@ import asyncpg
 import httpx
 import orjson
 
-from crm_common.devstack import pipeline_pending
+from crm_common.devstack import pipeline_pending, wait_ready
 from crm_common.infra import BrokerServer, PostgresServer, free_port
 from crm_common.kafka import ensure_topics
 from crm_common.migrations import upgrade_async
@@ -225,21 +225,9 @@ async def main() -> None:
         await admin.close()
         for s in SERVICES:
             await upgrade_async(s, pg.url(s))
-        from crm_common.db import create_engine, create_sessionmaker
-        from ingest.keys import add_known_key
+        from ingest.keys import ensure_key
 
-        engine = create_engine(pg.url("ingest"), pool_size=1)
-        async with create_sessionmaker(engine)() as session:
-            await add_known_key(
-                session=session,
-                key=INGEST_KEY,
-                name="bench",
-                source="pos",
-                scopes=["events:write"],
-                rate_limit_per_s=1e7,
-            )
-            await session.commit()
-        await engine.dispose()
+        await ensure_key(pg.url("ingest"), INGEST_KEY, name="bench", scopes=["events:write"], rate_limit_per_s=1e7)
         prefix = "pipe."
         await ensure_topics(broker.bootstrap, [prefix + t for t in ALL_TOPICS], partitions=PARTITIONS)
         ports = {s: free_port() for s in SERVICES}
@@ -271,11 +259,8 @@ async def main() -> None:
             p.start(timeout=60)
         async with httpx.AsyncClient(headers={"Authorization": f"Bearer {TEST_API_KEY}"}, timeout=30) as http:
             for s, url in urls.items():
-                deadline = time.monotonic() + 60
-                while (await http.get(f"{url}/readyz")).status_code != 200:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"{s} not ready")
-                    await asyncio.sleep(0.2)
+                if await wait_ready(url, timeout=60) is None:
+                    raise RuntimeError(f"{s} not ready")
             r = await http.post(
                 f"{urls['notifier']}/v1/templates",
                 json={

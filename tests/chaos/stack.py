@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import asyncpg
-import httpx
 
+from crm_common.devstack import wait_ready
 from crm_common.infra import BrokerServer, PostgresServer, free_port, port_open
 from crm_common.kafka import ensure_topics
 from crm_common.migrations import upgrade_async
@@ -139,23 +139,11 @@ class ChaosStack:
         }
 
     async def _add_ingest_key(self) -> None:
-        from crm_common.db import create_engine, create_sessionmaker
-        from ingest.keys import add_known_key
+        from ingest.keys import ensure_key
 
-        engine = create_engine(self.pg.url("ingest"), pool_size=1)
-        try:
-            async with create_sessionmaker(engine)() as session:
-                await add_known_key(
-                    session=session,
-                    key=INGEST_KEY,
-                    name="chaos",
-                    source="pos",
-                    scopes=["events:write", "replay"],
-                    rate_limit_per_s=1e7,
-                )
-                await session.commit()
-        finally:
-            await engine.dispose()
+        await ensure_key(
+            self.pg.url("ingest"), INGEST_KEY, name="chaos", scopes=["events:write", "replay"], rate_limit_per_s=1e7
+        )
 
     async def _step_supervisor(self) -> None:
         while True:
@@ -180,17 +168,10 @@ class ChaosStack:
 
     async def wait_ready(self, service: str, timeout: float = 60) -> float:
         """Wait until the service's /readyz answers 200; answer how long it took."""
-        started = time.monotonic()
-        async with httpx.AsyncClient(timeout=3) as http:
-            while True:
-                try:
-                    if (await http.get(f"{self.urls[service]}/readyz")).status_code == 200:
-                        return time.monotonic() - started
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() - started > timeout:
-                    raise AssertionError(f"{service} not ready within {timeout} s; log: {self.log_tail(service)}")
-                await asyncio.sleep(0.2)
+        took = await wait_ready(self.urls[service], timeout=timeout)
+        if took is None:
+            raise AssertionError(f"{service} not ready within {timeout} s; log: {self.log_tail(service)}")
+        return took
 
     def log_tail(self, service: str, chars: int = 3000) -> str:
         path = self.tmp / f"{service}.log"

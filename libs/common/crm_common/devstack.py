@@ -156,6 +156,22 @@ async def drain(
             await asyncio.sleep(interval)
 
 
+async def wait_ready(base_url: str, *, timeout: float, interval: float = 0.2) -> float | None:
+    """Wait until `<base_url>/readyz` answers 200 (database and broker reachable); answers how long it took,
+    or None when it did not within `timeout` s. A service that does not answer yet is waited for."""
+    started = time.monotonic()
+    async with httpx.AsyncClient(timeout=3) as http:
+        while True:
+            try:
+                if (await http.get(f"{base_url}/readyz")).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() - started > timeout:
+                return None
+            await asyncio.sleep(interval)
+
+
 def _sink_commands(env: dict[str, str]) -> dict[str, list[str]]:
     """Local provider sinks so messages really leave the notifier: an SMTP server writing a
     Maildir under .local/mail, and loopback SMS and push providers. Off with CRM_LOCAL_SINKS=0;
@@ -320,15 +336,8 @@ def _start_broker_watch(
             sup.kill(service)
         await asyncio.sleep(1)
         deadline = time.monotonic() + 120
-        async with httpx.AsyncClient(timeout=3) as http:
-            for port in PORTS.values():
-                while time.monotonic() < deadline:
-                    try:
-                        if (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    await asyncio.sleep(0.5)
+        for port in PORTS.values():
+            await wait_ready(f"http://127.0.0.1:{port}", timeout=max(0.0, deadline - time.monotonic()), interval=0.5)
 
     recovery = BrokerRecovery(
         bootstrap=broker.bootstrap,

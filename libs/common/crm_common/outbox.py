@@ -139,6 +139,11 @@ class OutboxQueue:
     def __init__(self, retention_s: float = 0) -> None:
         self.retention_s = retention_s
 
+    @property
+    def keeps_sent(self) -> bool:
+        """Whether sent rows stay for a window, so that `republish` can reach them."""
+        return self.republishable and self.retention_s > 0
+
     async def fetch(self, session: AsyncSession, limit: int) -> tuple[Any, list[tuple[str, str, bytes]]]:
         rows = (await session.execute(text(self.fetch_sql), {"limit": limit})).all()
         return [r.id for r in rows], [(r.topic, r.key, bytes(r.value)) for r in rows]

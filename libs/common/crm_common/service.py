@@ -184,7 +184,7 @@ class ServiceRuntime:
             queue=OutboxQueue(retention_s=s.outbox_retention_s),
         )
         self.relays.append(relay)
-        if relay.queue.republishable and relay.queue.retention_s > 0 and OUTBOX_SWEEP not in self.sweeps:
+        if relay.queue.keeps_sent and OUTBOX_SWEEP not in self.sweeps:
             self.add_sweep(OUTBOX_SWEEP, s.outbox_sweep_interval_s, outbox_sweep(relay.queue, s.retention_batch_size))
         worker = self.add_worker(
             f"relay:{relay.name}",
@@ -239,7 +239,7 @@ class ServiceRuntime:
 
     def republishable(self) -> list[OutboxRelay]:
         """The relays whose queue keeps sent rows for a window (not ingest's archive, which replays)."""
-        return [r for r in self.relays if r.queue.republishable and r.queue.retention_s > 0]
+        return [r for r in self.relays if r.queue.keeps_sent]
 
     async def republish(self, since: datetime) -> int:
         """Mark the outbox rows sent at or after `since` unsent again and wake the relays; how many.

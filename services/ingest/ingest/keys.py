@@ -115,11 +115,27 @@ async def add_known_key(
     )
 
 
-async def ensure_bootstrap_key(database_url: str, key: str) -> None:
-    """Create the bootstrap key (source pos, all scopes) unless it exists; idempotent."""
+async def ensure_key(
+    database_url: str,
+    key: str,
+    *,
+    name: str,
+    scopes: list[str],
+    source: str = "pos",
+    rate_limit_per_s: float | None = None,
+) -> None:
+    """Create a caller-chosen key in the database at `database_url` unless it exists; idempotent (the
+    bootstrap key, a benchmark's or the chaos run's)."""
     engine = create_engine(database_url, pool_size=1)
     try:
         async with session_scope(create_sessionmaker(engine)) as session:
-            await add_known_key(session=session, key=key, name=BOOTSTRAP_KEY_NAME, source="pos", scopes=list(SCOPES))
+            await add_known_key(
+                session=session, key=key, name=name, source=source, scopes=scopes, rate_limit_per_s=rate_limit_per_s
+            )
     finally:
         await engine.dispose()
+
+
+async def ensure_bootstrap_key(database_url: str, key: str) -> None:
+    """Create the bootstrap key (source pos, all scopes) unless it exists; idempotent."""
+    await ensure_key(database_url, key, name=BOOTSTRAP_KEY_NAME, scopes=list(SCOPES))
