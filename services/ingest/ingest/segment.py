@@ -110,11 +110,14 @@ def _time_field(value: Any, name: str, reasons: list[dict[str, Any]]) -> datetim
         return None
 
 
-def occurred_at(message: dict[str, Any], *, batch_sent_at: Any, now: datetime, reasons: list[dict[str, Any]]) -> str:
+def occurred_at(
+    message: dict[str, Any], *, batch_sent_at: Any, now: datetime, reasons: list[dict[str, Any]]
+) -> datetime:
     """When the message happened, corrected for the sender's clock skew as Segment does it:
     `now - (sentAt - originalTimestamp)`, where a server library's `timestamp` is the original one;
     without `sentAt` the timestamp as sent; without any timestamp, now. `batch_sent_at` (the
-    batch's `sentAt`, raw or parsed once for the batch) applies when the message has none."""
+    batch's `sentAt`, raw or parsed once for the batch) applies when the message has none. An
+    aware datetime: the contract's validation takes it as it is, with no string to parse again."""
     original = message.get("originalTimestamp")
     if original is not None:
         base = _time_field(original, "originalTimestamp", reasons)
@@ -123,13 +126,14 @@ def occurred_at(message: dict[str, Any], *, batch_sent_at: Any, now: datetime, r
     sent_at = message.get("sentAt")
     sent = _time_field(batch_sent_at if sent_at is None else sent_at, "sentAt", reasons)
     if base is None:
-        return now.isoformat()
+        return now
+    if sent is None:
+        return base
     try:
-        corrected = base if sent is None else base + (now - sent)
+        return base + (now - sent)
     except OverflowError:
         reasons.append(_reason("sentAt", "is too far from the timestamp to correct it"))
-        return base.isoformat()
-    return corrected.isoformat()
+        return base
 
 
 def _plain(amount: Decimal) -> str:
@@ -206,9 +210,11 @@ def _items(
 ) -> list[dict[str, Any]]:
     """Segment products as contract items (`sku` or `product_id`, `price` as `unit_price`).
 
-    The hot path of a batch of orders: written for speed (type checks, fast amounts), and the
-    field names of a failure are only joined when there is one."""
+    The hot path of a batch of orders: written for speed (type checks, the float prices of the
+    common case turned into decimal strings inline), and the field names of a failure are only
+    joined when there is one."""
     items: list[dict[str, Any]] = []
+    append = items.append
     for index, product in enumerate(products):
         if type(product) is not dict:
             reasons.append(_reason(_at(where, index), "a product must be an object"))
@@ -219,10 +225,15 @@ def _items(
             sku = get("product_id")
         item: dict[str, Any] = {} if sku is None else {"sku": sku if type(sku) is str else _as_id(sku)}
         if not refund:
-            for name in _ITEM_TEXT:
-                value = get(name)
-                if value is not None:
-                    item[name] = value
+            value = get("name")
+            if value is not None:
+                item["name"] = value
+            value = get("category")
+            if value is not None:
+                item["category"] = value
+            value = get("brand")
+            if value is not None:
+                item["brand"] = value
         quantity = get("quantity")
         if quantity is not None:
             item["quantity"] = (
@@ -230,13 +241,25 @@ def _items(
             )
         price = get("price")
         if price is not None:
-            text = _fast_amount(price)
-            item["unit_price"] = text if text is not None else amount(price, _at(where, index, "price"), reasons)
-        discount = None if refund else get("discount")
-        if discount is not None:
-            text = _fast_amount(discount)
-            item["discount"] = text if text is not None else amount(discount, _at(where, index, "discount"), reasons)
-        items.append(item)
+            if type(price) is float:
+                # _fast_amount inlined: a float's shortest repr (19.9, 4.99) padded to cents.
+                text = repr(price)
+                dot = text.find(".")
+                if dot > 0 and len(text) - dot <= 5 and "e" not in text:
+                    item["unit_price"] = text + "0" if len(text) - dot == 2 else text
+                else:
+                    item["unit_price"] = amount(price, _at(where, index, "price"), reasons)
+            else:
+                fast = _fast_amount(price)
+                item["unit_price"] = fast if fast is not None else amount(price, _at(where, index, "price"), reasons)
+        if not refund:
+            discount = get("discount")
+            if discount is not None:
+                fast = _fast_amount(discount)
+                item["discount"] = (
+                    fast if fast is not None else amount(discount, _at(where, index, "discount"), reasons)
+                )
+        append(item)
     return items
 
 
@@ -313,26 +336,37 @@ def _less(props: dict[str, Any], value: Any, names: tuple[str, ...], origin: str
 
 
 def _purchase(props: dict[str, Any], mapped: MappedMessage) -> dict[str, Any]:
+    get = props.get
+    reasons = mapped.reasons
     out: dict[str, Any] = {}
-    if props.get("order_id") is not None:
-        out["order_id"] = _as_id(props["order_id"])
+    order_id = get("order_id")
+    if order_id is not None:
+        out["order_id"] = order_id if type(order_id) is str else _as_id(order_id)
     items: list[dict[str, Any]] | None = None
-    products = props.get("products")
-    if isinstance(products, list):
-        items = _items(products, "properties.products", mapped.reasons)
-        discount = _decimal(amount(props.get("discount"), "properties.discount", mapped.reasons))
+    products = get("products")
+    if type(products) is list:
+        items = _items(products, "properties.products", reasons)
+        discount = get("discount")
         if discount is not None:
-            _spread_discount(items, discount)
+            spread = _decimal(amount(discount, "properties.discount", reasons))
+            if spread is not None:
+                _spread_discount(items, spread)
         out["items"] = items
     elif products is not None:
-        mapped.reasons.append(_reason("properties.products", "must be an array of products"))
-    total, origin = _order_total(props, items, mapped.reasons)
-    if total is not None:
-        out["total"] = total
-    mapped.origins["properties.total"] = origin
-    if props.get("coupon") is not None:
-        out["coupon_code"] = _as_id(props["coupon"])
-    currency = props.get("currency")
+        reasons.append(_reason("properties.products", "must be an array of products"))
+    total = get("total")
+    text = None if total is None or get("shipping") is not None or get("tax") is not None else _fast_amount(total)
+    if text is not None:
+        out["total"] = text  # the common case: a total with nothing to deduct (its origin is the default)
+    else:
+        total, origin = _order_total(props, items, reasons)
+        if total is not None:
+            out["total"] = total
+        mapped.origins["properties.total"] = origin
+    coupon = get("coupon")
+    if coupon is not None:
+        out["coupon_code"] = coupon if type(coupon) is str else _as_id(coupon)
+    currency = get("currency")
     if currency is not None:
         out["currency"] = currency.upper() if isinstance(currency, str) else currency
     return out
@@ -510,59 +544,74 @@ def message_id_of(message: dict[str, Any]) -> Any:
 def map_message(
     message: dict[str, Any], *, call: str | None, batch_sent_at: Any, batch_context: Any, now: datetime
 ) -> MappedMessage:
-    """Map one Segment message (of the route's `call`, or of its own `type` in a batch)."""
-    kind = call or message.get("type")
-    event_name = message.get("event") if isinstance(message.get("event"), str) else None
-    mapped = MappedMessage(kind if isinstance(kind, str) else None, event_name, None)
-    reasons = mapped.reasons
-    message_id = message_id_of(message)
-    mapped.message_id = message_id if isinstance(message_id, str) else None
+    """Map one Segment message (of the route's `call`, or of its own `type` in a batch).
+
+    Runs for every message of every batch: the common case (a track with a string messageId and
+    a timestamp) takes no detour, and the context is only merged for the calls that read it."""
+    get = message.get
+    kind = call or get("type")
+    event_name = get("event")
+    if type(event_name) is not str:
+        event_name = None
+    reasons: list[dict[str, Any]] = []
+    message_id = get("messageId")
+    if type(message_id) is not str:
+        message_id = message_id_of(message)
+    mapped = MappedMessage(
+        kind if isinstance(kind, str) else None, event_name, message_id if isinstance(message_id, str) else None
+    )
+    mapped.reasons = reasons
     if kind not in CALLS:
         reasons.append(_reason("type", f"must be one of {', '.join(CALLS)}"))
         return mapped
-    context = _object(message, "context", reasons)
-    if isinstance(batch_context, dict) and batch_context:
-        context = {**batch_context, **context}
+    raw_context = get("context")
+    if raw_context is not None and type(raw_context) is not dict:
+        reasons.append(_reason("context", "must be an object"))
+        raw_context = None
     when = occurred_at(message, batch_sent_at=batch_sent_at, now=now, reasons=reasons)
-    user_id = _as_id(message.get("userId"))
-    anonymous_id = _as_id(message.get("anonymousId"))
+    user_id = get("userId")
+    if user_id is not None and type(user_id) is not str:
+        user_id = _as_id(user_id)
+    anonymous_id = get("anonymousId")
+    if anonymous_id is not None and type(anonymous_id) is not str:
+        anonymous_id = _as_id(anonymous_id)
 
-    if kind == "identify":
+    ecommerce = _ECOMMERCE.get(event_name) if kind == "track" and event_name is not None else None
+    if ecommerce is not None and not (
+        # Without the cart's products a removal cannot be told as the cart's content.
+        event_name == "Product Removed" and not isinstance(_object(message, "properties", []).get("products"), list)
+    ):
+        event_type, props = ecommerce[0], ecommerce[1](_object(message, "properties", reasons), mapped)
+    elif kind == "track":
+        if not event_name:
+            reasons.append(_reason("event", "a track call needs its event name"))
+        context = _context(raw_context, batch_context)
+        event_type, props = "custom", _custom(get("event"), _object(message, "properties", reasons), context, mapped)
+    elif kind == "identify":
+        context = _context(raw_context, batch_context)
         event_type, props = "customer_updated", _customer(_object(message, "traits", reasons), context, mapped)
     elif kind == "alias":
         # The previous id (an anonymous visitor's) is merged into the customer named by userId.
-        if message.get("previousId") is None:
+        if get("previousId") is None:
             reasons.append(_reason("previousId", "is required: an alias merges the previous id into userId"))
-        event_type, props, anonymous_id = "customer_updated", {}, _as_id(message.get("previousId"))
+        event_type, props, anonymous_id = "customer_updated", {}, _as_id(get("previousId"))
         mapped.origins["anonymous_id"] = "previousId"
     elif kind == "page":
+        context = _context(raw_context, batch_context)
         event_type, props = "site_visit", _site_visit(_object(message, "properties", reasons), context, mapped)
     elif kind == "screen":
-        screen = message.get("name")
+        screen = get("name")
         if screen is None:
             screen = _object(message, "properties", reasons).get("name")
         event_type, props = "site_visit", ({} if screen is None else {"page": screen})
         mapped.origins["properties.page"] = "name"
-    elif kind == "group":
+    else:  # group
         event_type = "custom"
-        props = {"name": "group", "group_id": _as_id(message.get("groupId"))}
+        props = {"name": "group", "group_id": _as_id(get("groupId"))}
         traits = _object(message, "traits", reasons)
         if traits:
             props["traits"] = traits
         mapped.origins["properties.group_id"] = "groupId"
-    else:
-        properties = _object(message, "properties", reasons)
-        name = message.get("event")
-        ecommerce = _ECOMMERCE.get(name) if isinstance(name, str) else None
-        if name == "Product Removed" and not isinstance(properties.get("products"), list):
-            # Without the cart's products a removal cannot be told as the cart's content.
-            ecommerce = None
-        if ecommerce is None:
-            if not isinstance(name, str) or not name:
-                reasons.append(_reason("event", "a track call needs its event name"))
-            event_type, props = "custom", _custom(name, properties, context, mapped)
-        else:
-            event_type, props = ecommerce[0], ecommerce[1](properties, mapped)
 
     if not reasons:
         mapped.event = {
@@ -574,6 +623,13 @@ def map_message(
             "properties": props,
         }
     return mapped
+
+
+def _context(context: dict[str, Any] | None, batch_context: Any) -> dict[str, Any]:
+    """The message's context over the batch's (a message's own keys win)."""
+    if isinstance(batch_context, dict) and batch_context:
+        return {**batch_context, **(context or {})}
+    return context or {}
 
 
 # Where a contract field comes from unless the mapping recorded otherwise in `origins` (the
