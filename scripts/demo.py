@@ -202,7 +202,7 @@ async def report(w: World, elapsed: float) -> None:
     await campaign_block(w, "winback", planted(w, "winback"))
 
     say("")
-    say("== scenario 4 (loyalty): 1% accrual (3% from 300), expiry after 180 days, reminder 14 days before")
+    say("== scenario 4 (loyalty): 1% accrual (3% from 300), expiry after 180 days, reminder 14 days before; goals")
     points = await p.get("loyalty", "/v1/reports/points")
     table(
         ["", "value"],
@@ -222,6 +222,30 @@ async def report(w: World, elapsed: float) -> None:
             ),
             *[[f"expiry sweep on day 14: {k}", v] for k, v in w.expired.items()],
         ],
+    )
+    goal_status: Counter[str] = Counter()
+    goal_points = Decimal(0)
+    goal_offers: Counter[str] = Counter()
+    for cid in truth.goals:
+        for g in (await p.get("loyalty", f"/v1/accounts/{cid}"))["goals"]:
+            goal_status[f"{g['status']} (progress {g['progress']} of {g['target']})"] += 1
+        ledger = await p.get("loyalty", f"/v1/accounts/{cid}/ledger")
+        goal_points += sum((Decimal(e["points"]) for e in ledger["entries"] if e["kind"] == "goal_bonus"), Decimal(0))
+        for m in (await p.get("notifier", f"/v1/customers/{cid}/messages"))["items"]:
+            if m["template"] == "loyalty_goal_offer":
+                goal_offers[f"{m['channel']} {m['state']}"] += 1
+    planned = Counter(truth.goals.values())
+    say("  personal goal: '3 purchases in the next 30 days' for 300 points, on entering visits_dropped")
+    table(
+        ["", "customers"],
+        [
+            ["weekly regulars whose visits stopped (planted)", len(truth.goals)],
+            ["of them buying 3 times / once after the offer (planted)", f"{planned['met']} / {planned['unmet']}"],
+            *[[f"goal offer messages: {k} (notifier)", v] for k, v in sorted(goal_offers.items())],
+            *[[f"goals {k} (loyalty)", v] for k, v in sorted(goal_status.items())],
+            ["goal bonus points booked (ledgers)", num(goal_points)],
+        ],
+        indent="    ",
     )
     months = points.get("months") or points.get("by_month") or []
     if months:
@@ -270,7 +294,7 @@ async def report(w: World, elapsed: float) -> None:
     )
 
     say("")
-    say("== scenario 6 (site): abandoned cart, reminder after 24 hours without a purchase")
+    say("== scenario 6 (site): abandoned cart and browsing, a reminder after 24 hours without a purchase; referral")
     carts = Counter(truth.carts.values())
     table(
         ["", "count"],
@@ -282,6 +306,38 @@ async def report(w: World, elapsed: float) -> None:
         ],
     )
     await campaign_block(w, "cart")
+    browses = Counter(truth.browses.values())
+    say("  browse without purchase: two bags viewed, no purchase within 24 hours")
+    table(
+        ["", "count"],
+        [["bag browsers who bought nothing", browses["abandoned"]], ["bag browsers who bought", browses["bought"]]],
+        indent="    ",
+    )
+    await campaign_block(w, "browse")
+    referred = {"linked (loyalty: referred_by)": 0, "bought (loyalty: purchases)": 0, "never bought": 0}
+    bonus = {"referrers": Decimal(0), "new customers": Decimal(0)}
+    for new, referrer in truth.referrals.items():
+        acct = await p.get("loyalty", f"/v1/accounts/{new}")
+        referred["linked (loyalty: referred_by)"] += acct["referred_by"] == referrer
+        for who, cid in (("new customers", new), ("referrers", referrer)):
+            ledger = await p.get("loyalty", f"/v1/accounts/{cid}/ledger")
+            bonus[who] += sum(
+                (Decimal(e["points"]) for e in ledger["entries"] if e["kind"] == "referral_bonus"), Decimal(0)
+            )
+        if acct["purchases_count"]:
+            referred["bought (loyalty: purchases)"] += 1
+        else:
+            referred["never bought"] += 1
+    say("  referral: new customers signing up with a referrer's code (200 points to the referrer, 100 to them)")
+    table(
+        ["", "value"],
+        [
+            ["new customers with a code (planted)", len(truth.referrals)],
+            *[[k, v] for k, v in referred.items()],
+            *[[f"referral bonus points of the {k} (ledgers)", num(v)] for k, v in bonus.items()],
+        ],
+        indent="    ",
+    )
 
     say("")
     say("== scenario 7 (mass): New Year sale at 10:00 local, four days running; cap 3 marketing messages in 7 days")

@@ -25,10 +25,27 @@ from crm_common.settings import ALL_TOPICS
 from crm_common.testing.generator import generate
 from crm_common.testing.helpers import unique
 from crm_common.testing.plugin import database_maker
-from crm_common.testing.scenarios import SMS_COST, World, platform
+from crm_common.testing.scenarios import (
+    GOAL_REWARD,
+    REFERRED_BONUS,
+    REFERRER_BONUS,
+    SMS_COST,
+    World,
+    platform,
+)
 
 SEED = 11
-COUNTS = {"grocery": 60, "clothing": 10, "cleaning": 21, "loyalty": 4, "site": 9, "broadcast": 10}
+COUNTS = {
+    "grocery": 60,
+    "clothing": 10,
+    "cleaning": 21,
+    "loyalty": 4,
+    "site": 9,
+    "broadcast": 10,
+    "goals": 6,
+    "browse": 9,
+    "referral": 4,
+}
 CONTROL_SHARE = 0.3  # large enough that a small population has a control arm in every campaign
 T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)  # a Monday
 
@@ -193,6 +210,80 @@ async def test_scenario4_accrual_expiry_reminder_once_then_expiry_in_the_ledger(
         assert all(Decimal(e["balance_after"]) >= 0 for e in entries)
 
 
+def goal_mails(world: World) -> list[Any]:
+    return [m for m in world.p.mailbox.messages if str(m["Subject"]).startswith("Earn ")]
+
+
+async def ledger_kinds(world: World, cid: str) -> list[tuple[str, Decimal]]:
+    ledger = await world.p.get("loyalty", f"/v1/accounts/{cid}/ledger")
+    return [(e["kind"], Decimal(e["points"])) for e in sorted(ledger["entries"], key=lambda e: e["seq"])]
+
+
+async def test_scenario4_personal_goal_offered_once_and_awarded_only_when_met(world: World) -> None:
+    truth = world.history.truth
+    assert {"met", "unmet"} == set(truth.goals.values())
+    # Only the customers whose visits fell below their usual were offered a goal, each once, by e-mail.
+    offered = [str(m["To"]) for m in goal_mails(world)]
+    assert sorted(offered) == sorted(world.history.customers[c].email for c in truth.goals)
+    for cid, kind in truth.goals.items():
+        acct = await world.p.get("loyalty", f"/v1/accounts/{cid}")
+        (goal,) = acct["goals"]
+        assert (goal["segment_key"], goal["target"], Decimal(goal["reward"])) == ("visits_dropped", 3, GOAL_REWARD)
+        assert datetime.fromisoformat(goal["due_at"]) - datetime.fromisoformat(goal["assigned_at"]) == timedelta(
+            days=30
+        )
+        bonuses = [p for k, p in await ledger_kinds(world, cid) if k == "goal_bonus"]
+        if kind == "met":  # three purchases within the 30 days: 300 points, once
+            assert (goal["status"], goal["progress"], bonuses) == ("completed", 3, [GOAL_REWARD]), cid
+        else:  # one purchase: still open, nothing awarded
+            assert (goal["status"], goal["progress"], bonuses) == ("active", 1, []), cid
+        message = [m for m in await messages_of(world, cid) if m["template"] == "loyalty_goal_offer"]
+        assert [m["channel"] for m in message] == ["email"], cid
+
+
+async def test_scenario6_referral_rewards_both_sides_once_per_referred_customer(world: World) -> None:
+    truth = world.history.truth
+    assert truth.referred_never_buy and set(truth.referrals) - truth.referred_never_buy
+    for referrer in set(truth.referrals.values()):
+        acct = await world.p.get("loyalty", f"/v1/accounts/{referrer}")
+        assert acct["referral_code"] == world.referral_codes[referrer]
+    for new, referrer in truth.referrals.items():
+        acct = await world.p.get("loyalty", f"/v1/accounts/{new}")
+        assert acct["referred_by"] == referrer
+        mine = [p for k, p in await ledger_kinds(world, new) if k == "referral_bonus"]
+        theirs = [p for k, p in await ledger_kinds(world, referrer) if k == "referral_bonus"]
+        if new in truth.referred_never_buy:  # signed up with the code, never bought: no bonus for anyone
+            assert (mine, theirs, acct["purchases_count"]) == ([], [], 0), new
+        else:  # one bonus each, however many purchases followed (the first referred customer bought twice)
+            assert (mine, theirs) == ([REFERRED_BONUS], [REFERRER_BONUS]), new
+
+
+async def test_scenario6_browse_reminder_once_with_the_products_none_when_bought(world: World) -> None:
+    truth = world.history.truth
+    decided = await outcomes(world, "browse")
+    # The bag browsers only: the shoe browsers of the cart scenario viewed another category.
+    assert set(decided) == set(truth.browses)
+    assert any(decided[c] == "requested" for c, kind in truth.browses.items() if kind == "abandoned")
+    for cid, kind in truth.browses.items():
+        c = world.history.customers[cid]
+        msgs = [m for m in await messages_of(world, cid) if m["template"] == "browse_reminder"]
+        if kind == "bought":
+            assert decided[cid] == "already_bought" and msgs == [], cid
+            continue
+        assert decided[cid] in ("requested", "control", "global_control")
+        if decided[cid] != "requested":
+            assert msgs == [], cid
+            continue
+        # Once (two bags viewed, two timers), through the preferred channel, after the 24 hours.
+        assert [m["channel"] for m in msgs] == [c.channels()[0]], cid
+        sent = datetime.fromisoformat(msgs[0]["sent_at"])
+        assert sent >= truth.browse_at[cid] + timedelta(hours=23, minutes=30)
+        texts = [m["Subject"].__str__() + m.get_content() for m in world.p.mailbox.to(c.email)] if c.email else []
+        texts += [str(b["message"]) for b in push_to(world, c.push_token)]
+        assert len([t for t in texts if "still here" in t]) == 1, cid
+        assert any(name in t for t in texts for name in truth.browsed[cid]), cid
+
+
 async def test_scenario6_abandoned_cart_reminder_once_none_when_bought_within_the_wait(world: World) -> None:
     truth = world.history.truth
     decided = await outcomes(world, "cart")
@@ -315,9 +406,9 @@ async def test_scenario5_value_tiers_guard_skips_the_unprofitable_and_pareto_mat
     assert len(unprofitable) - outcomes["economics_guard"] <= outcomes.get("global_control", 0)
     # Pareto: revenue of the history and the planted purchases, net of refunds.
     revenue = dict(truth.revenue)
-    for planted in world.uplift.values():
-        for e in planted.events:
-            revenue[e["customer_id"]] = revenue.get(e["customer_id"], Decimal(0)) + Decimal(e["properties"]["total"])
+    later = [e for e in world.later_events if e["type"] == "purchase"]
+    for e in [*later, *(e for planted in world.uplift.values() for e in planted.events)]:
+        revenue[e["customer_id"]] = revenue.get(e["customer_id"], Decimal(0)) + Decimal(e["properties"]["total"])
     pareto = await world.p.get("segmentation", "/v1/reports/pareto")
     assert pareto["customers"] == len([v for v in revenue.values()])
     assert Decimal(str(pareto["revenue"])) == sum(revenue.values())

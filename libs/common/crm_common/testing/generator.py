@@ -37,8 +37,23 @@ DEFAULT_COUNTS = {
     "loyalty": 10_000,
     "site": 10_000,
     "broadcast": 10_000,
+    # SCENARIOS.md gives no size for these three parts of scenarios 4 and 6: a share of their businesses.
+    "goals": 2_000,
+    "browse": 2_000,
+    "referral": 1_000,
 }
-CODES = {"grocery": "g", "clothing": "k", "cleaning": "c", "loyalty": "l", "site": "w", "broadcast": "b"}
+CODES = {
+    "grocery": "g",
+    "clothing": "k",
+    "cleaning": "c",
+    "loyalty": "l",
+    "site": "w",
+    "broadcast": "b",
+    "goals": "q",
+    "browse": "v",
+    "referral": "r",
+}
+BAGS = ["Tote Canvas", "Leather Satchel", "Weekender", "Backpack Urban", "Crossbody Mini"]
 TIMEZONES = ["Europe/Berlin", "Europe/London", "America/New_York", "Asia/Tokyo", "Australia/Sydney"]
 WINES = [
     "Rioja Crianza",
@@ -96,6 +111,18 @@ class Truth:
     # scenario 4: loyalty members -> paid amount of their one purchase (1% accrual), its time
     loyalty_paid: dict[str, Decimal] = field(default_factory=dict)
     loyalty_at: dict[str, datetime] = field(default_factory=dict)
+    # scenario 4: weekly regulars whose visits stopped 5 weeks ago -> "met" (3 purchases after the goal
+    # offer) or "unmet" (one); the purchases are the World's to post, after the offer
+    goals: dict[str, str] = field(default_factory=dict)
+    # scenario 6: browsers of bags -> "abandoned" (reminder due) or "bought" (within the wait), the
+    # names they viewed, when
+    browses: dict[str, str] = field(default_factory=dict)
+    browsed: dict[str, list[str]] = field(default_factory=dict)
+    browse_at: dict[str, datetime] = field(default_factory=dict)
+    # scenario 6: a new customer -> the customer whose referral code they sign up with (the World
+    # reads the code from loyalty and posts the sign-up); those who never buy earn nobody a bonus
+    referrals: dict[str, str] = field(default_factory=dict)
+    referred_never_buy: set[str] = field(default_factory=set)
     # scenario 6: cart owners -> "abandoned" (reminder due) or "bought" (bought within the wait)
     carts: dict[str, str] = field(default_factory=dict)
     cart_at: dict[str, datetime] = field(default_factory=dict)
@@ -167,7 +194,10 @@ class _Builder:
         ev.update(extra)
         self.events.append(ev)
 
-    def customer(self, business: str, i: int, *, channels: str = "email", tz: str | None = None) -> Customer:
+    def customer(
+        self, business: str, i: int, *, channels: str = "email", tz: str | None = None, signed_up: bool = True
+    ) -> Customer:
+        """A customer and, when `signed_up`, their customer_updated of 400 days ago (contact data, consents)."""
         cid = f"{self.prefix}-{CODES[business]}{i:06d}"
         c = Customer(cid, business, tz or self.rng.choice(TIMEZONES), f"{business.title()}{i}")
         consents: dict[str, bool] = {}
@@ -185,14 +215,8 @@ class _Builder:
             consents = {k: False for k in consents} | {"email": False}
         c.consents = consents
         self.customers[cid] = c
-        props: dict[str, Any] = {"first_name": c.first_name, "timezone": c.timezone, "consents": consents}
-        if c.email:
-            props["email"] = c.email
-        if c.phone:
-            props["phone"] = c.phone
-        if c.push_token:
-            props["push_tokens"] = [c.push_token]
-        self.event("customer_updated", c, self.now - timedelta(days=400), props)
+        if signed_up:
+            self.event("customer_updated", c, self.now - timedelta(days=400), sign_up(c))
         return c
 
     def purchase(self, c: Customer, at: datetime, items: list[dict[str, Any]], *, refund: Decimal | None = None) -> str:
@@ -412,6 +436,52 @@ class _Builder:
             else:
                 self.truth.carts[c.customer_id] = "abandoned"
 
+    def goals(self, n: int) -> None:
+        """Weekly shoppers for 20 weeks whose visits stopped 35-38 days ago (below their usual): the
+        `visits_dropped` segment, a personal goal. Two in three will meet it, one in three will not."""
+        for i in range(n):
+            c = self.customer("goals", i, channels="email")
+            last = self.now - timedelta(days=35 + i % 4, hours=self.rng.randint(0, 5))
+            for w in range(20):
+                self.purchase(c, last - timedelta(weeks=w), [self.basket()])
+            self.truth.goals[c.customer_id] = "unmet" if i % 3 == 2 else "met"
+
+    def browse(self, n: int, hours_ago: float = 1.0) -> None:
+        """Known customers who view two bags `hours_ago` hours ago and leave no cart; every third buys
+        one of them within the wait (no reminder). E-mail or push only."""
+        for i in range(n):
+            c = self.customer("browse", i, channels="push" if i % 4 == 3 else "email")
+            at = self.now - timedelta(hours=hours_ago)
+            picks = self.rng.sample(range(len(BAGS)), 2)
+            names = [BAGS[k] for k in picks]
+            for k, name in zip(picks, names, strict=True):
+                self.event(
+                    "product_viewed",
+                    c,
+                    at - timedelta(minutes=10 * k),
+                    {"sku": f"bag-{k}", "name": name, "category": "bags", "price": "45.00"},
+                )
+            self.truth.browsed[c.customer_id] = names
+            self.truth.browse_at[c.customer_id] = at
+            if i % 3 == 2:
+                item = {"sku": f"bag-{picks[0]}", "name": names[0], "category": "bags", "unit_price": "45.00"}
+                self.purchase(c, at + timedelta(minutes=40), [item])
+                self.truth.browses[c.customer_id] = "bought"
+            else:
+                self.truth.browses[c.customer_id] = "abandoned"
+
+    def referral(self, n: int) -> None:
+        """Customers who bought once 60 days ago (with a referral code), each bringing one new customer
+        who signs up with that code; every fourth new customer never buys. The new customers' sign-up
+        and purchases are the World's to post (the code is loyalty's)."""
+        for i in range(n):
+            referrer = self.customer("referral", 2 * i, channels="email")
+            self.purchase(referrer, self.now - timedelta(days=60, hours=self.rng.randint(0, 5)), [self.basket()])
+            new = self.customer("referral", 2 * i + 1, channels="email", signed_up=False)
+            self.truth.referrals[new.customer_id] = referrer.customer_id
+            if i % 4 == 3:
+                self.truth.referred_never_buy.add(new.customer_id)
+
     def broadcast(self, n: int) -> None:
         """A mailing list across time zones: push-only, e-mail, SMS-only, and no consent at all."""
         plans = ["push+email", "email", "sms", "email+sms", "noconsent"]
@@ -421,6 +491,18 @@ class _Builder:
             self.purchase(c, self.now - timedelta(days=20 + i % 9), [gift])
             chans = c.channels()
             self.truth.broadcast[c.customer_id] = chans[0] if chans else None
+
+
+def sign_up(c: Customer) -> dict[str, Any]:
+    """The properties of the customer_updated that makes `c` known: name, time zone, contacts, consents."""
+    props: dict[str, Any] = {"first_name": c.first_name, "timezone": c.timezone, "consents": c.consents}
+    if c.email:
+        props["email"] = c.email
+    if c.phone:
+        props["phone"] = c.phone
+    if c.push_token:
+        props["push_tokens"] = [c.push_token]
+    return props
 
 
 def scaled(scale: float | dict[str, int]) -> dict[str, int]:

@@ -28,7 +28,7 @@ import httpx
 from crm_common.clock import ManualClock
 from crm_common.devstack import pipeline_pending
 from crm_common.sinks import LoopbackProvider
-from crm_common.testing.generator import History, PlantedUplift, plant_uplift
+from crm_common.testing.generator import History, PlantedUplift, money, plant_uplift, sign_up
 from crm_common.testing.helpers import OFFER_VARIABLES, TEST_AUTH, Mailbox, serve_app, smtp_mailbox
 
 POS_KEY = "scenario-pos-key"
@@ -267,6 +267,13 @@ TEMPLATES: list[dict[str, Any]] = [
         "code {{ coupon_code }}, valid until {{ valid_until }}.",
     },
     {"key": "cart_reminder", "channel": "push", "subject": "Your cart", "body": "Still there: {{ products }}"},
+    {
+        "key": "browse_reminder",
+        "channel": "email",
+        "subject": "Still looking?",
+        "body": "{{ first_name }}, the {{ products }} you looked at is still here.",
+    },
+    {"key": "browse_reminder", "channel": "push", "subject": "Still looking?", "body": "{{ products }} is still here"},
     {"key": "new_year", "channel": "push", "subject": "New Year sale", "body": "New Year sale, {{ first_name }}!"},
     {"key": "new_year", "channel": "email", "subject": "New Year sale", "body": "New Year sale, {{ first_name }}!"},
     {"key": "new_year", "channel": "sms", "body": "New Year sale, {{ first_name }}!"},
@@ -343,6 +350,19 @@ def campaigns(now: datetime, control_share: float) -> dict[str, dict[str, Any]]:
             "limits": {"once_per_customer": True},
             "control_share": control_share,
         },
+        "browse": {
+            "name": "Browsed bags, bought nothing",
+            "trigger": {
+                "kind": "no_purchase_after",
+                "event_type": "product_viewed",
+                "properties": {"category": "bags"},
+                "wait_hours": 24,
+            },
+            "offer": {"kind": "info"},
+            "delivery": {"template": "browse_reminder"},
+            "limits": {"once_per_customer": True},
+            "control_share": control_share,
+        },
         "broadcast": {
             "name": "New Year sale",
             "audience": {"include_segments": ["new_year_list"]},
@@ -361,7 +381,8 @@ def campaigns(now: datetime, control_share: float) -> dict[str, dict[str, Any]]:
 
 
 # Scenario 4: 1% of the paid amount, 3% from 300 of 12-month spend; points expire after 180 days,
-# with a reminder 14 days before.
+# with a reminder 14 days before; a goal of 3 purchases in 30 days (300 points) on entering
+# `visits_dropped`. Scenario 6: a referral earns the referrer 200 points and the new customer 100.
 PROGRAMME = {
     "base_rate": "0.01",
     "tiers": [{"name": "top", "min_spend": "300", "rate": "0.03"}],
@@ -369,6 +390,24 @@ PROGRAMME = {
     "reminder_days": 14,
     "max_redeem_share": "0.30",
     "point_value": "0.01",
+    "goals": {"segment_keys": ["visits_dropped"], "purchases": 3, "days": 30, "reward": "300"},
+    "referral_bonus_referrer": "200",
+    "referral_bonus_referred": "100",
+}
+GOAL_REWARD = Decimal(300)
+REFERRER_BONUS, REFERRED_BONUS = Decimal(200), Decimal(100)
+
+# Scenario 4's "monthly visits fell below their usual": at least 12 orders in 180 days (about one a
+# fortnight or more), none in the last 30.
+VISITS_DROPPED_SEGMENT = {
+    "key": "visits_dropped",
+    "name": "Visits fell below their usual",
+    "rule": {
+        "all": [
+            {"purchases": {"measure": "orders", "within_days": 180}, "op": ">=", "value": 12},
+            {"attr": "days_since_last_purchase", "op": ">", "value": 30},
+        ]
+    },
 }
 
 # Scenario 5's dry-run: 10% off for every purchaser; the default guard skips the unprofitable tier.
@@ -407,6 +446,10 @@ class World:
     uplift: dict[str, PlantedUplift] = field(default_factory=dict)
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
     sweep_results: list[Any] = field(default_factory=list)
+    # Events the World posts after the history (goal customers' and referred customers' purchases,
+    # the referred customers' sign-ups), and the referral codes loyalty answered.
+    later_events: list[dict[str, Any]] = field(default_factory=list)
+    referral_codes: dict[str, str] = field(default_factory=dict)
 
     async def configure(self) -> None:
         for t in TEMPLATES:
@@ -417,9 +460,10 @@ class World:
         r = await self.p.loyalty.put("/v1/programme", json=PROGRAMME)
         if r.status_code != 200:
             raise AssertionError(f"programme: {r.status_code} {r.text}")
-        r = await self.p.seg.post("/v1/segments", json=NEW_YEAR_SEGMENT)
-        if r.status_code != 201:
-            raise AssertionError(f"segment: {r.status_code} {r.text}")
+        for segment in (NEW_YEAR_SEGMENT, VISITS_DROPPED_SEGMENT):
+            r = await self.p.seg.post("/v1/segments", json=segment)
+            if r.status_code != 201:
+                raise AssertionError(f"segment {segment['key']}: {r.status_code} {r.text}")
         for name, definition in campaigns(self.p.clock.now(), self.control_share).items():
             r = await self.p.offers.post("/v1/campaigns", json=definition)
             if r.status_code != 201:
@@ -483,6 +527,11 @@ class World:
                     raise AssertionError(f"redemption: {r.status_code} {r.text}")
                 self.redemptions.append(r.json())
         await p.drain()
+        # Days 2-4: the goal customers buy again (three purchases meet the goal, one does not); the
+        # referred customers sign up with their referrer's code and buy (one purchase, the first a second).
+        clock.set(t0 + timedelta(days=4, hours=12))
+        await self.goals_and_referrals(t0)
+        await p.drain()
         # Day 6: the purchases that followed the wine and win-back campaigns, with the planted uplift.
         clock.set(t0 + timedelta(days=6))
         for name, amount in (("wine", Decimal("20.00")), ("winback", Decimal("50.00"))):
@@ -515,6 +564,54 @@ class World:
         self.dry_run = r.json()
         for name, cid in self.campaign_ids.items():
             self.reports[name] = await p.get("offers", f"/v1/campaigns/{cid}/report", cap_percentile=100)
+
+    def _purchase(self, cid: str, at: datetime, amount: Decimal, n: int) -> dict[str, Any]:
+        order = f"later-{self.seed}-{cid}-{n}"
+        return {
+            "event_id": order,
+            "type": "purchase",
+            "customer_id": cid,
+            "occurred_at": at.isoformat(),
+            "properties": {
+                "order_id": order,
+                "items": [{"sku": "later", "name": "Groceries", "category": "grocery", "unit_price": money(amount)}],
+                "total": money(amount),
+                "currency": "EUR",
+            },
+        }
+
+    async def goals_and_referrals(self, t0: datetime) -> None:
+        truth = self.history.truth
+        events: list[dict[str, Any]] = []
+        for cid, kind in sorted(truth.goals.items()):
+            for n in range(3 if kind == "met" else 1):
+                events.append(self._purchase(cid, t0 + timedelta(days=2 + n, hours=2), Decimal("25.00"), n))
+        first = True
+        for new, referrer in sorted(truth.referrals.items()):
+            r = await self.p.loyalty.get(f"/v1/accounts/{referrer}/referral")
+            if r.status_code != 200:
+                raise AssertionError(f"referral code of {referrer}: {r.status_code} {r.text}")
+            code = self.referral_codes[referrer] = r.json()["referral_code"]
+            c = self.history.customers[new]
+            events.append(
+                {
+                    "event_id": f"later-{self.seed}-{new}-signup",
+                    "type": "customer_updated",
+                    "customer_id": new,
+                    "occurred_at": (t0 + timedelta(days=2)).isoformat(),
+                    "properties": {**sign_up(c), "referred_by": code},
+                }
+            )
+            if new in truth.referred_never_buy:
+                continue
+            events.append(self._purchase(new, t0 + timedelta(days=3), Decimal("30.00"), 0))
+            if first:  # a second purchase earns nobody a second bonus
+                events.append(self._purchase(new, t0 + timedelta(days=4), Decimal("30.00"), 1))
+                first = False
+        events.sort(key=lambda e: (e["occurred_at"], e["event_id"]))
+        if events:
+            await self.p.post_events(events)
+        self.later_events += events
 
     async def settle(self, timeout: float = 60, *, max_advance: timedelta = timedelta(hours=36)) -> None:
         """Wait until every message a campaign requested has the notifier's final verdict in the
