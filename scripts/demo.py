@@ -95,6 +95,8 @@ async def channels_of(w: World, campaign: str) -> Counter[tuple[str, str]]:
 
 async def campaign_block(w: World, name: str, truth_line: str | None = None) -> None:
     cid = w.campaign_ids[name]
+    if truth_line is None and name in w.uplift:
+        truth_line = planted(w, name)
     outcomes = await w.p.get("offers", f"/v1/campaigns/{cid}/outcomes")
     counts = outcomes.get("outcomes", outcomes) if isinstance(outcomes, dict) else outcomes
     rows = sorted(counts.items()) if isinstance(counts, dict) else [[o["outcome"], o["count"]] for o in counts]

@@ -30,6 +30,7 @@ from crm_common.testing.scenarios import (
     REFERRED_BONUS,
     REFERRER_BONUS,
     SMS_COST,
+    UPLIFT,
     World,
     platform,
 )
@@ -343,7 +344,7 @@ async def test_scenario7_broadcast_at_local_time_capped_with_sms_cost(world: Wor
     )
 
 
-@pytest.mark.parametrize("campaign", ["wine", "winback"])
+@pytest.mark.parametrize("campaign", [name for name, _, _ in UPLIFT])
 async def test_campaign_report_matches_the_generated_truth(world: World, campaign: str) -> None:
     report = world.reports[campaign]
     decided = await outcomes(world, campaign)
@@ -369,7 +370,8 @@ async def test_campaign_report_matches_the_generated_truth(world: World, campaig
     # The messages are SMS for the win-back campaign: their cost is the campaign's channel cost.
     if campaign == "winback":
         assert Decimal(str(report["cost"]["channel"])) == SMS_COST * report["delivery"]["sent"]
-    assert report["delivery"]["sent"] + sum(report["delivery"]["suppressed"].values()) == len(treated)
+    if campaign != "broadcast":  # the New Year sale messages its treated members every day, four days
+        assert report["delivery"]["sent"] + sum(report["delivery"]["suppressed"].values()) == len(treated)
 
 
 def test_generator_is_deterministic_by_seed_and_posts_valid_events() -> None:

@@ -395,6 +395,18 @@ PROGRAMME = {
     "referral_bonus_referred": "100",
 }
 GOAL_REWARD = Decimal(300)
+
+# The planted uplift of each campaign: (campaign, amount a treated member also buys with 30 %
+# probability, within how many days of the decision). The New Year sale's, last, after day 11.
+UPLIFT: list[tuple[str, Decimal, float]] = [
+    ("wine", Decimal("20.00"), 5),
+    ("winback", Decimal("50.00"), 5),
+    ("recovery", Decimal("50.00"), 5),
+    ("retention", Decimal("70.00"), 5),
+    ("cart", Decimal("80.00"), 4),
+    ("browse", Decimal("45.00"), 4),
+    ("broadcast", Decimal("40.00"), 1.5),
+]
 REFERRER_BONUS, REFERRED_BONUS = Decimal(200), Decimal(100)
 
 # Scenario 4's "monthly visits fell below their usual": at least 12 orders in 180 days (about one a
@@ -532,14 +544,11 @@ class World:
         clock.set(t0 + timedelta(days=4, hours=12))
         await self.goals_and_referrals(t0)
         await p.drain()
-        # Day 6: the purchases that followed the wine and win-back campaigns, with the planted uplift.
+        # Day 6: the purchases that followed each campaign decided so far, with its planted uplift
+        # (within 4 days of a decision of day 1, 5 of day 0: all before now).
         clock.set(t0 + timedelta(days=6))
-        for name, amount in (("wine", Decimal("20.00")), ("winback", Decimal("50.00"))):
-            planted = plant_uplift(
-                await self.assignments(name), seed=self.seed, uplift_amount=amount, prefix=f"up-{name}-{self.seed}"
-            )
-            self.uplift[name] = planted
-            await p.post_events(planted.events)
+        for name, amount, days in UPLIFT[:-1]:
+            await self.plant(name, amount, days)
         await p.drain()
         # Days 8-11: the New Year sale at 10:00 local, every day for four days, each customer in
         # their own time zone: the triggers sweep runs every 3 simulated hours.
@@ -550,9 +559,11 @@ class World:
             await p.drain()
             clock.advance(timedelta(hours=3))
         await p.drain()
-        # Day 14: the loyalty members' points (earned 167 days before day 0) have expired.
+        # Day 14: the loyalty members' points (earned 167 days before day 0) have expired; the
+        # purchases that followed the New Year sale (days 8-11), with its planted uplift.
         clock.set(t0 + timedelta(days=14))
         self.expired = await p.sweep("loyalty", "expiry")
+        await self.plant(*UPLIFT[-1])
         await p.drain()
         await self.settle()
         # Scenario 5: the value tiers and RFM scores, then a dry-run of a discount for everyone.
@@ -564,6 +575,19 @@ class World:
         self.dry_run = r.json()
         for name, cid in self.campaign_ids.items():
             self.reports[name] = await p.get("offers", f"/v1/campaigns/{cid}/report", cap_percentile=100)
+
+    async def plant(self, name: str, amount: Decimal, within_days: float) -> None:
+        """Post the purchases that follow campaign `name`'s decisions, with a planted uplift of `amount`."""
+        planted = plant_uplift(
+            await self.assignments(name),
+            seed=self.seed,
+            uplift_amount=amount,
+            within_days=within_days,
+            prefix=f"up-{name}-{self.seed}",
+        )
+        self.uplift[name] = planted
+        if planted.events:
+            await self.p.post_events(planted.events)
 
     def _purchase(self, cid: str, at: datetime, amount: Decimal, n: int) -> dict[str, Any]:
         order = f"later-{self.seed}-{cid}-{n}"
