@@ -13,6 +13,7 @@ from offers.coupons_api import router as coupons_router
 from offers.deps import CacheDep, CampaignId, CampaignIdQuery, CustomerId, NowDep, PeersDep, SessionDep, SettingsDep
 from offers.repository import OffersRepository
 from offers.schemas import (
+    CampaignDecisionPage,
     CampaignDefinition,
     CampaignPage,
     CampaignRead,
@@ -20,6 +21,7 @@ from offers.schemas import (
     DecisionRead,
     DryRunRead,
     DryRunRequest,
+    Outcome,
     VersionRead,
     WhyRead,
 )
@@ -139,6 +141,23 @@ async def dry_run_saved(
 async def outcomes(campaign_id: CampaignId, session: SessionDep) -> dict[str, int]:
     await domain.get_campaign(session=session, campaign_id=campaign_id)
     return await OffersRepository(session).outcome_counts(campaign_id)
+
+
+@router.get(
+    "/campaigns/{campaign_id}/decisions",
+    response_model=CampaignDecisionPage,
+    summary="The campaign's decisions in the order they were made, page by page (its audience and arms)",
+)
+async def campaign_decisions(
+    campaign_id: CampaignId,
+    session: SessionDep,
+    outcome: Annotated[Outcome | None, Query(description="only this outcome, e.g. requested or control")] = None,
+    after: Annotated[int | None, Query(ge=0, le=2**62, description="the `next_after` of the last page")] = None,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
+) -> dict[str, Any]:
+    await domain.get_campaign(session=session, campaign_id=campaign_id)
+    rows = await OffersRepository(session).campaign_decisions(campaign_id, outcome=outcome, after=after, limit=limit)
+    return {"items": rows, "next_after": rows[-1]["id"] if len(rows) == limit else None}
 
 
 @router.get(

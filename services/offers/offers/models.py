@@ -169,6 +169,7 @@ class Decision(Base):
         Index("ix_decisions_customer_id_at", "customer_id", "at"),
         Index("ix_decisions_message_id", "message_id", postgresql_where=text("message_id IS NOT NULL")),
         Index("ix_decisions_campaign_id_outcome", "campaign_id", "outcome"),
+        Index("ix_decisions_campaign_id_id", "campaign_id", "id"),
     )
 
 

@@ -629,6 +629,17 @@ class OffersRepository:
         )
         return [dict(r) for r in rows.mappings()]
 
+    async def campaign_decisions(
+        self, campaign_id: str, *, outcome: str | None, after: int | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """A page of the campaign's decisions in the order they were made (keyset on the id)."""
+        where = "campaign_id = :c AND id > :after" + (" AND outcome = :o" if outcome else "")
+        rows = await self._exec(
+            f"SELECT id, {_DECISION_COLS} FROM decisions WHERE {where} ORDER BY id LIMIT :limit",
+            {"c": campaign_id, "after": after or 0, "o": outcome, "limit": limit},
+        )
+        return [dict(r) for r in rows.mappings()]
+
     async def outcome_counts(self, campaign_id: str) -> dict[str, int]:
         rows = await self._exec(
             "SELECT outcome, count(*) FROM decisions WHERE campaign_id = :c GROUP BY 1", {"c": campaign_id}

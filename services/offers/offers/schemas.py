@@ -314,6 +314,27 @@ class VersionRead(BaseModel):
     created_at: datetime
 
 
+class CampaignDecisionRead(BaseModel):
+    id: int = Field(description="the decision's id: pages go on after the last one")
+    campaign_id: str
+    version: int
+    customer_id: str
+    occurrence: str
+    outcome: Outcome
+    at: datetime
+    decided_at: datetime
+    message_id: str | None
+    cost: Decimal | None
+    delivery_status: str | None
+    delivery_reason: str | None
+    delivery_channel: str | None
+
+
+class CampaignDecisionPage(BaseModel):
+    items: list[CampaignDecisionRead]
+    next_after: int | None = Field(description="pass as `after` for the next page; null on the last")
+
+
 class DecisionRead(BaseModel):
     campaign_id: str
     version: int

@@ -82,6 +82,35 @@ async def test_scenario2_window_before_predicted_purchase_once_per_cycle(make_st
         assert (v["category"], v["size"], v["discount"], v["first_name"]) == ("shirts", "M", "free delivery", "Max")
         assert "bought" in (await why(st, c["id"], "bought"))["sentence"]
         assert "window" in (await why(st, c["id"], "too_late"))["sentence"]
+        await campaign_decisions_match_each_customers(st, c["id"], ["in_window", "later", "bought", "too_late"])
+
+
+async def campaign_decisions_match_each_customers(st, campaign_id: str, customers: list[str]) -> None:
+    """GET /v1/campaigns/{id}/decisions, page by page, lists what each customer's decisions list."""
+    pages, after = [], None
+    while True:
+        params = {"limit": 2} | ({"after": after} if after is not None else {})
+        r = await st.offers.get(f"/v1/campaigns/{campaign_id}/decisions", params=params)
+        assert r.status_code == 200, r.text
+        pages.append(r.json()["items"])
+        after = r.json()["next_after"]
+        if after is None:
+            break
+    listed = [d for page in pages for d in page]
+    assert len(pages) >= 2 and all(len(page) <= 2 for page in pages)
+    assert [d["id"] for d in listed] == sorted({d["id"] for d in listed})  # in the order made, none twice
+    each = []
+    for cid in customers:
+        r = await st.offers.get(f"/v1/customers/{cid}/decisions", params={"campaign_id": campaign_id})
+        each += [(d["customer_id"], d["occurrence"], d["outcome"]) for d in r.json()]
+    assert sorted((d["customer_id"], d["occurrence"], d["outcome"]) for d in listed) == sorted(each)
+    r = await st.offers.get(f"/v1/campaigns/{campaign_id}/decisions", params={"outcome": "requested"})
+    requested = sorted(d["customer_id"] for d in r.json()["items"])
+    assert requested == sorted(cid for cid, _, outcome in each if outcome == "requested")
+    assert (await st.offers.get("/v1/campaigns/cmp_none/decisions")).status_code == 404
+    for bad in ({"outcome": "nope"}, {"after": -1}, {"limit": 0}, {"limit": 5001}):
+        r = await st.offers.get(f"/v1/campaigns/{campaign_id}/decisions", params=bad)
+        assert r.status_code == 422 and next(iter(bad)) in r.text, (bad, r.text)
 
 
 async def test_scenario3_recovery_message_or_discount_exactly_one_each(make_stack, clock):

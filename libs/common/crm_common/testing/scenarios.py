@@ -486,25 +486,39 @@ class World:
                 raise AssertionError(f"activate {name}: {r.status_code} {r.text}")
             self.campaign_ids[name] = cid
 
+    async def campaign_decisions(self, campaign: str) -> list[dict[str, Any]]:
+        """Every decision of the campaign, in the order made (GET /v1/campaigns/{id}/decisions, paged)."""
+        out: list[dict[str, Any]] = []
+        after: int | None = None
+        while True:
+            params: dict[str, Any] = {"limit": 5000} | ({"after": after} if after is not None else {})
+            page = await self.p.get("offers", f"/v1/campaigns/{self.campaign_ids[campaign]}/decisions", **params)
+            out += page["items"]
+            after = page["next_after"]
+            if after is None:
+                return out
+
+    async def first_decisions(self, campaign: str) -> dict[str, dict[str, Any]]:
+        """customer -> the campaign's first decision about them (by `at`, then the order made)."""
+        first: dict[str, dict[str, Any]] = {}
+        for d in sorted(
+            await self.campaign_decisions(campaign), key=lambda d: (datetime.fromisoformat(d["at"]), d["id"])
+        ):
+            first.setdefault(d["customer_id"], d)
+        return first
+
     async def decisions(self, campaign: str) -> dict[str, str]:
-        """customer -> outcome of the campaign's first decision (the `why` of each one)."""
-        out: dict[str, str] = {}
-        for cid in self.history.customers:
-            doc = await self.p.get("offers", f"/v1/customers/{cid}/decisions", campaign_id=self.campaign_ids[campaign])
-            items = doc["items"] if isinstance(doc, dict) else doc
-            if items:
-                out[cid] = items[-1]["outcome"]
-        return out
+        """customer -> outcome of the campaign's first decision about them (the `why` of each one)."""
+        return {cid: d["outcome"] for cid, d in (await self.first_decisions(campaign)).items()}
 
     async def assignments(self, campaign: str) -> list[tuple[str, str, datetime]]:
-        out = []
-        for cid in self.history.customers:
-            doc = await self.p.get("offers", f"/v1/customers/{cid}/decisions", campaign_id=self.campaign_ids[campaign])
-            for d in (doc["items"] if isinstance(doc, dict) else doc)[-1:]:
-                arm = {"requested": "treated", "control": "control", "global_control": "control"}.get(d["outcome"])
-                if arm:
-                    out.append((cid, arm, datetime.fromisoformat(d["at"])))
-        return out
+        """(customer, arm, when) of the customers whose first decision put them in an arm."""
+        arms = {"requested": "treated", "control": "control", "global_control": "control"}
+        return [
+            (cid, arms[d["outcome"]], datetime.fromisoformat(d["at"]))
+            for cid, d in sorted((await self.first_decisions(campaign)).items())
+            if d["outcome"] in arms
+        ]
 
     async def run(self) -> None:
         p, clock = self.p, self.p.clock
