@@ -222,6 +222,18 @@ async def report(w: World, elapsed: float) -> None:
                 if w.redemptions
                 else []
             ),
+            *(
+                [
+                    [
+                        f"refund of a 20.00 check paid partly with points ({w.refund_check['customer_id']})",
+                        f"{w.refund_check['redemption']['points_applied']} points redeemed; balance "
+                        f"{num(w.refund_check['before'])} -> {num(w.refund_check['after_purchase'])} after the "
+                        f"purchase -> {num(w.refund_check['after_refund'])} after the refund",
+                    ]
+                ]
+                if w.refund_check
+                else []
+            ),
             *[[f"expiry sweep on day 14: {k}", v] for k, v in w.expired.items()],
         ],
     )

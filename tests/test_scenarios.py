@@ -242,6 +242,20 @@ async def test_scenario4_personal_goal_offered_once_and_awarded_only_when_met(wo
         assert [m["channel"] for m in message] == ["email"], cid
 
 
+async def test_scenario4_a_refund_returns_the_redeemed_points_and_reverses_the_accrued(world: World) -> None:
+    check = world.refund_check
+    redeemed = Decimal(check["redemption"]["points_applied"])
+    # Up to 30% of the 20.00 check (600 points at 0.01), as far as the balance goes.
+    assert 0 < redeemed <= min(Decimal(600), check["before"])
+    accrued = check["after_purchase"] - (check["before"] - redeemed)
+    assert accrued > 0  # the money paid (20.00 less the points' value) earned points
+    # The refund of the whole order: the redeemed points come back, the accrued ones go.
+    assert check["after_refund"] == check["before"], check
+    kinds = sorted(e["kind"] for e in check["refund_entries"])
+    assert "reversal" in kinds and len(kinds) == 2, check["refund_entries"]
+    assert sum(Decimal(e["points"]) for e in check["refund_entries"]) == redeemed - accrued
+
+
 async def test_scenario6_referral_rewards_both_sides_once_per_referred_customer(world: World) -> None:
     truth = world.history.truth
     assert truth.referred_never_buy and set(truth.referrals) - truth.referred_never_buy
@@ -411,6 +425,9 @@ async def test_scenario5_value_tiers_guard_skips_the_unprofitable_and_pareto_mat
     later = [e for e in world.later_events if e["type"] == "purchase"]
     for e in [*later, *(e for planted in world.uplift.values() for e in planted.events)]:
         revenue[e["customer_id"]] = revenue.get(e["customer_id"], Decimal(0)) + Decimal(e["properties"]["total"])
+    for e in world.later_events:
+        if e["type"] == "refund":
+            revenue[e["customer_id"]] -= Decimal(e["properties"]["amount"])
     pareto = await world.p.get("segmentation", "/v1/reports/pareto")
     assert pareto["customers"] == len([v for v in revenue.values()])
     assert Decimal(str(pareto["revenue"])) == sum(revenue.values())

@@ -462,6 +462,9 @@ class World:
     # the referred customers' sign-ups), and the referral codes loyalty answered.
     later_events: list[dict[str, Any]] = field(default_factory=list)
     referral_codes: dict[str, str] = field(default_factory=dict)
+    # Scenario 4's refund of a purchase paid partly with points: the balances before, after the
+    # purchase and after the refund, the redemption's answer, the ledger entries the refund made.
+    refund_check: dict[str, Any] = field(default_factory=dict)
 
     async def configure(self) -> None:
         for t in TEMPLATES:
@@ -558,6 +561,8 @@ class World:
         clock.set(t0 + timedelta(days=4, hours=12))
         await self.goals_and_referrals(t0)
         await p.drain()
+        # A goal customer pays part of a 20.00 check with points, then returns it all.
+        await self.redeem_then_refund(t0 + timedelta(days=4, hours=11))
         # Day 6: the purchases that followed each campaign decided so far, with its planted uplift
         # (within 4 days of a decision of day 1, 5 of day 0: all before now).
         clock.set(t0 + timedelta(days=6))
@@ -650,6 +655,50 @@ class World:
         if events:
             await self.p.post_events(events)
         self.later_events += events
+
+    async def redeem_then_refund(self, at: datetime) -> None:
+        met = sorted(c for c, kind in self.history.truth.goals.items() if kind == "met")
+        if not met:
+            return
+        cid = met[0]
+
+        async def balance() -> Decimal:
+            return Decimal((await self.p.get("loyalty", f"/v1/accounts/{cid}"))["balance"])
+
+        before = await balance()
+        redemption_id = f"pos-refund-{self.seed}-{cid}"
+        r = await self.p.loyalty.post(
+            "/v1/redemptions", json={"redemption_id": redemption_id, "customer_id": cid, "check_amount": "20.00"}
+        )
+        if r.status_code not in (200, 201):
+            raise AssertionError(f"redemption: {r.status_code} {r.text}")
+        redemption = r.json()
+        purchase = self._purchase(cid, at, Decimal("20.00"), 9)
+        purchase["properties"] |= {"redemption_id": redemption_id, "points_redeemed": redemption["points_applied"]}
+        order = purchase["properties"]["order_id"]
+        await self.p.post_events([purchase])
+        await self.p.drain()
+        bought = await balance()
+        seen = {e["seq"] for e in (await self.p.get("loyalty", f"/v1/accounts/{cid}/ledger"))["entries"]}
+        refund = {
+            "event_id": f"{order}-refund",
+            "type": "refund",
+            "customer_id": cid,
+            "occurred_at": (at + timedelta(minutes=30)).isoformat(),
+            "properties": {"order_id": order, "amount": "20.00"},
+        }
+        await self.p.post_events([refund])
+        await self.p.drain()
+        entries = (await self.p.get("loyalty", f"/v1/accounts/{cid}/ledger"))["entries"]
+        self.later_events += [purchase, refund]
+        self.refund_check = {
+            "customer_id": cid,
+            "before": before,
+            "redemption": redemption,
+            "after_purchase": bought,
+            "after_refund": await balance(),
+            "refund_entries": [e for e in entries if e["seq"] not in seen],
+        }
 
     async def settle(self, timeout: float = 60, *, max_advance: timedelta = timedelta(hours=36)) -> None:
         """Wait until every message a campaign requested has the notifier's final verdict in the
