@@ -314,8 +314,9 @@ class VersionRead(BaseModel):
     created_at: datetime
 
 
-class CampaignDecisionRead(BaseModel):
-    id: int = Field(description="the decision's id: pages go on after the last one")
+class DecisionFields(BaseModel):
+    """What a decision says, however it is listed."""
+
     campaign_id: str
     version: int
     customer_id: str
@@ -328,6 +329,10 @@ class CampaignDecisionRead(BaseModel):
     delivery_status: str | None
     delivery_reason: str | None
     delivery_channel: str | None
+
+
+class CampaignDecisionRead(DecisionFields):
+    id: int = Field(description="the decision's id: pages go on after the last one")
 
 
 class CampaignDecisionPage(BaseModel):
@@ -335,20 +340,8 @@ class CampaignDecisionPage(BaseModel):
     next_after: int | None = Field(description="pass as `after` for the next page; null on the last")
 
 
-class DecisionRead(BaseModel):
-    campaign_id: str
-    version: int
-    customer_id: str
-    occurrence: str
-    outcome: Outcome
-    at: datetime
-    decided_at: datetime
-    message_id: str | None
-    cost: Decimal | None
+class DecisionRead(DecisionFields):
     variables: dict[str, Any] | None
-    delivery_status: str | None
-    delivery_reason: str | None
-    delivery_channel: str | None
     explanation: str
 
 
