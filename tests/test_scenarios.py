@@ -44,7 +44,7 @@ COUNTS = {
     "site": 9,
     "broadcast": 10,
     "goals": 6,
-    "browse": 9,
+    "browse": 18,  # 12 who buy nothing: some are treated whatever the arms the campaign id draws
     "referral": 4,
 }
 CONTROL_SHARE = 0.3  # large enough that a small population has a control arm in every campaign
@@ -361,7 +361,8 @@ async def test_scenario7_broadcast_at_local_time_capped_with_sms_cost(world: Wor
 @pytest.mark.parametrize("campaign", [name for name, _, _ in UPLIFT])
 async def test_campaign_report_matches_the_generated_truth(world: World, campaign: str) -> None:
     report = world.reports[campaign]
-    decided = await outcomes(world, campaign)
+    # The arms as the report counts them: each customer's first decision that put them in one.
+    decided = {c: d["outcome"] for c, d in (await world.arm_decisions(campaign)).items()}
     treated = {c for c, o in decided.items() if o == "requested"}
     control = {c for c, o in decided.items() if o == "control"}
     assert report["arms"]["treated"]["members"] == len(treated)

@@ -437,6 +437,9 @@ NEW_YEAR_SEGMENT = {
 }
 
 
+ARMS = {"requested": "treated", "control": "control", "global_control": "control"}
+
+
 @dataclass
 class World:
     """The scenarios over one history; `run()` plays them and fills the fields below."""
@@ -514,13 +517,22 @@ class World:
         """customer -> outcome of the campaign's first decision about them (the `why` of each one)."""
         return {cid: d["outcome"] for cid, d in (await self.first_decisions(campaign)).items()}
 
+    async def arm_decisions(self, campaign: str) -> dict[str, dict[str, Any]]:
+        """customer -> their first decision that put them in an arm (requested, control or global
+        control): a customer first `outside_window` or `lower_priority` may be treated at a later sweep."""
+        first: dict[str, dict[str, Any]] = {}
+        for d in sorted(
+            await self.campaign_decisions(campaign), key=lambda d: (datetime.fromisoformat(d["at"]), d["id"])
+        ):
+            if d["outcome"] in ARMS:
+                first.setdefault(d["customer_id"], d)
+        return first
+
     async def assignments(self, campaign: str) -> list[tuple[str, str, datetime]]:
-        """(customer, arm, when) of the customers whose first decision put them in an arm."""
-        arms = {"requested": "treated", "control": "control", "global_control": "control"}
+        """(customer, arm, when) of each customer's first decision that put them in an arm."""
         return [
-            (cid, arms[d["outcome"]], datetime.fromisoformat(d["at"]))
-            for cid, d in sorted((await self.first_decisions(campaign)).items())
-            if d["outcome"] in arms
+            (cid, ARMS[d["outcome"]], datetime.fromisoformat(d["at"]))
+            for cid, d in sorted((await self.arm_decisions(campaign)).items())
         ]
 
     async def run(self) -> None:
