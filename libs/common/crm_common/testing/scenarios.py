@@ -397,14 +397,16 @@ PROGRAMME = {
 GOAL_REWARD = Decimal(300)
 
 # The planted uplift of each campaign: (campaign, amount a treated member also buys with 30 %
-# probability, within how many days of the decision). The New Year sale's, last, after day 11.
+# probability, within how many days of the decision). The last two, planted on day 14, after the
+# triggers sweeps of days 7-12 that still decide for them: the retention window (a customer first
+# `lower_priority` or `outside_window` may be treated later) and the New Year sale.
 UPLIFT: list[tuple[str, Decimal, float]] = [
     ("wine", Decimal("20.00"), 5),
     ("winback", Decimal("50.00"), 5),
     ("recovery", Decimal("50.00"), 5),
-    ("retention", Decimal("70.00"), 5),
     ("cart", Decimal("80.00"), 4),
     ("browse", Decimal("45.00"), 4),
+    ("retention", Decimal("70.00"), 1.5),
     ("broadcast", Decimal("40.00"), 1.5),
 ]
 REFERRER_BONUS, REFERRED_BONUS = Decimal(200), Decimal(100)
@@ -578,7 +580,7 @@ class World:
         # Day 6: the purchases that followed each campaign decided so far, with its planted uplift
         # (within 4 days of a decision of day 1, 5 of day 0: all before now).
         clock.set(t0 + timedelta(days=6))
-        for name, amount, days in UPLIFT[:-1]:
+        for name, amount, days in UPLIFT[:-2]:
             await self.plant(name, amount, days)
         await p.drain()
         # Days 8-11: the New Year sale at 10:00 local, every day for four days, each customer in
@@ -591,10 +593,11 @@ class World:
             clock.advance(timedelta(hours=3))
         await p.drain()
         # Day 14: the loyalty members' points (earned 167 days before day 0) have expired; the
-        # purchases that followed the New Year sale (days 8-11), with its planted uplift.
+        # purchases that followed the retention offers and the New Year sale, with their planted uplift.
         clock.set(t0 + timedelta(days=14))
         self.expired = await p.sweep("loyalty", "expiry")
-        await self.plant(*UPLIFT[-1])
+        for name, amount, days in UPLIFT[-2:]:
+            await self.plant(name, amount, days)
         await p.drain()
         await self.settle()
         # Scenario 5: the value tiers and RFM scores, then a dry-run of a discount for everyone.
