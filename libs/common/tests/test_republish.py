@@ -27,6 +27,16 @@ def _settings(url: str, bootstrap: str, prefix: str, **kw: object) -> BaseServic
     )
 
 
+def _relay_app(url: str, bootstrap: str, prefix: str, *, outbox_retention_s: int):  # type: ignore[no-untyped-def]
+    """A service app with only an outbox relay, keeping sent rows for `outbox_retention_s`."""
+
+    def configure(runtime):  # type: ignore[no-untyped-def]
+        runtime.add_relay()
+
+    settings = _settings(url, bootstrap, prefix, outbox_retention_s=outbox_retention_s)
+    return create_service_app(settings=settings, title="republish test", description="", configure=configure)
+
+
 async def test_republish_sends_the_window_again_and_the_consumer_applies_nothing_twice(broker, topic_prefix, db):
     url, sm = db
     settings = _settings(url, broker.bootstrap, topic_prefix, outbox_retention_s=3600)
@@ -74,12 +84,7 @@ async def test_republish_sends_the_window_again_and_the_consumer_applies_nothing
 
 async def test_republish_refuses_a_bad_missing_or_too_old_since_naming_the_field(broker, topic_prefix, db):
     url, _ = db
-    settings = _settings(url, broker.bootstrap, topic_prefix, outbox_retention_s=600)
-
-    def configure(runtime):  # type: ignore[no-untyped-def]
-        runtime.add_relay()
-
-    app = create_service_app(settings=settings, title="republish test", description="", configure=configure)
+    app = _relay_app(url, broker.bootstrap, topic_prefix, outbox_retention_s=600)
     async with run_app(app) as client:
         too_old = (datetime.now(UTC) - timedelta(seconds=700)).isoformat()
         for body in (
@@ -98,12 +103,7 @@ async def test_republish_refuses_a_bad_missing_or_too_old_since_naming_the_field
 
 async def test_republish_is_a_404_without_retention(broker, topic_prefix, db):
     url, _ = db
-    settings = _settings(url, broker.bootstrap, topic_prefix, outbox_retention_s=0)
-
-    def configure(runtime):  # type: ignore[no-untyped-def]
-        runtime.add_relay()
-
-    app = create_service_app(settings=settings, title="republish test", description="", configure=configure)
+    app = _relay_app(url, broker.bootstrap, topic_prefix, outbox_retention_s=0)
     async with run_app(app) as client:
         r = await client.post("/v1/ops/republish", json={"since": datetime.now(UTC).isoformat()})
         assert r.status_code == 404, r.text
