@@ -505,6 +505,24 @@ def sign_up(c: Customer) -> dict[str, Any]:
     return props
 
 
+def purchase_event(
+    order: str, customer_id: str, at: datetime, amount: Decimal, *, sku: str, name: str
+) -> dict[str, Any]:
+    """A purchase of one grocery item for `amount`, the order id as its event id (what follows the history)."""
+    return {
+        "event_id": order,
+        "type": "purchase",
+        "customer_id": customer_id,
+        "occurred_at": at.isoformat(),
+        "properties": {
+            "order_id": order,
+            "items": [{"sku": sku, "name": name, "category": "grocery", "unit_price": money(amount)}],
+            "total": money(amount),
+            "currency": "EUR",
+        },
+    }
+
+
 def scaled(scale: float | dict[str, int]) -> dict[str, int]:
     if isinstance(scale, dict):
         return {k: int(scale.get(k, 0)) for k in DEFAULT_COUNTS}
@@ -573,22 +591,7 @@ def plant_uplift(
         for k, amount in enumerate(amounts):
             when = at + timedelta(hours=rng.uniform(1, within_days * 24 - 1))
             order = f"{prefix}-{cid}-{k}"
-            events.append(
-                {
-                    "event_id": order,
-                    "type": "purchase",
-                    "customer_id": cid,
-                    "occurred_at": when.astimezone(tz).isoformat(),
-                    "properties": {
-                        "order_id": order,
-                        "items": [
-                            {"sku": "after", "name": "Goods", "category": "grocery", "unit_price": money(amount)}
-                        ],
-                        "total": money(amount),
-                        "currency": "EUR",
-                    },
-                }
-            )
+            events.append(purchase_event(order, cid, when.astimezone(tz), amount, sku="after", name="Goods"))
     events.sort(key=lambda e: (e["occurred_at"], e["event_id"]))
     return PlantedUplift(
         treated,

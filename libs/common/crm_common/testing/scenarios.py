@@ -28,7 +28,7 @@ import httpx
 from crm_common.clock import ManualClock
 from crm_common.devstack import pipeline_pending
 from crm_common.sinks import LoopbackProvider
-from crm_common.testing.generator import History, PlantedUplift, money, plant_uplift, sign_up
+from crm_common.testing.generator import History, PlantedUplift, plant_uplift, purchase_event, sign_up
 from crm_common.testing.helpers import OFFER_VARIABLES, TEST_AUTH, Mailbox, serve_app, smtp_mailbox
 
 POS_KEY = "scenario-pos-key"
@@ -506,13 +506,16 @@ class World:
             if after is None:
                 return out
 
-    async def first_decisions(self, campaign: str) -> dict[str, dict[str, Any]]:
-        """customer -> the campaign's first decision about them (by `at`, then the order made)."""
+    async def first_decisions(self, campaign: str, *, arms_only: bool = False) -> dict[str, dict[str, Any]]:
+        """customer -> the campaign's first decision about them (by `at`, then the order made); with
+        `arms_only`, the first that put them in an arm (requested, control or global control): a
+        customer first `outside_window` or `lower_priority` may be treated at a later sweep."""
         first: dict[str, dict[str, Any]] = {}
         for d in sorted(
             await self.campaign_decisions(campaign), key=lambda d: (datetime.fromisoformat(d["at"]), d["id"])
         ):
-            first.setdefault(d["customer_id"], d)
+            if not arms_only or d["outcome"] in ARMS:
+                first.setdefault(d["customer_id"], d)
         return first
 
     async def decisions(self, campaign: str) -> dict[str, str]:
@@ -520,15 +523,8 @@ class World:
         return {cid: d["outcome"] for cid, d in (await self.first_decisions(campaign)).items()}
 
     async def arm_decisions(self, campaign: str) -> dict[str, dict[str, Any]]:
-        """customer -> their first decision that put them in an arm (requested, control or global
-        control): a customer first `outside_window` or `lower_priority` may be treated at a later sweep."""
-        first: dict[str, dict[str, Any]] = {}
-        for d in sorted(
-            await self.campaign_decisions(campaign), key=lambda d: (datetime.fromisoformat(d["at"]), d["id"])
-        ):
-            if d["outcome"] in ARMS:
-                first.setdefault(d["customer_id"], d)
-        return first
+        """customer -> their first decision that put them in an arm."""
+        return await self.first_decisions(campaign, arms_only=True)
 
     async def assignments(self, campaign: str) -> list[tuple[str, str, datetime]]:
         """(customer, arm, when) of each customer's first decision that put them in an arm."""
@@ -624,19 +620,7 @@ class World:
             await self.p.post_events(planted.events)
 
     def _purchase(self, cid: str, at: datetime, amount: Decimal, n: int) -> dict[str, Any]:
-        order = f"later-{self.seed}-{cid}-{n}"
-        return {
-            "event_id": order,
-            "type": "purchase",
-            "customer_id": cid,
-            "occurred_at": at.isoformat(),
-            "properties": {
-                "order_id": order,
-                "items": [{"sku": "later", "name": "Groceries", "category": "grocery", "unit_price": money(amount)}],
-                "total": money(amount),
-                "currency": "EUR",
-            },
-        }
+        return purchase_event(f"later-{self.seed}-{cid}-{n}", cid, at, amount, sku="later", name="Groceries")
 
     async def goals_and_referrals(self, t0: datetime) -> None:
         truth = self.history.truth
