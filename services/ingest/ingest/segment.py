@@ -196,9 +196,6 @@ def _decimal(value: Any) -> Decimal | None:
     return number if number.is_finite() else None
 
 
-_ITEM_TEXT = ("name", "category", "brand")
-
-
 def _at(where: str, index: int, name: str | None = None) -> str:
     """The Segment path of a product's field; the one product of a Product Added is the properties."""
     path = where if where == "properties" else f"{where}[{index}]"
