@@ -83,6 +83,11 @@ class ServiceRuntime:
             plan_cache_mode=settings.db_plan_cache_mode,
         )
         self.sessionmaker: async_sessionmaker[AsyncSession] = create_sessionmaker(self.engine)
+        # Sessions whose statements commit each on their own, on the same pool: no BEGIN and COMMIT
+        # round trips, for a block that runs one statement (atomic by itself), as ingest's POST does.
+        self.autocommit_sessionmaker: async_sessionmaker[AsyncSession] = create_sessionmaker(
+            self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
         self.producer: AIOKafkaProducer = make_producer(
             settings.kafka_bootstrap_servers,
             enable_idempotence=settings.kafka_enable_idempotence,

@@ -21,6 +21,7 @@ from ingest.deps import (
     Replayer,
     RuntimeDep,
     SettingsDep,
+    one_statement,
     rate_of,
     transaction,
 )
@@ -88,7 +89,8 @@ async def post_events(
     wait = limiter.retry_after(principal.key_id, rate_of(principal, settings), cost=len(parsed.events))
     if wait is not None:
         raise TooManyRequests("rate limit of this API key exceeded", headers={"Retry-After": str(wait)})
-    async with transaction(runtime) as session:
+    # One statement archives and queues the whole batch (EventRepository.insert_new).
+    async with one_statement(runtime) as session:
         outcome = await ingest_events(
             session=session, source=principal.source, events=parsed.events, now=runtime.clock.now()
         )

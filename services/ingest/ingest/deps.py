@@ -98,6 +98,15 @@ KeysAdmin = Annotated[Principal, Depends(require_scope("keys:admin"))]
 
 
 @asynccontextmanager
+async def one_statement(runtime: ServiceRuntime) -> AsyncIterator[AsyncSession]:
+    """A session for a block that runs a single statement, committed by the statement itself: two
+    round trips fewer than `transaction` (BEGIN, COMMIT), which a request of 10 events feels."""
+    settings: Settings = runtime.settings  # type: ignore[assignment]
+    async with database_guard(settings.unavailable_retry_after_s), runtime.autocommit_sessionmaker() as session:
+        yield session
+
+
+@asynccontextmanager
 async def transaction(runtime: ServiceRuntime) -> AsyncIterator[AsyncSession]:
     """A session committed when the block ends; database outages become 503 with Retry-After."""
     settings: Settings = runtime.settings  # type: ignore[assignment]

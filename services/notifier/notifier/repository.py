@@ -7,12 +7,85 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, select, text
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import ARRAY, Text, any_, bindparam, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from crm_common import serde
 from notifier.models import OPEN_STATES, Contact, DeliveryAttempt, Message, MessageEvent, Template
+
+
+def _any_of(name: str) -> Any:
+    """`= ANY(:name)` with a text array: one statement text whatever the list's length (`IN` expands to a
+    parameter per element, a new prepared statement, and a round trip to prepare it, per length)."""
+    return any_(bindparam(name, type_=ARRAY(Text)))
+
+
+def _unnest_insert(table: str, columns: dict[str, str], conflict: str | None = None) -> Any:
+    """INSERT ... SELECT FROM unnest(one array per column): a batch of any size is one statement of one
+    text, prepared once (the ORM's insertmanyvalues renders a new statement for each batch size)."""
+    names = ", ".join(columns)
+    # A JSON column travels as text and is cast per row.
+    arrays = ", ".join(f"CAST(:{c} AS {'text' if t == 'json' else t}[])" for c, t in columns.items())
+    values = ", ".join(f"CAST(u.{c} AS jsonb)" if t == "json" else f"u.{c}" for c, t in columns.items())
+    sql = f"INSERT INTO {table} ({names}) SELECT {values} FROM unnest({arrays}) AS u({names})"
+    if conflict:
+        sql += f" ON CONFLICT ({conflict}) DO NOTHING RETURNING {conflict}"
+    return text(sql)
+
+
+def _columns(
+    rows: Sequence[dict[str, Any]], columns: dict[str, str], json: tuple[str, ...] = ()
+) -> dict[str, list[Any]]:
+    """The rows as one list per column (JSON columns as text), for `_unnest_insert`."""
+    out: dict[str, list[Any]] = {c: [r.get(c) for r in rows] for c in columns}
+    for c in json:
+        out[c] = [None if v is None else serde.dumps(v).decode() for v in out[c]]
+    return out
+
+
+_MESSAGE_COLUMNS = {
+    "id": "text",
+    "customer_id": "text",
+    "kind": "text",
+    "template": "text",
+    "requested_channel": "text",
+    "channel": "text",
+    "locale": "text",
+    "variables": "json",
+    "campaign_id": "text",
+    "offer_id": "text",
+    "source_service": "text",
+    "state": "text",
+    "reason": "text",
+    "not_before": "timestamptz",
+    "expires_at": "timestamptz",
+    "next_attempt_at": "timestamptz",
+    "attempts": "int",
+    "created_at": "timestamptz",
+    "updated_at": "timestamptz",
+}
+_INSERT_MESSAGES = _unnest_insert("messages", _MESSAGE_COLUMNS, conflict="id")
+_ATTEMPT_COLUMNS = {
+    "message_id": "text",
+    "provider": "text",
+    "outcome": "text",
+    "status_code": "int",
+    "error": "text",
+    "tries": "int",
+    "duration_ms": "int",
+    "at": "timestamptz",
+}
+_INSERT_ATTEMPTS = _unnest_insert("delivery_attempts", _ATTEMPT_COLUMNS)
+_EVENT_COLUMNS = {
+    "id": "text",
+    "message_id": "text",
+    "customer_id": "text",
+    "status": "text",
+    "reason": "text",
+    "url": "text",
+    "at": "timestamptz",
+}
+_INSERT_EVENTS = _unnest_insert("message_events", _EVENT_COLUMNS, conflict="id")
 
 
 class NotifierRepository:
@@ -27,7 +100,9 @@ class NotifierRepository:
     async def contacts_by_id(self, customer_ids: Sequence[str]) -> dict[str, Contact]:
         if not customer_ids:
             return {}
-        rows = await self.session.scalars(select(Contact).where(Contact.customer_id.in_(set(customer_ids))))
+        rows = await self.session.scalars(
+            select(Contact).where(Contact.customer_id == _any_of("ids")), {"ids": list(set(customer_ids))}
+        )
         return {c.customer_id: c for c in rows}
 
     async def lock_contacts(self, customer_ids: Sequence[str]) -> dict[str, Contact]:
@@ -86,7 +161,11 @@ class NotifierRepository:
     async def templates_for_keys(self, keys: Sequence[str]) -> list[Template]:
         if not keys:
             return []
-        return list(await self.session.scalars(select(Template).where(Template.key.in_(set(keys)))))
+        return list(
+            await self.session.scalars(
+                select(Template).where(Template.key == _any_of("keys")), {"keys": list(set(keys))}
+            )
+        )
 
     # -- messages --------------------------------------------------------------------------------
 
@@ -94,9 +173,8 @@ class NotifierRepository:
         """Insert new messages; ids already present are left alone. Return the ids inserted."""
         if not rows:
             return set()
-        # executemany form: one cached statement, batched by SQLAlchemy's insertmanyvalues.
-        stmt = insert(Message).on_conflict_do_nothing(index_elements=["id"]).returning(Message.id)
-        return set((await self.session.scalars(stmt, rows)).all())
+        result = await self.session.execute(_INSERT_MESSAGES, _columns(rows, _MESSAGE_COLUMNS, json=("variables",)))
+        return {r[0] for r in result}
 
     async def existing_message_ids(self, ids: Sequence[str]) -> set[str]:
         if not ids:
@@ -153,12 +231,14 @@ class NotifierRepository:
         """Marketing messages per customer since a time, not suppressed, expired or failed."""
         if not customer_ids:
             return {}
+        # One count per customer (LATERAL), so the plan probes ix_messages_customer_created whatever the
+        # statistics say: the plain join picked a hash join over a scan of `messages` while its statistics
+        # lagged a fast-growing table (8-11 ms a call at 40,000 messages, against 0.4 ms).
         rows = await self.session.execute(
             text(
-                "SELECT m.customer_id, count(*) FROM unnest(CAST(:ids AS text[])) AS u(id) "
-                "JOIN messages m ON m.customer_id = u.id "
-                "WHERE m.kind = 'marketing' AND m.created_at > :since "
-                "AND m.state NOT IN ('suppressed', 'expired', 'failed') GROUP BY m.customer_id"
+                "SELECT u.id, n.c FROM unnest(CAST(:ids AS text[])) AS u(id) CROSS JOIN LATERAL "
+                "(SELECT count(*) AS c FROM messages m WHERE m.customer_id = u.id AND m.kind = 'marketing' "
+                "AND m.created_at > :since AND m.state NOT IN ('suppressed', 'expired', 'failed')) n WHERE n.c > 0"
             ),
             {"ids": list(set(customer_ids)), "since": since},
         )
@@ -233,7 +313,7 @@ class NotifierRepository:
 
     async def add_attempts(self, rows: list[dict[str, Any]]) -> None:
         if rows:
-            await self.session.execute(insert(DeliveryAttempt), rows)
+            await self.session.execute(_INSERT_ATTEMPTS, _columns(rows, _ATTEMPT_COLUMNS))
 
     async def expire_open(self, now: datetime) -> list[tuple[str, str, str | None, str | None, str | None]]:
         """Expire every open message past its expiry; return (id, customer, channel, campaign, "
@@ -287,8 +367,8 @@ class NotifierRepository:
         """Record delivery events; return the ids that were new (repeats are dropped)."""
         if not rows:
             return set()
-        stmt = insert(MessageEvent).on_conflict_do_nothing(index_elements=["id"]).returning(MessageEvent.id)
-        return set((await self.session.scalars(stmt, rows)).all())
+        result = await self.session.execute(_INSERT_EVENTS, _columns(rows, _EVENT_COLUMNS))
+        return {r[0] for r in result}
 
 
 def money(value: Decimal | None) -> str | None:

@@ -566,7 +566,7 @@ class OffersRepository:
             FROM (SELECT DISTINCT ON (m) * FROM json_to_recordset(CAST(:rows AS json))
                   AS x(m text, status text, reason text, channel text, cost numeric, at timestamptz, rank int)
                   ORDER BY m, rank DESC, at DESC) j
-            WHERE d.message_id = j.m AND (d.delivery_at IS NULL OR d.delivery_status IS NULL
+            WHERE d.message_id = j.m AND d.message_id IS NOT NULL AND (d.delivery_at IS NULL OR d.delivery_status IS NULL
                 OR j.rank >= CASE d.delivery_status WHEN 'deferred' THEN 0 WHEN 'sent' THEN 1 WHEN 'delivered' THEN 2
                     WHEN 'opened' THEN 3 WHEN 'clicked' THEN 4 ELSE 1 END)
             """,
