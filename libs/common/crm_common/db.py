@@ -92,8 +92,9 @@ def create_engine(
     """`plan_cache_mode`: PostgreSQL's, for the prepared statements of the connections. A generic plan made
     while a table was nearly empty can keep a sequential scan as the table grows: notifier's cap count took
     142 ms a call at 40,000 messages with it, 13 ms with custom plans (pg_stat_statements, bench/pipeline.py),
-    so notifier plans every call. Elsewhere custom plans were no better (segmentation's profile read was
-    slower), so the default is PostgreSQL's own."""
+    so notifier plans every call, and so does offers (its decision statement's generic plan scanned
+    `decisions` once per candidate: p99 7.1 s against 0.98 s at 1,000 events/s). Elsewhere custom plans
+    were no better (segmentation's profile read was slower), so the default is PostgreSQL's own."""
     return create_async_engine(
         database_url,
         pool_size=pool_size,
